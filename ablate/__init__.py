@@ -1,0 +1,1 @@
+"""ablate: designed ablation studies of attention geometries, with honest attribution."""
