@@ -70,8 +70,12 @@ class GPTConfig:
             raise ValueError(f"gamma_warmup_steps must be >= 0, got {self.gamma_warmup_steps}")
         if self.registers < 0:
             raise ValueError(f"registers must be >= 0 (0 = off), got {self.registers}")
-        if self.susie_dims is not None and not (2 <= self.susie_dims <= self.head_dim and self.susie_dims % 2 == 0):
-            raise ValueError(f"susie_dims must be even and in [2, head_dim={self.head_dim}], got {self.susie_dims}")
+        if self.susie_dims is not None and not (
+            2 <= self.susie_dims <= self.head_dim and self.susie_dims % 2 == 0
+        ):
+            raise ValueError(
+                f"susie_dims must be even and in [2, head_dim={self.head_dim}], got {self.susie_dims}"
+            )
 
     @property
     def head_dim(self) -> int:

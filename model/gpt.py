@@ -24,7 +24,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        q, k, v = (
+            self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (B, H, T, D) each
         if self.position is not None:
             q, k = self.position(q, k)
         a, b = self.temperature()  # (H,), (H,)
@@ -66,7 +68,9 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.registers = None
         if cfg.registers:
-            init = torch.zeros if cfg.register_init == "zero" else lambda *s: torch.randn(*s) * cfg.d_model**-0.5
+            init = (
+                torch.zeros if cfg.register_init == "zero" else lambda *s: torch.randn(*s) * cfg.d_model**-0.5
+            )
             self.registers = nn.Parameter(init(cfg.registers, cfg.d_model))  # (R, C)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)

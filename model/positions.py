@@ -20,9 +20,11 @@ class RoPE(nn.Module):
     def __init__(self, head_dim: int, context: int, n_registers: int, base: float = 10000.0):
         super().__init__()
         self.n_registers = n_registers
-        angles = torch.arange(context, dtype=torch.float64)[:, None] * _frequencies(head_dim // 2, head_dim, base)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (T, D/2)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        angles = torch.arange(context, dtype=torch.float64)[:, None] * _frequencies(
+            head_dim // 2, head_dim, base
+        )
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (T, D/2)
+        self.register_buffer("sin", angles.sin(), persistent=False)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, D) text positions only
         t = x.shape[-2]
@@ -46,19 +48,22 @@ class SuSiE(nn.Module):
     w is learnable per (head, frequency), initialised to 0.5 and shared by the sine and cosine halves.
     """
 
-    def __init__(self, n_heads: int, head_dim: int, dims: int, context: int, n_registers: int, base: float = 10000.0):
+    def __init__(
+        self, n_heads: int, head_dim: int, dims: int, context: int, n_registers: int, base: float = 10000.0
+    ):
         super().__init__()
         self.n_registers, self.dims, self.head_dim = n_registers, dims, head_dim
         angles = torch.arange(context, dtype=torch.float64)[:, None] * _frequencies(dims // 2, dims, base)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)  # (T, m/2)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)  # (T, m/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
         self.weight = nn.Parameter(torch.full((n_heads, dims // 2), 0.5))  # (H, m/2)
         self.register_pos = nn.Parameter(0.02 * torch.randn(n_heads, head_dim)) if n_registers else None
 
     def table(self, t: int) -> torch.Tensor:
         """The positional vectors of t text positions, (H, t, head_dim)."""
         w = self.weight[:, None, :]  # (H, 1, m/2)
-        p = torch.cat((w * self.sin[:t], w * self.cos[:t]), dim=-1)  # (H, t, m)
+        sin, cos = self.sin[:t].to(w.dtype), self.cos[:t].to(w.dtype)
+        p = torch.cat((w * sin, w * cos), dim=-1)  # (H, t, m)
         return nn.functional.pad(p, (0, self.head_dim - self.dims))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,16 +37,18 @@ class ScheduledScalar(nn.Module):
         super().__init__()
         self.schedule, self.base = schedule, base
         self.warmup_steps, self.start_frac = warmup_steps, start_frac
-        init = torch.full((n_heads,), float(base))
+        init = torch.full((n_heads,), float(base), dtype=torch.float64)  # exact under .double()
         if schedule == "learnable":
-            self.log_value = nn.Parameter(init.log())
+            self.log_value = nn.Parameter(init.log().float())
         else:
             self.register_buffer("value", init.clone(), persistent=False)
             self.set_step(0)
 
     def set_step(self, step: int) -> None:
         if self.schedule != "learnable":
-            v = scheduled_value(self.schedule, self.base, step, warmup_steps=self.warmup_steps, start_frac=self.start_frac)
+            v = scheduled_value(
+                self.schedule, self.base, step, warmup_steps=self.warmup_steps, start_frac=self.start_frac
+            )
             with torch.no_grad():
                 self.value.fill_(v)
 
