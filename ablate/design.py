@@ -1,0 +1,259 @@
+"""Design expansion: a study's factors and seeds become cells and trials, each a validated run config.
+
+A cell is one combination of factor levels (a factor whose `when` condition does not hold is absent from
+the cell: its setting stays as `fixed` leaves it). A trial is one (cell, seed). Identifiers are hashes
+of the levels, so they stay the same when the study file is reordered or extended with new levels.
+
+Full factorial: every combination, with `when` conditions honoured. Fractional factorial (two-level
+factors only): a 2^(k-p) design from generators such as "D=ABC" (letters name factors in declaration
+order; factor names joined by '*' work too, and a leading '-' flips the sign); the resolution is
+computed from the defining relation and checked against the stated one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import pandas as pd
+
+from ablate.config import ConfigError, RunConfig, from_dict, set_dotted
+from ablate.spec import Study, StudyError
+
+ROMAN = {3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}
+
+
+def _digest(payload: Any, length: int = 8) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of factor levels; factors that do not apply (a false `when`) are absent."""
+
+    levels: dict[str, str]
+
+    @cached_property
+    def cell_id(self) -> str:
+        return "c" + _digest(self.levels)
+
+    @cached_property
+    def label(self) -> str:
+        return " ".join(f"{factor}={level}" for factor, level in self.levels.items())
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One (cell, seed) and the run config it trains (as a mapping for `from_dict`)."""
+
+    cell: Cell
+    seed: int
+    tree: dict[str, Any]
+
+    @cached_property
+    def trial_id(self) -> str:
+        return f"{self.cell.cell_id}-s{self.seed}"
+
+    @cached_property
+    def config_hash(self) -> str:
+        """Fingerprint of the settings: a finished trial is reused only if this still matches."""
+        return _digest(self.tree, 12)
+
+
+@dataclass
+class Design:
+    study: Study
+    cells: list[Cell]
+    seeds: list[int]
+    defining_words: list[frozenset[str]] = field(default_factory=list)  # fractional designs only
+
+    @property
+    def trials(self) -> list[Trial]:
+        """Seed-major order: every cell of a seed runs before the next seed (complete replicates early)."""
+        return [Trial(c, s, trial_tree(self.study, c, s)) for s in self.seeds for c in self.cells]
+
+    @property
+    def resolution(self) -> int | None:
+        return min((len(w) for w in self.defining_words), default=None)
+
+    def table(self) -> pd.DataFrame:
+        """One row per cell: cell id, one column per factor (empty where it does not apply), seeds."""
+        rows = [
+            {"cell_id": c.cell_id, **{f: c.levels.get(f, "") for f in self.study.factors}} for c in self.cells
+        ]
+        frame = pd.DataFrame(rows)
+        frame["seeds"] = len(self.seeds)
+        return frame
+
+    def aliases(self) -> list[str]:
+        """For a fractional design: what each main effect and two-factor interaction is confounded with."""
+        names = list(self.study.factors)
+        effects = [frozenset([f]) for f in names] + [frozenset(p) for p in itertools.combinations(names, 2)]
+        lines = []
+        for effect in effects:
+            partners = sorted({_term(effect ^ w, names) for w in self.defining_words if len(effect ^ w) <= 3})
+            if partners:
+                lines.append(f"{_term(effect, names)} = {' = '.join(partners)}")
+        return lines
+
+
+def _term(factors: frozenset[str], order: list[str]) -> str:
+    return "*".join(f for f in order if f in factors)
+
+
+def expand(study: Study, source: str | None = None) -> Design:
+    """Cells x seeds of a study; every trial's run config is validated (errors name the study key)."""
+    _validate(study.fixed, "fixed", "", source)
+    for name, factor in study.factors.items():
+        for level, settings in factor.settings(name).items():
+            _validate(_with(study.fixed, settings), f"factors.{name}.levels.{level}", "", source)
+    if study.design.type == "fractional":
+        cells, words = fractional_cells(study, source)
+    else:
+        cells, words = full_cells(study), []
+    for cell in cells:
+        _validate(cell_tree(study, cell), "cell", cell.label, source)
+    return Design(study, cells, study.seed_list, words)
+
+
+def _validate(tree: dict, key: str, where: str, source: str | None) -> None:
+    try:
+        from_dict(RunConfig, tree)
+    except ConfigError as err:
+        detail = f"{err.key}: {err.message}" if err.key else err.message
+        if key == "fixed":
+            raise StudyError([(f"fixed.{err.key}", err.message)], source) from None
+        raise StudyError([(key, f"{where + ': ' if where else ''}{detail}")], source) from None
+
+
+def _with(base: dict, settings: dict[str, Any]) -> dict:
+    tree = copy.deepcopy(base)
+    for dotted, value in settings.items():
+        set_dotted(tree, dotted, copy.deepcopy(value))
+    return tree
+
+
+def cell_tree(study: Study, cell: Cell) -> dict:
+    """The fixed settings with the cell's levels applied."""
+    settings = {}
+    for name, level in cell.levels.items():
+        settings.update(study.factors[name].settings(name)[level])
+    return _with(study.fixed, settings)
+
+
+def trial_tree(study: Study, cell: Cell, seed: int) -> dict:
+    """A trial's run config: the cell's settings, its seed, and one torch thread per CPU it is given."""
+    tree = cell_tree(study, cell)
+    tree["seed"] = seed
+    threads = tree.setdefault("train", {}).get("threads")
+    tree["train"]["threads"] = threads or max(1, int(study.resources.cpu))
+    return tree
+
+
+def full_cells(study: Study) -> list[Cell]:
+    """Every combination of levels, in declaration order (first factor slowest); `when` honoured."""
+    partial: list[dict[str, str]] = [{}]
+    for name, factor in study.factors.items():
+        condition = factor.condition()
+        grown = []
+        for levels in partial:
+            applies = all(levels.get(ref) in allowed for ref, allowed in condition.items())
+            grown += [{**levels, name: lv} for lv in factor.level_names()] if applies else [levels]
+        partial = grown
+    return [Cell(levels) for levels in partial]
+
+
+def fractional_cells(study: Study, source: str | None = None) -> tuple[list[Cell], list[frozenset[str]]]:
+    """A 2^(k-p) fraction from the study's generators, and the words of its defining relation."""
+    names = list(study.factors)
+    problems = [
+        (f"factors.{n}", f"a fractional design needs two-level factors; {n} has {len(f.level_names())}")
+        for n, f in study.factors.items()
+        if len(f.level_names()) != 2
+    ]
+    problems += [(f"factors.{n}.when", "`when` conditions need `design: {type: full}`") for n, f in
+                 study.factors.items() if f.when]  # fmt: skip
+    if problems:
+        raise StudyError(problems, source)
+    generators = [_parse_generator(text, names, i, source) for i, text in enumerate(study.design.generators)]
+    generated = {target for target, _, _ in generators}
+    base = [n for n in names if n not in generated]
+    for i, (target, word, _) in enumerate(generators):
+        if not word <= set(base):
+            raise StudyError([(f"design.generators[{i}]", f"{target} may only be built from base factors "
+                               f"({', '.join(base)}), not from other generated factors")], source)  # fmt: skip
+    words = _defining_words([frozenset({t}) | w for t, w, _ in generators])
+    _check_resolution(study, words, source)
+    cells = []
+    for signs in itertools.product((-1, 1), repeat=len(base)):
+        coded = dict(zip(base, signs, strict=True))
+        for target, word, sign in generators:
+            coded[target] = sign * _product(coded[f] for f in word)
+        levels = {n: study.factors[n].level_names()[(coded[n] + 1) // 2] for n in names}
+        cells.append(Cell(levels))
+    return cells, words
+
+
+def _product(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _parse_generator(text: str, names: list[str], index: int, source: str | None):
+    """'D=ABC', 'D=-ABC' or 'd=a*b*c' -> (target factor, frozenset of word factors, sign)."""
+    key = f"design.generators[{index}]"
+    letters = {chr(ord("A") + i): n for i, n in enumerate(names[:26])}
+    legend = ", ".join(f"{k}={v}" for k, v in letters.items())
+    left, sep, right = (part.strip() for part in text.partition("="))
+    sign = -1 if right.startswith("-") else 1
+    right = right.lstrip("-").strip()
+    tokens = [t.strip() for t in right.split("*")] if "*" in right or right in names else list(right)
+
+    def factor(token: str) -> str:
+        if token in names:
+            return token
+        if token in letters:
+            return letters[token]
+        raise StudyError([(key, f"unknown factor {token!r} in {text!r}; letters: {legend}")], source)
+
+    if not sep or not left or not right:
+        raise StudyError([(key, f"expected a generator like 'D=ABC' or 'd=a*b*c', got {text!r}")], source)
+    target, word = factor(left), [factor(t) for t in tokens]
+    if target in word or len(set(word)) != len(word) or len(word) < 2:
+        raise StudyError(
+            [(key, f"{text!r} must define a factor from two or more other distinct factors")], source
+        )
+    return target, frozenset(word), sign
+
+
+def _defining_words(generator_words: list[frozenset[str]]) -> list[frozenset[str]]:
+    """All products (symmetric differences) of the generator words: the defining relation I = ..."""
+    words = set()
+    for r in range(1, len(generator_words) + 1):
+        for combo in itertools.combinations(generator_words, r):
+            word = frozenset()
+            for w in combo:
+                word = word ^ w
+            words.add(word)
+    return sorted(words, key=lambda w: (len(w), sorted(w)))
+
+
+def _check_resolution(study: Study, words: list[frozenset[str]], source: str | None) -> None:
+    resolution = min(len(w) for w in words)
+    stated = study.design.resolution
+    if resolution < 3:
+        raise StudyError(
+            [("design.generators", "these generators alias two main effects (resolution II)")], source
+        )
+    if stated is not None and stated != resolution:
+        found = ROMAN.get(resolution, str(resolution))
+        raise StudyError([("design.resolution", f"the generators give resolution {found} ({resolution}), "
+                           f"not {stated}; shortest word: {'*'.join(sorted(words[0]))}")], source)  # fmt: skip

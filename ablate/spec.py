@@ -1,0 +1,331 @@
+"""The study file: a strict schema for factors, seeds, fixed settings, responses and resources.
+
+A study YAML is validated here (shape, names, levels); `ablate.design` then expands it into trials and
+validates every trial's run configuration. Every user mistake is a `ConfigError` naming the file, the
+key path and, where there is a list of them, the valid choices.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ablate.config import ConfigError, load_yaml
+
+# Responses a trial reports (its final summary): loss, speed and the attention diagnostics (layer means).
+RESPONSES = (
+    "val_loss",
+    "train_loss",
+    "tokens_per_s",
+    "mfu",
+    "key_norm_mean",
+    "key_norm_p99",
+    "key_norm_max_over_median",
+    "sink_first_token",
+    "sink_registers",
+    "attn_entropy",
+)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def level_name(value: Any) -> str:
+    """The name of a plain level value as it appears in tables and comparisons (YAML spelling)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'gamma_scale': 2}} and {'model.gamma_scale': 2} both become {'model.gamma_scale': 2}."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Factor(Strict):
+    """One crossed factor. Plain levels set `key`; named levels map a name to the settings it changes."""
+
+    levels: Any  # [values] or {name: value or {key: value, ...}}
+    key: str | None = None  # dotted config key; default model.<factor name>
+    when: dict[str, Any] | None = None  # applies only where these factors take these levels
+
+    @field_validator("levels")
+    @classmethod
+    def _at_least_two(cls, levels: Any) -> list | dict:
+        if not isinstance(levels, list | dict):
+            raise ValueError(f"expected a list of levels or a mapping of named levels, got {levels!r}")
+        if len(levels) < 2:
+            raise ValueError("a factor needs at least two levels (put a single setting under `fixed`)")
+        names = [level_name(v) for v in levels] if isinstance(levels, list) else list(levels)
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate level names: {', '.join(duplicates)}")
+        if isinstance(levels, list) and any(isinstance(v, dict | list) for v in levels):
+            raise ValueError(
+                "plain levels must be scalars; use a mapping {name: {key: value}} for named levels"
+            )
+        return levels
+
+    @field_validator("when")
+    @classmethod
+    def _when_lists(cls, when: dict | None) -> dict | None:
+        if when is not None and not when:
+            raise ValueError("`when` needs at least one factor: {factor: [levels]}")
+        return when
+
+    def level_names(self) -> list[str]:
+        return [level_name(v) for v in self.levels] if isinstance(self.levels, list) else list(self.levels)
+
+    def settings(self, factor: str) -> dict[str, dict[str, Any]]:
+        """Level name -> {dotted config key: value} that the level sets."""
+        key = self.key or f"model.{factor}"
+        if isinstance(self.levels, list):
+            return {level_name(v): {key: v} for v in self.levels}
+        return {
+            name: flatten(value) if isinstance(value, dict) else {key: value}
+            for name, value in self.levels.items()
+        }
+
+    def condition(self) -> dict[str, list[str]]:
+        """The `when` condition as {factor: [level names]} ({} when the factor always applies)."""
+        when = self.when or {}
+        return {f: [level_name(v) for v in (vs if isinstance(vs, list) else [vs])] for f, vs in when.items()}
+
+
+class Responses(Strict):
+    primary: str = "val_loss"
+    secondary: list[str] = Field(default_factory=list)
+
+    @field_validator("primary")
+    @classmethod
+    def _known_primary(cls, name: str) -> str:
+        return _known_response(name)
+
+    @field_validator("secondary")
+    @classmethod
+    def _known_secondary(cls, names: list[str]) -> list[str]:
+        return [_known_response(n) for n in names]
+
+
+def _known_response(name: str) -> str:
+    if name not in RESPONSES:
+        raise ValueError(f"unknown response {name!r}; choose from: {', '.join(RESPONSES)}")
+    return name
+
+
+class ComparisonSpec(Strict):
+    """A named comparison to decompose: factor levels of the baseline and of the target."""
+
+    name: str
+    baseline: dict[str, Any]
+    target: dict[str, Any]
+
+    def levels(self, side: str) -> dict[str, str]:
+        return {f: level_name(v) for f, v in getattr(self, side).items()}
+
+
+class Resources(Strict):
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float = Field(default=0.0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _fraction_or_whole(cls, gpu: float) -> float:
+        if gpu > 1 and gpu != int(gpu):
+            raise ValueError(f"gpu must be a fraction in [0, 1] or a whole number of GPUs, got {gpu}")
+        return gpu
+
+
+class Tracking(Strict):
+    uri: str | None = None  # None: sqlite:///<absolute output dir>/mlflow.db
+    experiment: str | None = None  # None: the study name
+    system_metrics: bool = True  # sample CPU/memory/GPU memory of each trial into its run
+    system_metrics_interval: float = Field(default=10.0, gt=0)  # seconds
+
+
+class Design(Strict):
+    type: Literal["full", "fractional"] = "full"
+    generators: list[str] = Field(default_factory=list)  # fractional: e.g. ["D=ABC"] or ["d=a*b*c"]
+    resolution: int | None = Field(default=None, ge=3)  # fractional: stated resolution (checked)
+
+    @model_validator(mode="after")
+    def _generators_fit_type(self) -> Design:
+        if self.type == "full" and (self.generators or self.resolution is not None):
+            raise ValueError("generators/resolution only apply to `type: fractional`")
+        if self.type == "fractional" and not self.generators:
+            raise ValueError('a fractional design needs generators, e.g. generators: ["D=ABC"]')
+        return self
+
+
+class Study(Strict):
+    """A designed study: crossed factors x seeds on top of fixed settings."""
+
+    name: str
+    description: str = ""
+    factors: dict[str, Factor]
+    seeds: Any = 3  # n -> seeds 0..n-1, or an explicit list
+    fixed: dict[str, Any] = Field(default_factory=dict)  # sections model/data/optim/train, as in a run config
+    responses: Responses = Field(default_factory=Responses)
+    comparisons: list[ComparisonSpec] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent: int | None = Field(default=None, ge=1)  # None: as many as the resources allow
+    retries: int = Field(default=2, ge=0)  # re-runs of a trial that failed (never of a diverged one)
+    output: str | None = None  # output directory, relative to the study file; None: runs/<name>
+    tracking: Tracking = Field(default_factory=Tracking)
+    design: Design = Field(default_factory=Design)
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, name: str) -> str:
+        if not NAME.match(name):
+            raise ValueError(f"name {name!r} may hold only letters, digits, '_', '.', '-' (no spaces)")
+        return name
+
+    @field_validator("factors")
+    @classmethod
+    def _some_factors(cls, factors: dict[str, Factor]) -> dict[str, Factor]:
+        if not factors:
+            raise ValueError("a study needs at least one factor")
+        bad = [f for f in factors if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", f)]
+        if bad:
+            raise ValueError(f"factor names must be identifiers (letters, digits, '_'): {', '.join(bad)}")
+        return factors
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_list(cls, seeds: Any) -> int | list[int]:
+        is_int = isinstance(seeds, int) and not isinstance(seeds, bool)
+        if not is_int and not (isinstance(seeds, list) and all(type(s) is int for s in seeds)):
+            raise ValueError(f"expected a number of seeds or a list of integer seeds, got {seeds!r}")
+        count = seeds if isinstance(seeds, int) else len(seeds)
+        if count < 1:
+            raise ValueError("a study needs at least one seed (seeds: 3, or seeds: [0, 1, 2])")
+        if isinstance(seeds, list) and (len(set(seeds)) != len(seeds) or min(seeds) < 0):
+            raise ValueError(f"seeds must be distinct integers >= 0, got {seeds}")
+        return seeds
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+class StudyError(ConfigError):
+    """One or more mistakes in a study file; each problem is (key path, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        key, message = problems[0]
+        if len(problems) > 1:
+            message += "".join(f"\n  {k}: {m}" for k, m in problems[1:])
+        super().__init__(key, message, source)
+
+
+def load_study(path: Path) -> Study:
+    """Read and validate a study file (shape, names, levels, references between factors)."""
+    tree = load_yaml(path)
+    try:
+        study = Study.model_validate(tree)
+    except ValidationError as err:
+        raise StudyError([_problem(e) for e in err.errors()], source=str(path)) from None
+    problems = check_references(study)
+    if problems:
+        raise StudyError(problems, source=str(path))
+    return study
+
+
+def check_references(study: Study) -> list[tuple[str, str]]:
+    """Cross-field checks: `when` and comparisons name real factors and levels; keys set once."""
+    problems = []
+    order = list(study.factors)
+    for name, factor in study.factors.items():
+        for ref, levels in factor.condition().items():
+            problems += _check_levels(study, f"factors.{name}.when.{ref}", ref, levels, exclude=name)
+            if ref in order and order.index(ref) > order.index(name):
+                problems.append(
+                    (f"factors.{name}.when.{ref}", f"declare {ref} before {name}, which depends on it")
+                )
+    for i, comparison in enumerate(study.comparisons):
+        for side in ("baseline", "target"):
+            for ref, level in comparison.levels(side).items():
+                problems += _check_levels(study, f"comparisons[{i}].{side}.{ref}", ref, [level])
+        if comparison.levels("baseline") == comparison.levels("target"):
+            problems.append((f"comparisons[{i}]", "baseline and target are the same configuration"))
+    return problems + _check_keys(study)
+
+
+def _check_levels(study: Study, key: str, ref: str, levels: list[str], exclude: str = "") -> list:
+    names = [f for f in study.factors if f != exclude]
+    if ref not in names:
+        return [(key, f"unknown factor {ref!r}; factors: {', '.join(names)}")]
+    valid = study.factors[ref].level_names()
+    bad = [level for level in levels if level not in valid]
+    return [(key, f"unknown level {level!r} of {ref}; levels: {', '.join(valid)}") for level in bad]
+
+
+def _check_keys(study: Study) -> list[tuple[str, str]]:
+    owner: dict[str, str] = {}
+    problems = []
+    for name, factor in study.factors.items():
+        keys = {k for settings in factor.settings(name).values() for k in settings}
+        for key in sorted(keys):
+            if key.split(".")[0] in ("seed", "data_seed"):
+                problems.append((f"factors.{name}", f"{key} is set by `seeds`, not by a factor"))
+            elif key in owner:
+                problems.append((f"factors.{name}", f"{key} is already set by factor {owner[key]}"))
+            owner[key] = name
+    for key in ("seed", "data_seed"):
+        if key in study.fixed:
+            problems.append((f"fixed.{key}", "seeds come from the study's `seeds`, not from `fixed`"))
+    return problems
+
+
+TYPE_MESSAGES = {
+    "int_type": "expected an integer",
+    "float_type": "expected a number",
+    "string_type": "expected a string",
+    "bool_type": "expected true or false",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping of keys",
+    "model_type": "expected a mapping of keys",
+}
+
+
+def _problem(error: dict) -> tuple[str, str]:
+    loc, kind = error["loc"], error["type"]
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if kind == "extra_forbidden":
+        return key, f"unknown key; valid keys here: {', '.join(_fields_at(loc[:-1]))}"
+    if kind == "missing":
+        return key, "required key is missing"
+    if kind == "literal_error":
+        return key, f"must be one of {error['ctx']['expected']}, got {error['input']!r}"
+    if kind == "value_error":
+        return key, str(error["ctx"]["error"])
+    message = TYPE_MESSAGES.get(kind, error["msg"][0].lower() + error["msg"][1:])
+    return key, f"{message}, got {error['input']!r}"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys valid in the mapping at `loc` of a study (walking the schema's annotations)."""
+    node: Any = Study
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            node = node.model_fields[part].annotation
+        else:  # dict[str, X] or list[X]: this part is a key or an index into it
+            node = typing.get_args(node)[-1]
+        if typing.get_origin(node) in (typing.Union, type(int | None)):
+            node = next(a for a in typing.get_args(node) if a is not type(None))
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
