@@ -1,0 +1,235 @@
+"""One trial: train a GPT on a token budget, evaluate, detect divergence, report through a logger.
+
+The loop reads top to bottom in a fixed order: set lr and schedules -> evaluate -> step -> log.
+Nothing here imports Ray or MLflow; callers pass a MetricLogger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ablate.config import ConfigError, RunConfig, load_run_config, to_flat_dict
+from ablate.data import PackedData, prepare, train_batches, val_batches
+from ablate.logger import ConsoleLogger, MetricLogger, NullLogger
+from ablate.train_config import OptimConfig
+from model import GPT
+
+# dense bf16 peak FLOP/s by device name, for MFU; unknown devices report no MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+@dataclass
+class TrialResult:
+    status: str  # "finished" or "diverged"
+    steps: int
+    tokens: int
+    val_loss: float | None
+    diverged_step: int | None = None
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at the last step: a pure function of the step."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(total_steps - optim.warmup_steps, 1)
+    progress = min((step - optim.warmup_steps) / span, 1.0)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: GPT, weight_decay: float) -> list[dict]:
+    """Decay the matrices of linear layers and the embedding; not biases, norms, registers, gamma, SuSiE."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() >= 2 and not name.startswith("registers") and ".position." not in name
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is available; use device: auto or cpu")
+    return torch.device(name)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in PEAK_FLOPS.items() if key in name), None)
+
+
+@torch.no_grad()
+def evaluate(
+    model: GPT, data: PackedData, cfg: RunConfig, device: torch.device, autocast
+) -> dict[str, float]:
+    """Token-weighted validation loss over the fixed validation set, plus attention diagnostics."""
+    model.eval()
+    total, count, first_x = 0.0, 0, None
+    for i, (x, y) in enumerate(val_batches(data, cfg.train.batch_size, device=device)):
+        if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
+            break
+        first_x = x if first_x is None else first_x
+        with autocast:
+            total += model(x, y).item() * y.numel()
+        count += y.numel()
+    with autocast:
+        diag = model.diagnostics(first_x[: cfg.train.diagnostics_batch])
+    model.train()
+    return {"val/loss": total / count, **{f"diag/{k}": v for k, v in diag.items()}}
+
+
+def _setup(cfg: RunConfig, data: PackedData | None):
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    data = data if data is not None else prepare(cfg.data, cfg.model.context)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)  # the tokenizer sets the vocab
+    torch.manual_seed(cfg.seed)  # initialisation; data order has its own generator
+    model = GPT(model_cfg).to(device)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    return device, data, model, autocast
+
+
+def train(
+    cfg: RunConfig, logger: MetricLogger | None = None, *, data: PackedData | None = None
+) -> TrialResult:
+    """Train one (configuration, seed) to its token budget; stop at divergence."""
+    logger = logger or NullLogger()
+    device, data, model, autocast = _setup(cfg, data)
+    tc, oc = cfg.train, cfg.optim
+    tokens_per_step = tc.batch_size * cfg.model.context
+    total_steps = max(1, math.ceil(tc.tokens / tokens_per_step))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, oc.weight_decay),
+        lr=oc.lr,
+        betas=oc.betas,
+        eps=oc.eps,
+        fused=device.type == "cuda",
+    )
+    step_model = torch.compile(model) if tc.compile else model
+    bound = tc.diverge_loss if tc.diverge_loss is not None else 2.0 * math.log(data.vocab_size)
+    flops_per_token, peak = model.flops_per_token(), peak_flops(device)
+    logger.log_params(
+        {
+            **to_flat_dict(cfg),
+            "derived.params": model.num_params(),
+            "derived.total_steps": total_steps,
+            "derived.vocab_size": data.vocab_size,
+            "derived.device": _device_name(device),
+        }
+    )
+    batches = train_batches(data, tc.batch_size, seed=cfg.resolved_data_seed, device=device)
+    window = torch.zeros(tc.log_every, device=device)  # this window's losses, checked without a per-step sync
+    throughputs: list[float] = []
+    last_val, t_window, window_start = None, time.perf_counter(), 0
+    nan_at, raise_at = tc.fault_at("nan"), tc.fault_at("raise")
+
+    for step in range(total_steps):
+        lr = lr_at(step, total_steps, oc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.set_step(step)
+
+        if step > 0 and step % tc.eval_every == 0:
+            eval_metrics = evaluate(model, data, cfg, device, autocast)
+            last_val = eval_metrics["val/loss"]
+            logger.log_metrics({**eval_metrics, "tokens": step * tokens_per_step}, step)
+            t_window = time.perf_counter()  # evaluation time is not training time
+
+        x, y = next(batches)
+        if step == raise_at:
+            raise RuntimeError(f"injected failure at step {step} (train.fault={tc.fault})")
+        with autocast:
+            loss = step_model(x, y, loss_chunks=tc.loss_chunks)
+        if step == nan_at:
+            loss = loss * float("nan")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window[step - window_start] = loss.detach()
+
+        if step - window_start + 1 == tc.log_every or step == total_steps - 1:
+            losses = window[: step - window_start + 1].tolist()  # one sync per window
+            bad = [i for i, v in enumerate(losses) if not math.isfinite(v) or v > bound]
+            if bad:
+                at = window_start + bad[0]
+                logger.log_metrics({"train/loss": losses[bad[0]], "diverged": 1.0}, at)
+                return TrialResult("diverged", at, at * tokens_per_step, last_val, diverged_step=at)
+            elapsed = time.perf_counter() - t_window
+            tps = len(losses) * tokens_per_step / max(elapsed, 1e-9)
+            throughputs.append(tps)
+            metrics = {
+                "train/loss": losses[-1],
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": tps,
+                "tokens": (step + 1) * tokens_per_step,
+                **_temperature_metrics(model),
+            }
+            if peak:
+                metrics["mfu"] = tps * flops_per_token / peak
+            if device.type == "cuda":
+                metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            logger.log_metrics(metrics, step)
+            window_start, t_window = step + 1, time.perf_counter()
+
+    final = evaluate(model, data, cfg, device, autocast)
+    logger.log_metrics({**final, "tokens": total_steps * tokens_per_step}, total_steps)
+    steady = statistics.median(throughputs[1:] or throughputs)
+    summary = {
+        "val_loss": final["val/loss"],
+        "train_loss": losses[-1],
+        "tokens_per_s": steady,
+        **({"mfu": steady * flops_per_token / peak} if peak else {}),
+        **{k.removeprefix("diag/"): v for k, v in final.items() if k.endswith("/mean")},
+    }
+    return TrialResult(
+        "finished", total_steps, total_steps * tokens_per_step, final["val/loss"], summary=summary
+    )
+
+
+def _temperature_metrics(model: GPT) -> dict[str, float]:
+    out = {}
+    for name, values in model.temperatures().items():  # (L, H)
+        out[f"{name}/mean"] = values.mean().item()
+        if values.requires_grad or model.cfg.gamma_schedule == "learnable" or name == "lam":
+            for layer, row in enumerate(values.tolist()):
+                out.update({f"{name}/layer{layer}/head{h}": v for h, v in enumerate(row)})
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main(config: Path, overrides: list[str], out_dir: Path | None = None) -> int:
+    """`ablate train CONFIG [--set key=value ...]`: one run, progress on stderr, result as JSON."""
+    try:
+        cfg = load_run_config(config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    result = train(cfg, ConsoleLogger())
+    payload = json.dumps(dataclasses.asdict(result), indent=2)
+    print(payload)
+    if out_dir is not None:
+        (out_dir / "result.json").write_text(payload)
+    return 0

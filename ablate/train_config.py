@@ -1,0 +1,69 @@
+"""Configuration of the optimiser and the training loop (the loop itself is in train.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr; a pure function of the step."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices and embeddings; never on biases, norms, gamma/lambda
+    grad_clip: float | None = 1.0  # None: no clipping
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps and weight_decay must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop: budget, batch, evaluation cadence, device and precision, divergence bound."""
+
+    tokens: int = 10_000_000  # training token budget (text tokens)
+    batch_size: int = 64
+    eval_every: int = 200  # steps between evaluations (and one at the end)
+    eval_batches: int | None = None  # None: the whole fixed validation set
+    diagnostics_batch: int = 8  # sequences used for the attention diagnostics at each evaluation
+    log_every: int = 10  # steps between train-loss reports
+    device: str = "auto"  # auto: cuda when available
+    precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
+    compile: bool = False  # torch.compile the model (GPU)
+    loss_chunks: int = 1  # > 1: chunked cross-entropy, never materialising all logits
+    diverge_loss: float | None = None  # a train loss above this is divergence; None: 2 * ln(vocab)
+    threads: int | None = None  # CPU threads for torch; None: torch's default
+    fault: str | None = None  # fault injection for tests: "nan@K" (NaN loss at step K) or "raise@K"
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size", "eval_every", "log_every", "diagnostics_batch", "loss_chunks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}; choose one of {list(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; choose one of {list(PRECISIONS)}")
+        if self.fault is not None:
+            kind, _, at = self.fault.partition("@")
+            if kind not in ("nan", "raise") or not at.isdigit():
+                raise ValueError(f"fault={self.fault!r}; use 'nan@STEP' or 'raise@STEP'")
+
+    def fault_at(self, kind: str) -> int | None:
+        """The step at which fault `kind` is injected, or None."""
+        if self.fault is None or not self.fault.startswith(kind + "@"):
+            return None
+        return int(self.fault.partition("@")[2])

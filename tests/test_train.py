@@ -1,0 +1,141 @@
+"""One trial trains, evaluates, detects divergence and is reproducible."""
+
+import math
+
+import pytest
+
+from ablate.config import ConfigError, RunConfig, from_dict, load_run_config
+from ablate.logger import RecordingLogger
+from ablate.train import lr_at, main, param_groups, train
+from ablate.train_config import OptimConfig
+from model import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def tiny_run(cache_dir: str, **sections) -> RunConfig:
+    tree = {
+        "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context": 32},
+        "data": {
+            "source": "stories",
+            "tokenizer": "bpe:300",
+            "corpus_docs": 200,
+            "val_tokens": 2048,
+            "cache_dir": cache_dir,
+        },
+        "optim": {"lr": 3e-3, "warmup_steps": 5},
+        "train": {"tokens": 16 * 32 * 30, "batch_size": 16, "eval_every": 10, "log_every": 5, "threads": 1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
+    return from_dict(RunConfig, tree)
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, 110, optim) == pytest.approx(0.1)
+    assert lr_at(9, 110, optim) == pytest.approx(1.0)
+    assert lr_at(60, 110, optim) == pytest.approx(0.55)
+    assert lr_at(110, 110, optim) == pytest.approx(0.1)
+
+
+def test_weight_decay_groups():
+    model = GPT(
+        GPTConfig(vocab_size=50, n_layers=1, d_model=16, n_heads=2, context=8, registers=1, position="susie")
+    )
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "embed.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
+    assert not any(n.endswith("bias") or "ln" in n or "registers" in n or "position" in n for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_loss_falls_and_metrics_reported(cache_dir):
+    log = RecordingLogger()
+    result = train(tiny_run(cache_dir), log)
+    assert result.status == "finished" and result.diverged_step is None
+    losses = [v for _, v in log.series("train/loss")]
+    val = [v for _, v in log.series("val/loss")]
+    assert losses[-1] < losses[0] - 0.5
+    assert len(val) == 3 and val[-1] < val[0]  # evaluations at steps 10, 20 and the end
+    assert result.val_loss == pytest.approx(val[-1])
+    for key in (
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "gamma/mean",
+        "diag/key_norm_mean/layer0",
+        "diag/attn_entropy/mean",
+    ):
+        assert any(key in m for _, m in log.history), key
+    assert log.params["model.metric"] == "sdpa" and log.params["derived.total_steps"] == 30
+
+
+def test_same_config_and_seed_give_bit_identical_losses(cache_dir):
+    runs = []
+    for _ in range(2):
+        log = RecordingLogger()
+        train(tiny_run(cache_dir, model={"metric": "rbf", "position": "susie", "registers": 1}), log)
+        runs.append([v for _, m in log.history for k, v in sorted(m.items()) if "loss" in k])
+    assert runs[0] == runs[1]
+
+
+def test_learnable_gamma_is_reported_per_head(cache_dir):
+    log = RecordingLogger()
+    train(
+        tiny_run(
+            cache_dir, model={"metric": "penalty", "gamma_schedule": "learnable", "lam_schedule": "learnable"}
+        ),
+        log,
+    )
+    last = log.series("gamma/layer0/head1")
+    assert last and math.isfinite(last[-1][1])
+    assert log.series("lam/layer0/head0")
+
+
+def test_exploding_configuration_is_reported_as_diverged(cache_dir):
+    cfg = tiny_run(cache_dir, optim={"lr": 50.0, "warmup_steps": 0, "grad_clip": None})
+    result = train(cfg)
+    assert result.status == "diverged"
+    assert result.diverged_step is not None and 0 <= result.diverged_step < 30
+
+
+def test_injected_nan_is_diverged_at_its_step(cache_dir):
+    result = train(tiny_run(cache_dir, train={"fault": "nan@7"}))
+    assert result.status == "diverged" and result.diverged_step == 7 and result.steps == 7
+
+
+def test_injected_failure_raises(cache_dir):
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        train(tiny_run(cache_dir, train={"fault": "raise@3"}))
+
+
+def test_unknown_key_and_bad_type_are_named():
+    with pytest.raises(ConfigError, match=r"model\.metrik: unknown key; valid keys here: .*metric"):
+        from_dict(RunConfig, {"model": {"metrik": "rbf"}})
+    with pytest.raises(ConfigError, match=r"train\.batch_size: expected int"):
+        from_dict(RunConfig, {"train": {"batch_size": "many"}})
+    with pytest.raises(ConfigError, match=r"model: metric='dot'"):
+        from_dict(RunConfig, {"model": {"metric": "dot"}})
+
+
+def test_overrides_beat_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  metric: sdpa\n  n_layers: 2\n")
+    cfg = load_run_config(path, ["model.metric=rbf", "optim.lr=1e-4"])
+    assert cfg.model.metric == "rbf" and cfg.model.n_layers == 2 and cfg.optim.lr == 1e-4
+
+
+def test_train_command_rejects_unknown_key(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  metric: sdpa\ntrain:\n  budget: 10\n")
+    assert main(path, []) == 2
+    err = capsys.readouterr().err
+    assert "train.budget" in err and "unknown key" in err and str(path) in err
