@@ -1,0 +1,189 @@
+"""Divergence as an outcome: counts and rates per cell, a test of each factor, and the loss analysis
+under three treatments of diverged runs.
+
+Test: logistic regression of diverged ~ main effects (sum contrasts), one likelihood-ratio test per
+factor. Under (quasi-)separation (e.g. every rbf run diverges) the logistic estimates do not exist; each
+factor is then tested with Fisher's exact test on its levels x {diverged, not} table (Monte Carlo p for
+tables larger than 2x2).
+Treatments of the loss: `excluded` (diverged runs dropped: the primary analysis), `capped` (diverged
+runs and any loss above ln(vocab_size) set to ln(vocab_size), the loss of a uniform predictor), and
+`ranks` (ANOVA on ranks, diverged runs tied at the worst rank).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import statsmodels.api as sm
+import statsmodels.formula.api as smf
+from scipy import stats
+from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning
+
+from ablate.analysis.design import Design
+from ablate.analysis.frames import Frame
+from ablate.analysis.multiplicity import adjust
+from ablate.analysis.response import frame_anova
+
+TREATMENTS = ("excluded", "capped", "ranks")
+LARGEST_SANE_LOGIT = 10.0
+
+
+def divergence_by_cell(trials: pd.DataFrame, cells: pd.DataFrame, factors: Sequence[str]) -> pd.DataFrame:
+    """Per design cell: trials run to an outcome (finished + diverged), diverged, failed, and the rate."""
+    counts = pd.crosstab([trials[name] for name in factors], trials["status"])
+    counts = counts.reindex(columns=["finished", "diverged", "failed"], fill_value=0).reset_index()
+    table = cells.merge(counts, on=list(factors), how="left").fillna(
+        {"finished": 0, "diverged": 0, "failed": 0}
+    )
+    table["trials"] = table["finished"] + table["diverged"]
+    table["rate"] = table["diverged"] / table["trials"].where(table["trials"] > 0)
+    return table[[*factors, "trials", "diverged", "failed", "rate"]].astype(
+        {"trials": int, "diverged": int, "failed": int}
+    )
+
+
+def divergence_tests(data: pd.DataFrame, factors: Sequence[str], rng: np.random.Generator) -> pd.DataFrame:
+    """One row per factor: method, statistic, df, p (unadjusted). `data`: finished and diverged trials."""
+    factors = [name for name in factors if data[name].nunique() > 1]
+    diverged = (data["status"] == "diverged").astype(float)
+    if not factors or diverged.sum() in (0, len(data)):
+        return pd.DataFrame()
+    coded = pd.DataFrame({f"f{i}": data[name].to_numpy() for i, name in enumerate(factors)})
+    coded["d"] = diverged.to_numpy()
+    full = _logistic(coded, [f"f{i}" for i in range(len(factors))])
+    if full is None:
+        return pd.DataFrame([_fisher(data, name, diverged, rng) for name in factors])
+    rows = []
+    for i, name in enumerate(factors):
+        reduced = _logistic(coded, [f"f{j}" for j in range(len(factors)) if j != i])
+        statistic = max(0.0, reduced.deviance - full.deviance) if reduced is not None else math.nan
+        df = full.df_model - (reduced.df_model if reduced is not None else 0)
+        rows.append(
+            {
+                "factor": name,
+                "method": "logistic LR",
+                "statistic": statistic,
+                "df": df,
+                "p": stats.chi2.sf(statistic, df),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _logistic(coded: pd.DataFrame, columns: list[str]):
+    """GLM binomial fit, or None when separation or non-convergence makes the estimates meaningless."""
+    formula = "d ~ " + (" + ".join(f"C({column}, Sum)" for column in columns) if columns else "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fit = smf.glm(formula, coded, family=sm.families.Binomial()).fit()
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+    troubled = any(issubclass(w.category, PerfectSeparationWarning | ConvergenceWarning) for w in caught)
+    if troubled or not np.all(np.isfinite(fit.params)) or np.abs(fit.params).max() > LARGEST_SANE_LOGIT:
+        return None
+    return fit
+
+
+def _fisher(data: pd.DataFrame, factor: str, diverged: pd.Series, rng: np.random.Generator) -> dict:
+    table = pd.crosstab(data[factor], diverged).to_numpy()
+    if table.shape == (2, 2):
+        result = stats.fisher_exact(table)
+        method = "Fisher exact"
+    else:
+        result = stats.fisher_exact(table, method=stats.MonteCarloMethod(n_resamples=9999, rng=rng))
+        method = "Fisher exact (Monte Carlo)"
+    return {
+        "factor": factor,
+        "method": method,
+        "statistic": math.nan,
+        "df": table.shape[0] - 1,
+        "p": result.pvalue,
+    }
+
+
+def treat(data: pd.DataFrame, response: str, treatment: str, vocab_size: int | None) -> pd.DataFrame:
+    """The frame's trials with `response` as the given treatment defines it (usable rows only)."""
+    finished = (data["status"] == "finished") & data[response].notna()
+    if treatment == "excluded":
+        return data[finished]
+    outcome = data[finished | (data["status"] == "diverged")].copy()
+    is_diverged = outcome["status"] == "diverged"
+    if treatment == "capped":
+        if vocab_size is None:
+            raise ValueError("capped treatment needs vocab_size")
+        cap = math.log(vocab_size)
+        outcome[response] = outcome[response].clip(upper=cap).where(~is_diverged, cap)
+    elif treatment == "ranks":
+        outcome[response] = outcome[response].where(~is_diverged, np.inf).rank(method="average")
+    else:
+        raise ValueError(f"unknown treatment {treatment!r}; valid: {list(TREATMENTS)}")
+    return outcome
+
+
+def compare_conclusions(adjusted: dict[str, pd.Series], alpha: float) -> pd.DataFrame:
+    """Adjusted p per term under each treatment, and whether the significance verdicts agree."""
+    table = pd.DataFrame({f"p_adj_{name}": values for name, values in adjusted.items()})
+    verdicts = table.lt(alpha).where(table.notna())
+    table["agree"] = verdicts.apply(lambda row: row.dropna().nunique() <= 1, axis=1)
+    return table.rename_axis(["frame", "term"]).reset_index()
+
+
+@dataclass
+class DivergenceResult:
+    """Divergence per cell, the factor tests, and the loss verdicts under each treatment."""
+
+    per_cell: pd.DataFrame
+    tests: pd.DataFrame
+    sensitivity: pd.DataFrame
+    conclusions_differ: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def analyze_divergence(
+    table: pd.DataFrame,
+    frames: Sequence[Frame],
+    design: Design,
+    response: str,
+    vocab_size: int | None,
+    method: str,
+    alpha: float,
+    seed: int,
+) -> DivergenceResult:
+    """Rates per cell, factor tests (adjusted as one family) and the treatment sensitivity of the ANOVA."""
+    rng = np.random.default_rng(seed)
+    outcome = table["status"] != "failed"
+    tests = []
+    for frame in frames:
+        found = divergence_tests(table[frame.mask & outcome], frame.factors, rng)
+        if not found.empty:
+            keep = [frame.keeps_term((name,)) for name in found["factor"]]
+            tests.append(found[keep].assign(frame=frame.name))
+    tests_table = pd.concat(tests, ignore_index=True) if tests else pd.DataFrame()
+    if not tests_table.empty:
+        tests_table["p_adj"] = adjust(tests_table["p"], method)
+        tests_table["significant"] = tests_table["p_adj"] < alpha
+    sensitivity, notes = _sensitivity(table, frames, response, vocab_size, method, alpha)
+    differs = bool(not sensitivity.empty and not sensitivity["agree"].all())
+    per_cell = divergence_by_cell(table, design.cells(), design.factors)
+    return DivergenceResult(per_cell, tests_table, sensitivity, differs, notes)
+
+
+def _sensitivity(table, frames, response, vocab_size, method, alpha) -> tuple[pd.DataFrame, list[str]]:
+    notes = [] if vocab_size else ["vocab_size not given: the capped treatment is skipped"]
+    adjusted = {}
+    for treatment in TREATMENTS:
+        if treatment == "capped" and not vocab_size:
+            continue
+        frame_data = {
+            frame.name: treat(table[frame.mask], response, treatment, vocab_size) for frame in frames
+        }
+        anova, _, _ = frame_anova(frames, frame_data, response, method)
+        if not anova.empty:
+            adjusted[treatment] = anova.set_index(["frame", "term"])["p_adj"]
+    return (compare_conclusions(adjusted, alpha) if adjusted else pd.DataFrame()), notes

@@ -1,0 +1,94 @@
+"""One response across the frames: ANOVA terms (adjusted as one family), main effects with CIs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ablate.analysis.anova import AnovaFit, fit_anova, term_statistics
+from ablate.analysis.cells import CellTable
+from ablate.analysis.design import Design
+from ablate.analysis.effects import main_effects
+from ablate.analysis.frames import Frame
+from ablate.analysis.multiplicity import adjust
+
+
+@dataclass
+class ResponseAnalysis:
+    """ANOVA terms of every frame (with adjusted p, effect sizes, MDE) and main-effect contrasts."""
+
+    response: str
+    anova: pd.DataFrame
+    effects: pd.DataFrame
+    fits: dict[str, AnovaFit] = field(default_factory=dict)
+    cell_tables: dict[str, CellTable] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def frame_cells(data: pd.DataFrame, factors: Sequence[str]) -> pd.DataFrame:
+    """Every combination of the frame's levels (a frame is crossed by construction)."""
+    levels = [list(pd.unique(data[name])) for name in factors]
+    return pd.MultiIndex.from_product(levels, names=list(factors)).to_frame(index=False)
+
+
+def usable(data: pd.DataFrame, response: str) -> pd.DataFrame:
+    """Finished trials with a value of `response`."""
+    return data[(data["status"] == "finished") & data[response].notna()]
+
+
+def frame_anova(frames: Sequence[Frame], frame_data: dict[str, pd.DataFrame], response: str, method: str):
+    """Term statistics of every frame in one table, p adjusted across all of them; plus the fits."""
+    tables, fits, notes = [], {}, []
+    for frame in frames:
+        data = frame_data[frame.name]
+        try:
+            fit = fit_anova(data, frame.factors, response)
+        except ValueError as error:
+            notes.append(f"{response}, {frame.name}: no ANOVA ({error})")
+            continue
+        fits[frame.name] = fit
+        notes.extend(f"{response}, {frame.name}: {note}" for note in fit.notes)
+        statistics = term_statistics(fit)
+        keep = [frame.keeps_term(factors) for factors in fit.terms.values()]
+        tables.append(statistics[keep].assign(frame=frame.name))
+    anova = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if not anova.empty:
+        anova["p_adj"] = adjust(anova["p"], method)
+        anova = anova[["frame", *[c for c in anova.columns if c != "frame"]]]
+    return anova, fits, notes
+
+
+def analyze_response(
+    table: pd.DataFrame,
+    frames: Sequence[Frame],
+    design: Design,
+    response: str,
+    seed_weights: np.ndarray,
+    method: str,
+    alpha: float,
+) -> ResponseAnalysis:
+    """ANOVA of every frame and the main effects of each frame's factors (focus only, when nested)."""
+    seeds = np.sort(table["seed"].unique())
+    frame_data = {frame.name: usable(table[frame.mask], response) for frame in frames}
+    anova, fits, notes = frame_anova(frames, frame_data, response, method)
+    if not anova.empty:
+        anova["significant"] = anova["p_adj"] < alpha
+    effects, cell_tables = [], {}
+    for frame in frames:
+        factors = [name for name in frame.factors if frame_data[frame.name][name].nunique() > 1]
+        if not factors:
+            continue
+        cells = frame_cells(table[frame.mask], factors)
+        cell_table = CellTable(frame_data[frame.name], factors, response, cells, seeds)
+        cell_tables[frame.name] = cell_table
+        if empty := cell_table.empty_cells(np.ones(len(cells))):
+            notes.append(f"{response}, {frame.name}: cells without usable trials: {'; '.join(empty)}")
+        shown = [name for name in factors if frame.keeps_term((name,))]
+        effects.append(
+            main_effects(cell_table, shown, design.reference, seed_weights).assign(frame=frame.name)
+        )
+    effects_table = pd.concat(effects, ignore_index=True) if effects else pd.DataFrame()
+    return ResponseAnalysis(response, anova, effects_table, fits, cell_tables, notes)
