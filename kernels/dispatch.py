@@ -1,32 +1,119 @@
 """Backend registry and selection for `kernels.attention`.
 
-Backends are plain functions keyed by name. "auto" picks the fastest correct backend for the device
-and shape; on CPU that is the reference.
+Backends are plain functions keyed by name, each with a predicate that says why it cannot run given
+inputs. "auto" picks, on CUDA, the backend that the benchmark measured fastest for the nearest
+(dtype, head dim, length, causal) in autotune_table.json (`python -m kernels.bench --write-table`
+regenerates it), then the default order; on CPU it picks the reference. Every choice is logged once per
+shape key; a fast backend that fails at run time falls back to the reference with a loud warning.
+
+"auto" never picks plain dot-product SDPA on its own: knowing that b == 0 needs a device sync on every
+call. Ask for backend="sdpa" to use it (it checks b == 0 and raises otherwise).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from kernels.reference import attention_reference
+from kernels.flex import flex_attention_rbf
+from kernels.reference import _check_shapes, attention_reference
+from kernels.sdpa_aug import sdpa_attention, sdpa_aug_attention
+
+try:  # triton is a Linux-only dependency
+    from kernels.triton_attn import INTERPRET, triton_attention, unsupported_reason
+
+    _TRITON_ERROR = None
+except ImportError as err:  # pragma: no cover - depends on the platform
+    INTERPRET, _TRITON_ERROR = False, f"triton is not importable ({err})"
 
 log = logging.getLogger("kernels")
 
 AttentionFn = Callable[..., torch.Tensor]
+TABLE_PATH = Path(__file__).with_name("autotune_table.json")
+DEFAULT_ORDER = ("triton", "sdpa-aug", "flex", "reference")  # when the table has nothing better
 
 
 def _reference(q, k, v, a, b, *, causal):
     return attention_reference(q, k, v, a, b, causal=causal)
 
 
-BACKENDS: dict[str, AttentionFn] = {"reference": _reference}
+BACKENDS: dict[str, AttentionFn] = {
+    "reference": _reference,
+    "triton": (lambda q, k, v, a, b, *, causal: triton_attention(q, k, v, a, b, causal=causal)),
+    "flex": flex_attention_rbf,
+    "sdpa-aug": sdpa_aug_attention,
+    "sdpa": sdpa_attention,
+}
 
 
-def _choose_backend(q: torch.Tensor) -> str:
+def _triton_reason(q, k, v, a, b) -> str | None:
+    return _TRITON_ERROR or unsupported_reason(q, k, v, a, b)
+
+
+def _flex_reason(q, k, v, a, b) -> str | None:
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, a, b))
+    if q.device.type == "cpu" and wants_grad:
+        return "FlexAttention has no backward on CPU"
+    return None
+
+
+def _needs_cuda(q, k, v, a, b) -> str | None:
+    return None if q.is_cuda else f"fused SDPA backends need CUDA here; got {q.device}"
+
+
+UNSUPPORTED: dict[str, Callable[..., str | None]] = {
+    "reference": lambda *inputs: None,
+    "triton": _triton_reason,
+    "flex": _flex_reason,
+    "sdpa-aug": lambda *inputs: None,
+    "sdpa": lambda *inputs: None,
+}
+
+
+def load_table(path: Path = TABLE_PATH) -> list[dict]:
+    """Measured rows {dtype, head_dim, n_ctx, causal, backend, ...}; empty when there is no table."""
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["rows"]
+
+
+_TABLE = load_table()
+_LOGGED: set[tuple] = set()
+
+
+def _nearest_measured(q: torch.Tensor, causal: bool) -> str | None:
+    dtype = str(q.dtype).removeprefix("torch.")
+    rows = [r for r in _TABLE if r["dtype"] == dtype and r["causal"] == causal]
+    if not rows:
+        return None
+    d, n = q.shape[-1], q.shape[-2]
+    best = min(
+        rows, key=lambda r: (abs(math.log2(r["head_dim"] / d)), abs(math.log2(r["n_ctx"] / max(n, 1))))
+    )
+    return best["backend"]
+
+
+def _choose_backend(q, k, v, a, b, causal: bool) -> str:
+    if not q.is_cuda:
+        return "reference"
+    order = dict.fromkeys([_nearest_measured(q, causal), *DEFAULT_ORDER])
+    for name in order:
+        if name is not None and UNSUPPORTED[name](q, k, v, a, b) is None:
+            return name
     return "reference"
+
+
+def _log_choice(name: str, q: torch.Tensor, causal: bool, requested: str) -> None:
+    key = (name, requested, q.device.type, q.dtype, tuple(q.shape), causal)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("attention backend %r (asked %r) for %s %s %s causal=%s", name, requested, *key[2:])
 
 
 def attention(
@@ -44,7 +131,25 @@ def attention(
     q, k, v: (B, H, N, D); a, b: (H,) tensors (they may require grad). backend: "auto" or one of
     BACKENDS. Returns (B, H, N, D) in v's dtype.
     """
-    name = _choose_backend(q) if backend == "auto" else backend
-    if name not in BACKENDS:
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {['auto', *BACKENDS]}")
-    return BACKENDS[name](q, k, v, a, b, causal=causal)
+    _check_shapes(q, k, v, a, b)
+    name = _choose_backend(q, k, v, a, b, causal) if backend == "auto" else backend
+    reason = UNSUPPORTED[name](q, k, v, a, b)
+    if reason is not None:
+        raise ValueError(f"attention backend {name!r} cannot run these inputs: {reason}")
+    if torch.compiler.is_compiling() or name == "reference":
+        return BACKENDS[name](q, k, v, a, b, causal=causal)
+    _log_choice(name, q, causal, backend)
+    try:
+        return BACKENDS[name](q, k, v, a, b, causal=causal)
+    except ValueError:
+        raise
+    except Exception as err:  # a compile or launch failure of a fast path: say so, then stay correct
+        warnings.warn(
+            f"attention backend {name!r} FAILED ({type(err).__name__}: {err}); falling back to the "
+            "reference, which is slow and materialises the (N, N) scores",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return attention_reference(q, k, v, a, b, causal=causal)

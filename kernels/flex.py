@@ -1,0 +1,52 @@
+"""FlexAttention backend: softmax(a*q.k - b*||k||^2) v through torch's flex_attention.
+
+The score_mod multiplies the raw dot product by a per head (flex's own scale is 1.0) and subtracts a
+captured per-key bias b*||k||^2 of shape (B, H, N). Both captured tensors are built from a, b and k with
+differentiable torch ops, so gradients reach q, k, v, a and b. Causality is a block mask (tiles above the
+diagonal are skipped, not just masked).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.cache
+def _compiled_flex():
+    # flex_attention is only fused when compiled; eager runs the unfused math path
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_mask(n: int, device: torch.device):
+    return create_block_mask(_causal, None, None, n, n, device=device)
+
+
+def flex_attention_rbf(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    causal: bool = True,
+) -> torch.Tensor:
+    """softmax(a*q.k - b*||k||^2) v via FlexAttention. q, k, v: (B, H, N, D); a, b: (H,)."""
+    n_heads, n_ctx = q.shape[1], q.shape[2]
+    scale = a.float()  # (H,)
+    key_bias = b.float().view(1, n_heads, 1) * k.float().pow(2).sum(-1)  # (B, H, N)
+
+    def score_mod(score, batch, head, q_idx, kv_idx):
+        return score * scale[head] - key_bias[batch, head, kv_idx]
+
+    block_mask = _causal_mask(n_ctx, q.device) if causal else None
+    fused = q.is_cuda and not torch.compiler.is_compiling()
+    attend = _compiled_flex() if fused else flex_attention
+    return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)

@@ -1,0 +1,68 @@
+"""Augmented-head-dim backends on stock torch SDPA.
+
+    q' = [a*q, 1, 1, 0...],  k' = [k, -hi, -lo, 0...],  v' = [v, 0...]      (head dim D' = roundup(D+2, 8))
+
+so q'.k' = a*q.k - b*||k||^2 and stock dot-product SDPA (scale 1) computes the geometry. The bias
+b*||k||^2 = hi + lo is split over two columns (hi its rounding to the input dtype, lo the remainder) so
+that a 16-bit input loses no more of it than of the dot product. Gradients reach q, k, v, a and b
+through the concatenation. `sdpa_attention` is plain dot-product SDPA for b == 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# tried in this order; the math backend (which materialises N x N) is never allowed here
+AUG_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
+def _augment(q, k, v, a, b):
+    B, H, N, D = q.shape
+    pad = -(-(D + 2) // 8) * 8 - D - 2  # zeros up to a multiple of 8 (what flash and cuDNN need)
+    bias = b.float().view(1, H, 1, 1) * k.float().pow(2).sum(-1, keepdim=True)  # (B, H, N, 1)
+    hi = bias.to(k.dtype)
+    lo = (bias - hi.float()).to(k.dtype)
+    ones = q.new_ones(B, H, N, 2)
+    q_aug = torch.cat([q * a.view(1, H, 1, 1).to(q.dtype), ones, q.new_zeros(B, H, N, pad)], -1)
+    k_aug = torch.cat([k, -hi, -lo, k.new_zeros(B, H, N, pad)], -1)
+    v_aug = F.pad(v, (0, pad + 2))
+    return q_aug, k_aug, v_aug  # (B, H, N, D') each
+
+
+def sdpa_aug_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    causal: bool = True,
+    backends: Sequence[SDPBackend] = AUG_BACKENDS,
+) -> torch.Tensor:
+    """softmax(a*q.k - b*||k||^2) v via the augmented head dim on torch SDPA (backends in priority order)."""
+    q_aug, k_aug, v_aug = _augment(q, k, v, a, b)
+    with sdpa_kernel(list(backends), set_priority=True):
+        out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=causal, scale=1.0)
+    return out[..., : q.shape[-1]]
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    causal: bool = True,
+    backends: Sequence[SDPBackend] = AUG_BACKENDS,
+) -> torch.Tensor:
+    """Dot-product softmax(a*q.k) v on torch SDPA; b must be zero (checked, which syncs the device)."""
+    if bool(b.detach().ne(0).any()):
+        raise ValueError("backend 'sdpa' computes a*q.k only and needs b == 0; use 'auto' or 'triton'")
+    scaled_q = q * a.view(1, -1, 1, 1).to(q.dtype)
+    with sdpa_kernel(list(backends), set_priority=True):
+        return F.scaled_dot_product_attention(scaled_q, k, v, is_causal=causal, scale=1.0)

@@ -1,0 +1,277 @@
+"""Attention kernels on CPU: every backend against explicit float64 math, output and all five gradients.
+
+The Triton kernels run under TRITON_INTERPRET=1. The interpreter must be on before triton is imported,
+so those tests are skipped in an ordinary run and `test_triton_kernels_under_the_interpreter` reruns
+this file in a subprocess with it on (or run `TRITON_INTERPRET=1 pytest tests/test_kernels.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels import dispatch
+from kernels.reference import attention_reference
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# relative error ||x - ref|| / ||ref||, one bound per dtype, set once
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GRADS = ("q", "k", "v", "a", "b")
+interpreted_only = pytest.mark.skipif(
+    not INTERPRETED, reason="needs TRITON_INTERPRET=1 (run by a subprocess test)"
+)
+
+
+def make_inputs(B, H, N, D, dtype, device="cpu", *, seed=None, grad=True):
+    """Fresh random q, k, v (B, H, N, D), per-head a, b (H,) and an upstream gradient dO."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else torch.seed() % 2**31)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen)
+
+    q, v = randn(B, H, N, D), randn(B, H, N, D)
+    k = randn(B, H, N, D) * (0.5 + 1.5 * torch.rand(B, H, N, 1, generator=gen))  # key norms that vary
+    a = 0.1 + 0.2 * torch.rand(H, generator=gen)
+    b = 0.02 + 0.08 * torch.rand(H, generator=gen)
+    tensors = [t.to(device) for t in (q, k, v)]
+    coefficient_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 parameters
+    tensors = [t.to(dtype) for t in tensors] + [t.to(device, coefficient_dtype) for t in (a, b)]
+    if grad:
+        tensors = [t.requires_grad_() for t in tensors]
+    return (*tensors, randn(B, H, N, D).to(device=device, dtype=dtype))
+
+
+def explicit_float64(q, k, v, a, b, do, causal):
+    """Closed-form forward and gradients in float64 (no autograd), plus the scale of the da, db sums."""
+    q, k, v, do = (t.detach().double() for t in (q, k, v, do))
+    a, b = (t.detach().double().view(1, -1, 1, 1) for t in (a, b))
+    qk = q @ k.transpose(-1, -2)  # (B, H, N, N)
+    key_norm2 = k.pow(2).sum(-1)[:, :, None, :]  # (B, H, 1, N)
+    scores = a * qk - b * key_norm2
+    if causal:
+        n = q.shape[-2]
+        scores = scores.masked_fill(
+            ~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf")
+        )
+    p = torch.softmax(scores, -1)
+    out = p @ v
+    dp = do @ v.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # gradient w.r.t. the scores
+    colsum = ds.sum(-2)  # (B, H, N)
+    grads = {
+        "q": a * (ds @ k),
+        "k": a * (ds.transpose(-1, -2) @ q) - 2 * b * colsum[..., None] * k,
+        "v": p.transpose(-1, -2) @ do,
+        "a": (ds * qk).sum((0, 2, 3)),
+        "b": -(colsum * key_norm2[:, :, 0]).sum((0, 2)),
+    }
+    # da and db are sums with cancellation (each row of dS sums to zero): measure their error against
+    # the size of what is summed, |P| (|dP| + |delta|) times |q.k| or ||k||^2
+    ds_size = p * (dp.abs() + (p * dp).sum(-1, keepdim=True).abs())
+    scale = {"a": (ds_size * qk.abs()).sum((0, 2, 3)), "b": (ds_size * key_norm2).sum((0, 2, 3))}
+    return out, grads, scale
+
+
+def relative_error(x, ref, scale=None) -> float:
+    x = x.detach().double()
+    denominator = (scale if scale is not None else ref).norm().clamp_min(1.0).item()  # N = 1: exact zeros
+    return ((x - ref).norm() / denominator).item()
+
+
+def check_backend(fn, q, k, v, a, b, do, *, causal, grads=True):
+    """Run fn forward (and backward), compare with explicit float64 math at TOL[dtype]."""
+    out_ref, grads_ref, scale = explicit_float64(q, k, v, a, b, do, causal)
+    out = fn(q, k, v, a, b, causal=causal)
+    assert out.shape == q.shape and out.dtype == v.dtype
+    tol = TOL[q.dtype]
+    errors = {"out": relative_error(out, out_ref)}
+    if grads:
+        got = torch.autograd.grad(out, (q, k, v, a, b), do)
+        for name, g in zip(GRADS, got, strict=True):
+            assert g.shape == grads_ref[name].shape
+            errors[name] = relative_error(g, grads_ref[name], scale.get(name))
+    bad = {name: err for name, err in errors.items() if not err <= tol}  # NaN fails too
+    assert not bad, f"errors over {tol:g}: {bad} (all: {errors})"
+    return errors
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Fill every buffer the Triton kernels write with NaN first, so an unwritten element fails."""
+    from kernels import triton_attn
+
+    def alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_attn, "_alloc", alloc)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("N", "D", "causal"), [(1, 16, True), (17, 64, True), (33, 80, False), (24, 128, True)]
+)
+def test_reference_matches_explicit_float64(dtype, N, D, causal):
+    q, k, v, a, b, do = make_inputs(2, 3, N, D, dtype)
+    check_backend(attention_reference, q, k, v, a, b, do, causal=causal)
+
+
+def test_explicit_math_catches_a_wrong_gradient():
+    q, k, v, a, b, do = make_inputs(1, 2, 9, 16, torch.float32)
+
+    def wrong_b(q, k, v, a, b, *, causal):
+        return attention_reference(q, k, v, a, 2 * b, causal=causal)
+
+    with pytest.raises(AssertionError, match="errors over"):
+        check_backend(wrong_b, q, k, v, a, b, do, causal=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# triton under the interpreter (tiles: forward 32x16, dk/dv 16x32, dq 32x16)
+
+
+@interpreted_only
+@pytest.mark.parametrize(
+    ("dtype", "N", "D", "causal"),
+    [
+        (torch.float32, 1, 16, True),
+        (torch.float32, 17, 16, True),
+        (torch.float32, 17, 16, False),
+        (torch.float32, 70, 80, True),
+        (torch.float32, 45, 64, False),
+        (torch.float16, 40, 16, True),  # the interpreter's bf16 dot is wrong; bf16 runs on the GPU
+    ],
+)
+def test_triton_interpreted(poisoned, dtype, N, D, causal):
+    q, k, v, a, b, do = make_inputs(2, 2, N, D, dtype)
+    check_backend(kernels.BACKENDS["triton"], q, k, v, a, b, do, causal=causal)
+
+
+@interpreted_only
+def test_triton_interpreted_strided_inputs_constant_coefficients(poisoned):
+    B, H, N, D = 2, 3, 20, 16
+    q, k, v, a, b, do = make_inputs(B, H, N, D, torch.float32, grad=False)
+    packed = torch.stack([q, k, v], 0).permute(0, 1, 3, 2, 4).contiguous()  # (3, B, N, H, D) like a qkv proj
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in packed.unbind(0))  # (B, H, N, D) views
+    assert not q.is_contiguous()
+    out = kernels.attention(q, k, v, a, b, causal=True, backend="triton")
+    expected = attention_reference(q.double(), k.double(), v.double(), a.double(), b.double())
+    assert relative_error(out, expected) < TOL[torch.float32]
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    ref = torch.autograd.grad(attention_reference(q, k, v, a, b), (q, k, v), do)
+    assert all(
+        relative_error(x, y.double()) < TOL[torch.float32] for x, y in zip((dq, dk, dv), ref, strict=True)
+    )
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the launcher of the interpreted run")
+def test_triton_kernels_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+def test_triton_rejects_bad_inputs():
+    q, k, v, a, b, _ = make_inputs(1, 2, 8, 8, torch.float32, grad=False)
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.BACKENDS["triton"](q, k, v, a, b, causal=True)
+    q, k, v, a, b, _ = make_inputs(1, 2, 8, 16, torch.float32, grad=False)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.BACKENDS["triton"](q.double(), k.double(), v.double(), a, b, causal=True)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.BACKENDS["triton"](q, k[:, :, :5], v[:, :, :5], a, b, causal=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# flex and augmented SDPA (torch's CPU kernels)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("N", "D", "causal"), [(17, 16, True), (40, 80, False)])
+def test_flex_forward(N, D, causal):  # FlexAttention has no backward on CPU
+    q, k, v, a, b, do = make_inputs(2, 2, N, D, torch.float32, grad=False)
+    check_backend(kernels.BACKENDS["flex"], q, k, v, a, b, do, causal=causal, grads=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("N", "D", "causal"), [(1, 16, True), (17, 64, True), (40, 80, False)])
+def test_sdpa_aug(dtype, N, D, causal):
+    q, k, v, a, b, do = make_inputs(2, 3, N, D, dtype)
+    check_backend(kernels.BACKENDS["sdpa-aug"], q, k, v, a, b, do, causal=causal)
+
+
+def test_sdpa_backend_is_dot_product_only():
+    q, k, v, a, b, do = make_inputs(2, 3, 17, 32, torch.float32)
+    with pytest.raises(ValueError, match="b == 0"):
+        kernels.attention(q, k, v, a, b, backend="sdpa")
+    zero_b = torch.zeros_like(b)
+    check_backend(kernels.BACKENDS["sdpa"], q, k, v, a, zero_b, do, causal=True, grads=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dispatcher
+
+
+def test_auto_uses_the_reference_on_cpu_and_logs_it(caplog):
+    q, k, v, a, b, _ = make_inputs(1, 2, 5, 16, torch.float32, grad=False)
+    assert dispatch._choose_backend(q, k, v, a, b, True) == "reference"
+    dispatch._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        kernels.attention(q, k, v, a, b, backend="flex")
+        kernels.attention(q, k, v, a, b, backend="flex")
+    assert sum("'flex'" in r.getMessage() for r in caplog.records) == 1  # once per shape key
+
+
+def test_unknown_or_unusable_backend_is_an_error():
+    q, k, v, a, b, _ = make_inputs(1, 2, 5, 16, torch.float32)
+    with pytest.raises(ValueError, match="choose from"):
+        kernels.attention(q, k, v, a, b, backend="fastest")
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        kernels.attention(q, k, v, a, b, backend="flex")
+
+
+def test_a_failing_fast_backend_warns_and_falls_back(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setitem(kernels.BACKENDS, "sdpa-aug", broken)
+    q, k, v, a, b, _ = make_inputs(1, 2, 9, 16, torch.float32, grad=False)
+    with pytest.warns(RuntimeWarning, match="'sdpa-aug' FAILED"):
+        out = kernels.attention(q, k, v, a, b, backend="sdpa-aug")
+    torch.testing.assert_close(out, attention_reference(q, k, v, a, b))
+
+
+def test_measured_table_picks_the_nearest_row(monkeypatch):
+    rows = [
+        {"dtype": "bfloat16", "head_dim": 64, "n_ctx": 1024, "causal": True, "backend": "flex"},
+        {"dtype": "bfloat16", "head_dim": 128, "n_ctx": 16384, "causal": True, "backend": "sdpa-aug"},
+        {"dtype": "float16", "head_dim": 64, "n_ctx": 1024, "causal": True, "backend": "triton"},
+    ]
+    monkeypatch.setattr(dispatch, "_TABLE", rows)
+
+    def near(N, D, dtype=torch.bfloat16):
+        return dispatch._nearest_measured(torch.empty(1, 1, N, D, dtype=dtype), True)
+
+    assert near(2048, 64) == "flex"
+    assert near(8192, 96) == "sdpa-aug"
+    assert near(100, 64, torch.float16) == "triton"
+    assert near(100, 64, torch.float32) is None
+    assert dispatch._nearest_measured(torch.empty(1, 1, 5, 64, dtype=torch.bfloat16), False) is None
+
+
+def test_shipped_table_names_real_backends():
+    for row in dispatch.load_table():
+        assert row["backend"] in kernels.BACKENDS
