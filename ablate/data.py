@@ -9,11 +9,11 @@ Sources (`DataConfig.source`):
     "random:<vocab>"     uniform random tokens in memory (benchmarks only, never cached)
 
 Packing: every document (stripped of edge whitespace; empty ones are skipped) is tokenised and followed by
-the end-of-text token (eot); the stream starts with
-one eot, so the first token of every document is a target too. Windows of seq_len + 1 tokens are cut at a
-stride of seq_len (x = w[:-1], y = w[1:]): every token after the leading eot is a target exactly once. The
-last window is padded with eot. Nothing is lost unless `max_train_tokens` truncates the training stream;
-the validation stream is cut to ceil(val_tokens / seq_len) windows.
+the end-of-text token (eot); the stream starts with one eot, so the first token of every document is a
+target too. Windows of seq_len + 1 tokens are cut at a stride of seq_len (x = w[:-1], y = w[1:]): every
+token after the leading eot is a target exactly once. The last window is padded with eot (those padding
+targets are eot -> eot; fewer than seq_len of them). Nothing is lost unless `max_train_tokens` truncates the
+training stream; the validation stream is cut to ceil(val_tokens / seq_len) windows.
 
 Cache: <cache_dir>/<fingerprint>/{train.npy, val.npy, meta.json, tokenizer.json}. The fingerprint covers
 everything that changes the arrays (source and its files, splits, tokenizer, seq_len, token limits, code
@@ -83,7 +83,7 @@ class DataConfig:
         tokenizer_kind(self.tokenizer)
 
 
-@dataclass
+@dataclass(eq=False)
 class PackedData:
     """Packed token windows: `train` and `val` are read-only (n_seq, seq_len + 1) views of a flat stream."""
 
@@ -635,10 +635,17 @@ def _build(cfg: DataConfig, seq_len: int, final: Path, progress: bool) -> None:
         if codec.tokenizer is not None:
             codec.tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "meta.json").write_text(json.dumps(_meta(cfg, seq_len, final.name, codec, stats), indent=2))
+        _fsync_files(tmp)  # the rename below must never publish data that is not on disk yet
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_files(directory: Path) -> None:
+    for path in directory.iterdir():
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
 
 
 def _clear_leftovers(root: Path, key: str) -> None:
@@ -753,19 +760,23 @@ def _to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, to
 
 
 def train_batches(
-    data: PackedData, batch_size: int, *, seed: int, device: str | torch.device = "cpu"
+    data: PackedData, batch_size: int, *, seed: int, device: str | torch.device = "cpu", start_batch: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (x, y) int64 batches of shape (batch_size, seq_len), y = x shifted by one.
 
     The order is a chain of random permutations of the training windows drawn from a torch.Generator
     seeded with `seed` alone (not the global RNG): every window is seen once per epoch, and every run
-    with the same data and seed sees the same batches in the same order.
+    with the same data and seed sees the same batches in the same order. `start_batch` resumes that
+    same sequence at batch number `start_batch` (after a checkpoint) without reading the skipped data.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1 or start_batch < 0:
+        raise ValueError(f"need batch_size >= 1 and start_batch >= 0, got {batch_size!r}, {start_batch!r}")
     device, n = torch.device(device), data.n_train_sequences()
     generator = torch.Generator().manual_seed(seed)
-    pending = torch.empty(0, dtype=torch.int64)
+    skip = start_batch * batch_size
+    for _ in range(skip // n):  # whole epochs: draw their permutations only to advance the generator
+        torch.randperm(n, generator=generator)
+    pending = torch.randperm(n, generator=generator)[skip % n :]
     while True:
         while len(pending) < batch_size:
             pending = torch.cat([pending, torch.randperm(n, generator=generator)])

@@ -350,6 +350,14 @@ def test_train_batches_shift_targets_and_cover_each_epoch_once():
     assert windows_seen(batches[:3]) == every_window and windows_seen(batches[3:]) == every_window
 
 
+def test_train_batches_resume_at_a_later_batch():
+    packed = random_token_data(1000, 8, n_seq=10, seed=0)
+    full = take(train_batches(packed, 3, seed=5), 12)
+    for start in (1, 3, 7):
+        resumed = take(train_batches(packed, 3, seed=5, start_batch=start), 12 - start)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(full[start:], resumed, strict=True))
+
+
 def test_val_batches_are_fixed_and_complete(stories_data):
     first = list(val_batches(stories_data, 5))
     second = list(val_batches(stories_data, 5))
