@@ -18,12 +18,13 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ablate.config import ConfigError, RunConfig, from_dict, set_dotted
-from ablate.spec import Study, StudyError
+from ablate.spec import Study, StudyError, load_study
 
 ROMAN = {3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}
 
@@ -68,10 +69,27 @@ class Trial:
 
 @dataclass
 class Design:
+    """A study expanded: its cells and seeds, and where its results go."""
+
     study: Study
     cells: list[Cell]
     seeds: list[int]
     defining_words: list[frozenset[str]] = field(default_factory=list)  # fractional designs only
+    source: Path | None = None  # the study file
+
+    @property
+    def output_dir(self) -> Path:
+        """`output` relative to the study file; default runs/<name> beside it."""
+        base = self.source.parent if self.source else Path.cwd()
+        return (base / (self.study.output or f"runs/{self.study.name}")).resolve()
+
+    @property
+    def experiment(self) -> str:
+        return self.study.tracking.experiment or self.study.name
+
+    def tracking_uri(self, override: str | None = None) -> str:
+        """--tracking-uri, else the study's tracking.uri, else sqlite:///<absolute output dir>/mlflow.db."""
+        return override or self.study.tracking.uri or f"sqlite:///{self.output_dir / 'mlflow.db'}"
 
     @property
     def trials(self) -> list[Trial]:
@@ -105,6 +123,13 @@ class Design:
 
 def _term(factors: frozenset[str], order: list[str]) -> str:
     return "*".join(f for f in order if f in factors)
+
+
+def load_design(path: Path) -> Design:
+    """Read, validate and expand a study file; any mistake is a StudyError naming the file and key."""
+    design = expand(load_study(path), str(path))
+    design.source = Path(path)
+    return design
 
 
 def expand(study: Study, source: str | None = None) -> Design:

@@ -154,6 +154,9 @@ class Tracking(Strict):
     experiment: str | None = None  # None: the study name
     system_metrics: bool = True  # sample CPU/memory/GPU memory of each trial into its run
     system_metrics_interval: float = Field(default=10.0, gt=0)  # seconds
+    flush_seconds: float = Field(
+        default=5.0, ge=0
+    )  # at most this long between metric batches (0: every call)
 
 
 class Design(Strict):

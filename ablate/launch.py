@@ -1,0 +1,476 @@
+"""Run a study: one Ray Tune trial per (cell, seed), each logging to its own MLflow child run.
+
+The driver expands the design, prepares the data once, opens (or resumes) the study's parent run, and
+launches the trials that have no result yet through Ray Tune: FIFO scheduling (no early stopping, which
+would bias the attribution), `tune.with_resources` per trial, bounded retries for failures. A diverged
+trial is a result: it is recorded and never retried. Resuming needs no Tune state: MLflow is the record,
+so running the same command again skips every (cell, seed) that finished or diverged.
+
+The driver never initialises CUDA; trials do, inside their Ray workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ablate import tracking
+from ablate.config import RunConfig, from_dict, to_flat_dict
+from ablate.design import Design, Trial
+from ablate.spec import StudyError
+
+TAG = tracking.TAG
+
+
+@dataclass
+class LaunchOptions:
+    ray_address: str | None = None  # None: start a local Ray instance sized to this machine
+    tracking_uri: str | None = None  # None: the study's tracking.uri, else sqlite in the output dir
+    fresh: bool = False  # start a new parent run instead of resuming the latest one
+    max_concurrent: int | None = None  # None: the study's max_concurrent, else what resources allow
+
+
+@dataclass
+class RunSummary:
+    parent_run_id: str
+    counts: dict[str, int] = field(default_factory=dict)  # status -> trials, over the whole study
+    skipped: int = 0  # trials already done before this run
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.counts.get("failed", 0) == 0 and self.counts.get("missing", 0) == 0
+
+
+@dataclass
+class StudyStore:
+    """The study's place in MLflow: client, experiment and parent run."""
+
+    client: Any
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def open_study_store(design: Design, options: LaunchOptions) -> tuple[StudyStore | None, Any, list]:
+    """Read where the study stands: (client, experiment, parent run or None, its child runs).
+
+    Checks that finished trials ran the settings the study asks for now; writes nothing but the
+    (empty) store itself.
+    """
+    uri = design.tracking_uri(options.tracking_uri)
+    design.output_dir.mkdir(parents=True, exist_ok=True)
+    client = tracking.open_store(uri)
+    artifact_root = design.output_dir / "artifacts" if uri.startswith("sqlite:") else None
+    experiment_id = tracking.ensure_experiment(client, design.experiment, artifact_root)
+    parent = None if options.fresh else tracking.find_parent(client, experiment_id, design.study.name)
+    runs = tracking.child_runs(client, experiment_id, parent.info.run_id) if parent else []
+    check_settings_unchanged(design, runs)
+    store = StudyStore(client, uri, experiment_id, parent.info.run_id if parent else "")
+    return store, parent, runs
+
+
+def start_parent(design: Design, store: StudyStore, resume: bool) -> None:
+    """Create the study's parent run (params, study file, design table), or mark the resumed one running."""
+    client = store.client
+    if resume:
+        tracking.retrying(client.update_run, store.parent_run_id, status="RUNNING")
+    else:
+        params = parent_params(design)
+        store.parent_run_id = tracking.create_parent(client, store.experiment_id, design.study.name, params)
+        tracking.log_artifacts(client, store.parent_run_id, study_artifacts(design))
+    env = tracking.environment()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tracking.log_artifacts(client, store.parent_run_id, {f"launches/{stamp}/environment.json": _json(env)})
+    tracking.retrying(client.set_tag, store.parent_run_id, TAG + "git_sha", env["git_sha"])
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2, default=str)
+
+
+def parent_params(design: Design) -> dict[str, Any]:
+    """What the parent run records as params: the design in brief, code and package versions."""
+    study, env = design.study, tracking.environment()
+    params = {
+        "study": study.name, "design": study.design.type, "cells": len(design.cells),
+        "seeds": ",".join(map(str, design.seeds)), "trials": len(design.cells) * len(design.seeds),
+        "resolution": design.resolution, "response": study.responses.primary,
+        "resources.cpu": study.resources.cpu, "resources.gpu": study.resources.gpu,
+        "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "python": env["python"],
+    }  # fmt: skip
+    params.update({f"factor.{n}": ",".join(f.level_names()) for n, f in study.factors.items()})
+    params.update({f"version.{k}": v for k, v in env["packages"].items()})
+    return params
+
+
+def study_artifacts(design: Design) -> dict[str, str]:
+    """The study file as written, its validated form, and the design table."""
+    files = {
+        "study/spec.json": design.study.model_dump_json(indent=2),
+        "study/design.csv": design.table().to_csv(index=False),
+        "study/trials.csv": trials_frame(design).to_csv(index=False),
+    }
+    if design.source is not None:
+        files["study/" + design.source.name] = design.source.read_text()
+    return files
+
+
+def trials_frame(design: Design):
+    """One row per trial of the design: trial id, cell id, seed, config hash, factor levels."""
+    import pandas as pd
+
+    rows = [
+        {"trial_id": t.trial_id, "cell_id": t.cell.cell_id, "seed": t.seed, "config_hash": t.config_hash,
+         **{f: t.cell.levels.get(f, "") for f in design.study.factors}}
+        for t in design.trials
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def check_settings_unchanged(design: Design, runs: list) -> None:
+    """A finished trial is reused only if it ran the settings the study file asks for now."""
+    done = tracking.done_runs(runs)
+    changed = [
+        t for t in design.trials
+        if t.trial_id in done and done[t.trial_id].data.tags.get(TAG + "config_hash") != t.config_hash
+    ]  # fmt: skip
+    if changed:
+        message = (
+            f"{len(changed)} trial(s) already finished with other settings (e.g. {changed[0].cell.label} "
+            f"seed {changed[0].seed}): the study file changed since they ran. Use --fresh to start a new "
+            "parent run (earlier results stay in MLflow), or restore the file's settings"
+        )
+        raise StudyError([("fixed", message)], str(design.source) if design.source else None)
+
+
+def _absolute_paths(tree: dict) -> dict:
+    """Trials may run in another directory (or machine): give them absolute data and cache paths."""
+    from ablate.data import DataConfig, cache_root, source_kind
+
+    data = dict(tree.get("data", {}))
+    data["cache_dir"] = str(cache_root(DataConfig(**data)).resolve())
+    source = data.get("source")
+    if source is not None and source_kind(source) == "local" and not Path(source).expanduser().is_absolute():
+        data["source"] = str(Path(source).resolve())
+    return {**tree, "data": data}
+
+
+def trial_payload(trial: Trial, design: Design, store: StudyStore) -> dict[str, Any]:
+    """What one Tune trial receives: its identity, its run config, and where to log."""
+    track = design.study.tracking
+    return {
+        "trial_id": trial.trial_id, "cell_id": trial.cell.cell_id, "label": trial.cell.label,
+        "levels": trial.cell.levels, "seed": trial.seed, "config_hash": trial.config_hash,
+        "study": design.study.name, "tree": _absolute_paths(trial.tree),
+        "tracking": {"uri": store.uri, "experiment_id": store.experiment_id, "parent_run_id": store.parent_run_id,
+                     "system_metrics": track.system_metrics, "interval": track.system_metrics_interval,
+                     "flush_seconds": track.flush_seconds},
+    }  # fmt: skip
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Ray Tune trainable: one attempt at one trial, recorded in its own MLflow child run."""
+    from ray import tune
+
+    from ablate.train import train
+
+    payload = config["trial"]
+    cfg = from_dict(RunConfig, payload["tree"])
+    logger = _open_trial_run(payload, cfg)
+    try:
+        result = train(cfg, logger)
+    except Exception:
+        logger.finish("failed", {}, tags={TAG + "error": traceback.format_exc()})
+        raise
+    except BaseException:
+        logger.finish("interrupted", {})
+        raise
+    summary = {**tracking.final_metrics(result.summary), "steps": result.steps, "tokens": result.tokens}
+    tags = {}
+    if result.diverged_step is not None:
+        summary["diverged_step"] = result.diverged_step
+        tags[TAG + "diverged_step"] = str(result.diverged_step)
+    logger.finish(result.status, summary, step=result.steps, tags=tags)
+    val = result.val_loss if result.status == "finished" and result.val_loss is not None else math.nan
+    tune.report({"status": result.status, "val_loss": val, "diverged_step": result.diverged_step or -1})
+
+
+def _open_trial_run(payload: dict[str, Any], cfg: RunConfig) -> tracking.TrialLogger:
+    track = payload["tracking"]
+    tags = {
+        TAG + "trial_id": payload["trial_id"], TAG + "cell_id": payload["cell_id"], TAG + "cell": payload["label"],
+        TAG + "seed": str(payload["seed"]), TAG + "config_hash": payload["config_hash"],
+        TAG + "study": payload["study"], TAG + "device": _device_name(cfg), TAG + "host": os.uname().nodename,
+    }  # fmt: skip
+    client = tracking.MlflowClient(track["uri"])
+    name = f"{payload['label']} seed={payload['seed']}"
+    logger = tracking.TrialLogger.create(client, track["experiment_id"], track["parent_run_id"], name, tags)
+    logger.flush_seconds = track["flush_seconds"]
+    levels = {f"factor.{f}": level for f, level in payload["levels"].items()}
+    logger.log_params({**levels, "seed": payload["seed"], "trial_id": payload["trial_id"],
+                       "cell_id": payload["cell_id"], **to_flat_dict(cfg)})  # fmt: skip
+    if track["system_metrics"]:
+        logger.start_system_metrics(track["interval"])
+    return logger
+
+
+def _device_name(cfg: RunConfig) -> str:
+    import torch
+
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name(0)
+
+
+def _trial_key(trial) -> str:
+    return trial.config["trial"]["trial_id"]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+class Progress:
+    """Counts trials as Ray Tune reports them and renders one status panel (and a line per trial)."""
+
+    def __init__(self, total: int, skipped: int, console: Console):
+        self.total, self.skipped, self.console = total, skipped, console
+        self.running: set[str] = set()
+        self.counts = {"finished": 0, "diverged": 0, "failed": 0, "retries": 0}
+        self.results: dict[str, tuple[str, float]] = {}  # trial id -> (label, val_loss) of finished trials
+        self.started = time.monotonic()
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment state; not the console
+        return {k: v for k, v in self.__dict__.items() if k != "console"}
+
+    def start(self, trial) -> None:
+        self.running.add(_trial_key(trial))
+
+    def result(self, trial, result: dict) -> None:
+        payload, status = trial.config["trial"], result.get("status", "finished")
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if status == "finished":
+            self.results[payload["trial_id"]] = (
+                f"{payload['label']} seed={payload['seed']}",
+                result["val_loss"],
+            )
+        detail = (
+            f"val_loss {result['val_loss']:.4f}"
+            if status == "finished"
+            else f"at step {result['diverged_step']}"
+        )
+        self.console.print(f"  {status:<8} {payload['label']} seed={payload['seed']}  {detail}")
+
+    def end(self, trial, *, failed: bool = False, retry: bool = False) -> None:
+        self.running.discard(_trial_key(trial))
+        payload = trial.config["trial"]
+        if failed or retry:
+            self.counts["retries" if retry else "failed"] += 1
+            word = "retrying" if retry else "failed"
+            self.console.print(
+                f"  {word:<8} {payload['label']} seed={payload['seed']}  (error logged in MLflow)"
+            )
+
+    def done(self) -> int:
+        return self.counts["finished"] + self.counts["diverged"] + self.counts["failed"]
+
+    def eta(self) -> str:
+        done, elapsed = self.done(), time.monotonic() - self.started
+        if not done:
+            return "-"
+        return _duration(elapsed / done * (self.total - self.skipped - done))
+
+    def render(self):
+        from rich.text import Text
+
+        c, elapsed = self.counts, _duration(time.monotonic() - self.started)
+        lines = [
+            f"{self.done() + self.skipped}/{self.total} done | running {len(self.running)} | finished "
+            f"{c['finished']} | diverged {c['diverged']} | failed {c['failed']} | retries {c['retries']}",
+            f"elapsed {elapsed} | ETA {self.eta()}",
+        ]
+        if self.results:
+            ranked = sorted(self.results.values(), key=lambda item: item[1])
+            lines += [f"best  val_loss {ranked[0][1]:.4f}  {ranked[0][0]}",
+                      f"worst val_loss {ranked[-1][1]:.4f}  {ranked[-1][0]}"]  # fmt: skip
+        return Text("\n".join(lines))
+
+
+def progress_callback(progress: Progress):
+    """A Ray Tune callback that forwards trial events to `progress`."""
+    from ray import tune
+
+    class _Callback(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.start(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            progress.result(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.end(trial)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            progress.end(trial, retry=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            progress.end(trial, failed=True)
+
+    return _Callback()
+
+
+def run_study(design: Design, options: LaunchOptions, console: Console | None = None) -> RunSummary:
+    """Run every trial of the study that has no result yet; returns the study's status counts."""
+    console = console or Console()
+    started = time.monotonic()
+    store, parent, runs = open_study_store(design, options)
+    done = tracking.done_runs(runs)
+    todo = [t for t in design.trials if t.trial_id not in done]
+    skipped = len(design.trials) - len(todo)
+    console.print(f"[bold]{design.study.name}[/]: {len(design.trials)} trials, {skipped} already done, "
+                  f"{len(todo)} to run  (tracking: {store.uri})")  # fmt: skip
+    if todo:
+        started_ray = init_ray(options.ray_address)
+        try:
+            check_capacity(design)
+            start_parent(design, store, resume=parent is not None)
+            tracking.close_stale(store.client, runs)  # left running by a driver that was killed
+            prepare_data(todo, console)
+            run_tune(design, todo, store, options, Progress(len(design.trials), skipped, console))
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+        runs = tracking.child_runs(store.client, store.experiment_id, store.parent_run_id)
+        tracking.close_stale(
+            store.client, runs, "failed", "the trial's process ended without reporting a result"
+        )
+    summary = summarize(design, store, started, skipped)
+    if store.parent_run_id:
+        tracking.retrying(
+            store.client.set_terminated, store.parent_run_id, "FINISHED" if summary.ok else "FAILED"
+        )
+    print_summary(design, store, summary, console)
+    return summary
+
+
+def init_ray(address: str | None) -> bool:
+    """Join the cluster at `address`, or start a local Ray sized to this machine; True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    return True
+
+
+def check_capacity(design: Design) -> None:
+    """A trial must fit on the cluster, or Tune would wait for it forever."""
+    import ray
+
+    have, want = ray.cluster_resources(), design.study.resources
+    for kind, asked in (("CPU", want.cpu), ("GPU", want.gpu)):
+        if asked > have.get(kind, 0):
+            hint = "set resources.gpu: 0 to train on CPU" if kind == "GPU" else "lower resources.cpu"
+            raise StudyError(
+                [(f"resources.{kind.lower()}", f"each trial asks for {asked} {kind} but the Ray cluster has "
+                  f"{have.get(kind, 0):g}; {hint}, or join a larger cluster with --ray-address")],
+                str(design.source) if design.source else None,
+            )  # fmt: skip
+
+
+def prepare_data(trials: list[Trial], console: Console) -> None:
+    """Tokenise and pack each distinct data setting once, before any trial starts (trials hit the cache)."""
+    from ablate.data import prepare
+
+    seen = set()
+    for trial in trials:
+        cfg = from_dict(RunConfig, _absolute_paths(trial.tree))
+        key = (repr(cfg.data), cfg.model.context)
+        if key not in seen:
+            seen.add(key)
+            console.print(
+                f"preparing data: {cfg.data.source} ({cfg.data.tokenizer}, context {cfg.model.context})"
+            )
+            prepare(cfg.data, cfg.model.context)
+
+
+def run_tune(
+    design: Design, todo: list[Trial], store: StudyStore, options: LaunchOptions, progress: Progress
+) -> None:
+    """One Tune trial per pending (cell, seed): FIFO, fixed resources, bounded retries of failures."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from rich.live import Live
+
+    study = design.study
+    payloads = [trial_payload(t, design, store) for t in todo]
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"cpu": study.resources.cpu, "gpu": study.resources.gpu}),
+        param_space={"trial": tune.grid_search(payloads)},
+        tune_config=tune.TuneConfig(
+            scheduler=FIFOScheduler(), max_concurrent_trials=options.max_concurrent or study.max_concurrent,
+            reuse_actors=True, trial_name_creator=_trial_key, trial_dirname_creator=_trial_key,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(design.output_dir / "ray"),
+            failure_config=tune.FailureConfig(max_failures=study.retries), verbose=0,
+            callbacks=[progress_callback(progress)],
+        ),
+    )  # fmt: skip
+    quiet = logging.getLogger("ray.tune")  # trial errors are recorded in MLflow and summarised here
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        with Live(get_renderable=progress.render, console=progress.console, refresh_per_second=2):
+            tuner.fit()
+    finally:
+        quiet.setLevel(level)
+
+
+def summarize(design: Design, store: StudyStore, started: float, skipped: int) -> RunSummary:
+    """Status counts over the study's trials, from MLflow (the record), not from Tune."""
+    runs = (
+        tracking.child_runs(store.client, store.experiment_id, store.parent_run_id)
+        if store.parent_run_id
+        else []
+    )
+    chosen = tracking.results_runs(runs)
+    counts: dict[str, int] = {}
+    for trial in design.trials:
+        status = tracking.status_of(chosen[trial.trial_id]) if trial.trial_id in chosen else "missing"
+        counts[status] = counts.get(status, 0) + 1
+    return RunSummary(store.parent_run_id, counts, skipped, time.monotonic() - started)
+
+
+def print_summary(design: Design, store: StudyStore, summary: RunSummary, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{design.study.name}: {len(design.trials)} trials in {_duration(summary.elapsed_s)}")
+    table.add_column("status")
+    table.add_column("trials", justify="right")
+    for status in ("finished", "diverged", "failed", "missing"):
+        if summary.counts.get(status):
+            table.add_row(status, str(summary.counts[status]))
+    console.print(table)
+    console.print(f"tracking: {store.uri}  (parent run {summary.parent_run_id})")
+    if design.source is not None:
+        console.print(f"next: ablate ui {design.source}   |   ablate report {design.source}")

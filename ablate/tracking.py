@@ -1,0 +1,393 @@
+"""MLflow tracking of a study: one parent run per study, one child run per trial attempt.
+
+The parent run holds the study file, the design table, the code version and package versions. Each trial
+attempt opens a child run (tag `mlflow.parentRunId`) and logs through `TrialLogger`, which implements
+`ablate.logger.MetricLogger`: params (factor levels, seed, resolved config), tags (cell, trial, status,
+device), metric curves in batches, system metrics, and a final status: finished, diverged or failed.
+
+The trial's status tag is written in the same batch as its final metrics, so a run counts as done
+exactly when its results are complete. Writes are retried with backoff on transient store errors
+(a busy SQLite file), so many trials can share one `sqlite:///.../mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import resource
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+T = TypeVar("T")
+TAG = "ablate."
+DONE = ("finished", "diverged")  # results: never rerun
+MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 5000
+TRANSIENT = ("database is locked", "database table is locked", "busy", "OperationalError", "disk I/O error")
+
+
+def retrying(call: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
+    """Call `call`, retrying transient store errors (a locked SQLite file) with jittered backoff."""
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            if attempt == attempts - 1 or not any(word in str(err) for word in TRANSIENT):
+                raise
+            time.sleep(min(0.1 * 2**attempt, 5.0) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client for `uri`; a SQLite store is created (and switched to WAL journaling) on first use."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(uri)
+        retrying(client.search_experiments, max_results=1)  # creates the tables
+        with sqlite3.connect(path, timeout=30) as db:  # WAL: readers never block the writer
+            db.execute("PRAGMA journal_mode=WAL")
+        return client
+    return MlflowClient(uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None = None) -> str:
+    """The id of experiment `name`, created (artifacts under `artifact_root`, if local) when missing."""
+    found = retrying(client.get_experiment_by_name, name)
+    if found is not None:
+        return found.experiment_id
+    location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+    return retrying(client.create_experiment, name, artifact_location=location)
+
+
+def _text(value: Any, limit: int) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def param_text(value: Any) -> str:
+    """How a param value is stored: strings as they are, everything else as its Python str."""
+    return _text(value if isinstance(value, str) else str(value), MAX_PARAM_CHARS)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class TrialLogger:
+    """A MetricLogger that writes one MLflow child run; metrics are buffered and sent with log_batch."""
+
+    def __init__(
+        self, client: MlflowClient, run_id: str, *, flush_seconds: float = 5.0, max_buffer: int = 500
+    ):
+        self.client, self.run_id = client, run_id
+        self.flush_seconds, self.max_buffer = flush_seconds, max_buffer
+        self._params: dict[str, str] = {}
+        self._buffer: list[Metric] = []
+        self._lock = threading.Lock()
+        self._last_flush = time.monotonic()
+        self._sampler: SystemSampler | None = None
+
+    @classmethod
+    def create(
+        cls, client: MlflowClient, experiment_id: str, parent_run_id: str, name: str, tags: dict[str, str]
+    ) -> TrialLogger:
+        """Open a child run of `parent_run_id` with status 'running'."""
+        tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, TAG + "kind": "trial", TAG + "status": "running", **tags}
+        run = retrying(client.create_run, experiment_id, run_name=name, tags=tags)
+        return cls(client, run.info.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        fresh = []
+        for key, value in params.items():
+            text = param_text(value)
+            if self._params.get(key, text) != text:  # params are immutable: keep both values visible
+                key = f"{key}:2"
+            if key not in self._params:
+                self._params[key] = text
+                fresh.append(Param(key, text))
+        for start in range(0, len(fresh), 100):  # the store's limit per batch
+            retrying(self.client.log_batch, self.run_id, params=fresh[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = _now_ms()
+        with self._lock:
+            self._buffer += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+            due = (
+                len(self._buffer) >= self.max_buffer
+                or time.monotonic() - self._last_flush > self.flush_seconds
+            )
+        if due:
+            self.flush()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        batch = [RunTag(k, _text(v, MAX_TAG_CHARS)) for k, v in tags.items()]
+        retrying(self.client.log_batch, self.run_id, tags=batch)
+
+    def flush(self) -> None:
+        """Send everything buffered (in chunks the store accepts)."""
+        with self._lock:
+            pending, self._buffer = self._buffer, []
+            self._last_flush = time.monotonic()
+        for start in range(0, len(pending), 1000):
+            retrying(self.client.log_batch, self.run_id, metrics=pending[start : start + 1000])
+
+    def start_system_metrics(self, interval: float) -> None:
+        """Sample this process's CPU, memory and GPU memory every `interval` seconds into `system/...`."""
+        self._sampler = SystemSampler(self.log_metrics, interval)
+        self._sampler.start()
+
+    def finish(
+        self, status: str, summary: dict[str, float], *, step: int = 0, tags: dict | None = None
+    ) -> None:
+        """Write the final metrics and the status tag in one batch, then close the run."""
+        if self._sampler is not None:
+            self._sampler.stop()
+        self.flush()
+        now = _now_ms()
+        metrics = [Metric(f"final/{k}", float(v), now, step) for k, v in summary.items() if v is not None]
+        batch = [
+            RunTag(k, _text(v, MAX_TAG_CHARS)) for k, v in {**(tags or {}), TAG + "status": status}.items()
+        ]
+        retrying(self.client.log_batch, self.run_id, metrics=metrics, tags=batch)
+        end = {"failed": "FAILED", "interrupted": "KILLED"}.get(status, "FINISHED")
+        retrying(self.client.set_terminated, self.run_id, end)
+
+
+class SystemSampler(threading.Thread):
+    """A daemon thread reporting process CPU %, resident memory and (if in use) CUDA memory."""
+
+    def __init__(self, sink: Callable[[dict[str, float], int], None], interval: float):
+        super().__init__(daemon=True, name="ablate-system-metrics")
+        self.sink, self.interval = sink, interval
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        step, last_cpu, last_wall = 0, _cpu_seconds(), time.monotonic()
+        while not self._stop_event.wait(self.interval):
+            cpu, wall = _cpu_seconds(), time.monotonic()
+            sample = {"system/cpu_percent": 100.0 * (cpu - last_cpu) / max(wall - last_wall, 1e-9)}
+            sample.update(_memory_sample())
+            try:
+                self.sink(sample, step)
+            except Exception:  # monitoring never takes a trial down
+                return
+            step, last_cpu, last_wall = step + 1, cpu, wall
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _memory_sample() -> dict[str, float]:
+    try:
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, where /proc is missing
+    sample = {"system/rss_gb": rss / 2**30}
+    torch = __import__("sys").modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # never initialises CUDA itself
+        sample["system/gpu_mem_reserved_gb"] = torch.cuda.memory_reserved() / 2**30
+        sample["system/gpu_mem_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+    return sample
+
+
+def final_metrics(summary: dict[str, float]) -> dict[str, float]:
+    """A trial summary as response names: 'key_norm_mean/mean' -> 'key_norm_mean'; non-finite kept."""
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key.removesuffix("/mean")] = float(value) if math.isfinite(value) else float("nan")
+    return out
+
+
+def search(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    """Every run matching `filter_string` (all pages), oldest first."""
+    runs, token = [], None
+    while True:
+        page = retrying(
+            client.search_runs, [experiment_id], filter_string, max_results=1000,
+            order_by=["attributes.start_time ASC"], page_token=token,
+        )  # fmt: skip
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_parent(client: MlflowClient, experiment_id: str, study: str):
+    """The newest parent run of `study` in the experiment, or None."""
+    found = search(client, experiment_id, f"tags.`{TAG}kind` = 'parent' and tags.`{TAG}study` = '{study}'")
+    return found[-1] if found else None
+
+
+def create_parent(client: MlflowClient, experiment_id: str, study: str, params: dict[str, Any]) -> str:
+    """Open a new parent run for `study` and log its params; returns the run id."""
+    tags = {TAG + "kind": "parent", TAG + "study": study}
+    run = retrying(client.create_run, experiment_id, run_name=study, tags=tags)
+    batch = [Param(k, param_text(v)) for k, v in params.items()]
+    for start in range(0, len(batch), 100):
+        retrying(client.log_batch, run.info.run_id, params=batch[start : start + 100])
+    return run.info.run_id
+
+
+def log_artifacts(client: MlflowClient, run_id: str, files: dict[str, str | Path]) -> None:
+    """Log text (str values) or files (Path values) as artifacts at the given relative paths."""
+    for name, content in files.items():
+        if isinstance(content, Path):
+            folder = str(Path(name).parent) if str(Path(name).parent) != "." else None
+            retrying(client.log_artifact, run_id, str(content), folder)
+        else:
+            retrying(client.log_text, run_id, content, name)
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    return search(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def status_of(run) -> str:
+    return run.data.tags.get(TAG + "status", "running")
+
+
+def done_runs(runs: list) -> dict[str, Any]:
+    """trial id -> its finished or diverged run (the first one, should there ever be two)."""
+    done: dict[str, Any] = {}
+    for run in runs:
+        if status_of(run) in DONE:
+            done.setdefault(run.data.tags.get(TAG + "trial_id"), run)
+    return done
+
+
+def close_stale(client: MlflowClient, runs: list, status: str = "interrupted", error: str = "") -> int:
+    """Close child runs still marked 'running' whose process is gone (a killed driver or worker).
+
+    'interrupted' (the driver was stopped: not a result, rerun on resume) or 'failed' (the trial's
+    process died without reporting; recorded with `error`).
+    """
+    stale = [r for r in runs if status_of(r) == "running"]
+    for run in stale:
+        tags = [RunTag(TAG + "status", status)] + ([RunTag(TAG + "error", error)] if error else [])
+        retrying(client.log_batch, run.info.run_id, tags=tags)
+        retrying(client.set_terminated, run.info.run_id, "KILLED" if status == "interrupted" else "FAILED")
+    return len(stale)
+
+
+def results_runs(runs: list) -> dict[str, Any]:
+    """trial id -> the run that stands for it: its finished/diverged run, else its latest failed attempt."""
+    chosen = {}
+    for run in runs:  # oldest first, so a later failed attempt replaces an earlier one
+        if status_of(run) == "failed":
+            chosen[run.data.tags.get(TAG + "trial_id")] = run
+    return {**chosen, **done_runs(runs)}
+
+
+def trial_row(run, factors: list[str], responses: list[str]) -> dict[str, Any]:
+    """One row of the trials table from a trial's run."""
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    row: dict[str, Any] = {"trial_id": tags.get(TAG + "trial_id"), "cell_id": tags.get(TAG + "cell_id")}
+    row.update({f: params.get(f"factor.{f}", math.nan) for f in factors})
+    row["seed"] = int(params["seed"])
+    row["status"] = status_of(run)
+    row["diverged_step"] = metrics.get("final/diverged_step", math.nan)
+    row.update({r: metrics.get(f"final/{r}", math.nan) for r in responses})
+    vocab = params.get("derived.vocab_size")
+    row.update(vocab_size=int(vocab) if vocab else math.nan, run_id=run.info.run_id)
+    row["error"] = tags.get(TAG + "error", "")
+    return row
+
+
+def curve_rows(client: MlflowClient, run) -> list[dict[str, Any]]:
+    """Validation and training loss of one run by optimiser steps completed (and tokens seen).
+
+    The loop logs val/loss at step s before that step's update (s steps done) and train/loss at step s
+    after it (s + 1 steps done).
+    """
+    params, trial_id = run.data.params, run.data.tags.get(TAG + "trial_id")
+    tokens_per_step = int(params.get("train.batch_size", 0)) * int(params.get("model.context", 0))
+    points: dict[int, dict[str, Any]] = {}
+    for key, column, shift in (("val/loss", "val_loss", 0), ("train/loss", "train_loss", 1)):
+        for m in retrying(client.get_metric_history, run.info.run_id, key):
+            steps = m.step + shift
+            point = points.setdefault(
+                steps, {"trial_id": trial_id, "step": steps, "tokens": steps * tokens_per_step}
+            )
+            point[column] = m.value
+    return [points[s] for s in sorted(points)]
+
+
+def load_study_results(
+    uri: str, experiment: str, study: str, factors: list[str], responses: list[str],
+    *, parent_run_id: str | None = None, curves: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """The study's trials table (one row per trial with a result) and its long table of loss curves.
+
+    Trials: trial_id, cell_id, one column per factor (NaN where it does not apply), seed, status
+    (finished | diverged | failed), diverged_step, the responses, vocab_size, run_id, error.
+    Curves: trial_id, step, tokens, val_loss, train_loss (finished and diverged trials).
+    """
+    client = MlflowClient(uri)
+    found = retrying(client.get_experiment_by_name, experiment)
+    parent = None if found is None else find_parent(client, found.experiment_id, study)
+    if parent_run_id is None and parent is None:
+        raise LookupError(f"no runs of study {study!r} in experiment {experiment!r} at {uri}; run it first")
+    parent_id = parent_run_id or parent.info.run_id
+    chosen = list(results_runs(child_runs(client, found.experiment_id, parent_id)).values())
+    columns = ["trial_id", "cell_id", *factors, "seed", "status", "diverged_step", *responses]
+    trials = pd.DataFrame(
+        [trial_row(r, factors, responses) for r in chosen], columns=None if chosen else columns
+    )
+    done = [r for r in chosen if status_of(r) in DONE] if curves else []
+    rows = [row for run in done for row in curve_rows(client, run)]
+    curve_frame = pd.DataFrame(rows, columns=["trial_id", "step", "tokens", "val_loss", "train_loss"])
+    return trials.sort_values(["seed", "trial_id"]).reset_index(drop=True) if chosen else trials, curve_frame
+
+
+PACKAGES = ("ablate", "torch", "triton", "ray", "mlflow", "numpy", "pandas", "pydantic", "datasets", "tokenizers",
+            "scipy", "statsmodels")  # fmt: skip
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of the code that runs (and whether the tree had uncommitted changes), if known."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha or "unknown", "git_dirty": bool(dirty) if dirty is not None else None}
+
+
+def environment() -> dict[str, Any]:
+    """Code version, package versions, Python and host: logged with every study."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        **code_version(), "python": platform.python_version(), "platform": platform.platform(),
+        "host": platform.node(), "packages": versions,
+    }  # fmt: skip
