@@ -24,11 +24,13 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ABLATE_TRITON_AUTOTUNE=0 uses the first config of each list (fast compiles for tests).
 AUTOTUNE = os.environ.get("ABLATE_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+# forward key norms: "loop" computes ||k||^2 from each key tile in the loop; "pre" reads them from a
+# (B, H, N) float32 vector written by a small kernel first (the backward always precomputes them)
+PRE_NORM = os.environ.get("ABLATE_KEY_NORM", "loop") == "pre"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,17 +68,23 @@ def _keep(rows, cols, n_ctx, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, a2, b2, offs_m, offs_d, d_ok, lo, hi, n_ctx,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               EVEN_D: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn2_base, skn, svn, a2, b2, offs_m, offs_d, d_ok, lo, hi,
+               n_ctx, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PRE_NORM: tl.constexpr):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BN,)
         kT = _load(k_base + cols[None, :] * skn + offs_d[:, None], cols[None, :], n_ctx, d_ok[:, None],
                    MASKED, EVEN_D)  # (D, BN)  # fmt: skip
-        kf = kT.to(tl.float32)
-        key_bias = tl.sum(kf * kf, 0) * b2  # (BN,)  b*||k||^2 in base 2
-        s = tl.dot(q, kT, input_precision=PRECISION) * a2 - key_bias[None, :]  # (BM, BN)
+        if PRE_NORM:  # ||k||^2 computed once per key by _key_norms
+            if MASKED:
+                kn2 = tl.load(kn2_base + cols, mask=cols < n_ctx, other=0.0)
+            else:
+                kn2 = tl.load(kn2_base + cols)
+        else:  # ||k||^2 from the tile in registers
+            kf = kT.to(tl.float32)
+            kn2 = tl.sum(kf * kf, 0)
+        s = tl.dot(q, kT, input_precision=PRECISION) * a2 - (kn2 * b2)[None, :]  # (BM, BN), base 2
         if MASKED:
             s = tl.where(_keep(offs_m[:, None], cols[None, :], n_ctx, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -91,10 +99,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, a2, b2, offs_m, offs_
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, A, B, O, LSE,
+def _attn_fwd(Q, K, V, A, B, O, LSE, KN2,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, n_heads, n_ctx,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+              PRE_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # one program: a block of BLOCK_M queries, looping over key blocks. KN2 (B, H, N) when PRE_NORM.
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     off_b = (bh // n_heads).to(tl.int64)
@@ -118,15 +127,31 @@ def _attn_fwd(Q, K, V, A, B, O, LSE,
     else:  # full blocks, then the ragged tail (masked)
         lo = (n_ctx // BLOCK_N) * BLOCK_N
         hi = n_ctx
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, a2, b2, offs_m, offs_d, d_ok,
-                               0, lo, n_ctx, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION)  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, a2, b2, offs_m, offs_d, d_ok,
-                               lo, hi, n_ctx, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION)  # fmt: skip
+    kn2_base = KN2 + bh.to(tl.int64) * n_ctx
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn2_base, skn, svn, a2, b2, offs_m, offs_d,
+                               d_ok, 0, lo, n_ctx, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION, PRE_NORM)  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn2_base, skn, svn, a2, b2, offs_m, offs_d,
+                               d_ok, lo, hi, n_ctx, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION, PRE_NORM)  # fmt: skip
     acc = acc / l_i[:, None]
     row_ok = offs_m < n_ctx
     tl.store(LSE + bh.to(tl.int64) * n_ctx + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
     o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * son + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _key_norms(K, KN2, skb, skh, skn, n_heads, n_ctx,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # ||k_j||^2 in float32, (B, H, N)
+    bh = tl.program_id(1)
+    off_b = (bh // n_heads).to(tl.int64)
+    off_h = bh % n_heads
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (rows[:, None] < n_ctx) & (offs_d[None, :] < HEAD_DIM)
+    k_ptrs = K + off_b * skb + off_h * skh + rows[:, None] * skn + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(KN2 + bh.to(tl.int64) * n_ctx + rows, tl.sum(k * k, 1), mask=rows < n_ctx)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,11 +409,8 @@ _dq_kernel = _tuned(_attn_bwd_dq, "dq")
 
 
 # ----------------------------------------------------------------------------------------------------
-# launchers, registered as torch.library ops so torch.compile traces them without graph breaks
-
-
-def _launch(kernel):
-    return kernel if INTERPRET else wrap_triton(kernel)
+# launchers, registered as torch.library custom ops (with fake shapes and autograd) so that
+# torch.compile keeps them in the graph as opaque calls: no graph breaks, and autotuning runs as usual
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -402,22 +424,36 @@ def _dims(q: torch.Tensor) -> dict:
     return dict(HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), PRECISION=precision)
 
 
-@triton_op("ablate::rbf_attention_fwd", mutates_args=())
+@torch.library.custom_op("ablate::rbf_attention_fwd", mutates_args=())
 def _fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    causal: bool,
+    pre_norm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
+    dims = _dims(q)
     o = _alloc((B, H, N, D), q.dtype, q.device)
     lse = _alloc((B, H, N), torch.float32, q.device)  # base-2 log-sum-exp per row
+    kn2 = lse  # not read unless pre_norm
+    if pre_norm:
+        kn2 = _alloc((B, H, N), torch.float32, q.device)
+        block = 16 if INTERPRET else 64
+        _key_norms[(triton.cdiv(N, block), B * H)](
+            k, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block
+        )
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-    _launch(_fwd_kernel)[grid](
-        q, k, v, a, b, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], H, N,
-        CAUSAL=causal, **_dims(q),
+    _fwd_kernel[grid](
+        q, k, v, a, b, o, lse, kn2, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        H, N, CAUSAL=causal, PRE_NORM=pre_norm, **dims,
     )  # fmt: skip
     return o, lse
 
 
-@triton_op("ablate::rbf_attention_bwd", mutates_args=())
+@torch.library.custom_op("ablate::rbf_attention_bwd", mutates_args=())
 def _bwd_op(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -433,7 +469,7 @@ def _bwd_op(
     dims = _dims(q)
     delta, kn2 = (_alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # (B, H, N)
     block = 16 if INTERPRET else 64
-    _launch(_bwd_preprocess)[(triton.cdiv(N, block), B * H)](
+    _bwd_preprocess[(triton.cdiv(N, block), B * H)](
         o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N,
         HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block,
     )  # fmt: skip
@@ -441,16 +477,28 @@ def _bwd_op(
     da_rows, db_rows = (_alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # summed below
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], H, N)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)
-    _launch(_dkdv_kernel)[grid](
+    _dkdv_kernel[grid](
         q, k, v, a, b, do, lse, delta, kn2, dk, dv, da_rows, db_rows, *strides, CAUSAL=causal, **dims
     )
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-    _launch(_dq_kernel)[grid](q, k, v, a, b, do, lse, delta, kn2, dq, *strides, CAUSAL=causal, **dims)
+    _dq_kernel[grid](q, k, v, a, b, do, lse, delta, kn2, dq, *strides, CAUSAL=causal, **dims)
     return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))
 
 
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, a, b, causal, pre_norm):
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return o, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
+    grads = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return (*grads, torch.empty_like(a), torch.empty_like(b))
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, a, b, causal = inputs
+    q, k, v, a, b, causal, _ = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, a, b, o, lse)
     ctx.causal = causal
@@ -461,7 +509,7 @@ def _backward(ctx, do, _dlse):
     q, k, v, a, b, o, lse = ctx.saved_tensors
     do = do if do.stride(-1) == 1 else do.contiguous()
     dq, dk, dv, da, db = _bwd_op(do, q, k, v, a, b, o, lse, ctx.causal)
-    return dq, dk, dv, da, db, None
+    return dq, dk, dv, da, db, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -482,12 +530,16 @@ def triton_attention(
 ) -> torch.Tensor:
     """Fused softmax(a*q.k - b*||k||^2) v. q, k, v: (B, H, N, D), one of fp16/bf16/fp32, 16 <= D <= 256;
     a, b: (H,). Returns (B, H, N, D) in q's dtype; differentiable in q, k, v, a and b."""
+    return _attention(q, k, v, a, b, causal, PRE_NORM)
+
+
+def _attention(q, k, v, a, b, causal: bool, pre_norm: bool) -> torch.Tensor:
     reason = unsupported_reason(q, k, v, a, b)
     if reason:
         raise ValueError(f"triton attention: {reason}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     a32, b32 = a.float().contiguous(), b.float().contiguous()
-    o, _ = _fwd_op(q, k, v, a32, b32, causal)
+    o, _ = _fwd_op(q, k, v, a32, b32, causal, pre_norm)
     return o
 
 

@@ -159,6 +159,18 @@ def test_triton_interpreted(poisoned, dtype, N, D, causal):
 
 
 @interpreted_only
+@pytest.mark.parametrize(("N", "D", "causal"), [(17, 16, True), (45, 80, False)])
+def test_triton_interpreted_precomputed_key_norms(poisoned, N, D, causal):
+    from kernels.triton_attn import _attention
+
+    def pre_norm(q, k, v, a, b, *, causal):
+        return _attention(q, k, v, a, b, causal, pre_norm=True)
+
+    q, k, v, a, b, do = make_inputs(2, 2, N, D, torch.float32)
+    check_backend(pre_norm, q, k, v, a, b, do, causal=causal)
+
+
+@interpreted_only
 def test_triton_interpreted_strided_inputs_constant_coefficients(poisoned):
     B, H, N, D = 2, 3, 20, 16
     q, k, v, a, b, do = make_inputs(B, H, N, D, torch.float32, grad=False)
@@ -275,3 +287,18 @@ def test_measured_table_picks_the_nearest_row(monkeypatch):
 def test_shipped_table_names_real_backends():
     for row in dispatch.load_table():
         assert row["backend"] in kernels.BACKENDS
+
+
+@interpreted_only
+def test_triton_interpreted_under_torch_compile_without_graph_breaks():
+    q, k, v, a, b, _ = make_inputs(1, 2, 20, 16, torch.float32)
+
+    def loss(q, k, v, a, b):
+        return kernels.attention(q, k, v, a, b, causal=True, backend="triton").square().sum()
+
+    assert torch._dynamo.explain(loss)(q, k, v, a, b).graph_break_count == 0
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, a, b), (q, k, v, a, b))
+    eager = torch.autograd.grad(loss(q, k, v, a, b), (q, k, v, a, b))
+    for x, y in zip(got, eager, strict=True):
+        torch.testing.assert_close(x, y)

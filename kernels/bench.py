@@ -1,0 +1,264 @@
+"""Benchmark every attention backend against dot-product SDPA (flash and cuDNN) in one run.
+
+    python -m kernels.bench [--out DIR] [--write-table] [--shapes N,D ...] [--warm I/K]
+
+Causal, H = 16, B*N = 64k tokens, N in {1024, 4096, 16384}, D in {64, 128}, bf16 and fp16. For each
+backend: forward and backward median time (triton.testing.do_bench, L2 flushed between runs), TFLOP/s
+(causal: forward 2*B*H*N^2*D, backward 2.5x that) and the peak memory of one forward+backward above the
+inputs. rbf uses a = 2*gamma, b = gamma; penalty a = gamma, b = gamma/2; gamma = 1/sqrt(D). Then the
+O(N) memory check at N = 32768. --write-table stores the fastest rbf backend per shape in
+kernels/autotune_table.json, which the "auto" dispatcher reads. --warm I/K only runs shard I of K once
+(fills the compile caches from a parallel process, no timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import dispatch, triton_attn
+from kernels.flex import flex_attention_rbf
+from kernels.sdpa_aug import sdpa_aug_attention
+
+TOKENS, HEADS = 65536, 16
+LENGTHS, HEAD_DIMS, DTYPES = (1024, 4096, 16384), (64, 128), (torch.bfloat16, torch.float16)
+MEMORY_LENGTH = 32768
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    geometry: str  # sdpa | rbf | penalty
+    run: Callable[..., torch.Tensor]  # (q, k, v, a, b) -> out
+    registry: str | None = None  # the dispatcher backend this measures, if any
+
+
+def _sdpa(backend):
+    def run(q, k, v, a, b):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return run
+
+
+def _aug(backend):
+    return lambda q, k, v, a, b: sdpa_aug_attention(q, k, v, a, b, causal=True, backends=[backend])
+
+
+def _triton(pre_norm):
+    return lambda q, k, v, a, b: triton_attn._attention(q, k, v, a, b, True, pre_norm)
+
+
+CANDIDATES = [
+    Candidate("sdpa-flash", "sdpa", _sdpa(SDPBackend.FLASH_ATTENTION)),
+    Candidate("sdpa-cudnn", "sdpa", _sdpa(SDPBackend.CUDNN_ATTENTION)),
+    Candidate("triton", "rbf", _triton(False), "triton"),
+    Candidate("triton", "penalty", _triton(False)),
+    Candidate("triton-prenorm", "rbf", _triton(True)),
+    Candidate("flex", "rbf", lambda q, k, v, a, b: flex_attention_rbf(q, k, v, a, b, causal=True), "flex"),
+    Candidate("sdpa-aug-cudnn", "rbf", _aug(SDPBackend.CUDNN_ATTENTION), "sdpa-aug"),
+    Candidate("sdpa-aug-flash", "rbf", _aug(SDPBackend.FLASH_ATTENTION), "sdpa-aug"),
+]
+
+
+def _inputs(batch, n, d, dtype, geometry):
+    gen = torch.Generator(device="cuda").manual_seed(n * d)
+    q, k, v, do = (
+        torch.randn(batch, HEADS, n, d, device="cuda", dtype=dtype, generator=gen) for _ in range(4)
+    )  # fmt: skip
+    gamma = torch.full((HEADS,), d**-0.5, device="cuda")
+    a, b = {"sdpa": (gamma, 0 * gamma), "rbf": (2 * gamma, gamma), "penalty": (gamma, gamma / 2)}[geometry]
+    return [t.requires_grad_() for t in (q, k, v)], a, b, do
+
+
+def _peak_mib(cand, q, k, v, a, b, do) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    cand.run(q, k, v, a, b).backward(do)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for t in (q, k, v):
+        t.grad = None
+    return peak / 2**20
+
+
+def measure(cand: Candidate, batch: int, n: int, d: int, dtype: torch.dtype, timing: bool = True) -> dict:
+    """One backend at one shape: forward/backward median ms, TFLOP/s, peak MiB (or the error)."""
+    (q, k, v), a, b, do = _inputs(batch, n, d, dtype, cand.geometry)
+    row = dict(
+        backend=cand.name, geometry=cand.geometry, dtype=str(dtype)[6:], n_ctx=n, head_dim=d, batch=batch
+    )
+    try:
+        cand.run(q, k, v, a, b).backward(do)  # compile and autotune outside the timings
+        if timing:
+            fwd = triton.testing.do_bench(lambda: cand.run(q, k, v, a, b), return_mode="median")
+            out = cand.run(q, k, v, a, b)
+            backward = lambda: out.backward(do, retain_graph=True)  # noqa: E731
+            bwd = triton.testing.do_bench(backward, grad_to_none=[q, k, v], return_mode="median")
+            del out
+            flops = 2 * batch * HEADS * n * n * d  # causal forward, as in the issue
+            row.update(
+                fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=flops / fwd * 1e-9, bwd_tflops=2.5 * flops / bwd * 1e-9
+            )
+            row["peak_mib"] = _peak_mib(cand, q, k, v, a, b, do)
+    except Exception as err:  # a backend that cannot run a shape is a result, not a crash
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """(fwd+bwd) over dot-product SDPA flash and cuDNN at the same shape and dtype."""
+    total = lambda r: r["fwd_ms"] + r["bwd_ms"] if "fwd_ms" in r else math.nan  # noqa: E731
+    key = lambda r: (r["dtype"], r["n_ctx"], r["head_dim"])  # noqa: E731
+    base = {(key(r), r["backend"]): total(r) for r in rows if r["geometry"] == "sdpa"}
+    for r in rows:
+        r["x_flash"] = total(r) / base.get((key(r), "sdpa-flash"), math.nan)
+        r["x_cudnn"] = total(r) / base.get((key(r), "sdpa-cudnn"), math.nan)
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| dtype | N | D | backend | geometry | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s | peak MiB | x flash | x cuDNN |"
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['dtype']} | {r['n_ctx']} | {r['head_dim']} | {r['backend']} | {r['geometry']} | "
+                         f"{r['error'][:60]} |||||||")  # fmt: skip
+            continue
+        lines.append(
+            f"| {r['dtype']} | {r['n_ctx']} | {r['head_dim']} | {r['backend']} | {r['geometry']} | "
+            f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} | "
+            f"{r['peak_mib']:.0f} | {r['x_flash']:.3f} | {r['x_cudnn']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_check(d: int) -> list[dict]:
+    """Peak memory of one forward+backward at N = 32768 (bf16, causal); the reference is not run."""
+    n, batch = MEMORY_LENGTH, TOKENS // MEMORY_LENGTH
+    auto = Candidate("auto", "rbf", lambda q, k, v, a, b: dispatch.attention(q, k, v, a, b, causal=True))
+    (q, k, v), a, b, _ = _inputs(batch, n, d, torch.bfloat16, "rbf")
+    chosen = dispatch._choose_backend(q, k, v, a, b, True)
+    rows = []
+    for cand in [*(c for c in CANDIDATES if c.geometry in ("sdpa", "rbf")), auto]:
+        (q, k, v), a, b, do = _inputs(batch, n, d, torch.bfloat16, cand.geometry)
+        row = dict(backend=cand.name, geometry=cand.geometry, n_ctx=n, head_dim=d, batch=batch)
+        try:
+            row["peak_mib"] = _peak_mib(cand, q, k, v, a, b, do)
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+        if cand.name == "auto":
+            row["chosen"] = chosen
+        rows.append(row)
+    flash = next((r.get("peak_mib") for r in rows if r["backend"] == "sdpa-flash"), None)
+    for r in rows:
+        if flash and "peak_mib" in r:
+            r["x_flash_memory"] = r["peak_mib"] / flash
+    return rows
+
+
+def selection_table(rows: list[dict]) -> list[dict]:
+    """Fastest dispatcher backend per (dtype, N, D) for rbf; sdpa-aug counts with cuDNN when it ran."""
+    table = []
+    for key in dict.fromkeys((r["dtype"], r["n_ctx"], r["head_dim"]) for r in rows):
+        mine = [r for r in rows if (r["dtype"], r["n_ctx"], r["head_dim"]) == key and r["geometry"] == "rbf"]
+        timed = {}
+        for cand_name, registry in [(c.name, c.registry) for c in CANDIDATES if c.registry]:
+            r = next((r for r in mine if r["backend"] == cand_name and "fwd_ms" in r), None)
+            if r is not None and registry not in timed:
+                timed[registry] = r["fwd_ms"] + r["bwd_ms"]
+        if timed:
+            best = min(timed, key=timed.get)
+            table.append(
+                dict(dtype=key[0], n_ctx=key[1], head_dim=key[2], causal=True, backend=best, ms=timed)
+            )
+    return table
+
+
+def _shapes(args) -> list[tuple]:
+    shapes = [(dtype, n, d) for dtype in DTYPES for d in HEAD_DIMS for n in LENGTHS]
+    if args.shapes:
+        wanted = {tuple(int(x) for x in s.split(",")) for s in args.shapes}
+        shapes = [s for s in shapes if (s[1], s[2]) in wanted]
+    return shapes
+
+
+def _environment() -> dict:
+    return dict(
+        gpu=torch.cuda.get_device_name(),
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cudnn=torch.backends.cudnn.version(),
+        command="python -m kernels.bench " + " ".join(sys.argv[1:]),
+    )
+
+
+def _tuned_configs() -> list[str]:
+    found = []
+    for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
+        for key, config in getattr(triton_attn, name).cache.items():
+            found.append(f"{name} {key[:3]} -> {config}")
+    return found
+
+
+def warm(shard: int, shards: int, args) -> None:
+    jobs = [(c, s) for s in _shapes(args) for c in CANDIDATES][shard::shards]
+    for cand, (dtype, n, d) in jobs:
+        row = measure(cand, TOKENS // n, n, d, dtype, timing=False)
+        print("warm", cand.name, cand.geometry, str(dtype)[6:], n, d, row.get("error", "ok"), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, help="folder for bench.csv, bench.json, bench.md")
+    parser.add_argument("--write-table", action="store_true", help="update kernels/autotune_table.json")
+    parser.add_argument("--shapes", nargs="*", help="restrict to N,D pairs, e.g. 4096,64")
+    parser.add_argument("--warm", help="I/K: run shard I of K once without timing (fills compile caches)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the N = 32768 memory check")
+    args = parser.parse_args()
+    for knob in ("recompile_limit", "cache_size_limit"):  # one flex compile per shape
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
+    if args.warm:
+        warm(*map(int, args.warm.split("/")), args)
+        return
+    env, rows = _environment(), []
+    for dtype, n, d in _shapes(args):
+        for cand in CANDIDATES:
+            rows.append(measure(cand, TOKENS // n, n, d, dtype))
+            print(json.dumps(rows[-1]), flush=True)
+    add_ratios(rows)
+    memory = [] if args.no_memory else [r for d in HEAD_DIMS for r in memory_check(d)]
+    table = selection_table(rows)
+    report = dict(environment=env, rows=rows, memory=memory, selection=table, tuned=_tuned_configs())
+    text = "\n".join([f"{env}", "", markdown(rows), "", *map(json.dumps, memory), "", *report["tuned"]])
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(report, indent=1))
+        (args.out / "bench.md").write_text(text + "\n")
+        with open(args.out / "bench.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.write_table:
+        dispatch.TABLE_PATH.write_text(json.dumps(dict(environment=env, rows=table), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
