@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 import kernels
 from model.config import GPTConfig
+from model.loss import linear_cross_entropy
 from model.positions import make_position
 from model.schedules import Temperature
 
@@ -92,20 +93,18 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, loss_chunks: int = 1):
         """Logits (B, T, V) without targets; the mean token cross-entropy with them.
 
-        loss_chunks > 1 computes the loss over chunks of tokens so the full (B*T, V) logits are never
-        held at once (same value, less memory).
+        loss_chunks > 1 fuses the LM head with the loss over that many token chunks, so the full
+        (B*T, V) logits are never held at once (same value, far less memory traffic).
         """
         h = self.hidden(idx)
         if targets is None:
             return self.head(h)
         h, targets = h.flatten(0, 1), targets.flatten()
         if loss_chunks <= 1:
-            return F.cross_entropy(self.head(h).float(), targets)
-        total = sum(
-            F.cross_entropy(self.head(hc).float(), tc, reduction="sum")
-            for hc, tc in zip(h.chunk(loss_chunks), targets.chunk(loss_chunks), strict=True)
-        )
-        return total / targets.numel()
+            logits = self.head(h)
+            return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
+        chunk = -(-h.shape[0] // loss_chunks)
+        return linear_cross_entropy(h, self.head.weight, self.head.bias, targets, chunk)
 
     def set_step(self, step: int) -> None:
         """Advance gamma/lambda schedules to a training step."""

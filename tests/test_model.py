@@ -252,3 +252,20 @@ def test_param_count_and_flops():
     n = model.num_params()
     assert 28e6 < n < 30e6  # the published seed model: about 28.9M parameters
     assert model.flops_per_token() > 6 * (n - 50257 * 256)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_chunked_loss_matches_plain_loss_and_gradients(bias):
+    torch.manual_seed(6)
+    idx = torch.randint(0, 37, (3, 12))
+    grads = []
+    for chunks in (1, 5):
+        torch.manual_seed(7)
+        model = GPT(tiny(bias=bias, registers=1)).double()
+        loss = model(idx, idx.roll(1, dims=1), loss_chunks=chunks)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (fused, fused_grads) = grads
+    assert torch.allclose(plain, fused, atol=1e-12, rtol=0)
+    for a, b in zip(plain_grads, fused_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
