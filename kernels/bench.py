@@ -215,7 +215,8 @@ def _tuned_configs() -> list[str]:
 
 
 def warm(shard: int, shards: int, args) -> None:
-    jobs = [(c, s) for s in _shapes(args) for c in CANDIDATES][shard::shards]
+    memory = [(torch.bfloat16, MEMORY_LENGTH, d) for d in HEAD_DIMS]
+    jobs = [(c, s) for s in [*memory, *_shapes(args)] for c in CANDIDATES][shard::shards]
     for cand, (dtype, n, d) in jobs:
         row = measure(cand, TOKENS // n, n, d, dtype, timing=False)
         print("warm", cand.name, cand.geometry, str(dtype)[6:], n, d, row.get("error", "ok"), flush=True)
@@ -238,12 +239,13 @@ def main() -> None:
         warm(*map(int, args.warm.split("/")), args)
         return
     env, rows = _environment(), []
+    memory = [] if args.no_memory else [r for d in HEAD_DIMS for r in memory_check(d)]
+    print(*map(json.dumps, memory), sep="\n", flush=True)
     for dtype, n, d in _shapes(args):
         for cand in CANDIDATES:
             rows.append(measure(cand, TOKENS // n, n, d, dtype))
             print(json.dumps(rows[-1]), flush=True)
     add_ratios(rows)
-    memory = [] if args.no_memory else [r for d in HEAD_DIMS for r in memory_check(d)]
     table = selection_table(rows)
     report = dict(environment=env, rows=rows, memory=memory, selection=table, tuned=_tuned_configs())
     text = "\n".join([f"{env}", "", markdown(rows), "", *map(json.dumps, memory), "", *report["tuned"]])
