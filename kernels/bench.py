@@ -156,6 +156,7 @@ def memory_check(d: int) -> list[dict]:
         (q, k, v), a, b, do = _inputs(batch, n, d, torch.bfloat16, cand.geometry)
         row = dict(backend=cand.name, geometry=cand.geometry, n_ctx=n, head_dim=d, batch=batch)
         try:
+            _peak_mib(cand, q, k, v, a, b, do)  # compile and autotune first: do_bench allocates
             row["peak_mib"] = _peak_mib(cand, q, k, v, a, b, do)
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
