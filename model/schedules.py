@@ -42,15 +42,19 @@ class ScheduledScalar(nn.Module):
             self.log_value = nn.Parameter(init.log().float())
         else:
             self.register_buffer("value", init.clone(), persistent=False)
+            self._current = base
             self.set_step(0)
 
     def set_step(self, step: int) -> None:
-        if self.schedule != "learnable":
-            v = scheduled_value(
-                self.schedule, self.base, step, warmup_steps=self.warmup_steps, start_frac=self.start_frac
-            )
+        if self.schedule in ("constant", "learnable"):
+            return  # nothing moves: no device work in the training step
+        v = scheduled_value(
+            self.schedule, self.base, step, warmup_steps=self.warmup_steps, start_frac=self.start_frac
+        )
+        if v != self._current:
             with torch.no_grad():
                 self.value.fill_(v)
+            self._current = v
 
     def forward(self) -> torch.Tensor:  # (H,)
         return self.log_value.exp() if self.schedule == "learnable" else self.value
