@@ -8,6 +8,7 @@ when a cell is empty or there is no replication, higher orders are pooled into t
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import statsmodels.formula.api as smf
 from statsmodels.stats.anova import anova_lm
+from statsmodels.tools.sm_exceptions import SingularMatrixWarning
 
 from ablate.analysis.cells import seeds_are_blocks
 from ablate.analysis.power import minimum_detectable_effect
@@ -97,7 +99,9 @@ def _largest_estimable_model(coded: pd.DataFrame, n_factors: int, use_block: boo
             for combo in itertools.combinations(range(n_factors), size)
         ]
         formula = "y ~ " + " + ".join(terms) + (" + C(block, Sum)" if use_block else "")
-        model = smf.ols(formula, coded).fit()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SingularMatrixWarning)  # rank is checked just below
+            model = smf.ols(formula, coded).fit()
         if model.model.rank == model.model.exog.shape[1] and model.df_resid >= 1:
             return model, order
     raise ValueError("no estimable model: too few usable trials for the factors given")

@@ -1,0 +1,103 @@
+"""Effects in nats with seed-bootstrap CIs: planted effects recovered, coverage near 95%, clusters kept."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from ablate.analysis import analyze
+from ablate.analysis.bootstrap import interval, seed_weights, tail_probability
+from ablate.analysis.cells import CellTable
+from ablate.analysis.effects import main_effects
+from ablate.analysis.simulate import PlantedStudy, simulate_trials
+
+PLANTED = PlantedStudy(
+    levels={"a": ("x", "y"), "b": ("p", "q", "r")},
+    main_effects={"a": {"y": -0.02}, "b": {"q": 0.01, "r": -0.005}},
+    interactions={("a", "b"): {("y", "q"): 0.03}},
+    noise_sd=0.01,
+    seed_sd=0.01,
+)
+REFERENCE = {"a": "x", "b": "p"}
+
+
+def true_effects(study: PlantedStudy) -> pd.DataFrame:
+    """Marginal-mean differences vs the reference and deviations from the grand mean, from true cells."""
+    cells = study.design().cells()
+    cells["mean"] = [study.cell_mean(cell) for cell in cells.to_dict("records")]
+    rows = []
+    for factor, reference in REFERENCE.items():
+        marginal = cells.groupby(factor, sort=False)["mean"].mean()
+        for level, value in marginal.items():
+            rows.append(
+                {
+                    "factor": factor,
+                    "level": level,
+                    "true_effect": value - cells["mean"].mean(),
+                    "true_diff": value - marginal[reference],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def covered(effects: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    joined = effects.merge(truth, on=["factor", "level"])
+    joined["effect_covered"] = joined["effect_ci_low"].le(joined["true_effect"]) & joined[
+        "effect_ci_high"
+    ].ge(joined["true_effect"])
+    joined["diff_covered"] = joined["diff_vs_reference_ci_low"].le(joined["true_diff"]) & joined[
+        "diff_vs_reference_ci_high"
+    ].ge(joined["true_diff"])
+    return joined
+
+
+def test_planted_effects_are_recovered_within_their_intervals():
+    trials = simulate_trials(PLANTED, n_seeds=10, rng=np.random.default_rng(4))
+    analysis = analyze(trials, ["a", "b"], "val_loss", n_boot=1000)
+    joined = covered(analysis.primary.effects, true_effects(PLANTED))
+    assert len(joined) == 5
+    assert joined["effect_covered"].all()
+    changed = joined[joined["level"] != joined["reference"]]
+    assert changed["diff_covered"].all()
+    significant = analysis.primary.anova.set_index("term")["significant"]
+    assert significant.to_dict() == {"a": True, "b": True, "a:b": True}
+
+
+def test_intervals_cover_the_truth_near_ninety_five_percent():
+    n_studies, n_seeds = 200, 8
+    rng = np.random.default_rng(8)
+    cells = PLANTED.design().cells()
+    truth = true_effects(PLANTED)
+    hits = []
+    for _ in range(n_studies):
+        trials = simulate_trials(PLANTED, n_seeds, rng)
+        table = CellTable(trials, ["a", "b"], "val_loss", cells, np.arange(n_seeds))
+        effects = main_effects(table, ["a", "b"], REFERENCE, seed_weights(n_seeds, 400, rng))
+        hits.append(covered(effects, truth)[["effect_covered", "diff_covered"]].to_numpy())
+    rates = np.mean(hits, axis=0)
+    low, high = stats.binom.interval(0.999, n_studies, 0.95)
+    effect_rates = rates[:, 0]
+    diff_rates = rates[truth["true_diff"].to_numpy() != 0, 1]
+    assert np.all((effect_rates >= low / n_studies) & (effect_rates <= high / n_studies)), rates
+    assert np.all((diff_rates >= low / n_studies) & (diff_rates <= high / n_studies)), rates
+
+
+def test_bootstrap_resamples_whole_seeds():
+    # Huge seed offsets shared by every trial of a seed cancel within a seed; resampling trials
+    # one by one would not cancel them and would give intervals as wide as the offsets.
+    study = PlantedStudy(
+        levels={"a": ("x", "y")}, main_effects={"a": {"y": -0.05}}, noise_sd=0.001, seed_sd=1.0
+    )
+    trials = simulate_trials(study, n_seeds=8, rng=np.random.default_rng(0))
+    effects = analyze(trials, ["a"], "val_loss", n_boot=500).primary.effects.set_index("level")
+    width = effects.loc["y", "diff_vs_reference_ci_high"] - effects.loc["y", "diff_vs_reference_ci_low"]
+    assert width < 0.01
+    assert effects.loc["y", "mean_ci_high"] - effects.loc["y", "mean_ci_low"] > 0.5
+
+
+def test_expanded_interval_widens_with_few_seeds_and_needs_two():
+    assert tail_probability(3) < tail_probability(10) < 0.05
+    draws = np.random.default_rng(0).normal(size=(4000, 1))
+    low, high = interval(draws, n_clusters=1000)
+    assert low[0] == pytest.approx(-1.96, abs=0.1) and high[0] == pytest.approx(1.96, abs=0.1)
+    assert np.isnan(interval(draws, n_clusters=1)[0]).all()
