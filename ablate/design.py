@@ -202,8 +202,11 @@ def fractional_cells(study: Study, source: str | None = None) -> tuple[list[Cell
         for n, f in study.factors.items()
         if len(f.level_names()) != 2
     ]
-    problems += [(f"factors.{n}.when", "`when` conditions need `design: {type: full}`") for n, f in
-                 study.factors.items() if f.when]  # fmt: skip
+    problems += [
+        (f"factors.{n}.when", "`when` conditions need `design: {type: full}`")
+        for n, f in study.factors.items()
+        if f.when
+    ]
     if problems:
         raise StudyError(problems, source)
     generators = [_parse_generator(text, names, i, source) for i, text in enumerate(study.design.generators)]
@@ -211,8 +214,16 @@ def fractional_cells(study: Study, source: str | None = None) -> tuple[list[Cell
     base = [n for n in names if n not in generated]
     for i, (target, word, _) in enumerate(generators):
         if not word <= set(base):
-            raise StudyError([(f"design.generators[{i}]", f"{target} may only be built from base factors "
-                               f"({', '.join(base)}), not from other generated factors")], source)  # fmt: skip
+            raise StudyError(
+                [
+                    (
+                        f"design.generators[{i}]",
+                        f"{target} may only be built from base factors "
+                        f"({', '.join(base)}), not from other generated factors",
+                    )
+                ],
+                source,
+            )
     words = _defining_words([frozenset({t}) | w for t, w, _ in generators])
     _check_resolution(study, words, source)
     cells = []
@@ -280,5 +291,49 @@ def _check_resolution(study: Study, words: list[frozenset[str]], source: str | N
         )
     if stated is not None and stated != resolution:
         found = ROMAN.get(resolution, str(resolution))
-        raise StudyError([("design.resolution", f"the generators give resolution {found} ({resolution}), "
-                           f"not {stated}; shortest word: {'*'.join(sorted(words[0]))}")], source)  # fmt: skip
+        raise StudyError(
+            [
+                (
+                    "design.resolution",
+                    f"the generators give resolution {found} ({resolution}), "
+                    f"not {stated}; shortest word: {'*'.join(sorted(words[0]))}",
+                )
+            ],
+            source,
+        )
+
+
+def trial_count_where(design: Design, factors: tuple[str, ...]) -> int:
+    """Trials in which every factor of `factors` applies (conditional factors apply to a subset)."""
+    return sum(1 for c in design.cells if all(f in c.levels for f in factors)) * len(design.seeds)
+
+
+def detectable_effects(design: Design, seed_sd: float, order: int = 2) -> list[dict[str, Any]]:
+    """Minimum detectable effect (80% power, alpha 0.05) of each main effect and two-factor interaction.
+
+    Assumes the full-interaction model with seeds as blocks (residual df = (cells - 1)(seeds - 1)) and
+    a residual (seed-to-seed) standard deviation `seed_sd` in the response's units.
+    """
+    from ablate.analysis.power import minimum_detectable_effect
+
+    names = list(design.study.factors)
+    df_resid = (len(design.cells) - 1) * (len(design.seeds) - 1)
+    rows = []
+    for size in range(1, order + 1):
+        for term in itertools.combinations(names, size):
+            if any(ref in term for f in term for ref in design.study.factors[f].condition()):
+                continue  # a nested factor has no interaction with the factor it is nested in
+            counts = [len(design.study.factors[f].level_names()) for f in term]
+            df_num = _product(c - 1 for c in counts)
+            n = trial_count_where(design, term)
+            mde, meaning = (
+                minimum_detectable_effect(counts, df_num, df_resid, n, seed_sd**2) if n else (0.0, "")
+            )
+            rows.append({"term": "*".join(term), "df": df_num, "trials": n, "mde": mde, "meaning": meaning})
+    return rows
+
+
+def trial_hours(design: Design, tokens_per_s: float) -> list[float]:
+    """Hours each trial takes at `tokens_per_s` (its token budget from its resolved config)."""
+    budgets = [from_dict(RunConfig, t.tree).train.tokens for t in design.trials]
+    return [tokens / tokens_per_s / 3600 for tokens in budgets]

@@ -103,12 +103,19 @@ def parent_params(design: Design) -> dict[str, Any]:
     """What the parent run records as params: the design in brief, code and package versions."""
     study, env = design.study, tracking.environment()
     params = {
-        "study": study.name, "design": study.design.type, "cells": len(design.cells),
-        "seeds": ",".join(map(str, design.seeds)), "trials": len(design.cells) * len(design.seeds),
-        "resolution": design.resolution, "response": study.responses.primary,
-        "resources.cpu": study.resources.cpu, "resources.gpu": study.resources.gpu,
-        "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "python": env["python"],
-    }  # fmt: skip
+        "study": study.name,
+        "design": study.design.type,
+        "cells": len(design.cells),
+        "seeds": ",".join(map(str, design.seeds)),
+        "trials": len(design.cells) * len(design.seeds),
+        "resolution": design.resolution,
+        "response": study.responses.primary,
+        "resources.cpu": study.resources.cpu,
+        "resources.gpu": study.resources.gpu,
+        "git_sha": env["git_sha"],
+        "git_dirty": env["git_dirty"],
+        "python": env["python"],
+    }
     params.update({f"factor.{n}": ",".join(f.level_names()) for n, f in study.factors.items()})
     params.update({f"version.{k}": v for k, v in env["packages"].items()})
     return params
@@ -131,10 +138,15 @@ def trials_frame(design: Design):
     import pandas as pd
 
     rows = [
-        {"trial_id": t.trial_id, "cell_id": t.cell.cell_id, "seed": t.seed, "config_hash": t.config_hash,
-         **{f: t.cell.levels.get(f, "") for f in design.study.factors}}
+        {
+            "trial_id": t.trial_id,
+            "cell_id": t.cell.cell_id,
+            "seed": t.seed,
+            "config_hash": t.config_hash,
+            **{f: t.cell.levels.get(f, "") for f in design.study.factors},
+        }
         for t in design.trials
-    ]  # fmt: skip
+    ]
     return pd.DataFrame(rows)
 
 
@@ -142,9 +154,10 @@ def check_settings_unchanged(design: Design, runs: list) -> None:
     """A finished trial is reused only if it ran the settings the study file asks for now."""
     done = tracking.done_runs(runs)
     changed = [
-        t for t in design.trials
+        t
+        for t in design.trials
         if t.trial_id in done and done[t.trial_id].data.tags.get(TAG + "config_hash") != t.config_hash
-    ]  # fmt: skip
+    ]
     if changed:
         message = (
             f"{len(changed)} trial(s) already finished with other settings (e.g. {changed[0].cell.label} "
@@ -170,13 +183,23 @@ def trial_payload(trial: Trial, design: Design, store: StudyStore) -> dict[str, 
     """What one Tune trial receives: its identity, its run config, and where to log."""
     track = design.study.tracking
     return {
-        "trial_id": trial.trial_id, "cell_id": trial.cell.cell_id, "label": trial.cell.label,
-        "levels": trial.cell.levels, "seed": trial.seed, "config_hash": trial.config_hash,
-        "study": design.study.name, "tree": _absolute_paths(trial.tree),
-        "tracking": {"uri": store.uri, "experiment_id": store.experiment_id, "parent_run_id": store.parent_run_id,
-                     "system_metrics": track.system_metrics, "interval": track.system_metrics_interval,
-                     "flush_seconds": track.flush_seconds},
-    }  # fmt: skip
+        "trial_id": trial.trial_id,
+        "cell_id": trial.cell.cell_id,
+        "label": trial.cell.label,
+        "levels": trial.cell.levels,
+        "seed": trial.seed,
+        "config_hash": trial.config_hash,
+        "study": design.study.name,
+        "tree": _absolute_paths(trial.tree),
+        "tracking": {
+            "uri": store.uri,
+            "experiment_id": store.experiment_id,
+            "parent_run_id": store.parent_run_id,
+            "system_metrics": track.system_metrics,
+            "interval": track.system_metrics_interval,
+            "flush_seconds": track.flush_seconds,
+        },
+    }
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -209,17 +232,29 @@ def run_trial(config: dict[str, Any]) -> None:
 def _open_trial_run(payload: dict[str, Any], cfg: RunConfig) -> tracking.TrialLogger:
     track = payload["tracking"]
     tags = {
-        TAG + "trial_id": payload["trial_id"], TAG + "cell_id": payload["cell_id"], TAG + "cell": payload["label"],
-        TAG + "seed": str(payload["seed"]), TAG + "config_hash": payload["config_hash"],
-        TAG + "study": payload["study"], TAG + "device": _device_name(cfg), TAG + "host": os.uname().nodename,
-    }  # fmt: skip
+        TAG + "trial_id": payload["trial_id"],
+        TAG + "cell_id": payload["cell_id"],
+        TAG + "cell": payload["label"],
+        TAG + "seed": str(payload["seed"]),
+        TAG + "config_hash": payload["config_hash"],
+        TAG + "study": payload["study"],
+        TAG + "device": _device_name(cfg),
+        TAG + "host": os.uname().nodename,
+    }
     client = tracking.MlflowClient(track["uri"])
     name = f"{payload['label']} seed={payload['seed']}"
     logger = tracking.TrialLogger.create(client, track["experiment_id"], track["parent_run_id"], name, tags)
     logger.flush_seconds = track["flush_seconds"]
     levels = {f"factor.{f}": level for f, level in payload["levels"].items()}
-    logger.log_params({**levels, "seed": payload["seed"], "trial_id": payload["trial_id"],
-                       "cell_id": payload["cell_id"], **to_flat_dict(cfg)})  # fmt: skip
+    logger.log_params(
+        {
+            **levels,
+            "seed": payload["seed"],
+            "trial_id": payload["trial_id"],
+            "cell_id": payload["cell_id"],
+            **to_flat_dict(cfg),
+        }
+    )
     if track["system_metrics"]:
         logger.start_system_metrics(track["interval"])
     return logger
@@ -307,8 +342,10 @@ class Progress:
         ]
         if self.results:
             ranked = sorted(self.results.values(), key=lambda item: item[1])
-            lines += [f"best  val_loss {ranked[0][1]:.4f}  {ranked[0][0]}",
-                      f"worst val_loss {ranked[-1][1]:.4f}  {ranked[-1][0]}"]  # fmt: skip
+            lines += [
+                f"best  val_loss {ranked[0][1]:.4f}  {ranked[0][0]}",
+                f"worst val_loss {ranked[-1][1]:.4f}  {ranked[-1][0]}",
+            ]
         return Text("\n".join(lines))
 
 
@@ -343,8 +380,10 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
     done = tracking.done_runs(runs)
     todo = [t for t in design.trials if t.trial_id not in done]
     skipped = len(design.trials) - len(todo)
-    console.print(f"[bold]{design.study.name}[/]: {len(design.trials)} trials, {skipped} already done, "
-                  f"{len(todo)} to run  (tracking: {store.uri})")  # fmt: skip
+    console.print(
+        f"[bold]{design.study.name}[/]: {len(design.trials)} trials, {skipped} already done, "
+        f"{len(todo)} to run  (tracking: {store.uri})"
+    )
     if todo:
         started_ray = init_ray(options.ray_address)
         try:
@@ -392,10 +431,15 @@ def check_capacity(design: Design) -> None:
         if asked > have.get(kind, 0):
             hint = "set resources.gpu: 0 to train on CPU" if kind == "GPU" else "lower resources.cpu"
             raise StudyError(
-                [(f"resources.{kind.lower()}", f"each trial asks for {asked} {kind} but the Ray cluster has "
-                  f"{have.get(kind, 0):g}; {hint}, or join a larger cluster with --ray-address")],
+                [
+                    (
+                        f"resources.{kind.lower()}",
+                        f"each trial asks for {asked} {kind} but the Ray cluster has "
+                        f"{have.get(kind, 0):g}; {hint}, or join a larger cluster with --ray-address",
+                    )
+                ],
                 str(design.source) if design.source else None,
-            )  # fmt: skip
+            )
 
 
 def prepare_data(trials: list[Trial], console: Console) -> None:
@@ -428,15 +472,20 @@ def run_tune(
         tune.with_resources(run_trial, {"cpu": study.resources.cpu, "gpu": study.resources.gpu}),
         param_space={"trial": tune.grid_search(payloads)},
         tune_config=tune.TuneConfig(
-            scheduler=FIFOScheduler(), max_concurrent_trials=options.max_concurrent or study.max_concurrent,
-            reuse_actors=True, trial_name_creator=_trial_key, trial_dirname_creator=_trial_key,
+            scheduler=FIFOScheduler(),
+            max_concurrent_trials=options.max_concurrent or study.max_concurrent,
+            reuse_actors=True,
+            trial_name_creator=_trial_key,
+            trial_dirname_creator=_trial_key,
         ),
         run_config=tune.RunConfig(
-            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(design.output_dir / "ray"),
-            failure_config=tune.FailureConfig(max_failures=study.retries), verbose=0,
+            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(design.output_dir / "ray"),
+            failure_config=tune.FailureConfig(max_failures=study.retries),
+            verbose=0,
             callbacks=[progress_callback(progress)],
         ),
-    )  # fmt: skip
+    )
     quiet = logging.getLogger("ray.tune")  # trial errors are recorded in MLflow and summarised here
     level, quiet.level = quiet.level, logging.CRITICAL
     try:

@@ -223,9 +223,13 @@ def search(client: MlflowClient, experiment_id: str, filter_string: str) -> list
     runs, token = [], None
     while True:
         page = retrying(
-            client.search_runs, [experiment_id], filter_string, max_results=1000,
-            order_by=["attributes.start_time ASC"], page_token=token,
-        )  # fmt: skip
+            client.search_runs,
+            [experiment_id],
+            filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
         runs += list(page)
         token = page.token
         if not token:
@@ -333,9 +337,15 @@ def curve_rows(client: MlflowClient, run) -> list[dict[str, Any]]:
 
 
 def load_study_results(
-    uri: str, experiment: str, study: str, factors: list[str], responses: list[str],
-    *, parent_run_id: str | None = None, curves: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    uri: str,
+    experiment: str,
+    study: str,
+    factors: list[str],
+    responses: list[str],
+    *,
+    parent_run_id: str | None = None,
+    curves: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The study's trials table (one row per trial with a result) and its long table of loss curves.
 
     Trials: trial_id, cell_id, one column per factor (NaN where it does not apply), seed, status
@@ -359,8 +369,20 @@ def load_study_results(
     return trials.sort_values(["seed", "trial_id"]).reset_index(drop=True) if chosen else trials, curve_frame
 
 
-PACKAGES = ("ablate", "torch", "triton", "ray", "mlflow", "numpy", "pandas", "pydantic", "datasets", "tokenizers",
-            "scipy", "statsmodels")  # fmt: skip
+PACKAGES = (
+    "ablate",
+    "torch",
+    "triton",
+    "ray",
+    "mlflow",
+    "numpy",
+    "pandas",
+    "pydantic",
+    "datasets",
+    "tokenizers",
+    "scipy",
+    "statsmodels",
+)
 
 
 def code_version() -> dict[str, Any]:
@@ -388,6 +410,9 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {
-        **code_version(), "python": platform.python_version(), "platform": platform.platform(),
-        "host": platform.node(), "packages": versions,
-    }  # fmt: skip
+        **code_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "packages": versions,
+    }

@@ -1,0 +1,362 @@
+"""The `ablate` command line: validate, plan, run and browse studies; train one config; analyse results.
+
+User mistakes (a bad study file, an unknown key, a missing table) print one error naming the file, the
+key path and the valid choices, and exit with status 2 before anything is launched or written.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Designed ablation studies of attention geometries: Ray Tune trials, MLflow records, attribution.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console(soft_wrap=True)
+StudyArg = Annotated[Path, typer.Argument(help="The study file (YAML), e.g. studies/quickstart.yaml.")]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow store; default: the study's tracking.uri, else "
+        "sqlite:///<absolute output dir>/mlflow.db.",
+    ),
+]
+
+
+def fail(message: str) -> typer.Exit:
+    """Print one error line to stderr; the caller raises the returned Exit (status 2: a user mistake)."""
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def user_errors(command):
+    """Turn a ConfigError (or a lookup of something that does not exist) into one message and exit 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from ablate.config import ConfigError  # imported here: `ablate --help` stays fast
+
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as err:
+            raise fail(str(err)) from None
+        except LookupError as err:
+            raise fail(str(err.args[0] if err.args else err)) from None
+
+    return wrapper
+
+
+def _quiet_logs() -> None:
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _load(study: Path):
+    from ablate.design import load_design
+
+    return load_design(study)
+
+
+@app.command()
+@user_errors
+def validate(study: StudyArg) -> None:
+    """Check a study file: schema, factor levels, conditions, comparisons and every trial's config."""
+    design = _load(study)
+    n_cells, n_seeds = len(design.cells), len(design.seeds)
+    console.print(
+        f"ok: {study}: {n_cells} cells x {n_seeds} seeds = {n_cells * n_seeds} trials "
+        f"({design.study.design.type} design)"
+    )
+
+
+@app.command()
+@user_errors
+def plan(
+    study: StudyArg,
+    tokens_per_s: Annotated[
+        float, typer.Option(help="Training throughput of one trial at its resources.")
+    ] = 1.5e6,
+    seed_sd: Annotated[
+        float, typer.Option(help="Seed-to-seed standard deviation of the response (nats).")
+    ] = 0.01,
+) -> None:
+    """Show the design table, the trial count, the compute it needs and the minimum detectable effects."""
+    from ablate.design import detectable_effects, trial_hours
+
+    design = _load(study)
+    table = Table(title=f"{design.study.name}: design ({design.study.design.type})")
+    frame = design.table()
+    for column in frame.columns:
+        table.add_column(str(column))
+    for row in frame.itertuples(index=False):
+        table.add_row(*(str(v) for v in row))
+    console.print(table)
+    if design.resolution is not None:
+        console.print(f"resolution {design.resolution}; aliases:\n  " + "\n  ".join(design.aliases()))
+    _print_cost(design, trial_hours(design, tokens_per_s), tokens_per_s)
+    effects = Table(title=f"minimum detectable effect (80% power, alpha 0.05, seed sd {seed_sd:g})")
+    for column in ("term", "df", "trials", "MDE", "measures"):
+        effects.add_column(column)
+    for row in detectable_effects(design, seed_sd):
+        if math.isnan(row["mde"]):
+            effects.add_row(row["term"], str(row["df"]), str(row["trials"]), "n/a", "needs two or more seeds")
+        else:
+            effects.add_row(
+                row["term"], str(row["df"]), str(row["trials"]), f"{row['mde']:.4g}", row["meaning"]
+            )
+    console.print(effects)
+
+
+def _print_cost(design, hours: list[float], tokens_per_s: float) -> None:
+    resources, total = design.study.resources, sum(hours)
+    console.print(
+        f"{len(design.cells)} cells x {len(design.seeds)} seeds = {len(hours)} trials; "
+        f"{total:.2f} trial-hours at {tokens_per_s:,.0f} tokens/s"
+    )
+    if resources.gpu > 0:
+        console.print(f"GPU-hours: {total * resources.gpu:.2f} ({resources.gpu:g} GPU per trial)")
+    else:
+        console.print(f"CPU-hours: {total * resources.cpu:.2f} ({resources.cpu:g} CPU per trial, no GPU)")
+    concurrent = design.study.max_concurrent
+    if concurrent:
+        console.print(f"wall clock at {concurrent} concurrent trials: {total / concurrent:.2f} h")
+
+
+@app.command()
+@user_errors
+def run(
+    study: StudyArg,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Join this Ray cluster (e.g. 10.0.0.1:6379 or "
+            "'auto'); default: start a local Ray sized to this machine."
+        ),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+    fresh: Annotated[
+        bool, typer.Option(help="Start a new parent run instead of resuming the latest.")
+    ] = False,
+    max_concurrent: Annotated[
+        int | None, typer.Option(min=1, help="At most this many trials at once.")
+    ] = None,
+) -> None:
+    """Run the study's trials through Ray Tune (resumable: finished trials are never rerun)."""
+    from ablate.launch import LaunchOptions, run_study
+
+    design = _load(study)
+    _quiet_logs()
+    options = LaunchOptions(ray_address, tracking_uri, fresh, max_concurrent)
+    summary = run_study(design, options, console)
+    raise typer.Exit(0 if summary.ok else 1)
+
+
+def _store_exists(uri: str) -> bool:
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
+
+
+@app.command()
+@user_errors
+def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
+    """Where a study stands: trials finished, diverged, failed, running and pending (read from MLflow)."""
+    design = _load(study)
+    uri = design.tracking_uri(tracking_uri)
+    total = len(design.trials)
+    if not _store_exists(uri):
+        console.print(f"{design.study.name}: not started (no store at {uri}); 0/{total} trials done")
+        return
+    _quiet_logs()
+    from ablate import tracking
+
+    client = tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(design.experiment)
+    parent = experiment and tracking.find_parent(client, experiment.experiment_id, design.study.name)
+    runs = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id) if parent else []
+    _print_status(design, runs, uri)
+
+
+def _print_status(design, runs: list, uri: str) -> None:
+    from ablate import tracking
+
+    chosen, running = (
+        tracking.results_runs(runs),
+        {r.data.tags.get("ablate.trial_id") for r in runs if tracking.status_of(r) == "running"},
+    )
+    counts: dict[str, int] = {}
+    for trial in design.trials:
+        status = tracking.status_of(chosen[trial.trial_id]) if trial.trial_id in chosen else "pending"
+        status = "running" if status in ("pending", "failed") and trial.trial_id in running else status
+        counts[status] = counts.get(status, 0) + 1
+    console.print(f"{design.study.name}: {len(design.trials)} trials  (tracking: {uri})")
+    table = Table()
+    table.add_column("status")
+    table.add_column("trials", justify="right")
+    for name in ("finished", "diverged", "failed", "running", "pending"):
+        table.add_row(name, str(counts.get(name, 0)))
+    console.print(table)
+    for run in chosen.values():
+        if tracking.status_of(run) == "failed":
+            error = (run.data.tags.get("ablate.error") or "").strip().splitlines()[-1:] or ["(no error text)"]
+            console.print(
+                f"failed: {run.data.tags.get('ablate.cell')} seed={run.data.params.get('seed')}: {error[0]}"
+            )
+
+
+@app.command()
+@user_errors
+def ui(
+    study: StudyArg,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the UI to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the UI.")] = 5000,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Start the MLflow UI on the study's store and print its URL (Ctrl-C stops it)."""
+    design = _load(study)
+    uri = design.tracking_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        console.print(f"the study is tracked on an MLflow server: open {uri}")
+        return
+    if not _store_exists(uri):
+        raise fail(f"{study}: no tracking store yet at {uri}; run `ablate run {study}` first")
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    console.print(
+        f"MLflow UI for {design.study.name}: http://{host}:{port}  (experiment {design.experiment!r})"
+    )
+    try:
+        raise typer.Exit(subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="A run config (YAML): model/data/optim/train sections.")],
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="key.path=value, repeatable.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the resolved config and result JSON here.")] = None,
+) -> None:
+    """Train one configuration (no Ray, no MLflow): progress on stderr, the result as JSON."""
+    from ablate.train import main as train_main
+
+    raise typer.Exit(train_main(config, overrides or [], out))
+
+
+@app.command()
+def analyze(
+    table: Annotated[Path, typer.Argument(help="Trials table (.csv or .parquet): one row per trial.")],
+    factors: Annotated[
+        list[str], typer.Option("--factors", help="Factor columns (repeat, or comma-separated).")
+    ],
+    response: Annotated[str, typer.Option(help="The response column.")] = "val_loss",
+    compare: Annotated[list[str] | None, typer.Option(help="'a=x,b=y -> a=z,b=w' (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory of the report.")] = Path("report"),
+    adjust: Annotated[str, typer.Option(help="Multiplicity adjustment: holm or bh.")] = "holm",
+    secondary: Annotated[list[str] | None, typer.Option(help="Secondary responses (repeatable).")] = None,
+) -> None:
+    """Attribute a response to factors from a plain trials table (the statistics of `report`)."""
+    from ablate.report import analyze_main
+
+    names = [name.strip() for item in factors for name in item.split(",") if name.strip()]
+    extra = [name.strip() for item in secondary or [] for name in item.split(",") if name.strip()]
+    raise typer.Exit(analyze_main(table, names, response, compare or [], out, adjust=adjust, secondary=extra))
+
+
+@app.command()
+@user_errors
+def report(
+    study: StudyArg,
+    tracking_uri: TrackingOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory; default: <output dir>/report.")] = None,
+) -> None:
+    """Attribution report of a study from its MLflow runs: HTML + Markdown + CSV/JSON, logged to MLflow."""
+    design = _load(study)
+    uri = design.tracking_uri(tracking_uri)
+    if not _store_exists(uri):
+        raise fail(f"{study}: no results yet (no store at {uri}); run `ablate run {study}` first")
+    _quiet_logs()
+    from ablate import tracking
+    from ablate.analysis import StudyDataError
+    from ablate.report import summary_text, write_report
+
+    trials, curves = study_results(design, uri)
+    try:
+        analysis = analyze_study(design, trials)
+    except StudyDataError as err:
+        raise fail(f"{study}: {err}") from None
+    out_dir = out or design.output_dir / "report"
+    paths = write_report(analysis, out_dir, curves=curves, title=f"{design.study.name}: attribution")
+    client = tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(design.experiment)
+    parent = tracking.find_parent(client, experiment.experiment_id, design.study.name)
+    tracking.log_artifacts(client, parent.info.run_id, {f"report/{p.name}": p for p in paths.values()})
+    console.print(summary_text(analysis))
+    console.print(f"report: {out_dir}  (also logged to the parent run {parent.info.run_id})")
+
+
+def study_results(design, uri: str):
+    """The study's trials table and curves, restricted to the trials the study file declares now."""
+    from ablate.tracking import load_study_results
+
+    study = design.study
+    responses = [study.responses.primary, *study.responses.secondary]
+    trials, curves = load_study_results(uri, design.experiment, study.name, list(study.factors), responses)
+    declared = {t.trial_id for t in design.trials}
+    trials = trials[trials["trial_id"].isin(declared)].reset_index(drop=True)
+    if trials.empty:
+        raise LookupError(f"no finished trials of {study.name} at {uri} yet; run the study first")
+    return trials, curves[curves["trial_id"].isin(declared)].reset_index(drop=True)
+
+
+def analyze_study(design, trials):
+    """The analysis of a study's trials with its factors, responses, comparisons and conditions."""
+    from ablate.analysis import Comparison, analyze
+
+    study = design.study
+    comparisons = [Comparison(c.name, c.levels("baseline"), c.levels("target")) for c in study.comparisons]
+    conditions = {name: f.condition() for name, f in study.factors.items() if f.when}
+    vocab = trials["vocab_size"].dropna()
+    return analyze(
+        trials,
+        list(study.factors),
+        study.responses.primary,
+        comparisons=comparisons,
+        secondary=study.responses.secondary,
+        conditions=conditions or None,
+        vocab_size=int(vocab.iloc[0]) if len(vocab) else None,
+    )
+
+
+def main() -> None:
+    """Entry point of the `ablate` command."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
