@@ -64,9 +64,9 @@ def _triton(pre_norm):
 CANDIDATES = [
     Candidate("sdpa-flash", "sdpa", _sdpa(SDPBackend.FLASH_ATTENTION)),
     Candidate("sdpa-cudnn", "sdpa", _sdpa(SDPBackend.CUDNN_ATTENTION)),
-    Candidate("triton", "rbf", _triton(False), "triton"),
-    Candidate("triton", "penalty", _triton(False)),
-    Candidate("triton-prenorm", "rbf", _triton(True)),
+    Candidate("triton", "rbf", _triton(True), "triton"),
+    Candidate("triton", "penalty", _triton(True)),
+    Candidate("triton-loopnorm", "rbf", _triton(False)),
     Candidate("flex", "rbf", lambda q, k, v, a, b: flex_attention_rbf(q, k, v, a, b, causal=True), "flex"),
     Candidate("sdpa-aug-cudnn", "rbf", _aug(SDPBackend.CUDNN_ATTENTION), "sdpa-aug"),
     Candidate("sdpa-aug-flash", "rbf", _aug(SDPBackend.FLASH_ATTENTION), "sdpa-aug"),
@@ -236,6 +236,7 @@ def main() -> None:
     for knob in ("recompile_limit", "cache_size_limit"):  # one flex compile per shape
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 256)
+    torch._functorch.config.donated_buffer = False  # compiled flex backward timed with retain_graph
     if args.warm:
         warm(*map(int, args.warm.split("/")), args)
         return

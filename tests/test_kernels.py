@@ -160,14 +160,14 @@ def test_triton_interpreted(poisoned, dtype, N, D, causal):
 
 @interpreted_only
 @pytest.mark.parametrize(("N", "D", "causal"), [(17, 16, True), (45, 80, False)])
-def test_triton_interpreted_precomputed_key_norms(poisoned, N, D, causal):
-    from kernels.triton_attn import _attention
+def test_triton_interpreted_other_key_norm_variant(poisoned, N, D, causal):
+    from kernels.triton_attn import PRE_NORM, _attention
 
-    def pre_norm(q, k, v, a, b, *, causal):
-        return _attention(q, k, v, a, b, causal, pre_norm=True)
+    def other_variant(q, k, v, a, b, *, causal):
+        return _attention(q, k, v, a, b, causal, pre_norm=not PRE_NORM)
 
     q, k, v, a, b, do = make_inputs(2, 2, N, D, torch.float32)
-    check_backend(pre_norm, q, k, v, a, b, do, causal=causal)
+    check_backend(other_variant, q, k, v, a, b, do, causal=causal)
 
 
 @interpreted_only

@@ -51,15 +51,15 @@ def test_triton(poisoned, case):
 @pytest.mark.parametrize(
     "case", [(BF16, 1000, 64, True), (FP16, 777, 128, False), (FP32, 17, 80, True)], ids=_id
 )
-def test_triton_precomputed_key_norms(poisoned, case):
-    from kernels.triton_attn import _attention
+def test_triton_other_key_norm_variant(poisoned, case):
+    from kernels.triton_attn import PRE_NORM, _attention
 
-    def pre_norm(q, k, v, a, b, *, causal):
-        return _attention(q, k, v, a, b, causal, pre_norm=True)
+    def other_variant(q, k, v, a, b, *, causal):
+        return _attention(q, k, v, a, b, causal, pre_norm=not PRE_NORM)
 
     dtype, N, D, causal = case
     q, k, v, a, b, do = make_inputs(2, 3, N, D, dtype, "cuda")
-    check_backend(pre_norm, q, k, v, a, b, do, causal=causal)
+    check_backend(other_variant, q, k, v, a, b, do, causal=causal)
 
 
 @pytest.mark.parametrize(
