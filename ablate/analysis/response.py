@@ -72,6 +72,10 @@ def analyze_response(
 ) -> ResponseAnalysis:
     """ANOVA of every frame and the main effects of each frame's factors (focus only, when nested)."""
     seeds = np.sort(table["seed"].unique())
+    if usable(table, response).empty:
+        return ResponseAnalysis(
+            response, pd.DataFrame(), pd.DataFrame(), notes=[f"{response}: no usable values"]
+        )
     frame_data = {frame.name: usable(table[frame.mask], response) for frame in frames}
     anova, fits, notes = frame_anova(frames, frame_data, response, method)
     if not anova.empty:

@@ -35,6 +35,7 @@ class ComparisonResult:
     players: list[str]
     averaged_over: list[str]
     total: pd.DataFrame
+    baseline_value: float = math.nan
     shapley: pd.DataFrame = field(default_factory=pd.DataFrame)
     paths: pd.DataFrame = field(default_factory=pd.DataFrame)
     missing_cells: list[str] = field(default_factory=list)
@@ -96,6 +97,7 @@ def decompose(
     if everyone in missing or nobody in missing:
         return result
     total = cells[everyone] - cells[nobody]
+    result.baseline_value = float(table.estimate(cells[nobody]))
     result.total = _with_tests(table, np.array([total]), seed_weights, pd.DataFrame({"quantity": ["total"]}))
     if not missing:
         result.shapley = _shapley_table(

@@ -108,3 +108,13 @@ def _checked_numeric(values: pd.Series, name: str) -> pd.Series:
         example = values[bad].iloc[0]
         raise StudyDataError(f"response {name!r} must be numeric; found {example!r}")
     return numbers.astype("float64")
+
+
+CURVE_COLUMNS = ("trial_id", "step", "tokens", "val_loss")
+
+
+def load_curves(path: Path) -> pd.DataFrame:
+    """Read a long-format curves table (trial_id, step, tokens, val_loss[, train_loss])."""
+    curves = load_trials(path)
+    _check_columns(curves, CURVE_COLUMNS)
+    return curves.assign(trial_id=curves["trial_id"].astype(str))
