@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ablate.analysis import StudyDataError, analyze, load_trials, parse_comparison
+from ablate.analysis import Comparison, StudyDataError, analyze, load_trials, parse_comparison
 from ablate.analysis.design import build_design
 from ablate.analysis.simulate import replication_study, simulate_trials
 from ablate.analysis.table import prepare_trials
@@ -105,3 +105,9 @@ def test_analyze_rejects_unknown_comparison_levels_and_adjustments(trials):
         analyze(trials, FACTORS, "val_loss", comparisons=["metric=sdpa -> metric=flash"], n_boot=10)
     with pytest.raises(StudyDataError, match="unknown adjustment"):
         analyze(trials, FACTORS, "val_loss", adjust="bonferroni", n_boot=10)
+
+
+def test_comparison_levels_given_as_numbers_or_booleans_become_text():
+    comparison = Comparison("c", {"registers": 0, "learnable": True}, {"registers": 4.0, "learnable": False})
+    assert comparison.baseline == {"registers": "0", "learnable": "true"}
+    assert comparison.target == {"registers": "4", "learnable": "false"}

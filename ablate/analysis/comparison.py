@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ablate.analysis.table import StudyDataError
+from ablate.analysis.table import StudyDataError, level_text
 
 ARROW = "->"
 
@@ -21,6 +21,11 @@ class Comparison:
     name: str
     baseline: dict[str, str] = field(default_factory=dict)
     target: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for side in ("baseline", "target"):
+            levels = {str(name): level_text(level) for name, level in getattr(self, side).items()}
+            object.__setattr__(self, side, levels)
 
     def validate(self, levels: Mapping[str, Sequence[str]]) -> None:
         """Raise StudyDataError naming the valid choices if a factor or level is unknown."""

@@ -65,8 +65,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60]
 
 
-def _interval(frame: pd.DataFrame, value: str, low: str, high: str) -> list[str]:
-    return [amount(v, lo, hi) for v, lo, hi in zip(frame[value], frame[low], frame[high], strict=True)]
+def _interval(frame: pd.DataFrame, value: str, low: str, high: str, *, signed: bool = True) -> list[str]:
+    rows = zip(frame[value], frame[low], frame[high], strict=True)
+    return [amount(v, lo, hi, signed=signed) for v, lo, hi in rows]
 
 
 def _trials_section(analysis: StudyAnalysis) -> Section:
@@ -112,7 +113,7 @@ def effects_display(effects: pd.DataFrame) -> pd.DataFrame:
             "factor": effects["factor"],
             "level": effects["level"],
             "n": effects["n_trials"],
-            "mean [95% CI]": _interval(effects, "mean", "mean_ci_low", "mean_ci_high"),
+            "mean [95% CI]": _interval(effects, "mean", "mean_ci_low", "mean_ci_high", signed=False),
             "vs grand mean": _interval(effects, "effect", "effect_ci_low", "effect_ci_high"),
             "vs reference": _interval(
                 effects, "diff_vs_reference", "diff_vs_reference_ci_low", "diff_vs_reference_ci_high"
@@ -141,7 +142,7 @@ def _interaction_sections(analysis: StudyAnalysis) -> list[Section]:
         "Two-way marginal means with 95% intervals; simple effects follow for significant interactions."
     ]
     for (frame, term), table in analysis.interactions.groupby(["frame", "term"], sort=False):
-        labels = table.assign(text=_interval(table, "mean", "ci_low", "ci_high"))
+        labels = table.assign(text=_interval(table, "mean", "ci_low", "ci_high", signed=False))
         pivot = labels.pivot(index="level_a", columns="level_b", values="text").reindex(
             pd.unique(table["level_a"])
         )

@@ -22,13 +22,16 @@ def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"= {p:.2g}" if p < 0.01 else f"= {p:.2f}"
 
 
-def amount(value: float, low: float = math.nan, high: float = math.nan, unit: str = "") -> str:
+def amount(
+    value: float, low: float = math.nan, high: float = math.nan, unit: str = "", *, signed: bool = True
+) -> str:
     """'-0.0312 nats [-0.0350, -0.0270]' with enough decimals for the interval's width."""
     width = abs(high - low) if math.isfinite(low) and math.isfinite(high) else abs(value)
     decimals = min(6, max(3, 1 - math.floor(math.log10(width))) if width > 0 else 3)
-    text = f"{value:+.{decimals}f}" + (f" {unit}" if unit else "")
+    sign = "+" if signed else ""
+    text = f"{value:{sign}.{decimals}f}" + (f" {unit}" if unit else "")
     if math.isfinite(low) and math.isfinite(high):
-        text += f" [{low:+.{decimals}f}, {high:+.{decimals}f}]"
+        text += f" [{low:{sign}.{decimals}f}, {high:{sign}.{decimals}f}]"
     return text
 
 
@@ -58,8 +61,9 @@ def _study_lines(analysis: StudyAnalysis) -> list[str]:
     return [
         f"{analysis.response} ({unit_of(analysis.response) or 'response units'}; lower is better) "
         f"over {', '.join(analysis.factors)}.",
-        analysis.notes[0] + f"; {analysis.n_seeds} seeds.",
-        f"ANOVA Type {'/'.join(types) or 'n/a'} with seed as a block; p-values {ADJUST_NAMES[analysis.adjust]}-adjusted "
+        analysis.notes[0] + f"; {analysis.n_seeds} seed{'s' if analysis.n_seeds != 1 else ''}.",
+        f"ANOVA Type {'/'.join(types) or 'n/a'}{' with seed as a block' if analysis.n_seeds > 1 else ''}; "
+        f"p-values {ADJUST_NAMES[analysis.adjust]}-adjusted "
         "per family; intervals are 95% cluster-bootstrap intervals over seeds.",
     ]
 
@@ -94,7 +98,7 @@ def _term_verdict(row, analysis: StudyAnalysis) -> str:
         return f"matters (adjusted p {p_text(row.p_adj)}, partial ω² = {row.partial_omega2:.2f})"
     return (
         f"no detectable effect (adjusted p {p_text(row.p_adj)}; with 80% power the study detects a "
-        f"{row.mde_measures} of {amount(row.mde)} {unit_of(analysis.response)})"
+        f"{row.mde_measures} of {amount(row.mde, signed=False)} {unit_of(analysis.response)})"
     ).replace("  ", " ")
 
 
@@ -113,7 +117,7 @@ def _interaction_lines(analysis: StudyAnalysis) -> list[str]:
     if not quiet.empty:
         lines.append(
             f"No other interaction is detectable ({len(quiet)} terms, smallest adjusted p {p_text(quiet['p_adj'].min())}; "
-            f"MDE up to {amount(quiet['mde'].max())} {unit_of(analysis.response)})."
+            f"MDE up to {amount(quiet['mde'].max(), signed=False)} {unit_of(analysis.response)})."
         )
     return lines
 
