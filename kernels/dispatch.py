@@ -6,8 +6,10 @@ inputs. "auto" picks, on CUDA, the backend that the benchmark measured fastest f
 regenerates it), then the default order; on CPU it picks the reference. Every choice is logged once per
 shape key; a fast backend that fails at run time falls back to the reference with a loud warning.
 
-"auto" never picks plain dot-product SDPA on its own: knowing that b == 0 needs a device sync on every
-call. Ask for backend="sdpa" to use it (it checks b == 0 and raises otherwise).
+b=None means no key-norm term (the sdpa metric): on CUDA, "auto" and "sdpa" then run torch's fused
+scaled_dot_product_attention (cuDNN, flash or memory-efficient; q scaled by a per head) with no device
+sync; elsewhere b becomes zeros. "auto" never picks SDPA for a b tensor, since knowing that b == 0 would
+need a sync on every call; backend="sdpa" with a b tensor checks b == 0 (a sync) and raises otherwise.
 """
 
 from __future__ import annotations
@@ -121,20 +123,25 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     a: torch.Tensor,
-    b: torch.Tensor,
+    b: torch.Tensor | None,
     *,
     causal: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """softmax(a * q.k - b * ||k||^2) v per head.
 
-    q, k, v: (B, H, N, D); a, b: (H,) tensors (they may require grad). backend: "auto" or one of
-    BACKENDS. Returns (B, H, N, D) in v's dtype.
+    q, k, v: (B, H, N, D); a, b: (H,) tensors (they may require grad); b=None means no key-norm term.
+    backend: "auto" or one of BACKENDS. Returns (B, H, N, D) in v's dtype.
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {['auto', *BACKENDS]}")
-    _check_shapes(q, k, v, a, b)
-    name = _choose_backend(q, k, v, a, b, causal) if backend == "auto" else backend
+    if b is None and not (q.is_cuda and backend in ("auto", "sdpa")):
+        b = torch.zeros_like(a)  # no key-norm term: every backend computes it with b = 0
+    _check_shapes(q, k, v, a, a if b is None else b)
+    if b is None:
+        name = "sdpa"  # plain dot product on torch's fused SDPA
+    else:
+        name = _choose_backend(q, k, v, a, b, causal) if backend == "auto" else backend
     reason = UNSUPPORTED[name](q, k, v, a, b)
     if reason is not None:
         raise ValueError(f"attention backend {name!r} cannot run these inputs: {reason}")
@@ -152,4 +159,4 @@ def attention(
             RuntimeWarning,
             stacklevel=2,
         )
-        return attention_reference(q, k, v, a, b, causal=causal)
+        return attention_reference(q, k, v, a, torch.zeros_like(a) if b is None else b, causal=causal)

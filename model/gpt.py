@@ -30,8 +30,9 @@ class Attention(nn.Module):
         )  # (B, H, T, D) each
         if self.position is not None:
             q, k = self.position(q, k)
-        a, b = self.temperature()  # (H,), (H,)
+        a, b = self.temperature()  # (H,), (H,) or None for sdpa
         if self.capture is not None:
+            b = torch.zeros_like(a) if b is None else b
             y, probs = kernels.attention_reference(q, k, v, a, b, causal=True, return_probs=True)
             self.capture.update(keys=k.detach(), probs=probs.detach())
         else:

@@ -81,10 +81,11 @@ class Temperature(nn.Module):
     def lam_value(self) -> torch.Tensor:  # (H,)
         return self.lam() if self.lam is not None else self.lam_ratio * self.gamma()
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-head (a, b); b is None for sdpa (no key-norm term at all)."""
         gamma = self.gamma()
         if self.metric == "sdpa":
-            return gamma, torch.zeros_like(gamma)
+            return gamma, None
         if self.metric == "rbf":  # -gamma*||q-k||^2 = 2*gamma*q.k - gamma*||k||^2 (+ a per-row constant)
             return 2.0 * gamma, gamma
         return gamma, self.lam_value()  # penalty
