@@ -55,13 +55,13 @@ def sdpa_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     a: torch.Tensor,
-    b: torch.Tensor,
+    b: torch.Tensor | None,
     *,
     causal: bool = True,
     backends: Sequence[SDPBackend] = AUG_BACKENDS,
 ) -> torch.Tensor:
-    """Dot-product softmax(a*q.k) v on torch SDPA; b must be zero (checked, which syncs the device)."""
-    if bool(b.detach().ne(0).any()):
+    """Dot-product softmax(a*q.k) v on torch SDPA. b must be None or zero (checked: a device sync)."""
+    if b is not None and bool(b.detach().ne(0).any()):
         raise ValueError("backend 'sdpa' computes a*q.k only and needs b == 0; use 'auto' or 'triton'")
     scaled_q = q * a.view(1, -1, 1, 1).to(q.dtype)
     with sdpa_kernel(list(backends), set_priority=True):

@@ -225,6 +225,22 @@ def test_sdpa_aug(dtype, N, D, causal):
     check_backend(kernels.BACKENDS["sdpa-aug"], q, k, v, a, b, do, causal=causal)
 
 
+def check_without_key_norm_term(backend, q, k, v, a, do, *, causal=True):
+    """b=None (the sdpa metric): output and q, k, v, a gradients match the math with b = 0."""
+    out_ref, grads_ref, scale = explicit_float64(q, k, v, a, torch.zeros_like(a), do, causal)
+    out = kernels.attention(q, k, v, a, None, causal=causal, backend=backend)
+    got = torch.autograd.grad(out, (q, k, v, a), do)
+    errors = {"out": relative_error(out, out_ref)}
+    errors |= {n: relative_error(g, grads_ref[n], scale.get(n)) for n, g in zip("qkva", got, strict=True)}
+    assert max(errors.values()) <= TOL[q.dtype], errors
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "sdpa-aug", "reference"])
+def test_b_none_means_no_key_norm_term(backend):
+    q, k, v, a, _, do = make_inputs(2, 3, 17, 32, torch.float32)
+    check_without_key_norm_term(backend, q, k, v, a, do)
+
+
 def test_sdpa_backend_is_dot_product_only():
     q, k, v, a, b, do = make_inputs(2, 3, 17, 32, torch.float32)
     with pytest.raises(ValueError, match="b == 0"):

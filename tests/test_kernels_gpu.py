@@ -14,9 +14,9 @@ import kernels
 from kernels.sdpa_aug import sdpa_aug_attention
 
 try:
-    from tests.test_kernels import TOL, check_backend, make_inputs, poisoned
+    from tests.test_kernels import TOL, check_backend, check_without_key_norm_term, make_inputs, poisoned
 except ImportError:  # rootdir-less runs put tests/ itself on sys.path
-    from test_kernels import TOL, check_backend, make_inputs, poisoned  # noqa: F401 (fixture)
+    from test_kernels import TOL, check_backend, check_without_key_norm_term, make_inputs, poisoned  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -91,17 +91,31 @@ def test_auto_picks_a_fused_backend_and_is_correct():
     check_backend(kernels.attention, q, k, v, a, b, do, causal=True)
 
 
+@pytest.mark.parametrize("case", [(BF16, 1000, 64, True), (FP16, 333, 128, False)], ids=_id)
+def test_b_none_goes_to_torch_sdpa(case, caplog):
+    dtype, N, D, causal = case
+    q, k, v, a, _, do = make_inputs(2, 3, N, D, dtype, "cuda")
+    kernels.dispatch._LOGGED.clear()
+    with caplog.at_level("INFO", logger="kernels"):
+        check_without_key_norm_term("auto", q, k, v, a, do, causal=causal)
+    assert any("'sdpa'" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "auto-b-none"])
 def test_torch_compile_has_no_graph_breaks(backend, compiler):
     q, k, v, a, b, _ = make_inputs(2, 4, 256, 64, BF16, "cuda")
+    if backend == "auto-b-none":
+        backend, b = "auto", None
+        a = a.detach().requires_grad_()  # the grads below then cover q, k, v, a
 
     def loss(q, k, v, a, b):
         return kernels.attention(q, k, v, a, b, causal=True, backend=backend).float().square().sum()
 
     assert torch._dynamo.explain(loss)(q, k, v, a, b).graph_break_count == 0
     compiled = torch.compile(loss, fullgraph=True, backend=compiler)
-    got = torch.autograd.grad(compiled(q, k, v, a, b), (q, k, v, a, b))
-    eager = torch.autograd.grad(loss(q, k, v, a, b), (q, k, v, a, b))
+    wrt = tuple(t for t in (q, k, v, a, b) if t is not None)
+    got = torch.autograd.grad(compiled(q, k, v, a, b), wrt)
+    eager = torch.autograd.grad(loss(q, k, v, a, b), wrt)
     for x, y in zip(got, eager, strict=True):
         assert ((x.double() - y.double()).norm() / y.double().norm()).item() < TOL[BF16]
