@@ -99,6 +99,8 @@ def _setup(cfg: RunConfig, data: PackedData | None):
     model_cfg = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)  # the tokenizer sets the vocab
     torch.manual_seed(cfg.seed)  # initialisation; data order has its own generator
     model = GPT(model_cfg).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return device, data, model, autocast

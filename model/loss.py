@@ -12,30 +12,42 @@ import torch
 from torch.nn import functional as F
 
 
+def _chunk_loss_and_grads(hc, w, b, tc, acc: torch.dtype):
+    """Sum of losses of one chunk and its gradients w.r.t. hc, w and b (softmax minus one-hot)."""
+    logits = F.linear(hc, w, b).to(acc)  # (n_c, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+    grad = torch.exp(logits - lse[:, None])
+    grad = grad.scatter_add(1, tc[:, None], -torch.ones_like(lse)[:, None]).to(hc.dtype)
+    grad_b = grad.to(acc).sum(0) if b is not None else None
+    return loss, grad @ w, (grad.t() @ hc).to(acc), grad_b
+
+
+# on CUDA the chunk's softmax, gather and casts fuse into a few kernels around the two matmuls
+_compiled_chunk = torch.compile(_chunk_loss_and_grads, dynamic=False)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_size: int):
         # h: (N, C) in the compute dtype; weight: (V, C); bias: (V,) or None; targets: (N,)
         n = h.shape[0]
-        grad_h = torch.empty_like(h)
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 math, or fp64 for fp64 inputs
-        grad_w = torch.zeros_like(weight, dtype=acc)
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if bias is not None else None
+        chunk_fn = _compiled_chunk if h.is_cuda else _chunk_loss_and_grads
         w = weight.to(h.dtype)
         b = bias.to(h.dtype) if bias is not None else None
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=acc)
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if bias is not None else None
         total = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, n, chunk_size):
-            hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = F.linear(hc, w, b).to(acc)  # (n_c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            grad = torch.softmax(logits, dim=-1)  # d(sum of losses)/d logits = softmax - onehot
-            grad[torch.arange(len(tc), device=h.device), tc] -= 1.0
-            grad = grad.to(h.dtype)
-            grad_h[start : start + chunk_size] = grad @ w
-            grad_w += (grad.t() @ hc).to(acc)
+            rows = slice(start, start + chunk_size)
+            loss, gh, gw, gb = chunk_fn(h[rows], w, b, targets[rows], acc)
+            total += loss
+            grad_h[rows] = gh
+            grad_w += gw
             if grad_b is not None:
-                grad_b += grad.to(acc).sum(0)
+                grad_b += gb
         ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else torch.empty(0))
         ctx.has_bias, ctx.n, ctx.weight_dtype = bias is not None, n, weight.dtype
         return total / n
