@@ -39,7 +39,6 @@ def _interval_bars(ax, x: Sequence[float], mean, low, high, **style) -> None:
 
 
 def _joined(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
-    """'level, level' labels from several factor columns."""
     text = [frame[column].astype(str) for column in columns]
     return text[0].str.cat(text[1:], sep=", ") if len(text) > 1 else text[0]
 
@@ -122,7 +121,7 @@ def loss_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame, factors: Sequ
 
 
 def _t_interval(values: np.ndarray) -> tuple[float, float]:
-    """95% t interval of a mean over seeds (a bootstrap per point and cell would dominate report time)."""
+    # 95% t interval of a mean over seeds: a bootstrap per point and cell would dominate report time
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return float(values.mean()), float(values.mean())

@@ -136,3 +136,10 @@ def test_adjustment_matches_statsmodels_and_skips_missing(method, reference):
     with_gap = adjust([0.01, np.nan, 0.04], method)
     assert np.isnan(with_gap[1])
     np.testing.assert_allclose(with_gap[[0, 2]], multipletests([0.01, 0.04], method=reference)[1])
+
+
+def test_constant_response_is_noted_instead_of_tested():
+    data = two_by_two().assign(flat=1.0)
+    analysis = analyze(data, ["a", "b"], "y", secondary=["flat"], n_boot=20)
+    assert analysis.secondary["flat"].anova.empty
+    assert any("'flat' is constant" in note for note in analysis.secondary["flat"].notes)

@@ -8,6 +8,7 @@ when a cell is empty or there is no replication, higher orders are pooled into t
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ def fit_anova(data: pd.DataFrame, factors: Sequence[str], response: str) -> Anov
     factors = [name for name in factors if data[name].nunique() > 1]
     if not factors:
         raise ValueError(f"no factor varies among the usable trials of {response!r}")
+    if np.ptp(data[response].to_numpy()) == 0:
+        raise ValueError(f"{response!r} is constant among the usable trials")
     coded = pd.DataFrame({f"f{i}": data[name].to_numpy() for i, name in enumerate(factors)})
     coded["y"] = data[response].to_numpy()
     coded["block"] = data["seed"].to_numpy()
@@ -114,7 +117,7 @@ def term_statistics(fit: AnovaFit) -> pd.DataFrame:
     rows = []
     for term, factors in fit.terms.items():
         df, ss, f_value, p = fit.table.loc[term, ["df", "sum_sq", "F", "p"]]
-        omega = (ss - df * fit.mse) / (ss + (fit.n - df) * fit.mse)
+        omega = _ratio(ss - df * fit.mse, ss + (fit.n - df) * fit.mse)
         mde, meaning = minimum_detectable_effect(
             [fit.level_counts[name] for name in factors], df, fit.df_resid, fit.n, fit.mse
         )
@@ -126,9 +129,9 @@ def term_statistics(fit: AnovaFit) -> pd.DataFrame:
                 "sum_sq": ss,
                 "F": f_value,
                 "p": p,
-                "partial_eta2": ss / (ss + ss_resid),
-                "partial_omega2": max(0.0, omega),
-                "share": ss / fit.ss_total,
+                "partial_eta2": _ratio(ss, ss + ss_resid),
+                "partial_omega2": max(0.0, omega) if math.isfinite(omega) else math.nan,
+                "share": _ratio(ss, fit.ss_total),
                 "mde": mde,
                 "mde_measures": meaning,
                 "df_resid": fit.df_resid,
@@ -137,3 +140,7 @@ def term_statistics(fit: AnovaFit) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan

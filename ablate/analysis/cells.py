@@ -142,6 +142,6 @@ class CellTable:
 
 
 def _apply(means: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """means (B, n_cells) @ weights.T, using only cells with non-zero weight (others may be NaN)."""
+    # means (B, n_cells) @ weights.T over the cells with non-zero weight only: the others may be NaN.
     used = np.abs(weights).sum(axis=0) > 0
     return means[:, used] @ weights[:, used].T

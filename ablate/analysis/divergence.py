@@ -76,7 +76,7 @@ def divergence_tests(data: pd.DataFrame, factors: Sequence[str], rng: np.random.
 
 
 def _logistic(coded: pd.DataFrame, columns: list[str]):
-    """GLM binomial fit, or None when separation or non-convergence makes the estimates meaningless."""
+    # None when separation or non-convergence makes the logistic estimates meaningless
     formula = "d ~ " + (" + ".join(f"C({column}, Sum)" for column in columns) if columns else "1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

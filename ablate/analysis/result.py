@@ -83,7 +83,9 @@ class StudyAnalysis:
             "seed": self.seed,
             "n_seeds": self.n_seeds,
             "vocab_size": self.vocab_size,
-            "notes": self.notes + self.divergence.notes,
+            "notes": self.notes
+            + self.divergence.notes
+            + [n for r in self.secondary.values() for n in r.notes],
             "comparisons": [_comparison_setup(c) for c in self.comparisons],
             "divergence_conclusions_differ": self.divergence.conclusions_differ,
             "tables": {name: records(table) for name, table in self.tables().items()},

@@ -231,7 +231,7 @@ def _secondary_sections(analysis: StudyAnalysis) -> list[Section]:
                 Figure(f"main_effects_{_slug(name)}", png, f"Marginal means of {name}"),
                 Table(effects_display(result.effects)),
             ]
-        blocks += [f"{name}: {note}" for note in result.notes]
+        blocks += list(result.notes)
         sections.append(Section(f"Secondary response: {name}", blocks))
     return sections
 

@@ -56,7 +56,7 @@ def analyze(
 
 
 def _prepare(trials, factors, response, secondary, comparisons, conditions):
-    """Validated table (n/a filled in), the design with reference levels, parsed comparisons."""
+    # the validated table (n/a filled in), the design with its reference levels, parsed comparisons
     table = prepare_trials(trials, factors, [response, *secondary])
     design = build_design(table, factors, conditions, reference={})
     parsed = [parse_comparison(item) if isinstance(item, str) else item for item in comparisons]
