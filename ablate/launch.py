@@ -210,6 +210,9 @@ def run_trial(config: dict[str, Any]) -> None:
 
     payload = config["trial"]
     cfg = from_dict(RunConfig, payload["tree"])
+    if _result_exists(payload) is not None:  # finished meanwhile by a worker of a killed driver
+        tune.report({"status": "skipped", "val_loss": math.nan, "diverged_step": -1})
+        return
     logger = _open_trial_run(payload, cfg)
     try:
         result = train(cfg, logger)
@@ -219,6 +222,10 @@ def run_trial(config: dict[str, Any]) -> None:
     except BaseException:
         logger.finish("interrupted", {})
         raise
+    if (other := _result_exists(payload)) is not None:  # never two results for one (cell, seed)
+        logger.finish("duplicate", {}, tags={TAG + "duplicate_of": other.info.run_id})
+        tune.report({"status": "skipped", "val_loss": math.nan, "diverged_step": -1})
+        return
     summary = {**tracking.final_metrics(result.summary), "steps": result.steps, "tokens": result.tokens}
     tags = {}
     if result.diverged_step is not None:
@@ -227,6 +234,12 @@ def run_trial(config: dict[str, Any]) -> None:
     logger.finish(result.status, summary, step=result.steps, tags=tags)
     val = result.val_loss if result.status == "finished" and result.val_loss is not None else math.nan
     tune.report({"status": result.status, "val_loss": val, "diverged_step": result.diverged_step or -1})
+
+
+def _result_exists(payload: dict[str, Any]):
+    track = payload["tracking"]
+    client = tracking.MlflowClient(track["uri"])
+    return tracking.done_run(client, track["experiment_id"], track["parent_run_id"], payload["trial_id"])
 
 
 def _open_trial_run(payload: dict[str, Any], cfg: RunConfig) -> tracking.TrialLogger:
@@ -305,11 +318,11 @@ class Progress:
                 f"{payload['label']} seed={payload['seed']}",
                 result["val_loss"],
             )
-        detail = (
-            f"val_loss {result['val_loss']:.4f}"
-            if status == "finished"
-            else f"at step {result['diverged_step']}"
-        )
+        details = {
+            "finished": f"val_loss {result['val_loss']:.4f}",
+            "diverged": f"at step {result['diverged_step']}",
+        }
+        detail = details.get(status, "(already recorded by an earlier launch)")
         self.console.print(f"  {status:<8} {payload['label']} seed={payload['seed']}  {detail}")
 
     def end(self, trial, *, failed: bool = False, retry: bool = False) -> None:
@@ -493,6 +506,8 @@ def run_tune(
             tuner.fit()
     finally:
         quiet.setLevel(level)
+        if not progress.console.is_terminal:
+            progress.console.print()  # the last panel has no newline off a terminal
 
 
 def summarize(design: Design, store: StudyStore, started: float, skipped: int) -> RunSummary:

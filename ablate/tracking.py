@@ -163,7 +163,7 @@ class TrialLogger:
             RunTag(k, _text(v, MAX_TAG_CHARS)) for k, v in {**(tags or {}), TAG + "status": status}.items()
         ]
         retrying(self.client.log_batch, self.run_id, metrics=metrics, tags=batch)
-        end = {"failed": "FAILED", "interrupted": "KILLED"}.get(status, "FINISHED")
+        end = {"failed": "FAILED", "interrupted": "KILLED", "duplicate": "KILLED"}.get(status, "FINISHED")
         retrying(self.client.set_terminated, self.run_id, end)
 
 
@@ -277,6 +277,16 @@ def done_runs(runs: list) -> dict[str, Any]:
         if status_of(run) in DONE:
             done.setdefault(run.data.tags.get(TAG + "trial_id"), run)
     return done
+
+
+def done_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
+    """The finished or diverged run of one trial under the parent, or None."""
+    runs = search(
+        client,
+        experiment_id,
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TAG}trial_id` = '{trial_id}'",
+    )
+    return done_runs(runs).get(trial_id)
 
 
 def close_stale(client: MlflowClient, runs: list, status: str = "interrupted", error: str = "") -> int:

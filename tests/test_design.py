@@ -1,0 +1,188 @@
+"""Design expansion: full factorial, `when` conditions, fractional factorial, identifiers and configs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import yaml
+
+from ablate.config import RunConfig, from_dict
+from ablate.design import detectable_effects, expand
+from ablate.spec import Study, StudyError
+
+BASE = {
+    "name": "demo",
+    "seeds": 2,
+    "fixed": {
+        "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context": 32},
+        "train": {"tokens": 4096},
+    },
+    "resources": {"cpu": 2},
+}
+
+
+def study(factors: dict, **extra) -> Study:
+    return Study.model_validate({**BASE, "factors": factors, **extra})
+
+
+REPLICATION = {
+    "metric": {"levels": ["sdpa", "rbf", "penalty"]},
+    "position": {"levels": ["rope", "susie", "none"]},
+    "registers": {"levels": [0, 1]},
+    "register_init": {"levels": ["zero", "normal"], "when": {"registers": [1]}},
+}
+
+
+def test_full_factorial_crosses_every_level_in_declaration_order():
+    design = expand(
+        study({"metric": {"levels": ["sdpa", "rbf"]}, "position": {"levels": ["rope", "susie", "none"]}})
+    )
+    assert [tuple(c.levels.values()) for c in design.cells] == list(
+        itertools.product(["sdpa", "rbf"], ["rope", "susie", "none"])
+    )
+    assert len(design.trials) == 12
+    assert [t.seed for t in design.trials] == [0] * 6 + [1] * 6  # complete replicates first
+
+
+def test_when_condition_nests_a_factor_inside_the_levels_where_it_applies():
+    design = expand(study(REPLICATION))
+    assert len(design.cells) == 3 * 3 * (1 + 2)
+    for cell in design.cells:
+        assert ("register_init" in cell.levels) == (cell.levels["registers"] == "1")
+    without = next(t for t in design.trials if t.cell.levels["registers"] == "0")
+    cfg = from_dict(RunConfig, without.tree)
+    assert cfg.model.registers == 0 and cfg.model.register_init == "zero"  # the default stays
+    table = design.table()
+    assert set(table.loc[table["registers"] == "0", "register_init"]) == {""}
+
+
+def test_trial_config_is_fixed_plus_levels_plus_seed_and_threads():
+    factors = {
+        "metric": {"levels": ["sdpa", "penalty"]},
+        "temperature": {
+            "levels": {"1x": {"model.gamma_scale": 1.0}, "2x": {"model": {"gamma_scale": 2.0, "lam": 0.1}}}
+        },
+    }
+    design = expand(study(factors))
+    trial = next(
+        t
+        for t in design.trials
+        if t.cell.levels == {"metric": "penalty", "temperature": "2x"} and t.seed == 1
+    )
+    cfg = from_dict(RunConfig, trial.tree)
+    assert (cfg.model.metric, cfg.model.gamma_scale, cfg.model.lam, cfg.seed) == ("penalty", 2.0, 0.1, 1)
+    assert cfg.model.n_layers == 1 and cfg.train.tokens == 4096
+    assert cfg.train.threads == 2  # one torch thread per CPU of the trial's resources
+    assert BASE["fixed"]["model"] == {
+        "n_layers": 1,
+        "d_model": 32,
+        "n_heads": 2,
+        "context": 32,
+    }  # not mutated
+
+
+def test_identifiers_are_unique_and_stable_under_reordering_and_new_levels():
+    design = expand(study(REPLICATION))
+    ids = [t.trial_id for t in design.trials]
+    assert len(set(ids)) == len(ids)
+    reordered = dict(reversed(list(REPLICATION.items())))
+    reordered = {
+        "registers": REPLICATION["registers"],
+        **{k: v for k, v in reordered.items() if k != "registers"},
+    }
+    assert {t.trial_id for t in expand(study(reordered)).trials} == set(ids)
+    wider = {
+        **REPLICATION,
+        "registers": {"levels": [0, 1, 2]},
+        "register_init": {**REPLICATION["register_init"]},
+    }
+    wider["register_init"]["when"] = {"registers": [1, 2]}
+    grown = {t.trial_id for t in expand(study(wider, seeds=3)).trials}
+    assert set(ids) < grown  # new levels and seeds add trials; the existing ones keep their ids
+
+
+def test_config_hash_follows_the_settings():
+    first = expand(study(REPLICATION)).trials[0]
+    changed = Study.model_validate(
+        {**BASE, "factors": REPLICATION, "fixed": {**BASE["fixed"], "train": {"tokens": 8192}}}
+    )
+    second = expand(changed).trials[0]
+    assert first.trial_id == second.trial_id
+    assert first.config_hash != second.config_hash
+    assert first.config_hash == expand(study(REPLICATION)).trials[0].config_hash
+
+
+TWO_LEVEL = {
+    "a": {"key": "model.metric", "levels": ["sdpa", "rbf"]},
+    "b": {"key": "model.position", "levels": ["rope", "susie"]},
+    "c": {"key": "model.registers", "levels": [0, 1]},
+    "d": {"key": "model.bias", "levels": [True, False]},
+    "e": {"key": "model.gamma_scale", "levels": [1.0, 2.0]},
+}
+
+
+def _coded(design, factor):
+    levels = design.study.factors[factor].level_names()
+    return [1 if c.levels[factor] == levels[1] else -1 for c in design.cells]
+
+
+def test_fractional_factorial_follows_its_generators_and_is_orthogonal():
+    design = expand(study(TWO_LEVEL, design={"type": "fractional", "generators": ["D=ABC", "E=-AB"]}))
+    assert len(design.cells) == 8
+    a, b, c, d, e = (_coded(design, f) for f in "abcde")
+    assert d == [x * y * z for x, y, z in zip(a, b, c, strict=True)]
+    assert e == [-x * y for x, y in zip(a, b, strict=True)]
+    for u, v in itertools.combinations([a, b, c, d, e], 2):
+        assert sum(u) == 0 and sum(x * y for x, y in zip(u, v, strict=True)) == 0  # balanced, orthogonal
+    assert design.resolution == 3  # I = ABCD = ABE = CDE
+    a_line = next(line for line in design.aliases() if line.startswith("a = "))
+    assert set(a_line.removeprefix("a = ").split(" = ")) == {"b*e", "b*c*d"}
+
+
+def test_fractional_resolution_iv_and_names_in_generators():
+    design = expand(
+        study(
+            dict(list(TWO_LEVEL.items())[:4]),
+            design={"type": "fractional", "generators": ["d=a*b*c"], "resolution": 4},
+        )
+    )
+    assert len(design.cells) == 8 and design.resolution == 4
+    assert "a*b = c*d" in design.aliases()
+
+
+@pytest.mark.parametrize(
+    ("generators", "fragment"),
+    [
+        (["D=AB", "E=AB"], "resolution II"),
+        (["D=A"], "two or more"),
+        (["D=ABD"], "two or more"),
+        (["D=ABC", "E=AD"], "base factors"),
+    ],
+)
+def test_bad_fractional_generators_are_errors(generators, fragment):
+    with pytest.raises(StudyError, match=fragment):
+        expand(study(TWO_LEVEL, design={"type": "fractional", "generators": generators}))
+
+
+def test_detectable_effect_shrinks_with_seeds_and_needs_replication():
+    few, many = (expand(study(REPLICATION, seeds=n)) for n in (2, 8))
+    effect = {r["term"]: r["mde"] for r in detectable_effects(few, 0.02)}
+    more = {r["term"]: r["mde"] for r in detectable_effects(many, 0.02)}
+    assert 0 < more["metric"] < effect["metric"]
+    assert "registers*register_init" not in effect  # nested: no interaction with its parent
+    one_seed = detectable_effects(expand(study(REPLICATION, seeds=1)), 0.02)
+    assert all(math.isnan(r["mde"]) for r in one_seed)
+
+
+def test_study_yaml_round_trip_matches_the_schema(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "factors": REPLICATION}, sort_keys=False))
+    from ablate.design import load_design
+
+    design = load_design(path)
+    assert design.output_dir == (tmp_path / "runs" / "demo").resolve()
+    assert design.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/runs/demo/mlflow.db"
+    assert design.tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
+    assert design.experiment == "demo"

@@ -1,0 +1,327 @@
+"""End to end on CPU with real Ray Tune, real MLflow (SQLite) and the real training loop.
+
+One study of tiny trials runs with at least eight trials at once: every (cell, seed) has exactly one
+finished child run with every declared param and metric and no lost metric; an injected NaN is a
+diverged result (never retried); a raising trial is retried and recorded as failed. A second study is
+killed with SIGKILL mid-run and run again: nothing finished is rerun and nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from ablate import tracking
+from ablate.config import RunConfig, from_dict, to_flat_dict
+from ablate.design import load_design
+from ablate.launch import LaunchOptions, run_study
+from ablate.logger import RecordingLogger
+from ablate.train import train
+
+pytestmark = pytest.mark.slow
+
+RESPONSES = ["val_loss", "key_norm_mean", "sink_first_token", "attn_entropy"]
+
+
+def tiny_fixed(cache: Path, tokens: int) -> dict:
+    return {
+        "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context": 32},
+        "data": {"tokenizer": "bpe:300", "corpus_docs": 100, "val_tokens": 1024, "cache_dir": str(cache)},
+        "optim": {"warmup_steps": 2},
+        "train": {"tokens": tokens, "batch_size": 8, "eval_every": 10, "log_every": 2, "device": "cpu"},
+    }
+
+
+def write_study(folder: Path, spec: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def children(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return tracking.search(client, exp.experiment_id, "tags.`ablate.kind` = 'trial'")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def concurrent(tmp_path_factory, cache):
+    """12 trials, up to 12 at once (8 normal, 2 NaN, 2 raising), run by the in-process driver."""
+    spec = {
+        "name": "concurrent",
+        "factors": {
+            "metric": {"levels": ["sdpa", "rbf"]},
+            "registers": {"levels": [0, 1]},
+            "fault": {
+                "key": "train.fault",
+                "levels": {"none": None, "nan": "nan@3", "raise": "raise@1"},
+                "when": {"metric": ["sdpa"], "registers": [0]},
+            },
+        },
+        "seeds": 2,
+        "fixed": tiny_fixed(cache, tokens=12288),
+        "responses": {"primary": "val_loss", "secondary": RESPONSES[1:]},
+        "resources": {"cpu": 0.16},
+        "max_concurrent": 12,
+        "retries": 1,
+        "tracking": {
+            "flush_seconds": 0,
+            "system_metrics_interval": 0.5,
+        },  # flush on every call: most contention
+    }
+    design = load_design(write_study(tmp_path_factory.mktemp("concurrent"), spec))
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("the driver initialised CUDA")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "_lazy_init", no_cuda)
+        summary = run_study(design, LaunchOptions())
+    client = MlflowClient(design.tracking_uri())
+    return design, summary, client, children(client, "concurrent")
+
+
+def by_trial(runs: list) -> dict[str, list]:
+    grouped: dict[str, list] = {}
+    for run in runs:
+        grouped.setdefault(run.data.tags["ablate.trial_id"], []).append(run)
+    return grouped
+
+
+def normal_trials(design) -> list:
+    return [t for t in design.trials if t.cell.levels.get("fault", "none") == "none"]
+
+
+def test_summary_counts_every_outcome(concurrent):
+    _, summary, client, runs = concurrent
+    assert summary.counts == {"finished": 8, "diverged": 2, "failed": 2}
+    assert not summary.ok
+    exp = client.get_experiment_by_name("concurrent")
+    parents = tracking.search(client, exp.experiment_id, "tags.`ablate.kind` = 'parent'")
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "study")}
+    assert {"study/study.yaml", "study/design.csv", "study/spec.json"} <= artifacts
+    assert parents[0].data.params["trials"] == "12" and "version.torch" in parents[0].data.params
+
+
+def test_one_finished_child_per_trial_with_every_param_metric_and_tag(concurrent):
+    design, _, _, runs = concurrent
+    grouped = by_trial(runs)
+    for trial in normal_trials(design):
+        (run,) = grouped[trial.trial_id]
+        assert run.info.status == "FINISHED" and run.data.tags["ablate.status"] == "finished"
+        cfg = from_dict(RunConfig, trial.tree)
+        params = run.data.params
+        for key, value in to_flat_dict(cfg).items():
+            if key != "data.cache_dir":  # made absolute for the workers
+                assert params[key] == str(value), key
+        assert params["seed"] == str(trial.seed)
+        assert {k: v for k, v in params.items() if k.startswith("factor.")} == {
+            f"factor.{f}": level for f, level in trial.cell.levels.items()
+        }
+        for response in RESPONSES:
+            assert math.isfinite(run.data.metrics[f"final/{response}"]), response
+        assert ("final/sink_registers" in run.data.metrics) == (trial.cell.levels["registers"] == "1")
+        tags = run.data.tags
+        assert (tags["ablate.cell_id"], tags["ablate.config_hash"]) == (trial.cell.cell_id, trial.config_hash)
+        assert tags["ablate.device"] == "cpu"
+    assert any("system/cpu_percent" in r.data.metrics for r in runs)
+
+
+def test_trials_ran_concurrently(concurrent):
+    _, _, _, runs = concurrent
+    events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])
+    open_runs, most = 0, 0
+    for _, change in events:
+        open_runs += change
+        most = max(most, open_runs)
+    assert most >= 2  # how many overlap depends on load; test_many_writers_at_once pins down eight or more
+
+
+def test_no_metric_is_lost_under_concurrent_writes(concurrent):
+    design, _, client, runs = concurrent
+    grouped = by_trial(runs)
+    for trial in [t for t in normal_trials(design) if t.seed == 0]:
+        reference = RecordingLogger()
+        train(from_dict(RunConfig, trial.tree), reference)
+        expected: dict[str, list] = {}
+        for step, metrics in reference.history:
+            for key, value in metrics.items():
+                expected.setdefault(key, []).append((step, value))
+        (run,) = grouped[trial.trial_id]
+        for key, points in expected.items():
+            stored = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            assert [s for s, _ in stored] == sorted(s for s, _ in points), key
+            if key in ("train/loss", "val/loss"):
+                for (_, got), (_, want) in zip(stored, sorted(points), strict=True):
+                    assert math.isclose(got, want, rel_tol=1e-6), key
+
+
+def test_nan_is_a_diverged_result_with_its_step_and_never_retried(concurrent):
+    design, _, _, runs = concurrent
+    grouped = by_trial(runs)
+    diverging = [t for t in design.trials if t.cell.levels.get("fault") == "nan"]
+    assert len(diverging) == 2
+    for trial in diverging:
+        (run,) = grouped[trial.trial_id]
+        assert run.data.tags["ablate.status"] == "diverged" and run.info.status == "FINISHED"
+        assert run.data.tags["ablate.diverged_step"] == "3"
+        assert run.data.metrics["final/diverged_step"] == 3
+
+
+def test_raising_trial_is_retried_then_recorded_as_failed(concurrent):
+    design, _, _, runs = concurrent
+    grouped = by_trial(runs)
+    raising = [t for t in design.trials if t.cell.levels.get("fault") == "raise"]
+    for trial in raising:
+        attempts = grouped[trial.trial_id]
+        assert len(attempts) == 2  # the first try and one retry (retries: 1)
+        for run in attempts:
+            assert run.data.tags["ablate.status"] == "failed" and run.info.status == "FAILED"
+            assert "injected failure at step 1" in run.data.tags["ablate.error"]
+
+
+def test_results_table_and_curves(concurrent):
+    design, _, _, _ = concurrent
+    trials, curves = tracking.load_study_results(
+        design.tracking_uri(), "concurrent", "concurrent", ["metric", "registers", "fault"], RESPONSES
+    )
+    assert len(trials) == 12 and trials["trial_id"].is_unique
+    assert trials["status"].value_counts().to_dict() == {"finished": 8, "diverged": 2, "failed": 2}
+    applies = (trials["metric"] == "sdpa") & (trials["registers"] == "0")
+    assert trials.loc[~applies, "fault"].isna().all() and trials.loc[applies, "fault"].notna().all()
+    diverged = trials[trials["status"] == "diverged"]
+    assert (diverged["diverged_step"] == 3).all() and diverged["val_loss"].isna().all()
+    finished = trials[trials["status"] == "finished"]
+    assert finished["val_loss"].between(0, math.log(300) * 2).all() and (finished["vocab_size"] == 300).all()
+    one = curves[curves["trial_id"] == finished["trial_id"].iloc[0]]
+    assert one["val_loss"].notna().sum() == 5  # steps 10, 20, 30, 40 and the final evaluation at 48
+    assert (one["tokens"] == one["step"] * 8 * 32).all()
+    assert one["train_loss"].notna().sum() == 24  # one point per log_every=2 of 48 steps
+
+
+def test_status_command_reads_the_store(concurrent):
+    from ablate.cli import app
+
+    design, _, _, _ = concurrent
+    result = CliRunner().invoke(app, ["status", str(design.source)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
+             if line.count("│") == 3}  # fmt: skip
+    assert (lines["finished"], lines["diverged"], lines["failed"], lines["pending"]) == ("8", "2", "2", "0")
+    assert "injected failure at step 1" in result.output
+
+
+def _finished(uri: str) -> dict[str, str]:
+    try:
+        runs = children(MlflowClient(uri), "killed")
+    except Exception:  # the store is still being created
+        return {}
+    return {
+        r.data.tags["ablate.trial_id"]: r.info.run_id
+        for r in runs
+        if r.data.tags["ablate.status"] == "finished"
+    }
+
+
+def test_sigkill_of_the_driver_then_rerun_completes_without_duplicates(tmp_path, cache):
+    spec = {
+        "name": "killed",
+        "factors": {"metric": {"levels": ["sdpa", "rbf", "penalty"]}, "registers": {"levels": [0, 1]}},
+        "seeds": 1,
+        "fixed": tiny_fixed(cache, tokens=24576),
+        "resources": {"cpu": 1},
+    }
+    path = write_study(tmp_path, spec)
+    design = load_design(path)
+    uri, command = design.tracking_uri(), [sys.executable, "-m", "ablate.cli", "run", str(path)]
+    driver = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while len(_finished(uri)) < 2 and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.3)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(3)  # a trial of the killed driver may still be finishing: it counts as done if it does
+    before = _finished(uri)
+    assert 2 <= len(before) < 6, "the driver must be killed mid-study"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    skipped = int(re.search(r"(\d+) already done", rerun.stdout).group(1))
+    assert len(before) <= skipped < 6
+    runs = children(MlflowClient(uri), "killed")
+    grouped = by_trial(runs)
+    assert set(grouped) == {t.trial_id for t in design.trials}
+    for trial_id, attempts in grouped.items():
+        finished = [r for r in attempts if r.data.tags["ablate.status"] == "finished"]
+        assert len(finished) == 1, trial_id
+        if trial_id in before:  # finished before the rerun: kept, not run again
+            assert [r.info.run_id for r in attempts] == [before[trial_id]]
+        others = {r.data.tags["ablate.status"] for r in attempts} - {"finished"}
+        assert others <= {"interrupted", "duplicate"}  # a run the kill cut short, or one that lost a race
+
+
+def _write_trial(uri: str, experiment_id: str, parent: str, index: int, steps: int, barrier) -> None:
+    client = MlflowClient(uri)
+    logger = tracking.TrialLogger.create(
+        client, experiment_id, parent, f"writer {index}", {"ablate.trial_id": str(index)}
+    )
+    logger.flush_seconds = 0  # every call is one write to the store
+    barrier.wait()
+    logger.log_params({"index": index, "model.metric": "rbf"})
+    for step in range(steps):
+        logger.log_metrics(
+            {"train/loss": index + step / steps, "lr": 1e-3, "grad_norm": 1.0, "tokens": step}, step
+        )
+    logger.finish("finished", {"val_loss": float(index)}, step=steps)
+
+
+def test_many_writers_at_once_lose_no_metric(tmp_path):
+    """Ten trial loggers released together by a barrier all write to one SQLite store."""
+    import multiprocessing
+
+    uri, writers, steps = f"sqlite:///{tmp_path / 'mlflow.db'}", 10, 40
+    client = tracking.open_store(uri)
+    experiment_id = tracking.ensure_experiment(client, "writers", tmp_path / "artifacts")
+    parent = tracking.create_parent(client, experiment_id, "writers", {"trials": writers})
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(writers)
+    processes = [
+        context.Process(target=_write_trial, args=(uri, experiment_id, parent, i, steps, barrier))
+        for i in range(writers)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0] * writers
+    runs = tracking.child_runs(client, experiment_id, parent)
+    assert len(runs) == writers
+    for run in runs:
+        index = int(run.data.tags["ablate.trial_id"])
+        assert run.data.tags["ablate.status"] == "finished" and run.data.metrics["final/val_loss"] == index
+        for key in ("train/loss", "lr", "grad_norm", "tokens"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in history) == list(range(steps)), key
+    spans = [(r.info.start_time, r.info.end_time) for r in runs]
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # all ten were open at once
