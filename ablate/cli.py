@@ -144,8 +144,9 @@ def run(
     ray_address: Annotated[
         str | None,
         typer.Option(
-            help="Join this Ray cluster (e.g. 10.0.0.1:6379 or "
-            "'auto'); default: start a local Ray sized to this machine."
+            envvar="RAY_ADDRESS",
+            help="Join this Ray cluster (head-node ip:6379, or 'auto' for the one `ray start` runs here); "
+            "default: start a local Ray sized to this machine.",
         ),
     ] = None,
     tracking_uri: TrackingOpt = None,
@@ -279,13 +280,30 @@ def analyze(
     out: Annotated[Path, typer.Option(help="Output directory of the report.")] = Path("report"),
     adjust: Annotated[str, typer.Option(help="Multiplicity adjustment: holm or bh.")] = "holm",
     secondary: Annotated[list[str] | None, typer.Option(help="Secondary responses (repeatable).")] = None,
+    curves: Annotated[
+        Path | None, typer.Option(help="Long table of loss curves (trial_id, step, ...).")
+    ] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Vocabulary size (caps diverged losses).")] = None,
+    title: Annotated[str | None, typer.Option(help="Report title.")] = None,
 ) -> None:
     """Attribute a response to factors from a plain trials table (the statistics of `report`)."""
     from ablate.report import analyze_main
 
     names = [name.strip() for item in factors for name in item.split(",") if name.strip()]
     extra = [name.strip() for item in secondary or [] for name in item.split(",") if name.strip()]
-    raise typer.Exit(analyze_main(table, names, response, compare or [], out, adjust=adjust, secondary=extra))
+    code = analyze_main(
+        table,
+        names,
+        response,
+        compare or [],
+        out,
+        adjust=adjust,
+        secondary=extra,
+        vocab_size=vocab_size,
+        curves=curves,
+        title=title,
+    )
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -315,7 +333,9 @@ def report(
     client = tracking.MlflowClient(uri)
     experiment = client.get_experiment_by_name(design.experiment)
     parent = tracking.find_parent(client, experiment.experiment_id, design.study.name)
-    tracking.log_artifacts(client, parent.info.run_id, {f"report/{p.name}": p for p in paths.values()})
+    tracking.log_artifacts(
+        client, parent.info.run_id, {f"report/{name}": path for name, path in paths.items()}
+    )
     console.print(summary_text(analysis))
     console.print(f"report: {out_dir}  (also logged to the parent run {parent.info.run_id})")
 

@@ -431,7 +431,13 @@ def init_ray(address: str | None) -> bool:
         return False
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    # "local": a new instance even where `ray start` left one running; join one with --ray-address auto
+    ray.init(
+        address=address or "local",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     return True
 
 

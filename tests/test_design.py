@@ -186,3 +186,23 @@ def test_study_yaml_round_trip_matches_the_schema(tmp_path):
     assert design.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/runs/demo/mlflow.db"
     assert design.tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
     assert design.experiment == "demo"
+
+
+def test_plan_prints_design_cost_and_detectable_effects(tmp_path):
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump({**BASE, "factors": REPLICATION, "resources": {"cpu": 1, "gpu": 0.5}}, sort_keys=False)
+    )
+    result = CliRunner().invoke(app, ["plan", str(path), "--tokens-per-s", "1024", "--seed-sd", "0.02"])
+    assert result.exit_code == 0, result.output
+    assert "27 cells x 2 seeds = 54 trials" in result.output
+    hours = 54 * 4096 / 1024 / 3600
+    assert f"{hours:.2f} trial-hours" in result.output and f"GPU-hours: {hours * 0.5:.2f}" in result.output
+    mde = next(
+        r["mde"] for r in detectable_effects(expand(study(REPLICATION)), 0.02) if r["term"] == "metric"
+    )
+    assert f"{mde:.4g}" in result.output

@@ -325,3 +325,33 @@ def test_many_writers_at_once_lose_no_metric(tmp_path):
             assert sorted(m.step for m in history) == list(range(steps)), key
     spans = [(r.info.start_time, r.info.end_time) for r in runs]
     assert max(start for start, _ in spans) < min(end for _, end in spans)  # all ten were open at once
+
+
+def test_report_writes_files_and_logs_them_to_the_parent_run(concurrent, tmp_path):
+    from ablate.cli import app
+
+    design, summary, client, _ = concurrent
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(design.source), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").exists() and (out / "report.md").exists() and (out / "results.json").exists()
+    assert "metric" in result.output  # the plain-words summary names the factors
+    logged = {a.path for a in client.list_artifacts(summary.parent_run_id, "report")}
+    assert {"report/report.html", "report/report.md", "report/results.json"} <= logged
+
+
+def test_ui_serves_the_study_store_on_localhost(concurrent, monkeypatch):
+    import ablate.cli
+
+    design, _, _, _ = concurrent
+    calls = []
+    monkeypatch.setattr(ablate.cli.subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    result = CliRunner().invoke(ablate.cli.app, ["ui", str(design.source), "--port", "5123"])
+    assert result.exit_code == 0, result.output
+    ((command, env),) = calls
+    uri = design.tracking_uri()
+    assert command[command.index("--backend-store-uri") + 1] == uri and env["MLFLOW_TRACKING_URI"] == uri
+    assert (
+        command[command.index("--host") + 1] == "127.0.0.1" and command[command.index("--port") + 1] == "5123"
+    )
+    assert "http://127.0.0.1:5123" in result.output
