@@ -10,7 +10,7 @@ import functools
 import logging
 import math
 import os
-import subprocess
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -218,6 +218,15 @@ def _print_status(design, runs: list, uri: str) -> None:
             )
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 @app.command()
 @user_errors
 def ui(
@@ -236,6 +245,8 @@ def ui(
         return
     if not _store_exists(uri):
         raise fail(f"{study}: no tracking store yet at {uri}; run `ablate run {study}` first")
+    if not _port_free(host, port):
+        raise fail(f"port {port} on {host} is in use (another UI?); choose another with --port")
     command = [
         sys.executable,
         "-m",
@@ -251,10 +262,10 @@ def ui(
     console.print(
         f"MLflow UI for {design.study.name}: http://{host}:{port}  (experiment {design.experiment!r})"
     )
-    try:
-        raise typer.Exit(subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    sys.stdout.flush()
+    os.execve(
+        sys.executable, command, {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    )  # the UI replaces this process
 
 
 @app.command()

@@ -11,6 +11,7 @@ The driver never initialises CUDA; trials do, inside their Ray workers.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -60,11 +61,11 @@ class StudyStore:
     parent_run_id: str
 
 
-def open_study_store(design: Design, options: LaunchOptions) -> tuple[StudyStore | None, Any, list]:
-    """Read where the study stands: (client, experiment, parent run or None, its child runs).
+def open_study_store(design: Design, options: LaunchOptions) -> tuple[StudyStore, Any, list]:
+    """Where the study stands: (store, the parent run to resume or None, its child runs).
 
-    Checks that finished trials ran the settings the study asks for now; writes nothing but the
-    (empty) store itself.
+    Checks that finished trials ran the settings the study asks for now. Writes nothing but the store
+    and the experiment, if they are new.
     """
     uri = design.tracking_uri(options.tracking_uri)
     design.output_dir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +95,6 @@ def start_parent(design: Design, store: StudyStore, resume: bool) -> None:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, indent=2, default=str)
 
 
@@ -217,7 +216,7 @@ def run_trial(config: dict[str, Any]) -> None:
     try:
         result = train(cfg, logger)
     except Exception:
-        logger.finish("failed", {}, tags={TAG + "error": traceback.format_exc()})
+        logger.finish("failed", {}, tags={TAG + "error": traceback.format_exc()[-tracking.MAX_TAG_CHARS :]})
         raise
     except BaseException:
         logger.finish("interrupted", {})
@@ -336,7 +335,7 @@ class Progress:
             )
 
     def done(self) -> int:
-        return self.counts["finished"] + self.counts["diverged"] + self.counts["failed"]
+        return sum(self.counts.get(k, 0) for k in ("finished", "diverged", "failed", "skipped"))
 
     def eta(self) -> str:
         done, elapsed = self.done(), time.monotonic() - self.started
@@ -400,7 +399,7 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
     if todo:
         started_ray = init_ray(options.ray_address)
         try:
-            check_capacity(design)
+            check_cluster(design, store.uri)
             start_parent(design, store, resume=parent is not None)
             tracking.close_stale(store.client, runs)  # left running by a driver that was killed
             prepare_data(todo, console)
@@ -441,24 +440,27 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
-def check_capacity(design: Design) -> None:
-    """A trial must fit on the cluster, or Tune would wait for it forever."""
+def check_cluster(design: Design, uri: str) -> None:
+    """A trial must fit on the cluster (or Tune would wait forever) and reach the tracking store."""
     import ray
 
     have, want = ray.cluster_resources(), design.study.resources
+    source = str(design.source) if design.source else None
     for kind, asked in (("CPU", want.cpu), ("GPU", want.gpu)):
         if asked > have.get(kind, 0):
             hint = "set resources.gpu: 0 to train on CPU" if kind == "GPU" else "lower resources.cpu"
-            raise StudyError(
-                [
-                    (
-                        f"resources.{kind.lower()}",
-                        f"each trial asks for {asked} {kind} but the Ray cluster has "
-                        f"{have.get(kind, 0):g}; {hint}, or join a larger cluster with --ray-address",
-                    )
-                ],
-                str(design.source) if design.source else None,
+            message = (
+                f"each trial asks for {asked} {kind} but the Ray cluster has {have.get(kind, 0):g}; "
+                f"{hint}, or join a larger cluster with --ray-address"
             )
+            raise StudyError([(f"resources.{kind.lower()}", message)], source)
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1 and uri.startswith("sqlite:"):
+        message = (
+            f"a SQLite store is a file on this machine; trials on the other {nodes - 1} node(s) cannot write "
+            "to it. Start `mlflow server` (PostgreSQL backend) and pass --tracking-uri http://HOST:5000"
+        )
+        raise StudyError([("tracking.uri", message)], source)
 
 
 def prepare_data(trials: list[Trial], console: Console) -> None:

@@ -345,7 +345,7 @@ def test_ui_serves_the_study_store_on_localhost(concurrent, monkeypatch):
 
     design, _, _, _ = concurrent
     calls = []
-    monkeypatch.setattr(ablate.cli.subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    monkeypatch.setattr(ablate.cli.os, "execve", lambda path, command, env: calls.append((command, env)))
     result = CliRunner().invoke(ablate.cli.app, ["ui", str(design.source), "--port", "5123"])
     assert result.exit_code == 0, result.output
     ((command, env),) = calls
@@ -355,3 +355,17 @@ def test_ui_serves_the_study_store_on_localhost(concurrent, monkeypatch):
         command[command.index("--host") + 1] == "127.0.0.1" and command[command.index("--port") + 1] == "5123"
     )
     assert "http://127.0.0.1:5123" in result.output
+
+
+def test_ui_refuses_a_busy_port(concurrent):
+    import socket
+
+    from ablate.cli import app
+
+    design, _, _, _ = concurrent
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["ui", str(design.source), "--port", str(port)])
+    assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr
