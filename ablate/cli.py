@@ -341,6 +341,9 @@ def report(
         raise fail(f"{study}: {err}") from None
     out_dir = out or design.output_dir / "report"
     paths = write_report(analysis, out_dir, curves=curves, title=f"{design.study.name}: attribution")
+    for name, frame in (("trials.csv", trials), ("curves.csv", curves)):  # inputs of `ablate analyze`
+        frame.to_csv(out_dir / name, index=False)
+        paths[name] = out_dir / name
     client = tracking.MlflowClient(uri)
     experiment = client.get_experiment_by_name(design.experiment)
     parent = tracking.find_parent(client, experiment.experiment_id, design.study.name)
