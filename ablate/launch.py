@@ -251,6 +251,7 @@ def _open_trial_run(payload: dict[str, Any], cfg: RunConfig) -> tracking.TrialLo
         TAG + "config_hash": payload["config_hash"],
         TAG + "study": payload["study"],
         TAG + "device": _device_name(cfg),
+        TAG + "gpu_ids": _gpu_ids(cfg),
         TAG + "host": os.uname().nodename,
     }
     client = tracking.MlflowClient(track["uri"])
@@ -278,6 +279,15 @@ def _device_name(cfg: RunConfig) -> str:
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
         return "cpu"
     return torch.cuda.get_device_name(0)
+
+
+def _gpu_ids(cfg: RunConfig) -> str:
+    """The physical GPUs Ray gave this trial (comma-separated), or '' on CPU."""
+    import ray
+
+    if cfg.train.device == "cpu":
+        return ""
+    return ",".join(str(i) for i in ray.get_gpu_ids())
 
 
 def _trial_key(trial) -> str:

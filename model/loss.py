@@ -8,6 +8,8 @@ F.cross_entropy(h @ W.T + b, targets); the head's matmuls are done once, as in t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn import functional as F
 
@@ -23,8 +25,11 @@ def _chunk_loss_and_grads(hc, w, b, tc, acc: torch.dtype):
     return loss, grad @ w, (grad.t() @ hc).to(acc), grad_b
 
 
-# on CUDA the chunk's softmax, gather and casts fuse into a few kernels around the two matmuls
-_compiled_chunk = torch.compile(_chunk_loss_and_grads, dynamic=False)
+@functools.cache
+def _compiled_chunk():
+    """On CUDA the chunk's softmax, gather and casts fuse into a few kernels around the two matmuls
+    (compiled on first use, so importing the model stays cheap)."""
+    return torch.compile(_chunk_loss_and_grads, dynamic=False)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -33,7 +38,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # h: (N, C) in the compute dtype; weight: (V, C); bias: (V,) or None; targets: (N,)
         n = h.shape[0]
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 math, or fp64 for fp64 inputs
-        chunk_fn = _compiled_chunk if h.is_cuda else _chunk_loss_and_grads
+        chunk_fn = _compiled_chunk() if h.is_cuda else _chunk_loss_and_grads
         w = weight.to(h.dtype)
         b = bias.to(h.dtype) if bias is not None else None
         grad_h = torch.empty_like(h)
