@@ -259,13 +259,20 @@ def ui(
         "--port",
         str(port),
     ]
-    console.print(
-        f"MLflow UI for {design.study.name}: http://{host}:{port}  (experiment {design.experiment!r})"
-    )
+    console.print(f"MLflow UI for {design.study.name}: {_runs_url(uri, design.experiment, host, port)}")
     sys.stdout.flush()
-    os.execve(
-        sys.executable, command, {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    )  # the UI replaces this process
+    # MLflow's background job runner adds processes that slow the UI's shutdown; the UI needs none of it
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    os.execve(sys.executable, command, env)  # the UI replaces this process
+
+
+def _runs_url(uri: str, experiment: str, host: str, port: int) -> str:
+    """The study's runs table (MLflow 3 otherwise opens on its GenAI view, which lists no runs)."""
+    from ablate import tracking
+
+    found = tracking.MlflowClient(uri).get_experiment_by_name(experiment)
+    base = f"http://{host}:{port}"
+    return f"{base}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning" if found else base
 
 
 @app.command()
