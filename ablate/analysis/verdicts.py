@@ -204,4 +204,7 @@ def _sensitivity_line(analysis: StudyAnalysis) -> str:
             if math.isfinite(getattr(row, f"p_adj_{name}"))
         )
         parts.append(f"{row.term} ({verdicts})")
-    return "The verdicts depend on how diverged runs are treated: " + "; ".join(parts) + "."
+    return (
+        "The verdicts change between the treatments of diverged runs (excluded, capped at ln(vocab)) "
+        "and the rank-transformed analysis: " + "; ".join(parts) + "."
+    )
