@@ -22,7 +22,13 @@ SEED_MODEL = {"n_layers": 4, "d_model": 256, "n_heads": 4, "context": 256}
 
 def bench_config(metric: str, loss_chunks: int, steps: int, backend: str) -> RunConfig:
     tree = {
-        "model": {**SEED_MODEL, "metric": metric, "position": "rope", "attn_backend": backend},
+        # the backend applies to rbf and penalty; sdpa always runs torch's SDPA (the baseline)
+        "model": {
+            **SEED_MODEL,
+            "metric": metric,
+            "position": "rope",
+            "attn_backend": "auto" if metric == "sdpa" else backend,
+        },
         "data": {"source": "random:50257", "val_tokens": 64 * 256},
         "train": {
             "tokens": steps * 64 * 256,
@@ -60,13 +66,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--loss-chunks", type=int, default=8)
+    parser.add_argument("--loss-chunks", type=int, default=8, help="fused loss chunks (1: plain loss only)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("ablate.bench measures GPU throughput; no CUDA device is available")
     rows = []
-    for loss_chunks in (1, args.loss_chunks):
+    for loss_chunks in sorted({1, args.loss_chunks}):
         for metric in ("sdpa", "rbf", "penalty"):
             rows.append(run_one(metric, loss_chunks, args.steps, args.backend))
             print(json.dumps(rows[-1]), flush=True)
