@@ -19,11 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from services import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -68,19 +68,6 @@ def postgres_bin() -> Path | None:
 def ablate_command() -> list[str]:
     script = Path(sys.executable).parent / "ablate"
     return [str(script)] if script.exists() else [sys.executable, "-m", "ablate.cli"]
-
-
-def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    """Poll `url` until it answers 200; fail with the service's log if it exits or times out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{process.args[:3]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
 def stop(process: subprocess.Popen, timeout: float = 20) -> None:

@@ -16,11 +16,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from services import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def served(tmp_path_factory):
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_for(f"{url}/health", ui, log)
+        wait_for(f"{url}/health", ui, log, timeout=120)
         yield Served(url, port, log.read_text(), experiment.experiment_id, parent, children)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -155,18 +155,6 @@ def served(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(ui.pid, signal.SIGKILL)
             ui.wait(10)
-
-
-def _wait_for(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"`ablate ui` exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"`ablate ui` did not answer at {url}:\n{log.read_text()[-3000:]}")
 
 
 def chromium_paths() -> tuple[str, str]:
