@@ -206,10 +206,15 @@ def train(
 
 
 def _temperature_metrics(model: GPT) -> dict[str, float]:
+    """Mean gamma (and lambda); per layer and head where they are learned or follow a learned gamma."""
+    cfg = model.cfg
+    gamma_learned = cfg.gamma_schedule == "learnable"
+    lam_learned = cfg.lam_schedule == "learnable" or (cfg.lam_schedule == "tied" and gamma_learned)
+    learned = {"gamma": gamma_learned, "lam": lam_learned}
     out = {}
     for name, values in model.temperatures().items():  # (L, H)
         out[f"{name}/mean"] = values.mean().item()
-        if values.requires_grad or model.cfg.gamma_schedule == "learnable" or name == "lam":
+        if learned[name]:
             for layer, row in enumerate(values.tolist()):
                 out.update({f"{name}/layer{layer}/head{h}": v for h, v in enumerate(row)})
     return out
