@@ -49,14 +49,14 @@ def run_one(metric: str, loss_chunks: int, steps: int, backend: str) -> dict:
     return {
         "metric": metric,
         "loss": "fused chunked" if loss_chunks > 1 else "plain",
-        "tokens_per_s": _steady(log, "tokens_per_s"),
-        "mfu": _steady(log, "mfu"),
+        "tokens_per_s": steady_median(log, "tokens_per_s"),
+        "mfu": steady_median(log, "mfu"),
         "peak_mem_gb": log.series("peak_mem_gb")[-1][1],
         "status": result.status,
     }
 
 
-def _steady(log: RecordingLogger, key: str) -> float:
+def steady_median(log: RecordingLogger, key: str) -> float:
     """Median over the logging windows after the first two (which include compilation)."""
     values = sorted(v for _, v in log.series(key)[2:])
     return values[len(values) // 2]

@@ -20,6 +20,7 @@ import yaml
 
 
 def measure_alone(study: Path) -> dict:
+    from ablate.bench import steady_median
     from ablate.config import RunConfig, from_dict
     from ablate.design import load_design
     from ablate.logger import RecordingLogger
@@ -39,8 +40,7 @@ def measure_alone(study: Path) -> dict:
             continue
         log = RecordingLogger()
         train(from_dict(RunConfig, trial.tree), log)
-        steady = sorted(v for _, v in log.series("tokens_per_s")[2:])
-        rates[levels["metric"]] = steady[len(steady) // 2]
+        rates[levels["metric"]] = steady_median(log, "tokens_per_s")
     return {"alone_tokens_per_s": sum(rates.values()) / len(rates), "by_metric": rates}
 
 
