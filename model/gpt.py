@@ -12,6 +12,8 @@ from model.loss import linear_cross_entropy
 from model.positions import make_position
 from model.schedules import Temperature
 
+LOSSES = ("plain", "fused", "chunked")
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -91,21 +93,35 @@ class GPT(nn.Module):
             x = block(x)
         return self.ln_f(x[:, r:])  # registers are sliced off before the final norm
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, loss_chunks: int = 1):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        loss: str = "plain",
+        loss_chunks: int = 8,
+    ):
         """Logits (B, T, V) without targets; the mean token cross-entropy with them.
 
-        loss_chunks > 1 fuses the LM head with the loss over that many token chunks, so the full
-        (B*T, V) logits are never held at once (same value, far less memory traffic).
+        loss: "plain" (full logits, F.cross_entropy), "fused" (the head and the loss in one Triton
+        op, kernels.linear_cross_entropy; CUDA only) or "chunked" (pure torch, the head fused
+        with the loss over `loss_chunks` token chunks, never holding all logits). Same value each way.
         """
         h = self.hidden(idx)
         if targets is None:
             return self.head(h)
         h, targets = h.flatten(0, 1), targets.flatten()
-        if loss_chunks <= 1:
+        if loss == "plain":
             logits = self.head(h)
             return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
-        chunk = -(-h.shape[0] // loss_chunks)
-        return linear_cross_entropy(h, self.head.weight, self.head.bias, targets, chunk)
+        if loss == "fused":
+            if torch.is_autocast_enabled(h.device.type):
+                h = h.to(torch.get_autocast_dtype(h.device.type))
+            return kernels.linear_cross_entropy(h, self.head.weight, self.head.bias, targets)
+        if loss == "chunked":
+            chunk = -(-h.shape[0] // loss_chunks)
+            return linear_cross_entropy(h, self.head.weight, self.head.bias, targets, chunk)
+        raise ValueError(f"loss={loss!r}; choose one of {list(LOSSES)}")
 
     def set_step(self, step: int) -> None:
         """Advance gamma/lambda schedules to a training step."""

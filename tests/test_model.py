@@ -259,10 +259,10 @@ def test_fused_chunked_loss_matches_plain_loss_and_gradients(bias):
     torch.manual_seed(6)
     idx = torch.randint(0, 37, (3, 12))
     grads = []
-    for chunks in (1, 5):
+    for loss, chunks in (("plain", 1), ("chunked", 5)):
         torch.manual_seed(7)
         model = GPT(tiny(bias=bias, registers=1)).double()
-        loss = model(idx, idx.roll(1, dims=1), loss_chunks=chunks)
+        loss = model(idx, idx.roll(1, dims=1), loss=loss, loss_chunks=chunks)
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (plain, plain_grads), (fused, fused_grads) = grads

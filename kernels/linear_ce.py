@@ -1,0 +1,170 @@
+"""The LM head and its cross-entropy with one logits buffer and no float32 copy of it.
+
+The plain compiled loss spends most of a small model's step on the (tokens x vocab) logits: the head's
+matmul with a bias epilogue, a float32 log-softmax pass, its backward pass, a bias-gradient reduction.
+Here the forward does all of it at once:
+
+    Z = h W^T                    one matmul into a bf16 buffer whose rows are padded to 64 columns
+    lse, loss = row kernel       log-sum-exp of Z + b per row, in float32 (first pass over the row)
+    G = softmax(Z + b) - onehot  written over Z in place by the same kernel (second pass)
+    dh = G W,  [dW | db] = G^T [h | 1]     two matmuls; the bias gradient rides along as a column of ones
+
+and keeps only dh, dW and db (small) for the backward, which scales them by the incoming gradient.
+The second pass re-reads a row the first pass just read, so it is served mostly from L2. Without
+gradients (evaluation) only the first pass runs. Math per row: loss = lse - z_target, G = p - onehot.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_attn import INTERPRET
+
+PAD = 64  # logits row stride (and weight rows) padded to this many columns: aligned, fast matmuls
+BLOCK_V = 128 if INTERPRET else 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _ce_rows_kernel(
+    z_ptr,  # (M, V_pad) logits in, gradient out (when WRITE_GRAD)
+    bias_ptr,  # (V,) or a dummy
+    target_ptr,  # (M,) int64
+    loss_ptr,  # (M,) float32
+    stride_row,
+    V,
+    V_pad,
+    HAS_BIAS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_row
+    offsets = tl.arange(0, BLOCK_V)
+
+    # pass 1: running max and sum of exp per lane (no cross-lane reduction inside the loop), then
+    # combined. A lane that has seen only padding keeps m = -inf and s = 0.
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offsets
+        valid = cols < V
+        z = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, z)
+        seen = m_new > float("-inf")
+        s = tl.where(seen, s * tl.exp(m - m_new) + tl.exp(z - m_new), 0.0)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+
+    target = tl.load(target_ptr + row)
+    z_target = tl.load(z_row + target).to(tl.float32)
+    if HAS_BIAS:
+        z_target += tl.load(bias_ptr + target).to(tl.float32)
+    tl.store(loss_ptr + row, lse - z_target)
+
+    if WRITE_GRAD:  # pass 2: G = softmax - onehot over the row; zeros in the padding columns
+        for start in range(0, V_pad, BLOCK_V):
+            cols = start + offsets
+            valid = cols < V
+            z = tl.load(z_row + cols, mask=valid, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+            g = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
+            g = tl.where(valid, g, 0.0)
+            tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=cols < V_pad)
+
+
+def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[0]))
+
+
+@torch.library.custom_op("ablate::linear_cross_entropy", mutates_args=())
+def _linear_ce_op(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed loss, and (when with_grad) its gradients w.r.t. h, weight and bias at scale 1."""
+    n, c = h.shape
+    v = weight.shape[0]
+    v_pad = triton.cdiv(v, PAD) * PAD
+    z = h @ _padded_rows(weight, v_pad).t()  # (n, v_pad); padding rows of W are zero
+    losses = torch.empty(n, dtype=torch.float32, device=h.device)
+    _ce_rows_kernel[(n,)](
+        z, bias if bias is not None else z, targets, losses, z.stride(0), v, v_pad,
+        HAS_BIAS=bias is not None, WRITE_GRAD=with_grad, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    empty = h.new_empty(0)
+    if not with_grad:
+        return losses.sum(), empty, empty.clone(), empty.clone()
+    grad_h = z @ _padded_rows(weight, v_pad)  # (n, c)
+    if bias is None:
+        return losses.sum(), grad_h, (z.t() @ h)[:v].contiguous(), empty
+    ones = torch.zeros(n, 8, dtype=h.dtype, device=h.device)  # 8 columns keep the matmul aligned
+    ones[:, 0] = 1
+    grad_wb = z.t() @ torch.cat((h, ones), dim=1)  # (v_pad, c + 8): [G^T h | G^T 1 | 0...]
+    return losses.sum(), grad_h, grad_wb[:v, :c].contiguous(), grad_wb[:v, c].contiguous()
+
+
+@_linear_ce_op.register_fake
+def _linear_ce_fake(h, weight, bias, targets, with_grad):
+    loss = h.new_empty((), dtype=torch.float32)
+    if not with_grad:
+        return loss, h.new_empty(0), h.new_empty(0), h.new_empty(0)
+    grad_b = torch.empty_like(bias) if bias is not None else h.new_empty(0)
+    return loss, torch.empty_like(h), torch.empty_like(weight), grad_b
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _h, _weight, bias, _targets, with_grad = inputs
+    _, grad_h, grad_w, grad_b = output
+    ctx.with_grad, ctx.has_bias = with_grad, bias is not None
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if not ctx.with_grad:
+        raise RuntimeError("linear_cross_entropy ran without gradients (with_grad=False); cannot backward")
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    scale = grad_loss.float()
+    dh, dw = ((g.float() * scale).to(g.dtype) for g in (grad_h, grad_w))
+    db = (grad_b.float() * scale).to(grad_b.dtype) if ctx.has_bias else None
+    return dh, dw, db, None, None
+
+
+_linear_ce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def unsupported_reason(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> str | None:
+    """Why the kernel cannot run these inputs, or None when it can."""
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        return f"need h (N, C) and weight (V, C); got {tuple(h.shape)} and {tuple(weight.shape)}"
+    if targets.shape != h.shape[:1]:
+        return f"targets must have shape ({h.shape[0]},); got {tuple(targets.shape)}"
+    if h.device.type != "cuda" and not INTERPRET:
+        return f"needs a CUDA device (or TRITON_INTERPRET=1); got {h.device}"
+    if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"h must be float16, bfloat16 or float32; got {h.dtype}"
+    return None
+
+
+def linear_cross_entropy_triton(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of (h @ weight.T + bias) against targets; h: (N, C), weight: (V, C), targets: (N,).
+
+    The matmuls run in h's dtype (weight and bias are cast to it, so their gradients flow back through
+    the cast), the softmax in float32. Gradients are computed in the forward when autograd needs them.
+    """
+    reason = unsupported_reason(h, weight, targets)
+    if reason:
+        raise ValueError(f"linear_cross_entropy_triton: {reason}")
+    w = weight.to(h.dtype)
+    b = bias.to(h.dtype) if bias is not None else None
+    with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
+    loss, *_ = _linear_ce_op(h.contiguous(), w.contiguous(), b, targets.contiguous(), with_grad)
+    return loss / h.shape[0]

@@ -1,0 +1,156 @@
+"""The fused LM-head cross-entropy (kernels/linear_ce.py) against float64 math.
+
+The Triton kernel runs on CPU under TRITON_INTERPRET=1, which must be on before triton is imported:
+`test_fused_loss_under_the_interpreter` reruns this file in a subprocess with it on. The `gpu` tests
+check realistic shapes in bf16 and torch.compile on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import kernels
+from model import GPT, GPTConfig
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted_only = pytest.mark.skipif(
+    not INTERPRETED, reason="needs TRITON_INTERPRET=1 (run by a subprocess)"
+)
+
+
+def make(n, c, v, dtype, device="cpu", *, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, c, generator=gen).to(device, dtype).requires_grad_()
+    w = (torch.randn(v, c, generator=gen) * c**-0.5).to(device, dtype).requires_grad_()
+    b = (torch.randn(v, generator=gen) * 0.5).to(device, dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,), generator=gen).to(device)
+    return h, w, b, targets
+
+
+def reference(h, w, b, targets):
+    """Loss and gradients (h, w, b) in float64, for an upstream gradient of 1.7."""
+    h64, w64 = (t.detach().double().requires_grad_() for t in (h, w))
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    logits = h64 @ w64.t() + (b64 if b64 is not None else 0.0)
+    loss = F.cross_entropy(logits, targets)
+    wrt = [t for t in (h64, w64, b64) if t is not None]
+    return loss.detach(), torch.autograd.grad(loss * 1.7, wrt)
+
+
+def fused(h, w, b, targets):
+    loss = kernels.linear_cross_entropy(h, w, b, targets)
+    wrt = [t for t in (h, w, b) if t is not None]
+    return loss.detach(), torch.autograd.grad(loss * 1.7, wrt)
+
+
+def rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+@interpreted_only
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("n", "c", "v"), [(37, 16, 203), (8, 32, 64), (5, 24, 300)])
+def test_interpreted_loss_and_gradients_match_float64(n, c, v, bias):
+    h, w, b, targets = make(n, c, v, torch.float32, bias=bias, seed=n + v)
+    loss, grads = fused(h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * max(1.0, ref_loss.item())
+    assert len(grads) == len(ref_grads) == (3 if bias else 2)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == torch.float32
+        assert rel(got, want) < 1e-5
+
+
+@interpreted_only
+def test_interpreted_without_gradients_gives_the_same_loss():
+    h, w, b, targets = make(19, 16, 150, torch.float32)
+    with torch.no_grad():
+        no_grad = kernels.linear_cross_entropy(h, w, b, targets)
+    assert not no_grad.requires_grad
+    assert abs(no_grad.item() - reference(h, w, b, targets)[0].item()) < 1e-5
+
+
+@interpreted_only
+def test_interpreted_model_fused_loss_matches_plain():
+    cfg = GPTConfig(vocab_size=211, n_layers=1, d_model=32, n_heads=2, context=12, metric="rbf", registers=1)
+    idx = torch.randint(0, 211, (3, 12), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for loss in ("plain", "fused"):
+        torch.manual_seed(3)
+        model = GPT(cfg)
+        value = model(idx, idx.roll(1, dims=1), loss=loss)
+        value.backward()
+        out[loss] = (value.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert abs(out["plain"][0] - out["fused"][0]) < 1e-5
+    for name, grad in out["plain"][1].items():
+        assert rel(out["fused"][1][name], grad.double()) < 1e-4, name
+
+
+def test_fused_loss_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "8 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fused_loss_on_cpu_says_it_needs_cuda():
+    h, w, b, targets = make(4, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="CUDA"):
+        kernels.linear_cross_entropy(h, w, b, targets)
+
+
+def test_unknown_loss_is_named():
+    model = GPT(GPTConfig(vocab_size=16, n_layers=1, d_model=16, n_heads=2, context=4))
+    with pytest.raises(ValueError, match="loss='fancy'"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), loss="fancy")
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("n", "v"), [(4096, 50257), (1000, 3001)])
+def test_bf16_on_cuda_matches_float64(n, v, bias):
+    h, w, b, targets = make(n, 256, v, torch.bfloat16, "cuda", bias=bias, seed=torch.seed() % 2**31)
+    loss, grads = fused(h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    assert abs(loss.item() - ref_loss.item()) < 1e-3 * ref_loss.item()
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == torch.bfloat16
+        assert rel(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+def test_compiled_model_with_fused_loss_has_no_graph_breaks_and_matches_plain():
+    cfg = GPTConfig(vocab_size=50257, n_layers=2, d_model=256, n_heads=4, context=256, metric="penalty")
+    idx = torch.randint(0, 50257, (8, 256), device="cuda")
+    targets = idx.roll(1, dims=1)
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda()
+
+    def step(loss):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(idx, targets, loss=loss)
+
+    assert torch._dynamo.explain(step)("fused").graph_break_count == 0
+    compiled = torch.compile(step, fullgraph=True)
+    grads = {}
+    for loss, fn in (("plain", step), ("fused", compiled)):
+        model.zero_grad(set_to_none=True)
+        value = fn(loss)
+        value.backward()
+        grads[loss] = (value.item(), [p.grad.double() for p in model.parameters()])
+    assert abs(grads["plain"][0] - grads["fused"][0]) < 2e-3 * grads["plain"][0]
+    for got, want in zip(grads["fused"][1], grads["plain"][1], strict=True):
+        assert rel(got, want) < 2e-2
