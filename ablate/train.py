@@ -111,6 +111,7 @@ def train(
 ) -> TrialResult:
     """Train one (configuration, seed) to its token budget; stop at divergence."""
     logger = logger or NullLogger()
+    entered = time.perf_counter()
     device, data, model, autocast = _setup(cfg, data)
     tc, oc = cfg.train, cfg.optim
     tokens_per_step = tc.batch_size * cfg.model.context
@@ -122,7 +123,14 @@ def train(
         eps=oc.eps,
         fused=device.type == "cuda",
     )
-    step_model = torch.compile(model) if tc.compile else model
+    loss_kind = tc.loss if tc.loss != "auto" else ("fused" if device.type == "cuda" else "plain")
+    step_model = model
+    if tc.compile:
+        # a process may run many trials (Ray reuses workers): without a reset, each new model is a
+        # recompilation of the last, and past torch's recompile limit the step silently runs eager
+        torch._dynamo.reset()
+        # cuda_graphs: inductor captures the compiled forward and backward as CUDA graphs
+        step_model = torch.compile(model, mode="reduce-overhead" if tc.cuda_graphs else None)
     bound = tc.diverge_loss if tc.diverge_loss is not None else 2.0 * math.log(data.vocab_size)
     flops_per_token, peak = model.flops_per_token(), peak_flops(device)
     logger.log_params(
@@ -132,12 +140,15 @@ def train(
             "derived.total_steps": total_steps,
             "derived.vocab_size": data.vocab_size,
             "derived.device": _device_name(device),
+            "derived.loss": loss_kind,
         }
     )
     batches = train_batches(data, tc.batch_size, seed=cfg.resolved_data_seed, device=device)
     window = torch.zeros(tc.log_every, device=device)  # this window's losses, checked without a per-step sync
     throughputs: list[float] = []
-    last_val, t_window, window_start = None, time.perf_counter(), 0
+    last_val, t_window, window_start, paused = None, time.perf_counter(), 0, 0.0
+    timing = dict.fromkeys(("first_window_s", "train_s", "eval_s", "log_s"), 0.0)
+    timing["setup_s"] = t_window - entered  # data, model, optimiser
     nan_at, raise_at = tc.fault_at("nan"), tc.fault_at("raise")
 
     for step in range(total_steps):
@@ -147,16 +158,19 @@ def train(
         model.set_step(step)
 
         if step > 0 and step % tc.eval_every == 0:
+            t_eval = time.perf_counter()
             eval_metrics = evaluate(model, data, cfg, device, autocast)
             last_val = eval_metrics["val/loss"]
             logger.log_metrics({**eval_metrics, "tokens": step * tokens_per_step}, step)
-            t_window = time.perf_counter()  # evaluation time is not training time
+            paused += time.perf_counter() - t_eval  # evaluation time is not training time
 
         x, y = next(batches)
         if step == raise_at:
             raise RuntimeError(f"injected failure at step {step} (train.fault={tc.fault})")
+        if tc.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
         with autocast:
-            loss = step_model(x, y, loss_chunks=tc.loss_chunks)
+            loss = step_model(x, y, loss=loss_kind, loss_chunks=tc.loss_chunks)
         if step == nan_at:
             loss = loss * float("nan")
         loss.backward()
@@ -172,7 +186,11 @@ def train(
                 at = window_start + bad[0]
                 logger.log_metrics({"train/loss": losses[bad[0]], "diverged": 1.0}, at)
                 return TrialResult("diverged", at, at * tokens_per_step, last_val, diverged_step=at)
-            elapsed = time.perf_counter() - t_window
+            elapsed = time.perf_counter() - t_window - paused
+            timing["train_s"] += elapsed
+            timing["eval_s"] += paused
+            if not throughputs:
+                timing["first_window_s"] = timing["train_s"]  # includes compilation and warm-up
             tps = len(losses) * tokens_per_step / max(elapsed, 1e-9)
             throughputs.append(tps)
             metrics = {
@@ -188,10 +206,14 @@ def train(
             if device.type == "cuda":
                 metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log_metrics(metrics, step)
-            window_start, t_window = step + 1, time.perf_counter()
+            now = time.perf_counter()
+            timing["log_s"] += now - (t_window + elapsed + paused)
+            window_start, t_window, paused = step + 1, now, 0.0
 
+    t_eval = time.perf_counter()
     final = evaluate(model, data, cfg, device, autocast)
     logger.log_metrics({**final, "tokens": total_steps * tokens_per_step}, total_steps)
+    timing["eval_s"] += time.perf_counter() - t_eval
     steady = statistics.median(throughputs[1:] or throughputs)
     summary = {
         "val_loss": final["val/loss"],
@@ -199,6 +221,7 @@ def train(
         "tokens_per_s": steady,
         **({"mfu": steady * flops_per_token / peak} if peak else {}),
         **{k.removeprefix("diag/"): v for k, v in final.items() if k.endswith("/mean")},
+        **{f"time/{k}": v for k, v in timing.items()},  # where the trial's seconds went
     }
     return TrialResult(
         "finished", total_steps, total_steps * tokens_per_step, final["val/loss"], summary=summary

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+LOSSES = ("auto", "plain", "fused", "chunked")
 
 
 @dataclass(kw_only=True)
@@ -44,7 +45,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available
     precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     compile: bool = False  # torch.compile the model (GPU)
-    loss_chunks: int = 1  # > 1: chunked cross-entropy, never materialising all logits
+    cuda_graphs: bool = False  # with compile: replay the forward and backward as CUDA graphs
+    loss: str = "auto"  # auto (fused on CUDA, else plain) | plain | fused (Triton head+loss op) | chunked
+    loss_chunks: int = 8  # token chunks of the chunked loss
     diverge_loss: float | None = None  # a train loss above this is divergence; None: 2 * ln(vocab)
     threads: int | None = None  # CPU threads for torch; None: torch's default
     fault: str | None = None  # fault injection for tests: "nan@K" (NaN loss at step K) or "raise@K"
@@ -57,6 +60,10 @@ class TrainConfig:
             raise ValueError(f"device={self.device!r}; choose one of {list(DEVICES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; choose one of {list(PRECISIONS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}; choose one of {list(LOSSES)}")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("cuda_graphs needs compile: true (the graphs are captured by torch.compile)")
         if self.fault is not None:
             kind, _, at = self.fault.partition("@")
             if kind not in ("nan", "raise") or not at.isdigit():
