@@ -1,8 +1,11 @@
 """Training throughput of one trial on a GPU: `python -m ablate.bench`.
 
 Runs `ablate.train.train` on random tokens at the seed-size model (4 layers, d_model 256, 4 heads,
-context 256, batch 64, vocab 50257, bf16, compiled) for every metric, with the plain loss and with
-the fused chunked loss, and prints steady-state tokens/s, MFU and peak memory as a Markdown table.
+context 256, batch 64, vocab 50257, bf16, compiled) for every metric and every variant of the step:
+`plain` (compiled, the full logits and F.cross_entropy), `graphs` (the same, replayed as CUDA graphs),
+`fused` (the LM head and loss as one Triton op, kernels/linear_ce.py), `fused+graphs`, and `chunked`
+(the pure-torch chunked head+loss). Prints steady-state tokens/s, MFU and peak memory as
+a Markdown table.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ from ablate.train import train
 SEED_MODEL = {"n_layers": 4, "d_model": 256, "n_heads": 4, "context": 256}
 
 
-def bench_config(metric: str, loss_chunks: int, steps: int, backend: str) -> RunConfig:
+VARIANTS = {  # name -> train settings on top of the compiled step
+    "plain": {"loss": "plain"},
+    "graphs": {"loss": "plain", "cuda_graphs": True},
+    "fused": {"loss": "fused"},
+    "fused+graphs": {"loss": "fused", "cuda_graphs": True},
+    "chunked": {"loss": "chunked", "loss_chunks": 8},
+}
+
+
+def bench_config(metric: str, variant: str, steps: int, backend: str) -> RunConfig:
     tree = {
         # the backend applies to rbf and penalty; sdpa always runs torch's SDPA (the baseline)
         "model": {
@@ -37,18 +49,18 @@ def bench_config(metric: str, loss_chunks: int, steps: int, backend: str) -> Run
             "eval_batches": 1,
             "log_every": 20,
             "compile": True,
-            "loss_chunks": loss_chunks,
+            **VARIANTS[variant],
         },
     }
     return from_dict(RunConfig, tree)
 
 
-def run_one(metric: str, loss_chunks: int, steps: int, backend: str) -> dict:
+def run_one(metric: str, variant: str, steps: int, backend: str) -> dict:
     log = RecordingLogger()
-    result = train(bench_config(metric, loss_chunks, steps, backend), log)
+    result = train(bench_config(metric, variant, steps, backend), log)
     return {
         "metric": metric,
-        "loss": "fused chunked" if loss_chunks > 1 else "plain",
+        "variant": variant,
         "tokens_per_s": steady_median(log, "tokens_per_s"),
         "mfu": steady_median(log, "mfu"),
         "peak_mem_gb": log.series("peak_mem_gb")[-1][1],
@@ -66,29 +78,51 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--loss-chunks", type=int, default=8, help="fused loss chunks (1: plain loss only)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}"
+    )
+    parser.add_argument("--metrics", default="sdpa,rbf,penalty")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
+    variants, metrics = args.variants.split(","), args.metrics.split(",")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("ablate.bench measures GPU throughput; no CUDA device is available")
     rows = []
-    for loss_chunks in sorted({1, args.loss_chunks}):
-        for metric in ("sdpa", "rbf", "penalty"):
-            rows.append(run_one(metric, loss_chunks, args.steps, args.backend))
+    for variant in variants:
+        for metric in metrics:
+            rows.append(run_one(metric, variant, args.steps, args.backend))
             print(json.dumps(rows[-1]), flush=True)
     print(
         f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} steps, backend {args.backend}\n"
     )
-    print("| metric | loss | tokens/s | vs sdpa (same loss) | MFU | peak memory |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        base = next(r for r in rows if r["metric"] == "sdpa" and r["loss"] == row["loss"])
-        print(
-            f"| {row['metric']} | {row['loss']} | {row['tokens_per_s'] / 1e6:.2f}M | "
-            f"{row['tokens_per_s'] / base['tokens_per_s']:.3f}x | {row['mfu']:.1%} | {row['peak_mem_gb']:.1f} GB |"
-        )
+    print(markdown_table(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per (variant, metric); ratios against sdpa with the same variant and with `plain`."""
+    lines = [
+        "| metric | step | tokens/s | vs sdpa, same step | vs plain sdpa | MFU | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def base(variant: str) -> float | None:
+        match = [r for r in rows if r["metric"] == "sdpa" and r["variant"] == variant]
+        return match[0]["tokens_per_s"] if match else None
+
+    def ratio(value: float, reference: float | None) -> str:
+        return f"{value / reference:.3f}x" if reference else "-"
+
+    for row in rows:
+        tps = row["tokens_per_s"]
+        lines.append(
+            f"| {row['metric']} | {row['variant']} | {tps / 1e6:.2f}M | {ratio(tps, base(row['variant']))} | "
+            f"{ratio(tps, base('plain'))} | {row['mfu']:.1%} | {row['peak_mem_gb']:.1f} GB |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

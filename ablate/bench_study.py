@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -44,12 +45,15 @@ def measure_alone(study: Path) -> dict:
     return {"alone_tokens_per_s": sum(rates.values()) / len(rates), "by_metric": rates}
 
 
-def variant(study: Path, gpu: float) -> Path:
-    """A copy of the study with another per-trial GPU fraction (its own name and output folder)."""
+def variant(study: Path, gpu: float | None, tokens: int | None) -> Path:
+    """A copy of the study with another per-trial GPU fraction and/or token budget (own name and folder)."""
     tree = yaml.safe_load(study.read_text())
-    tag = str(gpu).replace(".", "p")
-    tree["name"] = f"{tree['name']}_gpu{tag}"
-    tree["resources"] = {**tree.get("resources", {}), "gpu": gpu}
+    if gpu is not None:
+        tree["name"] += "_gpu" + str(gpu).replace(".", "p")
+        tree["resources"] = {**tree.get("resources", {}), "gpu": gpu}
+    if tokens is not None:
+        tree["name"] += f"_tok{tokens}"
+        tree["fixed"]["train"] = {**tree["fixed"].get("train", {}), "tokens": tokens}
     tree["tracking"] = {**tree.get("tracking", {}), "experiment": tree["name"]}
     path = study.parent / f"runs/{tree['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +61,15 @@ def variant(study: Path, gpu: float) -> Path:
     return path
 
 
-def summarize(study: Path, wall: float) -> dict:
+PHASES = ("setup_s", "first_window_s", "train_s", "eval_s", "log_s")
+
+
+def summarize(study: Path, started: float, ended: float) -> dict:
+    """The study's record, with its wall time split into slot-seconds by phase.
+
+    started/ended: epoch seconds around `ablate run`. A slot is one trial's share of a GPU; the study
+    has `slots` of them (the most trials that ever ran at once) for its whole wall time.
+    """
     from ablate import tracking
     from ablate.design import load_design
 
@@ -67,11 +79,13 @@ def summarize(study: Path, wall: float) -> dict:
     parent = tracking.find_parent(client, experiment.experiment_id, design.study.name)
     runs = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id) if parent else []
     done = list(tracking.done_runs(runs).values())
+    wall = ended - started
     tokens = sum(r.data.metrics.get("tokens", 0.0) for r in done)
     spans = [
         (r.info.start_time / 1e3, r.info.end_time / 1e3, r.data.tags.get("ablate.gpu_ids", "")) for r in done
     ]
-    first_start = min(s for s, _, _ in spans)
+    if not spans:
+        return {"trials": len(runs), "completed": 0, "tokens": 0.0, "wall_s": wall}
     per_gpu: dict[str, int] = {}
     peak: dict[str, int] = {}
     for start, _, gpus in spans:
@@ -79,6 +93,24 @@ def summarize(study: Path, wall: float) -> dict:
             per_gpu[gpu] = per_gpu.get(gpu, 0) + 1
             at_once = sum(1 for s, e, g in spans if gpu in g.split(",") and s <= start < e)
             peak[gpu] = max(peak.get(gpu, 0), at_once)
+    slots = max(1, max(sum(1 for s, e, _ in spans if s <= start < e) for start, _, _ in spans))
+    first, last = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
+    in_trials = sum(e - s for s, e, _ in spans)
+    phase = {k: sum(r.data.metrics.get(f"final/time/{k}", 0.0) for r in done) for k in PHASES}
+    steady_train = phase["train_s"] - phase["first_window_s"]
+    slot_seconds = {
+        "before_first_trial (Ray start, data, parent run)": slots * (first - started),
+        "after_last_trial (summary, Ray shutdown)": slots * (ended - last),
+        "between_trials (idle slots: actor start, scheduling, tail)": slots * (last - first) - in_trials,
+        "trial_setup (data load, model, optimiser)": phase["setup_s"],
+        "first_window (compilation, warm-up)": phase["first_window_s"],
+        "training (steady)": steady_train,
+        "evaluation": phase["eval_s"],
+        "logging in the loop": phase["log_s"],
+        "trial_other (MLflow run open/close, imports)": in_trials
+        - sum(v for k, v in phase.items() if k != "first_window_s"),  # the first window is in train_s
+    }
+    capacity = slots * wall
     trial_seconds = sorted(e - s for s, e, _ in spans)
     return {
         "trials": len(runs),
@@ -86,11 +118,15 @@ def summarize(study: Path, wall: float) -> dict:
         "tokens": tokens,
         "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall,
-        "first_trial_after_s": first_start - (parent.info.start_time / 1e3) if parent else None,
+        "steady_packed_tokens_per_s": tokens / (steady_train / slots) if steady_train else None,
+        "slots": slots,
+        "slot_seconds": {k: round(v, 1) for k, v in slot_seconds.items()},
+        "slot_share": {k: round(v / capacity, 3) for k, v in slot_seconds.items()},
         "median_trial_s": trial_seconds[len(trial_seconds) // 2],
         "trials_per_gpu": per_gpu,
         "max_trials_at_once_per_gpu": peak,
         "devices": sorted({r.data.tags.get("ablate.device", "?") for r in done}),
+        "processes": len({(r.data.tags.get("ablate.host"), r.data.tags.get("ablate.pid")) for r in done}),
     }
 
 
@@ -100,17 +136,35 @@ def main() -> None:
     parser.add_argument(
         "--gpu", type=float, default=None, help="per-trial GPU fraction (default: the study's)"
     )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="per-trial token budget (default: the study's)"
+    )
     parser.add_argument("--alone", action="store_true", help="measure one trial alone per metric")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="an --alone result (JSON): adds the study efficiency"
+    )
+    parser.add_argument("--timeout", type=float, default=None, help="stop the study after this many seconds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    study = args.study
+    if args.gpu is not None or args.tokens is not None:
+        study = variant(args.study, args.gpu, args.tokens)
     if args.alone:
-        result = measure_alone(args.study)
+        result = measure_alone(study)
     else:
-        study = variant(args.study, args.gpu) if args.gpu is not None else args.study
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "ablate.cli", "run", str(study), "--fresh"], check=False)
-        wall = time.perf_counter() - started
-        result = {"study": str(study), "exit": proc.returncode, **summarize(study, wall)}
+        started = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "ablate.cli", "run", str(study), "--fresh"])
+        try:
+            code = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # stop the study the way Ctrl-C does; summarise what finished
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait()
+        ended = time.time()
+        result = {"study": str(study), "exit": code, **summarize(study, started, ended)}
+        if args.baseline is not None:
+            alone = json.loads(args.baseline.read_text())["alone_tokens_per_s"]
+            result["alone_tokens_per_s"] = alone
+            result["efficiency"] = result["aggregate_tokens_per_s"] / alone
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

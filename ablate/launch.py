@@ -253,6 +253,7 @@ def _open_trial_run(payload: dict[str, Any], cfg: RunConfig) -> tracking.TrialLo
         TAG + "device": _device_name(cfg),
         TAG + "gpu_ids": _gpu_ids(cfg),
         TAG + "host": os.uname().nodename,
+        TAG + "pid": str(os.getpid()),  # Ray reuses worker processes: same pid, same warm process
     }
     client = tracking.MlflowClient(track["uri"])
     name = f"{payload['label']} seed={payload['seed']}"

@@ -146,6 +146,27 @@ def test_one_finished_child_per_trial_with_every_param_metric_and_tag(concurrent
     assert any("system/cpu_percent" in r.data.metrics for r in runs)
 
 
+def test_study_time_breakdown_reads_every_trials_phases(concurrent):
+    from ablate.bench_study import summarize
+
+    design, _, client, runs = concurrent
+    done = [r for r in runs if r.data.tags["ablate.status"] in ("finished", "diverged")]
+    finished = [r for r in done if r.data.tags["ablate.status"] == "finished"]
+    assert all(r.data.metrics["final/time/train_s"] > 0 for r in finished)
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    started, ended = parent.info.start_time / 1e3 - 1.0, parent.info.end_time / 1e3 + 1.0
+    result = summarize(design.source, started, ended)
+    assert result["completed"] == len(done) == 10 and result["slots"] >= 2
+    assert result["tokens"] == sum(r.data.metrics["tokens"] for r in done)
+    seconds = result["slot_seconds"]
+    train_s = sum(r.data.metrics["final/time/train_s"] for r in finished)
+    assert seconds["training (steady)"] + seconds["first_window (compilation, warm-up)"] == pytest.approx(
+        train_s, abs=0.2
+    )
+    assert seconds["trial_setup (data load, model, optimiser)"] > 0 and seconds["evaluation"] > 0
+    assert 1 <= result["processes"] <= len(done)
+
+
 def test_trials_ran_concurrently(concurrent):
     _, _, _, runs = concurrent
     events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])

@@ -76,6 +76,14 @@ def test_loss_falls_and_metrics_reported(cache_dir):
     ):
         assert any(key in m for _, m in log.history), key
     assert log.params["model.metric"] == "sdpa" and log.params["derived.total_steps"] == 30
+    assert log.params["derived.loss"] == "plain"  # loss: auto is the plain loss on CPU
+    time = {k.removeprefix("time/"): v for k, v in result.summary.items() if k.startswith("time/")}
+    assert set(time) == {"setup_s", "first_window_s", "train_s", "eval_s", "log_s"}
+    assert all(v >= 0 for v in time.values()) and time["train_s"] > 0 and time["eval_s"] > 0
+    assert time["first_window_s"] <= time["train_s"]
+    # tokens/s counts training time only: evaluation inside a window is taken out of it
+    windows = [v for _, v in log.series("tokens_per_s")]
+    assert min(windows) > 0 and result.summary["tokens_per_s"] == pytest.approx(sorted(windows[1:])[2])
 
 
 def test_same_config_and_seed_give_bit_identical_losses(cache_dir):
@@ -124,6 +132,10 @@ def test_unknown_key_and_bad_type_are_named():
         from_dict(RunConfig, {"train": {"batch_size": "many"}})
     with pytest.raises(ConfigError, match=r"model: metric='dot'"):
         from_dict(RunConfig, {"model": {"metric": "dot"}})
+    with pytest.raises(ConfigError, match=r"train: loss='fast'"):
+        from_dict(RunConfig, {"train": {"loss": "fast"}})
+    with pytest.raises(ConfigError, match="cuda_graphs needs compile"):
+        from_dict(RunConfig, {"train": {"cuda_graphs": True}})
 
 
 def test_overrides_beat_the_file(tmp_path):
