@@ -1,10 +1,12 @@
-"""How well a study uses its GPUs: `python -m ablate.bench_study STUDY [--gpu F] [--alone]`.
+"""How well a study uses its GPUs: `python -m ablate.bench_study STUDY [--alone | --baseline F] ...`.
 
 Study efficiency = (total tokens trained / study wall time) / (steady tokens/s of one trial alone on
 the same GPU). `--alone` measures the denominator: one trial per metric, in this process, on GPU 0.
-Without it, the study is run through `ablate run` (a fresh parent run, with `--gpu` overriding the
-per-trial GPU fraction) and the MLflow record is summarised: tokens, wall time, where the time went,
-which GPU each trial ran on and the most trials any GPU held at once.
+Without it, the study is run through `ablate run --fresh` (`--gpu` and `--tokens` run a copy with another
+per-trial GPU fraction or token budget; `--timeout` stops it as Ctrl-C does) and the MLflow record is
+summarised: tokens, wall time, slots x wall time split by phase, which GPU each trial ran on, the most
+trials any GPU held at once and how many worker processes ran them. `--baseline` (an `--alone` result)
+adds the efficiency.
 """
 
 from __future__ import annotations
