@@ -100,6 +100,9 @@ def summarize(study: Path, started: float, ended: float) -> dict:
     in_trials = sum(e - s for s, e, _ in spans)
     phase = {k: sum(r.data.metrics.get(f"final/time/{k}", 0.0) for r in done) for k in PHASES}
     steady_train = phase["train_s"] - phase["first_window_s"]
+    steady_tokens = tokens - sum(
+        _first_window_tokens(r) for r in done if "final/time/train_s" in r.data.metrics
+    )
     slot_seconds = {
         "before_first_trial (Ray start, data, parent run)": slots * (first - started),
         "after_last_trial (summary, Ray shutdown)": slots * (ended - last),
@@ -120,9 +123,10 @@ def summarize(study: Path, started: float, ended: float) -> dict:
         "tokens": tokens,
         "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall,
-        "steady_packed_tokens_per_s": tokens / (steady_train / slots) if steady_train else None,
+        # all slots' steady training together: tokens after each trial's first window / its time
+        "steady_packed_tokens_per_s": steady_tokens / (steady_train / slots) if steady_train else None,
         "slots": slots,
-        "slot_seconds": {k: round(v, 1) for k, v in slot_seconds.items()},
+        "slot_seconds": slot_seconds,
         "slot_share": {k: round(v / capacity, 3) for k, v in slot_seconds.items()},
         "median_trial_s": trial_seconds[len(trial_seconds) // 2],
         "trials_per_gpu": per_gpu,
@@ -130,6 +134,13 @@ def summarize(study: Path, started: float, ended: float) -> dict:
         "devices": sorted({r.data.tags.get("ablate.device", "?") for r in done}),
         "processes": len({(r.data.tags.get("ablate.host"), r.data.tags.get("ablate.pid")) for r in done}),
     }
+
+
+def _first_window_tokens(run) -> float:
+    """Tokens a trial trained in its first logging window (which includes its warm-up)."""
+    params, steps = run.data.params, run.data.metrics.get("final/steps", 0.0)
+    window = min(float(params["train.log_every"]), steps)
+    return window * float(params["train.batch_size"]) * float(params["model.context"])
 
 
 def main() -> None:

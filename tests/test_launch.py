@@ -165,6 +165,11 @@ def test_study_time_breakdown_reads_every_trials_phases(concurrent):
     )
     assert seconds["trial_setup (data load, model, optimiser)"] > 0 and seconds["evaluation"] > 0
     assert 1 <= result["processes"] <= len(done)
+    # the steady rate counts only tokens trained after each finished trial's first window (2 steps)
+    first_windows = len(finished) * 2 * 8 * 32  # log_every x batch_size x context
+    steady = seconds["training (steady)"] / result["slots"]
+    expected = (result["tokens"] - first_windows) / steady
+    assert result["steady_packed_tokens_per_s"] == pytest.approx(expected)
 
 
 def test_trials_ran_concurrently(concurrent):
