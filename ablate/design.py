@@ -143,13 +143,24 @@ def expand(study: Study, source: str | None = None) -> Design:
     else:
         cells, words = full_cells(study), []
     for cell in cells:
-        _validate(cell_tree(study, cell), "cell", cell.label, source)
+        cfg = _validate(cell_tree(study, cell), "cell", cell.label, source)
+        if study.resources.gpu == 0 and (needs := _cuda_settings(cfg)):
+            message = f"{', '.join(needs)} need a GPU, but trials get none; set resources.gpu (e.g. 0.25 or 1)"
+            raise StudyError([("resources.gpu", message)], source)
     return Design(study, cells, study.seed_list, words)
 
 
-def _validate(tree: dict, key: str, where: str, source: str | None) -> None:
+def _cuda_settings(cfg: RunConfig) -> list[str]:
+    """The settings of a trial that only run on CUDA."""
+    tc = cfg.train
+    needs = {"train.device: cuda": tc.device == "cuda", "train.loss: fused": tc.loss == "fused"}
+    needs["train.cuda_graphs: true"] = tc.cuda_graphs
+    return [name for name, needed in needs.items() if needed]
+
+
+def _validate(tree: dict, key: str, where: str, source: str | None) -> RunConfig:
     try:
-        from_dict(RunConfig, tree)
+        return from_dict(RunConfig, tree)
     except ConfigError as err:
         detail = f"{err.key}: {err.message}" if err.key else err.message
         if key == "fixed":

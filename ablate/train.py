@@ -60,7 +60,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is available; use device: auto or cpu")
+        raise ConfigError("train.device", "is 'cuda' but no CUDA GPU is available; use auto or cpu")
     return torch.device(name)
 
 
@@ -124,6 +124,11 @@ def train(
         fused=device.type == "cuda",
     )
     loss_kind = tc.loss if tc.loss != "auto" else ("fused" if device.type == "cuda" else "plain")
+    if device.type != "cuda" and (loss_kind == "fused" or tc.cuda_graphs):
+        key = "train.loss" if loss_kind == "fused" else "train.cuda_graphs"
+        raise ConfigError(
+            key, f"needs a CUDA device; this run is on {device.type} (use loss auto/plain/chunked)"
+        )
     step_model = model
     if tc.compile:
         # a process may run many trials (Ray reuses workers): without a reset, each new model is a
@@ -257,7 +262,11 @@ def main(config: Path, overrides: list[str], out_dir: Path | None = None) -> int
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    result = train(cfg, ConsoleLogger())
+    try:
+        result = train(cfg, ConsoleLogger())
+    except ConfigError as err:  # settings that only the machine can refuse (no GPU for device: cuda)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     payload = json.dumps(dataclasses.asdict(result), indent=2)
     print(payload)
     if out_dir is not None:

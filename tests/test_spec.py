@@ -188,6 +188,11 @@ CASES = [
     ),
     ("cpu-zero", edit(_set("resources.cpu", 0)), ["resources.cpu:", "greater than 0"]),
     (
+        "cuda-settings-without-gpu",
+        edit(_set("fixed.train", {"tokens": 4096, "device": "cuda", "loss": "fused"})),
+        ["resources.gpu:", "train.device: cuda, train.loss: fused need a GPU", "set resources.gpu"],
+    ),
+    (
         "max-concurrent-zero",
         edit(_set("max_concurrent", 0)),
         ["max_concurrent:", "greater than or equal to 1"],

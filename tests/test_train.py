@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from ablate.config import ConfigError, RunConfig, from_dict, load_run_config
 from ablate.logger import RecordingLogger
@@ -151,3 +152,24 @@ def test_train_command_rejects_unknown_key(tmp_path, capsys):
     assert main(path, []) == 2
     err = capsys.readouterr().err
     assert "train.budget" in err and "unknown key" in err and str(path) in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("loss: fused", "train.loss"),
+        ("device: cuda", "train.device"),
+        ("compile: true\n  cuda_graphs: true", "train.cuda_graphs"),
+    ],
+)
+def test_train_command_refuses_gpu_settings_without_a_gpu(tmp_path, capsys, setting, key):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"model:\n  n_layers: 1\ndata:\n  source: 'random:64'\ntrain:\n  device: cpu\n  {setting}\n"
+    )
+    if key == "train.device":
+        path.write_text(f"train:\n  {setting}\n")
+    assert main(path, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and key in err and "Traceback" not in err
