@@ -145,7 +145,9 @@ def expand(study: Study, source: str | None = None) -> Design:
     for cell in cells:
         cfg = _validate(cell_tree(study, cell), "cell", cell.label, source)
         if study.resources.gpu == 0 and (needs := _cuda_settings(cfg)):
-            message = f"{', '.join(needs)} need a GPU, but trials get none; set resources.gpu (e.g. 0.25 or 1)"
+            message = (
+                f"{', '.join(needs)} need a GPU, but trials get none; set resources.gpu (e.g. 0.25 or 1)"
+            )
             raise StudyError([("resources.gpu", message)], source)
     return Design(study, cells, study.seed_list, words)
 

@@ -62,10 +62,11 @@ def _ce_rows_kernel(
     lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
 
     target = tl.load(target_ptr + row)
-    z_target = tl.load(z_row + target).to(tl.float32)
+    in_range = (target >= 0) & (target < V)  # never read outside the row; a bad target gives NaN
+    z_target = tl.load(z_row + target, mask=in_range, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        z_target += tl.load(bias_ptr + target).to(tl.float32)
-    tl.store(loss_ptr + row, lse - z_target)
+        z_target += tl.load(bias_ptr + target, mask=in_range, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(in_range, lse - z_target, float("nan")))
 
     if WRITE_GRAD:  # pass 2: G = softmax - onehot over the row; zeros in the padding columns
         for start in range(0, V_pad, BLOCK_V):
@@ -156,6 +157,9 @@ def linear_cross_entropy_triton(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> torch.Tensor:
     """Mean cross-entropy of (h @ weight.T + bias) against targets; h: (N, C), weight: (V, C), targets: (N,).
+
+    Every target must be in [0, V) (there is no ignore index); one outside it makes the loss NaN, which
+    the training loop reports as divergence.
 
     The matmuls run in h's dtype (weight and bias are cast to it, so their gradients flow back through
     the cast), the softmax in float32. Gradients are computed in the forward when autograd needs them.

@@ -93,12 +93,20 @@ def test_interpreted_model_fused_loss_matches_plain():
         assert rel(out["fused"][1][name], grad.double()) < 1e-4, name
 
 
+@interpreted_only
+def test_interpreted_target_out_of_range_is_nan_not_a_stray_read():
+    h, w, b, targets = make(6, 16, 40, torch.float32)
+    targets[2] = -1
+    targets[4] = 40
+    assert torch.isnan(kernels.linear_cross_entropy(h, w, b, targets))
+
+
 def test_fused_loss_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "8 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    assert "9 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
 
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="checks the CPU refusal")
