@@ -67,6 +67,8 @@ class DataConfig:
     val_split: str = "validation"  # missing from a dataset: val_fraction of train is carved off
     val_fraction: float = 0.01
     tokenizer: str = "bpe:4096"  # "bpe:<vocab>" (trained on the train split) | "hf:<name or file>" | "bytes"
+    revision: str | None = None  # hub dataset: a commit hash, tag or branch to pin; None: the latest
+    tokenizer_revision: str | None = None  # hub tokenizer: the same
     corpus_seed: int = 0  # generated corpora; also seeds the carve of a missing validation split
     corpus_docs: int = 20000  # generated corpora: training documents (random: training sequences)
     max_train_tokens: int | None = None  # truncate the training stream to this many target tokens
@@ -255,6 +257,8 @@ def _corpus_identity(cfg: DataConfig) -> dict:
     if kind == "local":
         stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in local_files(cfg.source)]
         ident |= {"files": stats, "txt_sample_by": cfg.txt_sample_by}
+    if kind == "hf" and cfg.revision:
+        ident["revision"] = cfg.revision
     return ident
 
 
@@ -266,7 +270,8 @@ def _tokenizer_identity(cfg: DataConfig) -> dict:
         return {"tokenizer": cfg.tokenizer, "trained_on": _corpus_identity(cfg)}
     if kind == "hf" and Path(arg).is_file():
         return {"tokenizer": "file", "sha256": hashlib.sha256(Path(arg).read_bytes()).hexdigest()}
-    return {"tokenizer": cfg.tokenizer}
+    pinned = {"tokenizer_revision": cfg.tokenizer_revision} if kind == "hf" and cfg.tokenizer_revision else {}
+    return {"tokenizer": cfg.tokenizer, **pinned}
 
 
 def fingerprint(cfg: DataConfig, seq_len: int) -> str:
@@ -329,7 +334,7 @@ def _generated_splits(cfg: DataConfig, seq_len: int) -> tuple[_Split, _Split]:
 def _load_dataset_dict(cfg: DataConfig, root: Path) -> datasets.DatasetDict:
     if source_kind(cfg.source) == "hf":
         name, _, subset = cfg.source.removeprefix("hf:").partition(":")
-        return datasets.load_dataset(name, subset or None)
+        return datasets.load_dataset(name, subset or None, revision=cfg.revision)
     files = local_files(cfg.source)
     builder = FILE_BUILDERS[files[0].suffix]
     options = {"sample_by": cfg.txt_sample_by} if builder == "text" else {}
@@ -450,11 +455,11 @@ def _codec(cfg: DataConfig, train: _Split, root: Path, progress: bool) -> _Codec
         return _bpe_codec(cfg, train, root, progress)
     if Path(arg).is_file():
         return _codec_from_tokenizer(cfg.tokenizer, tokenizers.Tokenizer.from_file(arg))
-    return _codec_from_tokenizer(cfg.tokenizer, _from_hub(arg))
+    return _codec_from_tokenizer(cfg.tokenizer, _from_hub(arg, cfg.tokenizer_revision))
 
 
-def _from_hub(name: str) -> tokenizers.Tokenizer:
-    return tokenizers.Tokenizer.from_pretrained(name)
+def _from_hub(name: str, revision: str | None = None) -> tokenizers.Tokenizer:
+    return tokenizers.Tokenizer.from_pretrained(name, revision=revision or "main")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -293,8 +293,8 @@ def test_a_directory_with_split_files_uses_its_validation_file(tmp_path):
 def test_hub_dataset_and_tokenizer_paths_without_network(tmp_path, monkeypatch):
     calls = []
 
-    def fake_load_dataset(name, subset=None, **kwargs):
-        calls.append((name, subset))
+    def fake_load_dataset(name, subset=None, revision=None, **kwargs):
+        calls.append((name, subset, revision))
         train = datasets.Dataset.from_dict({"story": DOCS[:50]})
         return datasets.DatasetDict(
             {"train": train, "validation": datasets.Dataset.from_dict({"story": DOCS[50:]})}
@@ -302,12 +302,24 @@ def test_hub_dataset_and_tokenizer_paths_without_network(tmp_path, monkeypatch):
 
     tok = data_mod._train_bpe([DOCS], 300)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr(data_mod, "_from_hub", lambda name: tok if name == "org/tok" else None)
+    monkeypatch.setattr(
+        data_mod,
+        "_from_hub",
+        lambda name, revision=None: tok if (name, revision) == ("org/tok", "v2") else None,
+    )
     cfg = DataConfig(
-        source="hf:org/stories:small", text_field="story", tokenizer="hf:org/tok", val_tokens=512
+        source="hf:org/stories:small",
+        text_field="story",
+        tokenizer="hf:org/tok",
+        val_tokens=512,
+        revision="abc123",
+        tokenizer_revision="v2",
     )
     packed = prepare(dataclasses.replace(cfg, cache_dir=str(tmp_path)), 32, progress=False)
-    assert calls == [("org/stories", "small")]
+    assert calls == [("org/stories", "small", "abc123")]
+    # a pinned revision is part of the cache key: another revision is other data
+    for change in ({"revision": "def456"}, {"tokenizer_revision": "v3"}, {"revision": None}):
+        assert fingerprint(dataclasses.replace(cfg, **change), 32) != fingerprint(cfg, 32), change
     assert packed.eot_id == tok.token_to_id("<|endoftext|>") and packed.vocab_size == tok.get_vocab_size()
     assert decode(packed, packed.val[0]).startswith("<|endoftext|>" + DOCS[50])
 
