@@ -159,6 +159,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="stop the study after this many seconds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    alone = None
+    if args.baseline is not None:  # read first: a bad file should not cost a whole study run
+        try:
+            alone = float(json.loads(args.baseline.read_text())["alone_tokens_per_s"])
+        except (OSError, ValueError, KeyError) as err:
+            raise SystemExit(f"--baseline {args.baseline}: not an --alone result ({err})") from None
     study = args.study
     if args.gpu is not None or args.tokens is not None:
         study = variant(args.study, args.gpu, args.tokens)
@@ -174,8 +180,7 @@ def main() -> None:
             code = proc.wait()
         ended = time.time()
         result = {"study": str(study), "exit": code, **summarize(study, started, ended)}
-        if args.baseline is not None:
-            alone = json.loads(args.baseline.read_text())["alone_tokens_per_s"]
+        if alone is not None:
             result["alone_tokens_per_s"] = alone
             result["efficiency"] = result["aggregate_tokens_per_s"] / alone
     print(json.dumps(result, indent=2))
