@@ -46,7 +46,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     compile: bool = False  # torch.compile the model (GPU)
     cuda_graphs: bool = False  # with compile: replay the forward and backward as CUDA graphs
-    loss: str = "auto"  # auto (fused on CUDA, else plain) | plain | fused (Triton head+loss op) | chunked
+    loss: str = "auto"  # auto (the measured fastest; see train._auto_loss) | plain | fused | chunked
     loss_chunks: int = 8  # token chunks of the chunked loss
     diverge_loss: float | None = None  # a train loss above this is divergence; None: 2 * ln(vocab)
     threads: int | None = None  # CPU threads for torch; None: torch's default
