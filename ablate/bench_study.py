@@ -12,6 +12,7 @@ adds the efficiency.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import signal
 import subprocess
@@ -133,6 +134,42 @@ def summarize(study: Path, started: float, ended: float) -> dict:
         "max_trials_at_once_per_gpu": peak,
         "devices": sorted({r.data.tags.get("ablate.device", "?") for r in done}),
         "processes": len({(r.data.tags.get("ablate.host"), r.data.tags.get("ablate.pid")) for r in done}),
+        "gaps_in_process": process_gaps(
+            [
+                ((r.data.tags.get("ablate.host"), r.data.tags.get("ablate.pid")), s / 1e3, e / 1e3)
+                for r in runs
+                if (s := r.info.start_time) and (e := r.info.end_time)
+            ]
+        ),
+    }
+
+
+def process_gaps(spans: list[tuple[object, float, float]]) -> dict[str, float | int] | None:
+    """Seconds a worker process sat between the end of one trial and the start of its next.
+
+    spans: (process key, start, end) of every trial run, in any order. Returns the count, median and
+    maximum, and the mean over the first and the second half of the study (by start time), which
+    shows whether the gap grows as the study goes on; None when no process ran two trials.
+    """
+    by_process: dict[object, list[tuple[float, float]]] = {}
+    for key, start, end in spans:
+        by_process.setdefault(key, []).append((start, end))
+    gaps = []  # (start of the later trial, gap)
+    for trials in by_process.values():
+        trials.sort()
+        gaps += [(later[0], later[0] - earlier[1]) for earlier, later in itertools.pairwise(trials)]
+    if not gaps:
+        return None
+    gaps.sort()
+    values = sorted(g for _, g in gaps)
+    half = len(gaps) // 2
+    first, second = [g for _, g in gaps[:half]], [g for _, g in gaps[half:]]
+    return {
+        "count": len(values),
+        "median_s": values[len(values) // 2],
+        "max_s": values[-1],
+        "first_half_mean_s": sum(first) / len(first) if first else None,
+        "second_half_mean_s": sum(second) / len(second),
     }
 
 
