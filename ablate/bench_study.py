@@ -133,10 +133,10 @@ def summarize(study: Path, started: float, ended: float) -> dict:
         "trials_per_gpu": per_gpu,
         "max_trials_at_once_per_gpu": peak,
         "devices": sorted({r.data.tags.get("ablate.device", "?") for r in done}),
-        "processes": len({(r.data.tags.get("ablate.host"), r.data.tags.get("ablate.pid")) for r in done}),
+        "processes": len({_process(r) for r in done}),
         "gaps_in_process": process_gaps(
             [
-                ((r.data.tags.get("ablate.host"), r.data.tags.get("ablate.pid")), s / 1e3, e / 1e3)
+                (_process(r), s / 1e3, e / 1e3)
                 for r in runs
                 if (s := r.info.start_time) and (e := r.info.end_time)
             ]
@@ -171,6 +171,11 @@ def process_gaps(spans: list[tuple[object, float, float]]) -> dict[str, float | 
         "first_half_mean_s": sum(first) / len(first) if first else None,
         "second_half_mean_s": sum(second) / len(second),
     }
+
+
+def _process(run) -> tuple[str | None, str | None]:
+    """The worker process that ran a trial: (host, pid)."""
+    return run.data.tags.get("ablate.host"), run.data.tags.get("ablate.pid")
 
 
 def _first_window_tokens(run) -> float:

@@ -144,20 +144,12 @@ def expand(study: Study, source: str | None = None) -> Design:
         cells, words = full_cells(study), []
     for cell in cells:
         cfg = _validate(cell_tree(study, cell), "cell", cell.label, source)
-        if study.resources.gpu == 0 and (needs := _cuda_settings(cfg)):
+        if study.resources.gpu == 0 and (needs := cfg.train.cuda_only()):
             message = (
                 f"{', '.join(needs)} need a GPU, but trials get none; set resources.gpu (e.g. 0.25 or 1)"
             )
             raise StudyError([("resources.gpu", message)], source)
     return Design(study, cells, study.seed_list, words)
-
-
-def _cuda_settings(cfg: RunConfig) -> list[str]:
-    """The settings of a trial that only run on CUDA."""
-    tc = cfg.train
-    needs = {"train.device: cuda": tc.device == "cuda", "train.loss: fused": tc.loss == "fused"}
-    needs["train.cuda_graphs: true"] = tc.cuda_graphs
-    return [name for name, needed in needs.items() if needed]
 
 
 def _validate(tree: dict, key: str, where: str, source: str | None) -> RunConfig:

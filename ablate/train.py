@@ -124,11 +124,8 @@ def train(
         fused=device.type == "cuda",
     )
     loss_kind = tc.loss if tc.loss != "auto" else _auto_loss(device, tc)
-    if device.type != "cuda" and (loss_kind == "fused" or tc.cuda_graphs):
-        key = "train.loss" if loss_kind == "fused" else "train.cuda_graphs"
-        raise ConfigError(
-            key, f"needs a CUDA device; this run is on {device.type} (use loss auto/plain/chunked)"
-        )
+    if device.type != "cuda" and (needs := tc.cuda_only()):  # auto never picks CUDA-only paths
+        raise ConfigError(needs[0].partition(":")[0], f"needs a CUDA device; this run is on {device.type}")
     step_model = model
     if tc.compile:
         # a process may run many trials (Ray reuses workers): without a reset, each new model is a

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.gpt import LOSSES as MODEL_LOSSES
+
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-LOSSES = ("auto", "plain", "fused", "chunked")
+LOSSES = ("auto", *MODEL_LOSSES)  # auto: see train._auto_loss
 
 
 @dataclass(kw_only=True)
@@ -68,6 +70,15 @@ class TrainConfig:
             kind, _, at = self.fault.partition("@")
             if kind not in ("nan", "raise") or not at.isdigit():
                 raise ValueError(f"fault={self.fault!r}; use 'nan@STEP' or 'raise@STEP'")
+
+    def cuda_only(self) -> list[str]:
+        """The settings here that run only on CUDA, as 'key: value'."""
+        needs = {
+            "train.device: cuda": self.device == "cuda",
+            "train.loss: fused": self.loss == "fused",
+            "train.cuda_graphs: true": self.cuda_graphs,
+        }
+        return [setting for setting, needed in needs.items() if needed]
 
     def fault_at(self, kind: str) -> int | None:
         """The step at which fault `kind` is injected, or None."""

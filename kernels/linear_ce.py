@@ -94,7 +94,8 @@ def _linear_ce_op(
     n, c = h.shape
     v = weight.shape[0]
     v_pad = triton.cdiv(v, PAD) * PAD
-    z = h @ _padded_rows(weight, v_pad).t()  # (n, v_pad); padding rows of W are zero
+    w_pad = _padded_rows(weight, v_pad)  # padding rows are zero
+    z = h @ w_pad.t()  # (n, v_pad)
     losses = torch.empty(n, dtype=torch.float32, device=h.device)
     _ce_rows_kernel[(n,)](
         z, bias if bias is not None else z, targets, losses, z.stride(0), v, v_pad,
@@ -103,7 +104,7 @@ def _linear_ce_op(
     empty = h.new_empty(0)
     if not with_grad:
         return losses.sum(), empty, empty.clone(), empty.clone()
-    grad_h = z @ _padded_rows(weight, v_pad)  # (n, c)
+    grad_h = z @ w_pad  # (n, c)
     if bias is None:
         return losses.sum(), grad_h, (z.t() @ h)[:v].contiguous(), empty
     ones = torch.zeros(n, 8, dtype=h.dtype, device=h.device)  # 8 columns keep the matmul aligned
