@@ -118,6 +118,7 @@ def summarize(study: Path, started: float, ended: float) -> dict:
     }
     capacity = slots * wall
     trial_seconds = sorted(e - s for s, e, _ in spans)
+    launch = launch_phases(client, parent.info.run_id)
     return {
         "trials": len(runs),
         "completed": len(done),
@@ -130,6 +131,8 @@ def summarize(study: Path, started: float, ended: float) -> dict:
         "slot_seconds": slot_seconds,
         "slot_share": {k: round(v / capacity, 3) for k, v in slot_seconds.items()},
         "median_trial_s": trial_seconds[len(trial_seconds) // 2],
+        "before_first_trial_s": before_first_trial(launch, started, first),
+        "ray_shutdown_s": launch.get("ray_shutdown", (None, None))[0],
         "trials_per_gpu": per_gpu,
         "max_trials_at_once_per_gpu": peak,
         "devices": sorted({r.data.tags.get("ablate.device", "?") for r in done}),
@@ -142,6 +145,30 @@ def summarize(study: Path, started: float, ended: float) -> dict:
             ]
         ),
     }
+
+
+def launch_phases(client, parent_run_id: str) -> dict[str, tuple[float, float]]:
+    """The parent run's `study/time/<phase>_s` metrics: phase -> (seconds, epoch seconds it ended)."""
+    phases = {}
+    for key in client.get_run(parent_run_id).data.metrics:
+        if key.startswith("study/time/") and key.endswith("_s"):
+            last = client.get_metric_history(parent_run_id, key)[-1]
+            phases[key.removeprefix("study/time/").removesuffix("_s")] = (last.value, last.timestamp / 1e3)
+    return phases
+
+
+def before_first_trial(phases: dict[str, tuple[float, float]], started: float, first: float) -> dict:
+    """Wall seconds from launching `ablate run` to the first trial's run, by phase."""
+    if not {"store", "tune"} <= phases.keys():
+        return {}
+    store_s, store_end = phases["store"]
+    tune_s, tune_end = phases["tune"]
+    split = {"process start, imports": store_end - store_s - started, "MLflow store": store_s}
+    for name, label in (("ray_start", "Ray start"), ("parent", "parent run"), ("data", "data preparation")):
+        if name in phases:
+            split[label] = phases[name][0]
+    split["Tune to the first trial's run (actors start, import, open runs)"] = first - (tune_end - tune_s)
+    return {k: round(v, 2) for k, v in split.items()}
 
 
 def process_gaps(spans: list[tuple[object, float, float]]) -> dict[str, float | int] | None:

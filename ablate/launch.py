@@ -17,6 +17,7 @@ import math
 import os
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,11 +396,33 @@ def progress_callback(progress: Progress):
     return _Callback()
 
 
+class PhaseClock:
+    """Wall time of a study launch's phases, for the parent run: metrics `study/time/<phase>_s`.
+
+    Each metric is stamped with the time its phase ended, so a reader can also place the phases in time
+    (`python -m ablate.bench_study` splits the wait before the first trial this way).
+    """
+
+    def __init__(self) -> None:
+        self.metrics: list = []
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.time()
+        try:
+            yield
+        finally:
+            end = time.time()
+            self.metrics.append(tracking.Metric(f"study/time/{name}_s", end - start, int(end * 1000), 0))
+
+
 def run_study(design: Design, options: LaunchOptions, console: Console | None = None) -> RunSummary:
     """Run every trial of the study that has no result yet; returns the study's status counts."""
     console = console or Console()
     started = time.monotonic()
-    store, parent, runs = open_study_store(design, options)
+    clock = PhaseClock()
+    with clock.phase("store"):
+        store, parent, runs = open_study_store(design, options)
     done = tracking.done_runs(runs)
     todo = [t for t in design.trials if t.trial_id not in done]
     skipped = len(design.trials) - len(todo)
@@ -408,24 +431,30 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
         f"{len(todo)} to run  (tracking: {store.uri})"
     )
     if todo:
-        started_ray = init_ray(options.ray_address)
+        with clock.phase("ray_start"):
+            started_ray = init_ray(options.ray_address)
         try:
-            check_cluster(design, store.uri)
-            start_parent(design, store, resume=parent is not None)
-            tracking.close_stale(store.client, runs)  # left running by a driver that was killed
-            prepare_data(todo, console)
-            run_tune(design, todo, store, options, Progress(len(design.trials), skipped, console))
+            with clock.phase("parent"):
+                check_cluster(design, store.uri)
+                start_parent(design, store, resume=parent is not None)
+                tracking.close_stale(store.client, runs)  # left running by a driver that was killed
+            with clock.phase("data"):
+                prepare_data(todo, console)
+            with clock.phase("tune"):
+                run_tune(design, todo, store, options, Progress(len(design.trials), skipped, console))
         finally:
             if started_ray:
                 import ray
 
-                ray.shutdown()
+                with clock.phase("ray_shutdown"):
+                    ray.shutdown()
         runs = tracking.child_runs(store.client, store.experiment_id, store.parent_run_id)
         tracking.close_stale(
             store.client, runs, "failed", "the trial's process ended without reporting a result"
         )
     summary = summarize(design, store, started, skipped)
     if store.parent_run_id:
+        tracking.retrying(store.client.log_batch, store.parent_run_id, metrics=clock.metrics)
         tracking.retrying(
             store.client.set_terminated, store.parent_run_id, "FINISHED" if summary.ok else "FAILED"
         )

@@ -170,6 +170,14 @@ def test_study_time_breakdown_reads_every_trials_phases(concurrent):
     steady = seconds["training (steady)"] / result["slots"]
     expected = (result["tokens"] - first_windows) / steady
     assert result["steady_packed_tokens_per_s"] == pytest.approx(expected)
+    # the launch's phases, recorded on the parent run, cover the wait before the first trial
+    phases = {k for k in parent.data.metrics if k.startswith("study/time/")}
+    names = ("store", "ray_start", "parent", "data", "tune", "ray_shutdown")
+    assert phases == {f"study/time/{name}_s" for name in names}
+    assert parent.data.metrics["study/time/tune_s"] > 0
+    first = min(r.info.start_time for r in runs) / 1e3
+    split = result["before_first_trial_s"]
+    assert len(split) == 6 and sum(split.values()) == pytest.approx(first - started, abs=0.5)
 
 
 def test_trials_ran_concurrently(concurrent):
