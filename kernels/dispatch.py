@@ -89,26 +89,55 @@ _TABLE = load_table()
 _LOGGED: set[tuple] = set()
 
 
-def _nearest_measured(q: torch.Tensor, causal: bool) -> str | None:
+def _nearest_row(q: torch.Tensor, causal: bool) -> dict | None:
     dtype = str(q.dtype).removeprefix("torch.")
     rows = [r for r in _TABLE if r["dtype"] == dtype and r["causal"] == causal]
     if not rows:
         return None
     d, n = q.shape[-1], q.shape[-2]
-    best = min(
+    return min(
         rows, key=lambda r: (abs(math.log2(r["head_dim"] / d)), abs(math.log2(r["n_ctx"] / max(n, 1))))
     )
-    return best["backend"]
+
+
+def _nearest_measured(q: torch.Tensor, causal: bool) -> str | None:
+    row = _nearest_row(q, causal)
+    return row["backend"] if row else None
+
+
+def _measured_order(row: dict | None) -> list[str]:
+    """The row's backends, fastest first (its pick, then by ms or tokens/s), then the default order."""
+    if row is None:
+        return list(DEFAULT_ORDER)
+    if "ms" in row:
+        ranked = sorted(row["ms"], key=row["ms"].get)
+    else:
+        ranked = sorted(row.get("tokens_per_s", {}), key=lambda name: -row["tokens_per_s"][name])
+    return list(dict.fromkeys([row["backend"], *ranked, *DEFAULT_ORDER]))
+
+
+def _slow_with_learned_scalars(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """FlexAttention's backward accumulates the gradient of a tensor its score_mod captures (the per-head
+    scale and the key bias) with atomics: with learnable a or b it ran at 165k tokens/s against 845k for
+    the same cell with constant gamma (eager seed-size model, NVIDIA H200). `auto` passes it over then."""
+    learned = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    return name == "flex" and learned
+
+
+def auto_order(q, k, v, a, b, causal: bool) -> list[str]:
+    """The backends `auto` would use for these inputs, best first (on CUDA it takes the first)."""
+    order = _measured_order(_nearest_row(q, causal))
+    return [
+        name
+        for name in order
+        if UNSUPPORTED[name](q, k, v, a, b) is None and not _slow_with_learned_scalars(name, a, b)
+    ]
 
 
 def _choose_backend(q, k, v, a, b, causal: bool) -> str:
     if not q.is_cuda:
         return "reference"
-    order = dict.fromkeys([_nearest_measured(q, causal), *DEFAULT_ORDER])
-    for name in order:
-        if name is not None and UNSUPPORTED[name](q, k, v, a, b) is None:
-            return name
-    return "reference"
+    return (auto_order(q, k, v, a, b, causal) or ["reference"])[0]
 
 
 def _log_choice(name: str, q: torch.Tensor, causal: bool, requested: str) -> None:

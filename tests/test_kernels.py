@@ -300,6 +300,52 @@ def test_measured_table_picks_the_nearest_row(monkeypatch):
     assert dispatch._nearest_measured(torch.empty(1, 1, 5, 64, dtype=torch.bfloat16), False) is None
 
 
+def test_auto_order_follows_the_measurements_of_the_nearest_row(monkeypatch):
+    rows = [
+        {"dtype": "bfloat16", "head_dim": 64, "n_ctx": 256, "causal": True, "backend": "flex",
+         "tokens_per_s": {"flex": 1.57e6, "sdpa-aug": 1.55e6, "triton": 1.31e6}},
+        {"dtype": "bfloat16", "head_dim": 64, "n_ctx": 4096, "causal": True, "backend": "triton",
+         "ms": {"triton": 6.8, "flex": 15.2, "sdpa-aug": 10.3}},
+    ]  # fmt: skip
+    monkeypatch.setattr(dispatch, "_TABLE", rows)
+    short, long = (
+        torch.empty(1, 1, 257, 64, dtype=torch.bfloat16),
+        torch.empty(1, 1, 4000, 64, dtype=torch.bfloat16),
+    )
+    assert dispatch._measured_order(dispatch._nearest_row(short, True)) == [
+        "flex",
+        "sdpa-aug",
+        "triton",
+        "reference",
+    ]
+    assert dispatch._measured_order(dispatch._nearest_row(long, True)) == [
+        "triton",
+        "sdpa-aug",
+        "flex",
+        "reference",
+    ]
+    assert dispatch._measured_order(None) == list(dispatch.DEFAULT_ORDER)
+
+
+def test_auto_passes_over_flex_when_a_or_b_is_learned(monkeypatch):
+    # FlexAttention's backward sums a captured tensor's gradient with atomics: 5x slower with learned a, b
+    a, b = torch.ones(2), torch.ones(2)
+    assert not dispatch._slow_with_learned_scalars("flex", a, b)
+    learned = torch.ones(2, requires_grad=True)
+    assert dispatch._slow_with_learned_scalars("flex", 2.0 * learned, learned)
+    assert not dispatch._slow_with_learned_scalars("sdpa-aug", 2.0 * learned, learned)
+    with torch.no_grad():  # evaluation: no backward, flex is fine
+        assert not dispatch._slow_with_learned_scalars("flex", learned, learned)
+    # with every backend supported (as on CUDA), auto takes the row's pick unless a or b is learned
+    monkeypatch.setattr(dispatch, "UNSUPPORTED", dict.fromkeys(dispatch.UNSUPPORTED, lambda *inputs: None))
+    row = {"dtype": "float32", "head_dim": 16, "n_ctx": 8, "causal": True, "backend": "flex",
+           "tokens_per_s": {"flex": 2.0, "sdpa-aug": 1.9, "triton": 1.0}}  # fmt: skip
+    monkeypatch.setattr(dispatch, "_TABLE", [row])
+    q = torch.randn(1, 2, 8, 16)
+    assert dispatch.auto_order(q, q, q, a, b, True)[0] == "flex"
+    assert dispatch.auto_order(q, q, q, 2.0 * learned, learned, True)[0] == "sdpa-aug"
+
+
 def test_shipped_table_names_real_backends():
     for row in dispatch.load_table():
         assert row["backend"] in kernels.BACKENDS

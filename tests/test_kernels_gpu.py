@@ -91,6 +91,14 @@ def test_auto_picks_a_fused_backend_and_is_correct():
     check_backend(kernels.attention, q, k, v, a, b, do, causal=True)
 
 
+def test_auto_passes_over_flex_for_learned_scalars():
+    q, k, v, a, b, do = make_inputs(2, 4, 256, 64, BF16, "cuda")  # the shipped table picks flex at N 256
+    assert a.requires_grad and b.requires_grad
+    assert kernels.dispatch._choose_backend(q, k, v, a.detach(), b.detach(), True) == "flex"
+    assert kernels.dispatch._choose_backend(q, k, v, a, b, True) == "sdpa-aug"
+    check_backend(kernels.attention, q, k, v, a, b, do, causal=True)
+
+
 @pytest.mark.parametrize("case", [(BF16, 1000, 64, True), (FP16, 333, 128, False)], ids=_id)
 def test_b_none_goes_to_torch_sdpa(case, caplog):
     dtype, N, D, causal = case
