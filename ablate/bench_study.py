@@ -1,7 +1,8 @@
 """How well a study uses its GPUs: `python -m ablate.bench_study STUDY [--alone | --baseline F] ...`.
 
 Study efficiency = (total tokens trained / study wall time) / (steady tokens/s of one trial alone on
-the same GPU). `--alone` measures the denominator: one trial per metric, in this process, on GPU 0.
+the same GPU). `--alone` measures the denominator: one trial alone per class of cells (`--alone-factors`), in this
+process on GPU 0, weighted by the study's trials.
 Without it, the study is run through `ablate run --fresh` (`--gpu` and `--tokens` run a copy with another
 per-trial GPU fraction or token budget; `--timeout` stops it as Ctrl-C does) and the MLflow record is
 summarised: tokens, wall time, slots x wall time split by phase, which GPU each trial ran on, the most
@@ -23,7 +24,14 @@ from pathlib import Path
 import yaml
 
 
-def measure_alone(study: Path) -> dict:
+def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
+    """Steady tokens/s of one trial alone, in this process on GPU 0, for each class of the study's cells.
+
+    A class is one combination of levels of `factors` (default: every factor, so every cell); it is
+    measured on its first cell. The study's alone rate weights the classes by their trials: the study's
+    tokens over the time its trials would take one after another, each alone (a harmonic mean). A cell
+    several times slower than the rest then counts as slow work, not as lost efficiency.
+    """
     from ablate.bench import steady_median
     from ablate.config import RunConfig, from_dict
     from ablate.design import load_design
@@ -31,21 +39,34 @@ def measure_alone(study: Path) -> dict:
     from ablate.train import train
 
     design = load_design(study)
-    rates = {}
+    names = list(design.study.factors) if factors is None else factors
+    unknown = [f for f in names if f not in design.study.factors]
+    if unknown:
+        raise SystemExit(
+            f"--alone-factors: {unknown} are not factors of {study} ({list(design.study.factors)})"
+        )
+    first: dict[tuple, object] = {}
+    trials: dict[tuple, int] = {}
     for trial in design.trials:
-        levels = trial.cell.levels
-        if (
-            levels.get("position") != "rope"
-            or levels.get("registers") != "0"
-            or levels.get("metric") in rates
-        ):
-            continue
-        if levels.get("gamma_schedule", "constant") != "constant":
-            continue
+        key = tuple(trial.cell.levels.get(f, "") for f in names)
+        first.setdefault(key, trial)
+        trials[key] = trials.get(key, 0) + 1
+    rates = {}
+    for i, (key, trial) in enumerate(first.items(), 1):
         log = RecordingLogger()
         train(from_dict(RunConfig, trial.tree), log)
-        rates[levels["metric"]] = steady_median(log, "tokens_per_s")
-    return {"alone_tokens_per_s": sum(rates.values()) / len(rates), "by_metric": rates}
+        rates[key] = steady_median(log, "tokens_per_s")
+        print(f"alone {i}/{len(first)}: {trial.cell.label}  {rates[key]:,.0f} tokens/s", file=sys.stderr)
+    alone = sum(trials.values()) / sum(n / rates[key] for key, n in trials.items())
+
+    def label(key: tuple) -> str:
+        return " ".join(f"{f}={level}" for f, level in zip(names, key, strict=True))
+
+    return {
+        "alone_tokens_per_s": alone,
+        "factors": names,
+        "by_class": {label(key): {"tokens_per_s": rates[key], "trials": trials[key]} for key in rates},
+    }
 
 
 def variant(study: Path, gpu: float | None, tokens: int | None) -> Path:
@@ -221,7 +242,12 @@ def main() -> None:
     parser.add_argument(
         "--tokens", type=int, default=None, help="per-trial token budget (default: the study's)"
     )
-    parser.add_argument("--alone", action="store_true", help="measure one trial alone per metric")
+    parser.add_argument("--alone", action="store_true", help="measure one trial alone per class of cells")
+    parser.add_argument(
+        "--alone-factors",
+        default=None,
+        help="with --alone: comma-separated factors whose level combinations are measured (default: all)",
+    )
     parser.add_argument(
         "--baseline", type=Path, default=None, help="an --alone result (JSON): adds the study efficiency"
     )
@@ -238,7 +264,8 @@ def main() -> None:
     if args.gpu is not None or args.tokens is not None:
         study = variant(args.study, args.gpu, args.tokens)
     if args.alone:
-        result = measure_alone(study)
+        factors = args.alone_factors.split(",") if args.alone_factors else None
+        result = measure_alone(study, factors)
     else:
         started = time.time()
         proc = subprocess.Popen([sys.executable, "-m", "ablate.cli", "run", str(study), "--fresh"])

@@ -1,8 +1,9 @@
 """The study benchmark's accounting (pure functions; the end-to-end summary is in test_launch.py)."""
 
 import pytest
+import yaml
 
-from ablate.bench_study import process_gaps
+from ablate.bench_study import measure_alone, process_gaps
 
 
 def test_gaps_are_per_process_and_split_by_time():
@@ -23,3 +24,34 @@ def test_gaps_are_per_process_and_split_by_time():
 
 def test_no_process_with_two_trials_has_no_gaps():
     assert process_gaps([("a", 0.0, 1.0), ("b", 0.0, 2.0)]) is None
+
+
+def test_alone_rate_weights_each_class_by_its_trials(tmp_path):
+    spec = {
+        "name": "alone",
+        "factors": {"metric": {"levels": ["sdpa", "rbf"]}, "registers": {"levels": [0, 1]}},
+        "seeds": 1,
+        "fixed": {
+            "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context": 32},
+            "data": {"source": "random:300", "val_tokens": 1024, "cache_dir": str(tmp_path / "cache")},
+            "train": {
+                "tokens": 8 * 32 * 10,
+                "batch_size": 8,
+                "eval_every": 100,
+                "log_every": 2,
+                "device": "cpu",
+            },
+        },
+        "resources": {"gpu": 0},
+    }
+    study = tmp_path / "alone.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    result = measure_alone(study, ["metric"])
+    classes = result["by_class"]
+    assert list(classes) == ["metric=sdpa", "metric=rbf"]  # measured on each class's first cell
+    assert all(c["trials"] == 2 and c["tokens_per_s"] > 0 for c in classes.values())
+    harmonic = 4 / sum(c["trials"] / c["tokens_per_s"] for c in classes.values())
+    assert result["alone_tokens_per_s"] == pytest.approx(harmonic)
+    assert min(c["tokens_per_s"] for c in classes.values()) <= result["alone_tokens_per_s"]
+    with pytest.raises(SystemExit, match="gamma_schedule"):
+        measure_alone(study, ["gamma_schedule"])
