@@ -10,6 +10,7 @@ POSITIONS = ("rope", "susie", "none")
 SCHEDULES = ("constant", "warmup", "cosine", "learnable")
 LAM_SCHEDULES = ("tied", *SCHEDULES)
 REGISTER_INITS = ("zero", "normal")
+LOSSES = ("plain", "fused", "chunked")  # how GPT.forward computes the LM loss (see its docstring)
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

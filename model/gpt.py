@@ -7,12 +7,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import kernels
-from model.config import GPTConfig
+from model.config import LOSSES, GPTConfig
 from model.loss import linear_cross_entropy
 from model.positions import make_position
 from model.schedules import Temperature
-
-LOSSES = ("plain", "fused", "chunked")
 
 
 class Attention(nn.Module):
