@@ -1,8 +1,9 @@
 """How well a study uses its GPUs: `python -m ablate.bench_study STUDY [--alone | --baseline F] ...`.
 
 Study efficiency = (total tokens trained / study wall time) / (steady tokens/s of one trial alone on
-the same GPU). `--alone` measures the denominator: one trial alone per class of cells (`--alone-factors`), in this
-process on GPU 0, weighted by the study's trials.
+the same GPU). Cells differ in speed, so `--alone` measures one trial alone per class of cells
+(`--alone-factors`), in this process on GPU 0; the efficiency is then the time the finished trials would
+take one after another, each alone at its class's rate, over the study's wall time.
 Without it, the study is run through `ablate run --fresh` (`--gpu` and `--tokens` run a copy with another
 per-trial GPU fraction or token budget; `--timeout` stops it as Ctrl-C does) and the MLflow record is
 summarised: tokens, wall time, slots x wall time split by phase, which GPU each trial ran on, the most
@@ -88,11 +89,12 @@ def variant(study: Path, gpu: float | None, tokens: int | None) -> Path:
 PHASES = ("setup_s", "first_window_s", "train_s", "eval_s", "log_s")
 
 
-def summarize(study: Path, started: float, ended: float) -> dict:
+def summarize(study: Path, started: float, ended: float, baseline: dict | None = None) -> dict:
     """The study's record, with its wall time split into slot-seconds by phase.
 
     started/ended: epoch seconds around `ablate run`. A slot is one trial's share of a GPU; the study
-    has `slots` of them (the most trials that ever ran at once) for its whole wall time.
+    has `slots` of them (the most trials that ever ran at once) for its whole wall time. baseline: an
+    `--alone` result; adds the efficiency.
     """
     from ablate import tracking
     from ablate.design import load_design
@@ -140,6 +142,14 @@ def summarize(study: Path, started: float, ended: float) -> dict:
     capacity = slots * wall
     trial_seconds = sorted(e - s for s, e, _ in spans)
     launch = launch_phases(client, parent.info.run_id)
+    efficiency = {}
+    if baseline is not None:
+        ideal = alone_seconds(done, baseline)
+        efficiency = {
+            "alone_tokens_per_s": baseline["alone_tokens_per_s"],
+            "alone_seconds": ideal,  # None when the baseline has no rate for some finished trial's class
+            "efficiency": ideal / wall if ideal else tokens / wall / baseline["alone_tokens_per_s"],
+        }
     return {
         "trials": len(runs),
         "completed": len(done),
@@ -165,7 +175,22 @@ def summarize(study: Path, started: float, ended: float) -> dict:
                 if (s := r.info.start_time) and (e := r.info.end_time)
             ]
         ),
+        **efficiency,
     }
+
+
+def alone_seconds(runs: list, baseline: dict) -> float | None:
+    """Seconds the finished trials would take one after another, each alone at its class's rate."""
+    factors, classes = baseline.get("factors"), baseline.get("by_class")
+    if not factors or not classes:
+        return None
+    total = 0.0
+    for run in runs:
+        label = " ".join(f"{f}={run.data.params.get(f'factor.{f}', '')}" for f in factors)
+        if label not in classes:
+            return None
+        total += run.data.metrics.get("tokens", 0.0) / classes[label]["tokens_per_s"]
+    return total
 
 
 def launch_phases(client, parent_run_id: str) -> dict[str, tuple[float, float]]:
@@ -254,11 +279,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="stop the study after this many seconds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    alone = None
+    baseline = None
     if args.baseline is not None:  # read first: a bad file should not cost a whole study run
         try:
-            alone = float(json.loads(args.baseline.read_text())["alone_tokens_per_s"])
-        except (OSError, ValueError, KeyError) as err:
+            baseline = json.loads(args.baseline.read_text())
+            baseline["alone_tokens_per_s"] = float(baseline["alone_tokens_per_s"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise SystemExit(f"--baseline {args.baseline}: not an --alone result ({err})") from None
     study = args.study
     if args.gpu is not None or args.tokens is not None:
@@ -275,10 +301,7 @@ def main() -> None:
             proc.send_signal(signal.SIGINT)
             code = proc.wait()
         ended = time.time()
-        result = {"study": str(study), "exit": code, **summarize(study, started, ended)}
-        if alone is not None:
-            result["alone_tokens_per_s"] = alone
-            result["efficiency"] = result["aggregate_tokens_per_s"] / alone
+        result = {"study": str(study), "exit": code, **summarize(study, started, ended, baseline)}
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

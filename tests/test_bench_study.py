@@ -1,9 +1,11 @@
 """The study benchmark's accounting (pure functions; the end-to-end summary is in test_launch.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 import yaml
 
-from ablate.bench_study import measure_alone, process_gaps
+from ablate.bench_study import alone_seconds, measure_alone, process_gaps
 
 
 def test_gaps_are_per_process_and_split_by_time():
@@ -55,3 +57,19 @@ def test_alone_rate_weights_each_class_by_its_trials(tmp_path):
     assert min(c["tokens_per_s"] for c in classes.values()) <= result["alone_tokens_per_s"]
     with pytest.raises(SystemExit, match="gamma_schedule"):
         measure_alone(study, ["gamma_schedule"])
+
+
+def _run(metric: str, tokens: float):
+    return SimpleNamespace(data=SimpleNamespace(params={"factor.metric": metric}, metrics={"tokens": tokens}))
+
+
+def test_alone_seconds_charge_each_finished_trial_at_its_class_rate():
+    baseline = {
+        "alone_tokens_per_s": 500.0,
+        "factors": ["metric"],
+        "by_class": {"metric=sdpa": {"tokens_per_s": 1000.0}, "metric=rbf": {"tokens_per_s": 250.0}},
+    }
+    runs = [_run("sdpa", 2000.0), _run("rbf", 2000.0), _run("rbf", 500.0)]
+    assert alone_seconds(runs, baseline) == pytest.approx(2.0 + 8.0 + 2.0)
+    assert alone_seconds([*runs, _run("penalty", 100.0)], baseline) is None  # a class without a rate
+    assert alone_seconds(runs, {"alone_tokens_per_s": 500.0}) is None  # an old baseline: one rate

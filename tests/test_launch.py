@@ -170,6 +170,16 @@ def test_study_time_breakdown_reads_every_trials_phases(concurrent):
     steady = seconds["training (steady)"] / result["slots"]
     expected = (result["tokens"] - first_windows) / steady
     assert result["steady_packed_tokens_per_s"] == pytest.approx(expected)
+    # with a baseline per metric, the efficiency charges each finished trial at its metric's alone rate
+    rates = {"sdpa": 4000.0, "rbf": 2000.0, "penalty": 1000.0}
+    baseline = {
+        "alone_tokens_per_s": 2000.0,
+        "factors": ["metric"],
+        "by_class": {f"metric={m}": {"tokens_per_s": r} for m, r in rates.items()},
+    }
+    ideal = sum(r.data.metrics["tokens"] / rates[r.data.params["factor.metric"]] for r in done)
+    measured = summarize(design.source, started, ended, baseline)
+    assert measured["efficiency"] == pytest.approx(ideal / (ended - started))
     # the launch's phases, recorded on the parent run, cover the wait before the first trial
     phases = {k for k in parent.data.metrics if k.startswith("study/time/")}
     names = ("store", "ray_start", "parent", "data", "tune", "ray_shutdown")
