@@ -39,14 +39,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
 import tokenizers
-import torch
 from filelock import FileLock, Timeout
 
 from ablate import corpora
+
+if TYPE_CHECKING:  # torch loads with the first batch: preparing data needs only numpy
+    import torch
 
 DATA_VERSION = 1  # bump when packing or tokenisation changes the arrays (part of the fingerprint)
 EOT_TEXT = "<|endoftext|>"
@@ -757,6 +760,8 @@ def random_token_data(
 
 
 def _to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1], dtype=np.int64))  # (B, T)
     y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64))  # (B, T)
     if device.type == "cuda":
@@ -774,6 +779,8 @@ def train_batches(
     with the same data and seed sees the same batches in the same order. `start_batch` resumes that
     same sequence at batch number `start_batch` (after a checkpoint) without reading the skipped data.
     """
+    import torch
+
     if batch_size < 1 or start_batch < 0:
         raise ValueError(f"need batch_size >= 1 and start_batch >= 0, got {batch_size!r}, {start_batch!r}")
     device, n = torch.device(device), data.n_train_sequences()
@@ -793,6 +800,8 @@ def val_batches(
     data: PackedData, batch_size: int, *, device: str | torch.device = "cpu"
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The whole validation set once, in a fixed order; the last batch may be smaller."""
+    import torch
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device)
