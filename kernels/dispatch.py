@@ -3,7 +3,8 @@
 Backends are plain functions keyed by name, each with a predicate that says why it cannot run given
 inputs. "auto" picks, on CUDA, the backend that the benchmark measured fastest for the nearest
 (dtype, head dim, length, causal) in autotune_table.json (`python -m kernels.bench --write-table`
-regenerates it), then the default order; on CPU it picks the reference. Every choice is logged once per
+regenerates it), then the row's other backends by speed, then the default order; on CPU it picks the
+reference. It passes over flex when a or b is learned (its backward is slow then; see below). Every choice is logged once per
 shape key; a fast backend that fails at run time falls back to the reference with a loud warning.
 
 b=None means no key-norm term (the sdpa metric): on CUDA, "auto" and "sdpa" then run torch's fused
