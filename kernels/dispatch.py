@@ -3,9 +3,10 @@
 Backends are plain functions keyed by name, each with a predicate that says why it cannot run given
 inputs. "auto" picks, on CUDA, the backend that the benchmark measured fastest for the nearest
 (dtype, head dim, length, causal) in autotune_table.json (`python -m kernels.bench --write-table`
-regenerates it), then the row's other backends by speed, then the default order; on CPU it picks the
-reference. It passes over flex when a or b is learned (its backward is slow then; see below). Every choice is logged once per
-shape key; a fast backend that fails at run time falls back to the reference with a loud warning.
+regenerates it), then the row's other backends by speed, then the default order; it passes over flex
+when a or b is learned (its backward is slow then). On CPU it picks the reference. Every choice is
+logged once per shape key; a fast backend that fails at run time falls back to the reference with a
+loud warning.
 
 b=None means no key-norm term (the sdpa metric): on CUDA, "auto" and "sdpa" then run torch's fused
 scaled_dot_product_attention (cuDNN, flash or memory-efficient; q scaled by a per head) with no device
@@ -19,7 +20,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -101,11 +102,6 @@ def _nearest_row(q: torch.Tensor, causal: bool) -> dict | None:
     )
 
 
-def _nearest_measured(q: torch.Tensor, causal: bool) -> str | None:
-    row = _nearest_row(q, causal)
-    return row["backend"] if row else None
-
-
 def _measured_order(row: dict | None) -> list[str]:
     """The row's backends, fastest first (its pick, then by ms or tokens/s), then the default order."""
     if row is None:
@@ -125,20 +121,17 @@ def _slow_with_learned_scalars(name: str, a: torch.Tensor, b: torch.Tensor) -> b
     return name == "flex" and learned
 
 
-def auto_order(q, k, v, a, b, causal: bool) -> list[str]:
-    """The backends `auto` would use for these inputs, best first (on CUDA it takes the first)."""
-    order = _measured_order(_nearest_row(q, causal))
-    return [
-        name
-        for name in order
-        if UNSUPPORTED[name](q, k, v, a, b) is None and not _slow_with_learned_scalars(name, a, b)
-    ]
+def _candidates(q, k, v, a, b, causal: bool) -> Iterator[str]:
+    """The backends `auto` may use for these inputs, best first (checked lazily: it takes the first)."""
+    for name in _measured_order(_nearest_row(q, causal)):
+        if UNSUPPORTED[name](q, k, v, a, b) is None and not _slow_with_learned_scalars(name, a, b):
+            yield name
 
 
 def _choose_backend(q, k, v, a, b, causal: bool) -> str:
     if not q.is_cuda:
         return "reference"
-    return (auto_order(q, k, v, a, b, causal) or ["reference"])[0]
+    return next(_candidates(q, k, v, a, b, causal), "reference")
 
 
 def _log_choice(name: str, q: torch.Tensor, causal: bool, requested: str) -> None:

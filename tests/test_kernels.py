@@ -291,13 +291,14 @@ def test_measured_table_picks_the_nearest_row(monkeypatch):
     monkeypatch.setattr(dispatch, "_TABLE", rows)
 
     def near(N, D, dtype=torch.bfloat16):
-        return dispatch._nearest_measured(torch.empty(1, 1, N, D, dtype=dtype), True)
+        row = dispatch._nearest_row(torch.empty(1, 1, N, D, dtype=dtype), True)
+        return row["backend"] if row else None
 
     assert near(2048, 64) == "flex"
     assert near(8192, 96) == "sdpa-aug"
     assert near(100, 64, torch.float16) == "triton"
     assert near(100, 64, torch.float32) is None
-    assert dispatch._nearest_measured(torch.empty(1, 1, 5, 64, dtype=torch.bfloat16), False) is None
+    assert dispatch._nearest_row(torch.empty(1, 1, 5, 64, dtype=torch.bfloat16), False) is None
 
 
 def test_auto_order_follows_the_measurements_of_the_nearest_row(monkeypatch):
@@ -342,8 +343,8 @@ def test_auto_passes_over_flex_when_a_or_b_is_learned(monkeypatch):
            "tokens_per_s": {"flex": 2.0, "sdpa-aug": 1.9, "triton": 1.0}}  # fmt: skip
     monkeypatch.setattr(dispatch, "_TABLE", [row])
     q = torch.randn(1, 2, 8, 16)
-    assert dispatch.auto_order(q, q, q, a, b, True)[0] == "flex"
-    assert dispatch.auto_order(q, q, q, 2.0 * learned, learned, True)[0] == "sdpa-aug"
+    assert next(dispatch._candidates(q, q, q, a, b, True)) == "flex"
+    assert next(dispatch._candidates(q, q, q, 2.0 * learned, learned, True)) == "sdpa-aug"
 
 
 def test_shipped_table_names_real_backends():
