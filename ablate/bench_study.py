@@ -46,10 +46,10 @@ def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
         raise SystemExit(
             f"--alone-factors: {unknown} are not factors of {study} ({list(design.study.factors)})"
         )
-    first: dict[tuple, object] = {}
-    trials: dict[tuple, int] = {}
+    first: dict[str, object] = {}
+    trials: dict[str, int] = {}
     for trial in design.trials:
-        key = tuple(trial.cell.levels.get(f, "") for f in names)
+        key = class_label(names, trial.cell.levels)
         first.setdefault(key, trial)
         trials[key] = trials.get(key, 0) + 1
     rates = {}
@@ -59,15 +59,16 @@ def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
         rates[key] = steady_median(log, "tokens_per_s")
         print(f"alone {i}/{len(first)}: {trial.cell.label}  {rates[key]:,.0f} tokens/s", file=sys.stderr)
     alone = sum(trials.values()) / sum(n / rates[key] for key, n in trials.items())
-
-    def label(key: tuple) -> str:
-        return " ".join(f"{f}={level}" for f, level in zip(names, key, strict=True))
-
     return {
         "alone_tokens_per_s": alone,
         "factors": names,
-        "by_class": {label(key): {"tokens_per_s": rates[key], "trials": trials[key]} for key in rates},
+        "by_class": {key: {"tokens_per_s": rates[key], "trials": trials[key]} for key in rates},
     }
+
+
+def class_label(factors: list[str], levels: dict[str, str]) -> str:
+    """A class of cells, e.g. "metric=rbf gamma_schedule=learnable"; an absent factor has level ""."""
+    return " ".join(f"{f}={levels.get(f, '')}" for f in factors)
 
 
 def variant(study: Path, gpu: float | None, tokens: int | None) -> Path:
@@ -186,7 +187,8 @@ def alone_seconds(runs: list, baseline: dict) -> float | None:
         return None
     total = 0.0
     for run in runs:
-        label = " ".join(f"{f}={run.data.params.get(f'factor.{f}', '')}" for f in factors)
+        levels = {f: run.data.params.get(f"factor.{f}", "") for f in factors}
+        label = class_label(factors, levels)
         if label not in classes:
             return None
         total += run.data.metrics.get("tokens", 0.0) / classes[label]["tokens_per_s"]
