@@ -205,6 +205,14 @@ def open_page(driver, served: Served, path: str) -> None:
     driver.get(f"{served.url}/#/experiments/{served.experiment_id}/{path}?workflowType=machine_learning")
 
 
+def search(driver, placeholder: str, text: str, what: str) -> None:
+    """Type `text` into the page's search box with this placeholder, once the box has appeared."""
+    from selenium.webdriver.common.by import By
+
+    selector = f'input[placeholder="{placeholder}"]'
+    wait_until(driver, lambda d: d.find_element(By.CSS_SELECTOR, selector), what).send_keys(text)
+
+
 def screenshot(driver, name: str) -> None:
     """Save the page as a test artifact, with the assistant side panel closed (it hides the page)."""
     from selenium.webdriver.common.by import By
@@ -262,12 +270,7 @@ def test_trial_page_shows_its_factor_levels_and_loss_curve(served, browser):
     levels = {k: v for k, v in child.data.params.items() if k.startswith("factor.")}
     assert set(levels) == {"factor.metric", "factor.registers"}
     open_page(browser, served, f"runs/{child.info.run_id}")
-    search = wait_until(
-        browser,
-        lambda d: d.find_element(By.CSS_SELECTOR, 'input[placeholder="Search parameters"]'),
-        "the run's parameters",
-    )
-    search.send_keys("factor.")
+    search(browser, "Search parameters", "factor.", "the run's parameters")
 
     def shown_params(driver) -> dict[str, str]:
         return {c[0]: c[1] for c in table_cells(driver) if len(c) == 2 and c[0].startswith("factor.")}
@@ -276,12 +279,7 @@ def test_trial_page_shows_its_factor_levels_and_loss_curve(served, browser):
     screenshot(browser, "ui-trial-params.png")
 
     open_page(browser, served, f"runs/{child.info.run_id}/model-metrics")
-    charts = wait_until(
-        browser,
-        lambda d: d.find_element(By.CSS_SELECTOR, 'input[placeholder="Search metric charts"]'),
-        "the metric charts",
-    )
-    charts.send_keys("val/loss")
+    search(browser, "Search metric charts", "val/loss", "the metric charts")
     legend = f"{child.info.run_name} (val/loss)"
     wait_until(browser, lambda d: legend in d.find_element(By.TAG_NAME, "body").text, f"the chart '{legend}'")
     points = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .trace .points path")
