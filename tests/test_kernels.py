@@ -218,6 +218,17 @@ def test_flex_forward(N, D, causal):  # FlexAttention has no backward on CPU
     check_backend(kernels.BACKENDS["flex"], q, k, v, a, b, do, causal=causal, grads=False)
 
 
+def test_fused_flex_raises_the_recompile_limit_never_lowers_it(monkeypatch):
+    from kernels import flex
+
+    for before, after in [(8, flex.FLEX_RECOMPILE_LIMIT), (1000, 1000)]:
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", before)
+        flex._compiled_flex.cache_clear()
+        flex._compiled_flex()
+        assert torch._dynamo.config.recompile_limit == after
+    flex._compiled_flex.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("N", "D", "causal"), [(1, 16, True), (17, 64, True), (40, 80, False)])
 def test_sdpa_aug(dtype, N, D, causal):

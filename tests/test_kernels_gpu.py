@@ -6,6 +6,8 @@ inputs and compares output and all five gradients with explicit float64 math (co
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend
@@ -107,6 +109,24 @@ def test_b_none_goes_to_torch_sdpa(case, caplog):
     with caplog.at_level("INFO", logger="kernels"):
         check_without_key_norm_term("auto", q, k, v, a, do, causal=causal)
     assert any("'sdpa'" in r.getMessage() for r in caplog.records)
+
+
+def test_flex_stays_fused_past_dynamos_default_recompile_limit(caplog):
+    # a Ray worker runs many cells: each (shape, grad mode) is a flex compile; the ninth must not fall
+    # back to the unfused path (dynamo says so with a warning naming the limit)
+    from kernels.flex import flex_attention_rbf
+
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(caplog.handler)
+    try:
+        with torch.no_grad():
+            for n in range(250, 262):
+                q, k, v, a, b, do = make_inputs(1, 2, n, 64, BF16, "cuda", grad=False)
+                flex_attention_rbf(q, k, v, a, b, causal=True)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+    check_backend(kernels.BACKENDS["flex"], q, k, v, a, b, do, causal=True, grads=False)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
