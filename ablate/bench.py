@@ -32,7 +32,9 @@ VARIANTS = {  # name -> train settings on top of the compiled step
 }
 
 
-def bench_config(metric: str, variant: str, steps: int, backend: str) -> RunConfig:
+def bench_config(
+    metric: str, variant: str, steps: int, backend: str, *, vocab: int = 50257, model: dict | None = None
+) -> RunConfig:
     tree = {
         # the backend applies to rbf and penalty; sdpa always runs torch's SDPA (the baseline)
         "model": {
@@ -40,8 +42,9 @@ def bench_config(metric: str, variant: str, steps: int, backend: str) -> RunConf
             "metric": metric,
             "position": "rope",
             "attn_backend": "auto" if metric == "sdpa" else backend,
+            **(model or {}),
         },
-        "data": {"source": "random:50257", "val_tokens": 64 * 256},
+        "data": {"source": f"random:{vocab}", "val_tokens": 64 * 256},
         "train": {
             "tokens": steps * 64 * 256,
             "batch_size": 64,
@@ -55,15 +58,17 @@ def bench_config(metric: str, variant: str, steps: int, backend: str) -> RunConf
     return from_dict(RunConfig, tree)
 
 
-def run_one(metric: str, variant: str, steps: int, backend: str) -> dict:
+def run_one(metric: str, variant: str, steps: int, backend: str, **config) -> dict:
     log = RecordingLogger()
-    result = train(bench_config(metric, variant, steps, backend), log)
+    result = train(bench_config(metric, variant, steps, backend, **config), log)
     return {
         "metric": metric,
         "variant": variant,
+        **{k: v for k, v in (config.get("model") or {}).items()},
         "tokens_per_s": steady_median(log, "tokens_per_s"),
         "mfu": steady_median(log, "mfu"),
         "peak_mem_gb": log.series("peak_mem_gb")[-1][1],
+        "first_window_s": result.summary["time/first_window_s"],  # compilation, graph capture, warm-up
         "status": result.status,
     }
 
@@ -82,6 +87,16 @@ def main() -> None:
         "--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}"
     )
     parser.add_argument("--metrics", default="sdpa,rbf,penalty")
+    parser.add_argument("--vocab", type=int, default=50257, help="vocabulary of the random tokens")
+    parser.add_argument(
+        "--cells",
+        default="",
+        help="semicolon-separated model settings to run each metric with, e.g. "
+        "'position=rope;position=susie,registers=1' (default: rope, no registers)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run each row this often in this process (compile cache warm)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     variants, metrics = args.variants.split(","), args.metrics.split(",")
@@ -91,9 +106,11 @@ def main() -> None:
         raise SystemExit("ablate.bench measures GPU throughput; no CUDA device is available")
     rows = []
     for variant in variants:
-        for metric in metrics:
-            rows.append(run_one(metric, variant, args.steps, args.backend))
-            print(json.dumps(rows[-1]), flush=True)
+        for cell in parse_cells(args.cells):
+            for metric in metrics:
+                for _ in range(args.repeat):
+                    rows.append(run_one(metric, variant, args.steps, args.backend, vocab=args.vocab, model=cell))
+                    print(json.dumps(rows[-1]), flush=True)
     print(
         f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} steps, backend {args.backend}\n"
     )
@@ -102,15 +119,39 @@ def main() -> None:
         args.out.write_text(json.dumps(rows, indent=2))
 
 
+TABLE_KEYS = ("metric", "variant", "tokens_per_s", "mfu", "peak_mem_gb", "first_window_s", "status")
+
+
+def parse_cells(text: str) -> list[dict]:
+    """'position=rope;position=susie,registers=1' -> [{position: rope}, {position: susie, registers: 1}]."""
+    cells = []
+    for cell in filter(None, text.split(";")):
+        settings = dict(item.split("=", 1) for item in cell.split(","))
+        cells.append({k: _number_or_text(v) for k, v in settings.items()})
+    return cells or [{}]
+
+
+def _number_or_text(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def markdown_table(rows: list[dict]) -> str:
     """One line per (variant, metric); ratios against sdpa with the same variant and with `plain`."""
     lines = [
-        "| metric | step | tokens/s | vs sdpa, same step | vs plain sdpa | MFU | peak memory |",
-        "|---|---|---|---|---|---|---|",
+        "| metric | cell | step | tokens/s | vs sdpa, same step | vs plain sdpa | MFU | peak memory | first window |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def base(variant: str) -> float | None:
-        match = [r for r in rows if r["metric"] == "sdpa" and r["variant"] == variant]
+    def cell(row: dict) -> str:
+        return ",".join(f"{k}={v}" for k, v in row.items() if k not in TABLE_KEYS) or "-"
+
+    def base(variant: str, row: dict) -> float | None:
+        match = [r for r in rows if r["metric"] == "sdpa" and r["variant"] == variant and cell(r) == cell(row)]
         return match[0]["tokens_per_s"] if match else None
 
     def ratio(value: float, reference: float | None) -> str:
@@ -119,8 +160,9 @@ def markdown_table(rows: list[dict]) -> str:
     for row in rows:
         tps = row["tokens_per_s"]
         lines.append(
-            f"| {row['metric']} | {row['variant']} | {tps / 1e6:.2f}M | {ratio(tps, base(row['variant']))} | "
-            f"{ratio(tps, base('plain'))} | {row['mfu']:.1%} | {row['peak_mem_gb']:.1f} GB |"
+            f"| {row['metric']} | {cell(row)} | {row['variant']} | {tps / 1e6:.2f}M | "
+            f"{ratio(tps, base(row['variant'], row))} | {ratio(tps, base('plain', row))} | {row['mfu']:.1%} | "
+            f"{row['peak_mem_gb']:.1f} GB | {row['first_window_s']:.1f} s |"
         )
     return "\n".join(lines)
 

@@ -470,6 +470,7 @@ def init_ray(address: str | None) -> bool:
         return False
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    share_compile_caches()
     # "local": a new instance even where `ray start` left one running; join one with --ray-address auto
     ray.init(
         address=address or "local",
@@ -478,6 +479,21 @@ def init_ray(address: str | None) -> bool:
         logging_level=logging.WARNING,
     )
     return True
+
+
+def share_compile_caches() -> None:
+    """Point every trial's torch.compile caches at one directory on the node (workers inherit it).
+
+    Inductor's FX-graph and AOTAutograd caches and Triton's kernel cache then serve every trial and
+    worker process after the first of each kind of cell, and survive the study: a later study, or the
+    same study resumed, compiles from disk. `$ABLATE_COMPILE_CACHE` (default `$ABLATE_CACHE/compile`,
+    else `~/.cache/ablate/compile`) moves it, e.g. onto a folder that travels with the study.
+    """
+    root = os.environ.get("ABLATE_COMPILE_CACHE") or os.path.join(
+        os.environ.get("ABLATE_CACHE") or os.path.expanduser("~/.cache/ablate"), "compile"
+    )
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(root, "triton"))
 
 
 def check_cluster(design: Design, uri: str) -> None:
