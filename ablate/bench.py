@@ -109,7 +109,9 @@ def main() -> None:
         for cell in parse_cells(args.cells):
             for metric in metrics:
                 for _ in range(args.repeat):
-                    rows.append(run_one(metric, variant, args.steps, args.backend, vocab=args.vocab, model=cell))
+                    rows.append(
+                        run_one(metric, variant, args.steps, args.backend, vocab=args.vocab, model=cell)
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     print(
         f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} steps, backend {args.backend}\n"
@@ -151,7 +153,9 @@ def markdown_table(rows: list[dict]) -> str:
         return ",".join(f"{k}={v}" for k, v in row.items() if k not in TABLE_KEYS) or "-"
 
     def base(variant: str, row: dict) -> float | None:
-        match = [r for r in rows if r["metric"] == "sdpa" and r["variant"] == variant and cell(r) == cell(row)]
+        match = [
+            r for r in rows if r["metric"] == "sdpa" and r["variant"] == variant and cell(r) == cell(row)
+        ]
         return match[0]["tokens_per_s"] if match else None
 
     def ratio(value: float, reference: float | None) -> str:
