@@ -64,7 +64,8 @@ def start_mps(work: Path) -> dict:
     for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
-    return env
+    # the daemon took CUDA_VISIBLE_DEVICES; a client's value would be read against the daemon's devices
+    return {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
 
 
 def stop_mps(env: dict) -> None:
