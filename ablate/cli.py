@@ -171,6 +171,13 @@ def _store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 
 
+def _follow_move(design, uri: str) -> None:
+    """A moved or copied study folder keeps working: its store's artifact locations follow the folder."""
+    from ablate import tracking
+
+    tracking.relocate_artifacts(uri, design.experiment, design.output_dir / "artifacts")
+
+
 @app.command()
 @user_errors
 def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
@@ -184,6 +191,7 @@ def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
     _quiet_logs()
     from ablate import tracking
 
+    _follow_move(design, uri)
     client = tracking.MlflowClient(uri)
     experiment = client.get_experiment_by_name(design.experiment)
     parent = experiment and tracking.find_parent(client, experiment.experiment_id, design.study.name)
@@ -247,6 +255,7 @@ def ui(
         raise fail(f"{study}: no tracking store yet at {uri}; run `ablate run {study}` first")
     if not _port_free(host, port):
         raise fail(f"port {port} on {host} is in use (another UI?); choose another with --port")
+    _follow_move(design, uri)
     command = [
         sys.executable,
         "-m",
@@ -341,6 +350,7 @@ def report(
     from ablate.analysis import StudyDataError
     from ablate.report import summary_text, write_report
 
+    _follow_move(design, uri)
     trials, curves = study_results(design, uri)
     try:
         analysis = analyze_study(design, trials)
