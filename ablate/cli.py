@@ -171,6 +171,13 @@ def _store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 
 
+def _follow_move(design, uri: str) -> None:
+    """A moved or copied study folder keeps working: its store's artifact locations follow the folder."""
+    from ablate import tracking
+
+    tracking.relocate_artifacts(uri, design.experiment, design.output_dir / "artifacts")
+
+
 @app.command()
 @user_errors
 def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
@@ -184,6 +191,7 @@ def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
     _quiet_logs()
     from ablate import tracking
 
+    _follow_move(design, uri)
     client = tracking.MlflowClient(uri)
     experiment = client.get_experiment_by_name(design.experiment)
     parent = experiment and tracking.find_parent(client, experiment.experiment_id, design.study.name)
@@ -247,6 +255,7 @@ def ui(
         raise fail(f"{study}: no tracking store yet at {uri}; run `ablate run {study}` first")
     if not _port_free(host, port):
         raise fail(f"port {port} on {host} is in use (another UI?); choose another with --port")
+    _follow_move(design, uri)
     command = [
         sys.executable,
         "-m",
@@ -303,6 +312,9 @@ def analyze(
     ] = None,
     vocab_size: Annotated[int | None, typer.Option(help="Vocabulary size (caps diverged losses).")] = None,
     title: Annotated[str | None, typer.Option(help="Report title.")] = None,
+    target: Annotated[
+        list[float] | None, typer.Option(help="A validation loss to time (with --curves; repeatable).")
+    ] = None,
 ) -> None:
     """Attribute a response to factors from a plain trials table (the statistics of `report`)."""
     from ablate.report import analyze_main
@@ -320,6 +332,7 @@ def analyze(
         vocab_size=vocab_size,
         curves=curves,
         title=title,
+        targets=target or [],
     )
     raise typer.Exit(code)
 
@@ -341,13 +354,16 @@ def report(
     from ablate.analysis import StudyDataError
     from ablate.report import summary_text, write_report
 
+    _follow_move(design, uri)
     trials, curves = study_results(design, uri)
     try:
         analysis = analyze_study(design, trials)
     except StudyDataError as err:
         raise fail(f"{study}: {err}") from None
     out_dir = out or design.output_dir / "report"
-    paths = write_report(analysis, out_dir, curves=curves, title=f"{design.study.name}: attribution")
+    targets = design.study.responses.targets
+    title = f"{design.study.name}: attribution"
+    paths = write_report(analysis, out_dir, curves=curves, title=title, targets=targets)
     for name, frame in (("trials.csv", trials), ("curves.csv", curves)):  # inputs of `ablate analyze`
         frame.to_csv(out_dir / name, index=False)
         paths[name] = out_dir / name
@@ -363,6 +379,7 @@ def report(
 
 def study_results(design, uri: str):
     """The study's trials table and curves, restricted to the trials the study file declares now."""
+    from ablate.analysis.curves import with_tokens_to_targets
     from ablate.tracking import load_study_results
 
     study = design.study
@@ -372,12 +389,14 @@ def study_results(design, uri: str):
     trials = trials[trials["trial_id"].isin(declared)].reset_index(drop=True)
     if trials.empty:
         raise LookupError(f"no finished trials of {study.name} at {uri} yet; run the study first")
-    return trials, curves[curves["trial_id"].isin(declared)].reset_index(drop=True)
+    curves = curves[curves["trial_id"].isin(declared)].reset_index(drop=True)
+    return with_tokens_to_targets(trials, curves, study.responses.targets), curves
 
 
 def analyze_study(design, trials):
     """The analysis of a study's trials with its factors, responses, comparisons and conditions."""
     from ablate.analysis import Comparison, analyze
+    from ablate.analysis.curves import target_column
 
     study = design.study
     comparisons = [Comparison(c.name, c.levels("baseline"), c.levels("target")) for c in study.comparisons]
@@ -388,7 +407,7 @@ def analyze_study(design, trials):
         list(study.factors),
         study.responses.primary,
         comparisons=comparisons,
-        secondary=study.responses.secondary,
+        secondary=[*study.responses.secondary, *map(target_column, study.responses.targets)],
         conditions=conditions or None,
         vocab_size=int(vocab.iloc[0]) if len(vocab) else None,
     )

@@ -5,6 +5,7 @@ Sources (`DataConfig.source`):
     "stories"            generated stories with long-range references (ablate.corpora), offline
     "mqar"               generated multi-query associative recall sequences (token ids, no tokenizer)
     "hf:<name>[:<cfg>]"  a Hugging Face hub dataset, e.g. hf:roneneldan/TinyStories
+    "pkg:<name>[+...]"   real text rebuilt from installed registry packages (ablate.packaged), offline
     a path or glob       local .txt / .json / .jsonl / .parquet files, or a directory of them
     "random:<vocab>"     uniform random tokens in memory (benchmarks only, never cached)
 
@@ -46,7 +47,7 @@ import numpy as np
 import tokenizers
 from filelock import FileLock, Timeout
 
-from ablate import corpora
+from ablate import corpora, packaged
 
 if TYPE_CHECKING:  # torch loads with the first batch: preparing data needs only numpy
     import torch
@@ -163,10 +164,13 @@ def _check_values(cfg: DataConfig) -> None:
 
 
 def source_kind(source: str) -> str:
-    """'stories' | 'mqar' | 'hf' | 'random' | 'local' for a source string; ValueError if it is not usable."""
+    """'stories' | 'mqar' | 'hf' | 'pkg' | 'random' | 'local' for a source string; ValueError if not usable."""
     if source in GENERATED:
         return source
     scheme, sep, rest = source.partition(":")
+    if sep and scheme == "pkg":
+        packaged.parts(source)
+        return "pkg"
     if sep and scheme == "hf":
         if not rest.split(":")[0]:
             raise _bad("source", source, "name the dataset, e.g. hf:roneneldan/TinyStories")
@@ -176,7 +180,10 @@ def source_kind(source: str) -> str:
             raise _bad("source", source, "random:<vocab> needs a vocabulary size >= 2, e.g. random:50257")
         return "random"
     if sep and len(scheme) > 1 and not Path(source).exists():
-        choices = "stories, mqar, hf:<dataset>, random:<vocab>, or a path/glob to .txt/.json/.jsonl/.parquet"
+        choices = (
+            "stories, mqar, hf:<dataset>, pkg:<corpus>, random:<vocab>, or a path/glob to "
+            ".txt/.json/.jsonl/.parquet"
+        )
         raise _bad("source", source, f"unknown source scheme {scheme + ':'!r}; use one of {choices}")
     local_files(source)
     return "local"
@@ -194,7 +201,7 @@ def local_files(source: str) -> list[Path]:
             "source",
             source,
             "no such file, directory or glob match (or a typo in a source name: "
-            "use stories, mqar, hf:<dataset>, random:<vocab>)",
+            "use stories, mqar, hf:<dataset>, pkg:<corpus>, random:<vocab>)",
         )
     unknown = sorted({p.suffix for p in found} - set(FILE_BUILDERS))
     if unknown:
@@ -251,6 +258,8 @@ def _corpus_identity(cfg: DataConfig) -> dict:
             "pairs": cfg.mqar_pairs,
             "vocab": cfg.mqar_vocab,
         }
+    if kind == "pkg":
+        return packaged.identity(cfg.source) | {"carve": [cfg.val_fraction, cfg.corpus_seed]}
     ident = {
         "source": cfg.source,
         "field": cfg.text_field,
@@ -306,6 +315,7 @@ class _Split:
     n_docs: int | None  # None: unbounded (generated validation split)
     rows: Callable[[int, int], datasets.Dataset]  # documents [start, stop) as a Dataset
     texts: Callable[[int, int], list[str]] | None  # their texts (None: already token ids)
+    provenance: dict = field(default_factory=dict)  # recorded in meta.json (packaged corpora)
 
 
 def _story_texts(seed: int, split: str, start: int, stop: int) -> list[str]:
@@ -367,21 +377,35 @@ def _loaded_splits(cfg: DataConfig, root: Path, progress: bool) -> tuple[_Split,
         _say(progress, f"no {cfg.val_split!r} split: carving {cfg.val_fraction:g} of {cfg.train_split!r}")
         train, val = _carve(train, cfg.val_fraction, cfg.corpus_seed)
 
-    def split(name: str, ds: datasets.Dataset) -> _Split:
-        def rows(start: int, stop: int) -> datasets.Dataset:
-            return ds.select(range(start, stop))
+    return _dataset_split("train", train, cfg.text_field), _dataset_split("validation", val, cfg.text_field)
 
-        def texts(start: int, stop: int) -> list[str]:
-            return ds[start:stop][cfg.text_field]
 
-        return _Split(name, len(ds), rows, texts)
+def _dataset_split(
+    name: str, ds: datasets.Dataset, text_field: str, provenance: dict | None = None
+) -> _Split:
+    def rows(start: int, stop: int) -> datasets.Dataset:
+        return ds.select(range(start, stop))
 
-    return split("train", train), split("validation", val)
+    def texts(start: int, stop: int) -> list[str]:
+        return ds[start:stop][text_field]
+
+    return _Split(name, len(ds), rows, texts, provenance or {})
+
+
+def _packaged_splits(cfg: DataConfig, progress: bool) -> tuple[_Split, _Split]:
+    docs = packaged.documents(cfg.source, cfg.val_fraction, cfg.corpus_seed)
+    _say(progress, f"{cfg.source}: {len(docs.train)} training and {len(docs.val)} validation documents")
+    field_ = cfg.text_field  # the configured column name, so tokenising reads these rows as usual
+    train = datasets.Dataset.from_dict({field_: docs.train})
+    val = datasets.Dataset.from_dict({field_: docs.val})
+    return _dataset_split("train", train, field_, docs.provenance), _dataset_split("validation", val, field_)
 
 
 def _splits(cfg: DataConfig, seq_len: int, root: Path, progress: bool) -> tuple[_Split, _Split]:
     if cfg.source in GENERATED:
         return _generated_splits(cfg, seq_len)
+    if source_kind(cfg.source) == "pkg":
+        return _packaged_splits(cfg, progress)
     return _loaded_splits(cfg, root, progress)
 
 
@@ -640,6 +664,8 @@ def _build(cfg: DataConfig, seq_len: int, final: Path, progress: bool) -> None:
         splits = _splits(cfg, seq_len, final.parent, progress)
         codec = _codec(cfg, splits[0], final.parent, progress)
         stats = _pack_splits(cfg, seq_len, splits, codec, tmp, progress)
+        if splits[0].provenance:
+            stats["provenance"] = splits[0].provenance
         if codec.tokenizer is not None:
             codec.tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "meta.json").write_text(json.dumps(_meta(cfg, seq_len, final.name, codec, stats), indent=2))

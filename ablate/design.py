@@ -78,10 +78,14 @@ class Design:
     source: Path | None = None  # the study file
 
     @property
+    def base_dir(self) -> Path:
+        """The folder relative paths of the study are relative to: the study file's, else the current one."""
+        return self.source.parent.resolve() if self.source else Path.cwd()
+
+    @property
     def output_dir(self) -> Path:
         """`output` relative to the study file; default runs/<name> beside it."""
-        base = self.source.parent if self.source else Path.cwd()
-        return (base / (self.study.output or f"runs/{self.study.name}")).resolve()
+        return (self.base_dir / (self.study.output or f"runs/{self.study.name}")).resolve()
 
     @property
     def experiment(self) -> str:

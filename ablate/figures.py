@@ -195,3 +195,33 @@ def divergence_heatmap(per_cell: pd.DataFrame, factors: Sequence[str]) -> Figure
     )
     ax.set(xlabel=", ".join(columns), ylabel=", ".join(rows))
     return figure
+
+
+def training_effects_figure(table: pd.DataFrame, unit: str = "nats") -> Figure:
+    """Each factor's effects and each comparison's Shapley split against tokens trained, 95% bands.
+
+    One panel per factor (a line per level against the reference) and per comparison (the total and a
+    line per player); `table` is `analysis.curves.effects_over_training`."""
+    panels = list(dict.fromkeys(zip(table["kind"].replace({"shapley": "total"}), table["name"], strict=True)))
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    for ax, (kind, name) in zip(axes.flat, panels, strict=False):
+        kinds = ("effect",) if kind == "effect" else ("total", "shapley")
+        part = table[(table["name"] == name) & table["kind"].isin(kinds)]
+        for (line_kind, term), curve in part.groupby(["kind", "term"], sort=False):
+            label = "total" if line_kind == "total" else term
+            style = {"color": "black", "linewidth": 2} if line_kind == "total" else {}
+            ax.plot(curve["tokens"], curve["estimate"], label=label, **style)
+            ax.fill_between(
+                curve["tokens"], curve["ci_low"], curve["ci_high"], alpha=0.2, color=style.get("color")
+            )
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(f"{name} ({'effect' if kind == 'effect' else 'Shapley split'})", fontsize=10)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel(f"difference ({unit})")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    figure.tight_layout()
+    return figure

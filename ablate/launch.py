@@ -167,12 +167,16 @@ def check_settings_unchanged(design: Design, runs: list) -> None:
         raise StudyError([("fixed", message)], str(design.source) if design.source else None)
 
 
-def _absolute_paths(tree: dict) -> dict:
-    """Trials may run in another directory (or machine): give them absolute data and cache paths."""
+def _absolute_paths(tree: dict, base: Path) -> dict:
+    """Trials may run in another directory (or machine): give them absolute data and cache paths.
+
+    A relative `data.cache_dir` is relative to `base`, the study file's folder, so a cache kept beside
+    the study travels with it."""
     from ablate.data import DataConfig, cache_root, source_kind
 
     data = dict(tree.get("data", {}))
-    data["cache_dir"] = str(cache_root(DataConfig(**data)).resolve())
+    root = cache_root(DataConfig(**data))
+    data["cache_dir"] = str((base / root if data.get("cache_dir") else root).resolve())
     source = data.get("source")
     if source is not None and source_kind(source) == "local" and not Path(source).expanduser().is_absolute():
         data["source"] = str(Path(source).resolve())
@@ -190,7 +194,7 @@ def trial_payload(trial: Trial, design: Design, store: StudyStore) -> dict[str, 
         "seed": trial.seed,
         "config_hash": trial.config_hash,
         "study": design.study.name,
-        "tree": _absolute_paths(trial.tree),
+        "tree": _absolute_paths(trial.tree, design.base_dir),
         "tracking": {
             "uri": store.uri,
             "experiment_id": store.experiment_id,
@@ -439,7 +443,7 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
                 start_parent(design, store, resume=parent is not None)
                 tracking.close_stale(store.client, runs)  # left running by a driver that was killed
             with clock.phase("data"):
-                prepare_data(todo, console)
+                prepare_data(todo, console, design.base_dir)
             with clock.phase("tune"):
                 run_tune(design, todo, store, options, Progress(len(design.trials), skipped, console))
         finally:
@@ -519,13 +523,13 @@ def check_cluster(design: Design, uri: str) -> None:
         raise StudyError([("tracking.uri", message)], source)
 
 
-def prepare_data(trials: list[Trial], console: Console) -> None:
+def prepare_data(trials: list[Trial], console: Console, base: Path) -> None:
     """Tokenise and pack each distinct data setting once, before any trial starts (trials hit the cache)."""
     from ablate.data import prepare
 
     seen = set()
     for trial in trials:
-        cfg = from_dict(RunConfig, _absolute_paths(trial.tree))
+        cfg = from_dict(RunConfig, _absolute_paths(trial.tree, base))
         key = (repr(cfg.data), cfg.model.context)
         if key not in seen:
             seen.add(key)

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ablate.analysis import StudyAnalysis, StudyDataError, analyze, load_trials
+from ablate.analysis.curve_sections import training_sections
 from ablate.analysis.document import Figure as FigureBlock
 from ablate.analysis.document import Section, to_html, to_markdown
 from ablate.analysis.sections import build_sections
@@ -36,15 +37,24 @@ def summary_text(analysis: StudyAnalysis) -> str:
 
 
 def write_report(
-    analysis: StudyAnalysis, out_dir: Path, *, curves: pd.DataFrame | None = None, title: str
+    analysis: StudyAnalysis,
+    out_dir: Path,
+    *,
+    curves: pd.DataFrame | None = None,
+    title: str,
+    targets: Sequence[float] = (),
 ) -> dict[str, Path]:
-    """Write report.html, report.md, figures/*.png, tables/*.csv and results.json; return them by name."""
+    """Write report.html, report.md, figures/*.png, tables/*.csv and results.json; return them by name.
+
+    With `curves`, effects over training (and tokens to each of `targets`) come before Methods."""
     out_dir = Path(out_dir)
     for folder in ("figures", "tables"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     sections = build_sections(analysis, curves)
+    over_training, training_tables = training_sections(analysis, curves, targets)
+    sections[-1:-1] = over_training  # the last section is Methods
     written = _write_figures(sections, out_dir)
-    for name, table in analysis.tables().items():
+    for name, table in (analysis.tables() | training_tables).items():
         if not table.empty:
             path = out_dir / "tables" / f"{name}.csv"
             table.to_csv(path, index=False)
@@ -84,6 +94,7 @@ def analyze_main(
     vocab_size: int | None = None,
     curves: Path | None = None,
     title: str | None = None,
+    targets: Sequence[float] = (),
 ) -> int:
     """The `ablate analyze` command: 0 on success, 2 (one line on stderr) on a user mistake."""
     try:
@@ -102,7 +113,11 @@ def analyze_main(
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
         return 2
     written = write_report(
-        analysis, Path(out_dir), curves=curve_table, title=title or f"Attribution of {response}"
+        analysis,
+        Path(out_dir),
+        curves=curve_table,
+        title=title or f"Attribution of {response}",
+        targets=targets,
     )
     console = Console()
     for heading, bullets in verdict_sections(analysis):

@@ -114,10 +114,21 @@ class Responses(Strict):
     def _known_primary(cls, name: str) -> str:
         return _known_response(name)
 
+    targets: list[float] = Field(default_factory=list)  # validation losses to time: tokens_to_<target>
+
     @field_validator("secondary")
     @classmethod
     def _known_secondary(cls, names: list[str]) -> list[str]:
         return [_known_response(n) for n in names]
+
+    @field_validator("targets")
+    @classmethod
+    def _positive_targets(cls, targets: list[float]) -> list[float]:
+        if any(not 0 < t < float("inf") for t in targets) or len(set(targets)) != len(targets):
+            raise ValueError(
+                f"targets must be distinct positive losses in nats, e.g. [4.0, 3.5]; got {targets}"
+            )
+        return targets
 
 
 def _known_response(name: str) -> str:

@@ -23,6 +23,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,12 +66,79 @@ def open_store(uri: str) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None = None) -> str:
-    """The id of experiment `name`, created (artifacts under `artifact_root`, if local) when missing."""
+    """The id of experiment `name`, created (artifacts under `artifact_root`, if local) when missing.
+
+    A SQLite store whose study folder was moved has its recorded artifact locations moved along
+    (`relocate_artifacts`), so new artifacts land in the folder the store is in now."""
+    if artifact_root is not None:
+        relocate_artifacts(client.tracking_uri, name, artifact_root)
     found = retrying(client.get_experiment_by_name, name)
     if found is not None:
         return found.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root else None
     return retrying(client.create_experiment, name, artifact_location=location)
+
+
+# (table, column) pairs of a SQLite store that hold absolute artifact URIs
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+)
+
+
+def relocate_artifacts(uri: str, experiment: str, artifact_root: Path) -> str | None:
+    """Point a moved study's SQLite store at the artifacts where they are now; returns the old root.
+
+    MLflow records absolute artifact URIs (file:///old/folder/artifacts/<run>/artifacts). When the study
+    folder is moved or copied, `experiment`'s recorded root differs from `artifact_root`: every location
+    under the old root, of every run and experiment that shares it, is rewritten to the new root in one
+    transaction. Nothing happens (None) for a store that is not local SQLite, a new store, an experiment
+    already in place, or a store this process may not write (a read-only copy is read as it is).
+    """
+    path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if path is None or not path.exists():
+        return None
+    new = Path(artifact_root).resolve().as_uri()
+    with closing(sqlite3.connect(path, timeout=30)) as db:
+        found = db.execute(
+            "SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)
+        ).fetchone()
+        if found is None or found[0] == new or not found[0].startswith("file:"):
+            return None
+        old, tables = (
+            found[0],
+            {t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")},
+        )
+        try:
+            with db:  # one transaction: all locations move, or none
+                for table, column in ARTIFACT_COLUMNS:
+                    if table in tables:
+                        _move_prefix(db, table, column, old, new)
+        except sqlite3.OperationalError as err:
+            if "readonly" not in str(err):
+                raise
+            return None
+    _forget_artifact_repositories()
+    return old
+
+
+def _forget_artifact_repositories() -> None:
+    # MLflow keeps each run's artifact repository, keyed by run id, for the life of the process: one made
+    # before the move would go on writing into the old folder.
+    from mlflow.tracking._tracking_service import utils
+
+    cache = getattr(utils, "_artifact_repos_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
+def _move_prefix(db: sqlite3.Connection, table: str, column: str, old: str, new: str) -> None:
+    db.execute(
+        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+        f"WHERE {column} = ? OR (substr({column}, 1, ?) = ? AND substr({column}, ?, 1) = '/')",
+        (new, len(old) + 1, old, len(old), old, len(old) + 1),
+    )
 
 
 def _text(value: Any, limit: int) -> str:
