@@ -6,11 +6,13 @@ Nothing here imports Ray or MLflow; callers pass a MetricLogger.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import statistics
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -127,6 +129,8 @@ def train(
     if device.type != "cuda" and (needs := tc.cuda_only()):  # auto never picks CUDA-only paths
         raise ConfigError(needs[0].partition(":")[0], f"needs a CUDA device; this run is on {device.type}")
     step_model = model
+    if tc.cuda_graphs:
+        cudagraph_trees_for_this_thread()
     if tc.compile:
         # a process may run many trials (Ray reuses workers): without a reset, each new model is a
         # recompilation of the last, and past torch's recompile limit the step silently runs eager
@@ -228,6 +232,24 @@ def train(
     return TrialResult(
         "finished", total_steps, total_steps * tokens_per_step, final["val/loss"], summary=summary
     )
+
+
+def cudagraph_trees_for_this_thread() -> None:
+    """Give the calling thread the per-thread state of inductor's CUDA-graph trees.
+
+    The trees keep their managers in thread-local storage, set up at import for the importing thread
+    (and copied into autograd's threads). Ray Tune runs each trial of a reused worker in a new thread;
+    there torch 2.11 fails its first replay with `assert torch._C._is_key_in_tls(...)` (later releases
+    set the state up themselves). Each trial's thread then gets trees of its own.
+    """
+    from torch._inductor import cudagraph_trees as trees
+
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
 
 
 def _auto_loss(device: torch.device, tc: TrainConfig) -> str:

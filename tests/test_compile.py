@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from ablate.config import RunConfig, from_dict
 from ablate.logger import RecordingLogger
-from ablate.train import train
+from ablate.train import cudagraph_trees_for_this_thread, train
 
 # each level of each shipped factor appears at least once
 CELLS = {
@@ -108,3 +108,33 @@ def test_fast_path_matches_the_plain_step_on_cuda(cell, tmp_path):
     plain_losses = [v for _, v in plain_log.series("train/loss")]
     assert fast_losses == pytest.approx(plain_losses, rel=2e-2)  # bf16 autocast on both sides
     assert fast.val_loss == pytest.approx(plain.val_loss, rel=1e-2)
+
+
+def in_new_thread(fn):
+    """fn's result, called in a thread of its own (as Ray Tune calls each trial of a reused worker)."""
+    import threading
+
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(value=fn()))
+    thread.start()
+    thread.join()
+    return out["value"]
+
+
+def test_a_new_thread_gets_cuda_graph_tree_state():
+    def state_before_and_after():
+        before = torch._C._is_key_in_tls("tree_manager_containers")
+        cudagraph_trees_for_this_thread()
+        return before, torch._C._is_key_in_tls("tree_manager_containers")
+
+    assert in_new_thread(state_before_and_after) == (False, True)
+
+
+@pytest.mark.gpu
+def test_graphed_trials_in_successive_threads_of_one_process(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cell = CELLS["rbf-susie-register-warmup"]
+    for _ in range(2):  # a reused Ray worker: each trial in a new thread
+        config = cell_run(str(tmp_path), cell, device="cuda", cuda_graphs=True, loss="fused")
+        assert in_new_thread(lambda config=config: train(config, RecordingLogger()).status) == "finished"
