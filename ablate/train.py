@@ -14,6 +14,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,16 @@ def train(
     cfg: RunConfig, logger: MetricLogger | None = None, *, data: PackedData | None = None
 ) -> TrialResult:
     """Train one (configuration, seed) to its token budget; stop at divergence."""
-    logger = logger or NullLogger()
+    if not cfg.train.cuda_graphs:
+        return _train(cfg, logger or NullLogger(), data)
+    cudagraph_trees_for_this_thread()
+    try:
+        return _train(cfg, logger or NullLogger(), data)
+    finally:
+        release_cudagraph_trees()
+
+
+def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> TrialResult:
     entered = time.perf_counter()
     device, data, model, autocast = _setup(cfg, data)
     tc, oc = cfg.train, cfg.optim
@@ -129,8 +139,6 @@ def train(
     if device.type != "cuda" and (needs := tc.cuda_only()):  # auto never picks CUDA-only paths
         raise ConfigError(needs[0].partition(":")[0], f"needs a CUDA device; this run is on {device.type}")
     step_model = model
-    if tc.cuda_graphs:
-        cudagraph_trees_for_this_thread()
     if tc.compile:
         # a process may run many trials (Ray reuses workers): without a reset, each new model is a
         # recompilation of the last, and past torch's recompile limit the step silently runs eager
@@ -250,6 +258,23 @@ def cudagraph_trees_for_this_thread() -> None:
     trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
     torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
     torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
+
+
+def release_cudagraph_trees() -> None:
+    """Free this thread's CUDA graphs and their memory pool now, in this thread.
+
+    Left to the thread's exit, they are destroyed while the worker's next trial may already be capturing
+    graphs in its own thread, and capture is process-wide CUDA state. A failure here is reported, not
+    raised: the trial's result stands.
+    """
+    from torch._inductor import cudagraph_trees as trees
+
+    try:
+        trees.reset_cudagraph_trees()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except Exception as err:  # cleanup of a finished trial
+        warnings.warn(f"releasing the trial's CUDA graphs failed: {type(err).__name__}: {err}", stacklevel=2)
 
 
 def _auto_loss(device: torch.device, tc: TrainConfig) -> str:

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from ablate.config import RunConfig, from_dict
 from ablate.logger import RecordingLogger
-from ablate.train import cudagraph_trees_for_this_thread, train
+from ablate.train import cudagraph_trees_for_this_thread, release_cudagraph_trees, train
 
 # each level of each shipped factor appears at least once
 CELLS = {
@@ -130,11 +130,24 @@ def test_a_new_thread_gets_cuda_graph_tree_state():
     assert in_new_thread(state_before_and_after) == (False, True)
 
 
+def test_a_trial_releases_its_cuda_graph_trees_in_its_own_thread():
+    from torch._inductor import cudagraph_trees as trees
+
+    def containers_before_and_after_release():
+        cudagraph_trees_for_this_thread()
+        trees.get_container(0)  # what the first graphed step of a trial creates
+        before = len(trees.local.tree_manager_containers)
+        release_cudagraph_trees()
+        return before, len(trees.local.tree_manager_containers)
+
+    assert in_new_thread(containers_before_and_after_release) == (1, 0)
+
+
 @pytest.mark.gpu
 def test_graphed_trials_in_successive_threads_of_one_process(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     cell = CELLS["rbf-susie-register-warmup"]
-    for _ in range(2):  # a reused Ray worker: each trial in a new thread
+    for _ in range(3):  # a reused Ray worker: each trial in a new thread
         config = cell_run(str(tmp_path), cell, device="cuda", cuda_graphs=True, loss="fused")
         assert in_new_thread(lambda config=config: train(config, RecordingLogger()).status) == "finished"
