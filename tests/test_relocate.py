@@ -147,3 +147,13 @@ def test_relocation_moves_only_the_old_root_and_leaves_a_store_in_place_alone(tm
     assert client.get_run(lookalike.info.run_id).info.artifact_uri.startswith(lookalike_root + "/")
     assert tracking.relocate_artifacts(f"sqlite:///{db}", "moved", new) is None  # already in place
     assert tracking.relocate_artifacts("http://localhost:5000", "moved", new) is None
+
+
+def test_prepare_caches_the_data_beside_the_study_without_running_a_trial(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative cache_dir is relative to the study file, not to here
+    path = write(tmp_path / "study", study_spec([0]))
+    result = CliRunner().invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 0, result.output
+    (built,) = [p for p in (tmp_path / "study" / "cache").iterdir() if (p / "meta.json").exists()]
+    assert (built / "train.npy").stat().st_size > 0
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "study" / "runs").exists()
