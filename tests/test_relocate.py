@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -32,6 +33,7 @@ def study_spec(seeds: list[int]) -> dict:
             "optim": {"warmup_steps": 2},
             "train": {"tokens": 2048, "batch_size": 8, "eval_every": 4, "log_every": 2, "device": "cpu"},
         },
+        "responses": {"primary": "val_loss", "targets": [9.0]},  # above ln(300): met at the first evaluation
         "resources": {"cpu": 1},
         "max_concurrent": 2,
     }
@@ -111,6 +113,9 @@ def test_report_writes_and_logs_into_the_new_folder(moved):
     assert result.exit_code == 0, result.output
     report = design.output_dir / "report"
     assert (report / "report.md").exists() and (report / "trials.csv").exists()
+    assert (pd.read_csv(report / "trials.csv")["tokens_to_9"] == 0).all()  # the evaluation before step 1
+    text = (report / "report.md").read_text()
+    assert "## Effects over training" in text and "## Tokens to a target loss" in text
     client = MlflowClient(design.tracking_uri())
     parent = tracking.find_parent(client, client.get_experiment_by_name("moved").experiment_id, "moved")
     logged = Path(parent.info.artifact_uri.removeprefix("file://")) / "report" / "report.md"
