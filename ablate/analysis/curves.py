@@ -94,10 +94,13 @@ def _mean_of(cells: pd.DataFrame, levels: Mapping[str, str]) -> np.ndarray:
 def effect_contrasts(
     cells: pd.DataFrame, factors: Sequence[str], reference: Mapping[str, str]
 ) -> list[Contrast]:
-    """Each factor's levels against its reference level (the first level when the reference is absent)."""
+    """Each factor's levels against its reference level (the first level when the reference is absent);
+    a conditional factor only where it applies."""
     contrasts = []
     for factor in factors:
-        levels = list(pd.unique(cells[factor]))
+        levels = [level for level in pd.unique(cells[factor]) if level != NOT_APPLICABLE]
+        if len(levels) < 2:
+            continue
         ref = str(reference.get(factor, levels[0]))
         ref = ref if ref in levels else levels[0]
         at_ref = _mean_of(cells, {factor: ref})
