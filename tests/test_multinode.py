@@ -261,3 +261,25 @@ def test_rerun_resumes_without_duplicates(study_run):
     assert {r.info.run_id: _status(r) for r in runs} == study_run.runs_before_rerun  # nothing run again
     assert sorted(_key(r) for r in _finished(runs)) == KEYS, study_run.logs
     assert not [r for r in runs if r.info.status == "RUNNING"], "a child run was left running"
+
+
+@pytest.mark.parametrize("study_cache", [False, True])
+def test_a_node_keeps_trial_data_in_its_own_cache_unless_the_study_names_one(
+    tmp_path, monkeypatch, study_cache
+):
+    from ablate.design import load_design
+    from ablate.launch import StudyStore, _on_this_node, trial_payload
+
+    text = STUDY if not study_cache else STUDY.replace("val_tokens: 2048}", "val_tokens: 2048, cache_dir: c}")
+    (tmp_path / "two_nodes.yaml").write_text(text)
+    design = load_design(tmp_path / "two_nodes.yaml")
+    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "driver"))
+    payload = trial_payload(design.trials[0], design, StudyStore(None, "http://mlflow", "1", "2"))
+    sent = payload["tree"]["data"]["cache_dir"]  # the driver's path, absolute
+    assert sent == str(tmp_path / ("c" if study_cache else "driver"))
+
+    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "node"))  # the trial, on a node of its own
+    used = _on_this_node(payload)["data"]["cache_dir"]
+    assert used == (sent if study_cache else str(tmp_path / "node"))
+    monkeypatch.setenv("ABLATE_CACHE", "relative/cache")  # names no place on the node: the driver's path
+    assert _on_this_node(payload)["data"]["cache_dir"] == sent
