@@ -9,6 +9,7 @@ on node A. Rerunning the same command then runs nothing: every (cell, seed) has 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -53,6 +54,7 @@ class Node:
     name: str
     node: object  # ray._private.node.Node
     cache: Path
+    cluster: object  # the ray.cluster_utils.Cluster it belongs to
 
     @property
     def node_id(self) -> str:
@@ -140,63 +142,82 @@ def _kill_node_mid_trial(run, node: Node) -> None:
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory) -> StudyRun:
+    """The study, run once with node B killed mid-trial, then rerun; every process it starts is ended."""
     _needs()
-    from mlflow import MlflowClient
+    folder = tmp_path_factory.mktemp("two_nodes")
+    with contextlib.ExitStack() as cleanup:  # each clean-up runs even if an earlier one fails
+        work = Path(tempfile.mkdtemp(prefix="ablate-mlflow-"))
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        server, url = start_mlflow_server(f"sqlite:///{work / 'mlflow.db'}", work)
+        cleanup.callback(stop, server)
+        yield _run_study(folder, url, _two_nodes(folder, cleanup))
+
+
+def _two_nodes(folder: Path, cleanup: contextlib.ExitStack) -> tuple[Node, Node]:
     from ray.cluster_utils import Cluster
 
-    folder = tmp_path_factory.mktemp("two_nodes")
+    cluster = Cluster()
+    cleanup.callback(cluster.shutdown)
+    nodes = []
+    for name in ("A", "B"):
+        cache = folder / f"cache-{name}"
+        # include_dashboard=False: the dashboard only slows a node's start on a small machine
+        node = cluster.add_node(num_cpus=1, include_dashboard=False, env_vars={"ABLATE_CACHE": str(cache)})
+        nodes.append(Node(name, node, cache, cluster))
+    return nodes[0], nodes[1]
+
+
+def _run_study(folder: Path, url: str, nodes: tuple[Node, Node]) -> StudyRun:
+    from mlflow import MlflowClient
+
+    a, b = nodes
     study = folder / "two_nodes.yaml"
     study.write_text(STUDY)
-    work = Path(tempfile.mkdtemp(prefix="ablate-mlflow-"))
-    server = driver = cluster = None
+    driver_cache = folder / "cache-driver"
+    env = {**os.environ, "ABLATE_CACHE": str(driver_cache), "MLFLOW_TRACKING_URI": ""}
+    env.pop("RAY_ADDRESS", None)
+    command = [
+        *ablate_command(),
+        "run",
+        str(study),
+        "--ray-address",
+        a.cluster.address,
+        "--tracking-uri",
+        url,
+    ]
+    client, first_log = MlflowClient(url), folder / "first-run.log"
+    with first_log.open("w") as out:
+        driver = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
-        server, url = start_mlflow_server(f"sqlite:///{work / 'mlflow.db'}", work)
-        cluster = Cluster()
-        nodes = []
-        for name in ("A", "B"):
-            cache = folder / f"cache-{name}"
-            # include_dashboard=False: the dashboard only slows a node's start on a small machine
-            node = cluster.add_node(
-                num_cpus=1, include_dashboard=False, env_vars={"ABLATE_CACHE": str(cache)}
-            )
-            nodes.append(Node(name, node, cache))
-        a, b = nodes
-        driver_cache = folder / "cache-driver"
-        env = {**os.environ, "ABLATE_CACHE": str(driver_cache), "MLFLOW_TRACKING_URI": ""}
-        env.pop("RAY_ADDRESS", None)
-        command = [
-            *ablate_command(),
-            "run",
-            str(study),
-            "--ray-address",
-            cluster.address,
-            "--tracking-uri",
-            url,
-        ]
-        client = MlflowClient(url)
-        first_log = folder / "first-run.log"
-        with first_log.open("w") as out:
-            driver = subprocess.Popen(
-                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
         killed = _wait_for_second_trial_on(client, b, driver, first_log)
         killed_at_ms = int(time.time() * 1000)
         _kill_node_mid_trial(killed, b)
-        cluster.remove_node(b.node, allow_graceful=False)  # the rest of node B's processes
+        b.cluster.remove_node(b.node, allow_graceful=False)  # the rest of node B's processes
         driver.wait(WAIT_S)
-        runs_before = {r.info.run_id: _status(r) for r in trial_runs(client)}
-        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=WAIT_S)
-        logs = f"first run ({driver.returncode}):\n{first_log.read_text()}\nrerun:\n{rerun.stdout}\n{rerun.stderr}"
-        assert driver.returncode == 0, logs
-        yield StudyRun(url, a, b, driver_cache, killed, killed_at_ms, rerun, runs_before, logs)
     finally:
-        if driver is not None:
-            stop(driver)
-        if cluster is not None:
-            cluster.shutdown()
-        if server is not None:
-            stop(server)
-        shutil.rmtree(work, ignore_errors=True)
+        stop(driver)
+    runs_before = {r.info.run_id: _status(r) for r in trial_runs(client)}
+    (folder / "runs-after-first-launch.txt").write_text(_table(trial_runs(client), nodes))
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=WAIT_S)
+    logs = (
+        f"first run ({driver.returncode}):\n{first_log.read_text()}\nrerun:\n{rerun.stdout}\n{rerun.stderr}"
+    )
+    logs += "\n" + _table(trial_runs(client), nodes)
+    assert driver.returncode == 0, logs
+    return StudyRun(url, a, b, driver_cache, killed, killed_at_ms, rerun, runs_before, logs)
+
+
+def _table(runs, nodes: tuple[Node, Node]) -> str:
+    """One line per trial run: when it started, its trial, node and status."""
+    names = {node.node_id: node.name for node in nodes}
+    lines = [
+        f"{r.info.start_time} {r.data.tags.get('ablate.trial_id')} "
+        f"node {names.get(r.data.tags.get('ablate.node_id'), '?')} {_status(r)} {r.info.run_id}"
+        for r in sorted(runs, key=lambda r: r.info.start_time)
+    ]
+    return "trial runs:\n" + "\n".join(lines)
 
 
 def _finished(runs) -> list:
@@ -245,7 +266,8 @@ def test_a_trial_killed_with_its_node_is_retried_on_the_other_node(study_run):
     killed = study_run.killed
     runs = trial_runs(MlflowClient(study_run.url))
     attempt = next(r for r in runs if r.info.run_id == killed.info.run_id)
-    assert _status(attempt) == "failed", study_run.logs  # closed by the driver: no result was reported
+    # closed by the driver: no result was reported ("finished": the kill came too late, lengthen the trials)
+    assert _status(attempt) == "failed", study_run.logs
     trial_id = killed.data.tags["ablate.trial_id"]
     (retried,) = [r for r in _finished(runs) if r.data.tags["ablate.trial_id"] == trial_id]
     assert retried.data.tags["ablate.node_id"] == study_run.a.node_id
