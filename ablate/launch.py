@@ -195,6 +195,7 @@ def trial_payload(trial: Trial, design: Design, store: StudyStore) -> dict[str, 
         "config_hash": trial.config_hash,
         "study": design.study.name,
         "tree": _absolute_paths(trial.tree, design.base_dir),
+        "node_cache": not trial.tree.get("data", {}).get("cache_dir"),  # a node's $ABLATE_CACHE may win
         "tracking": {
             "uri": store.uri,
             "experiment_id": store.experiment_id,
@@ -213,7 +214,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from ablate.train import train
 
     payload = config["trial"]
-    cfg = from_dict(RunConfig, payload["tree"])
+    cfg = from_dict(RunConfig, _on_this_node(payload))
     if _result_exists(payload) is not None:  # finished meanwhile by a worker of a killed driver
         tune.report({"status": "skipped", "val_loss": math.nan, "diverged_step": -1})
         return
@@ -240,6 +241,15 @@ def run_trial(config: dict[str, Any]) -> None:
     tune.report({"status": result.status, "val_loss": val, "diverged_step": result.diverged_step or -1})
 
 
+def _on_this_node(payload: dict[str, Any]) -> dict:
+    """The trial's run config, with this node's own `$ABLATE_CACHE` (set where its Ray started) as the
+    data cache when the study names none: each node then prepares and reuses the data on its own disk."""
+    tree, own = payload["tree"], Path(os.environ.get("ABLATE_CACHE") or ".").expanduser()
+    if not (payload.get("node_cache") and own.is_absolute()):  # a relative path names no place on a node
+        return tree
+    return {**tree, "data": {**tree["data"], "cache_dir": str(own.resolve())}}
+
+
 def _result_exists(payload: dict[str, Any]):
     track = payload["tracking"]
     client = tracking.MlflowClient(track["uri"])
@@ -258,6 +268,7 @@ def _open_trial_run(payload: dict[str, Any], cfg: RunConfig) -> tracking.TrialLo
         TAG + "device": _device_name(cfg),
         TAG + "gpu_ids": _gpu_ids(cfg),
         TAG + "host": os.uname().nodename,
+        TAG + "node_id": _node_id(),  # several Ray nodes may share a host
         TAG + "pid": str(os.getpid()),  # Ray reuses worker processes: same pid, same warm process
     }
     client = tracking.MlflowClient(track["uri"])
@@ -294,6 +305,12 @@ def _gpu_ids(cfg: RunConfig) -> str:
     if cfg.train.device == "cpu":
         return ""
     return ",".join(str(i) for i in ray.get_gpu_ids())
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _trial_key(trial) -> str:

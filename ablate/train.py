@@ -153,6 +153,7 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
             "derived.params": model.num_params(),
             "derived.total_steps": total_steps,
             "derived.vocab_size": data.vocab_size,
+            "derived.data_fingerprint": data.fingerprint,  # which prepared data (cache entry) it read
             "derived.device": _device_name(device),
             "derived.loss": loss_kind,
         }

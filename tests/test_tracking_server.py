@@ -14,16 +14,14 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from services import wait_for
+from services import ablate_command, free_port, start_mlflow_server, stop
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +48,6 @@ TRIALS = 4  # 2 levels x 2 seeds
 PG_USER, PG_PASSWORD, PG_DATABASE = "ablate", "ablate-test", "mlflow"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def postgres_bin() -> Path | None:
     """The directory holding initdb/pg_ctl: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
     on_path = shutil.which("initdb")
@@ -63,21 +55,6 @@ def postgres_bin() -> Path | None:
         return Path(on_path).resolve().parent  # a link to the real bin dir holds pg_ctl and createdb too
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
     return Path(found[-1]).parent if found else None
-
-
-def ablate_command() -> list[str]:
-    script = Path(sys.executable).parent / "ablate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ablate.cli"]
-
-
-def stop(process: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM the process group we started, then SIGKILL what is left after `timeout`."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(wait)
-            return
 
 
 @dataclass
@@ -154,7 +131,7 @@ def services():
     server = None
     try:
         postgres.start()
-        server, url = _start_mlflow(postgres, work)
+        server, url = start_mlflow_server(postgres.uri(), work)
         yield Services(postgres, url, work / "artifacts")
     finally:
         if server is not None:
@@ -172,25 +149,6 @@ def _has_user(name: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def _start_mlflow(postgres: Postgres, work: Path) -> tuple[subprocess.Popen, str]:
-    port, log = free_port(), work / "mlflow-server.log"
-    command = [
-        *(sys.executable, "-m", "mlflow", "server"),
-        *("--backend-store-uri", postgres.uri()),
-        *("--artifacts-destination", str(work / "artifacts"), "--serve-artifacts"),
-        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-    ]
-    # tracking needs no job runner (it serves GenAI jobs; on this small host it only slows start and stop)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_for(f"{url}/health", server, log, timeout=180)  # the first start creates the schema
-    return server, url
 
 
 @dataclass
