@@ -55,7 +55,7 @@ def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
     rates = {}
     for i, (key, trial) in enumerate(first.items(), 1):
         log = RecordingLogger()
-        train(from_dict(RunConfig, trial.tree), log)
+        train(from_dict(RunConfig, design.run_tree(trial)), log)
         rates[key] = steady_median(log, "tokens_per_s")
         print(f"alone {i}/{len(first)}: {trial.cell.label}  {rates[key]:,.0f} tokens/s", file=sys.stderr)
     alone = sum(trials.values()) / sum(n / rates[key] for key, n in trials.items())

@@ -76,7 +76,11 @@ def _load(study: Path):
 @user_errors
 def validate(study: StudyArg) -> None:
     """Check a study file: schema, factor levels, conditions, comparisons and every trial's config."""
+    from ablate.preflight import check_tracking_uri
+
     design = _load(study)
+    if design.study.tracking.uri:
+        check_tracking_uri(design.tracking_uri(), source=str(study), probe=False)
     n_cells, n_seeds = len(design.cells), len(design.seeds)
     console.print(
         f"ok: {study}: {n_cells} cells x {n_seeds} seeds = {n_cells * n_seeds} trials "

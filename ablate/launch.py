@@ -62,22 +62,47 @@ class StudyStore:
     parent_run_id: str
 
 
-def open_study_store(design: Design, options: LaunchOptions) -> tuple[StudyStore, Any, list]:
-    """Where the study stands: (store, the parent run to resume or None, its child runs).
+def read_study_store(design: Design, options: LaunchOptions) -> tuple[StudyStore, Any, list]:
+    """Where the study stands: (store, the parent run to resume or None, its child runs). Writes nothing.
 
-    Checks that finished trials ran the settings the study asks for now. Writes nothing but the store
-    and the experiment, if they are new.
+    A store or experiment that does not exist yet reads as a study with no runs (experiment id "").
+    Checks that finished trials ran the settings the study asks for now.
     """
     uri = design.tracking_uri(options.tracking_uri)
-    design.output_dir.mkdir(parents=True, exist_ok=True)
-    client = tracking.open_store(uri)
-    artifact_root = design.output_dir / "artifacts" if uri.startswith("sqlite:") else None
-    experiment_id = tracking.ensure_experiment(client, design.experiment, artifact_root)
-    parent = None if options.fresh else tracking.find_parent(client, experiment_id, design.study.name)
-    runs = tracking.child_runs(client, experiment_id, parent.info.run_id) if parent else []
+    store = StudyStore(None, uri, "", "")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return store, None, []
+    store.client = tracking.MlflowClient(uri)
+    found = tracking.retrying(store.client.get_experiment_by_name, design.experiment)
+    if found is None:
+        return store, None, []
+    store.experiment_id = found.experiment_id
+    parent = (
+        None if options.fresh else tracking.find_parent(store.client, found.experiment_id, design.study.name)
+    )
+    runs = tracking.child_runs(store.client, found.experiment_id, parent.info.run_id) if parent else []
     check_settings_unchanged(design, runs)
-    store = StudyStore(client, uri, experiment_id, parent.info.run_id if parent else "")
+    store.parent_run_id = parent.info.run_id if parent else ""
     return store, parent, runs
+
+
+def create_study_store(design: Design, store: StudyStore) -> None:
+    """The output folder, the store and the experiment, where they are new (after every check passed)."""
+    design.output_dir.mkdir(parents=True, exist_ok=True)
+    store.client = tracking.open_store(store.uri)
+    artifact_root = design.output_dir / "artifacts" if store.uri.startswith("sqlite:") else None
+    store.experiment_id = tracking.ensure_experiment(store.client, design.experiment, artifact_root)
+
+
+def preflight(design: Design, options: LaunchOptions) -> None:
+    """Everything a launch can check before it writes: tracking URI, output folder, GPUs on this machine."""
+    from ablate import preflight as checks
+
+    source = str(design.source) if design.source else None
+    key = "--tracking-uri" if options.tracking_uri else "tracking.uri"
+    checks.check_tracking_uri(design.tracking_uri(options.tracking_uri), key, source)
+    checks.check_writable(design.output_dir, "output", source)
+    checks.check_local_gpus(design.study.resources.gpu, options.ray_address, source)
 
 
 def start_parent(design: Design, store: StudyStore, resume: bool) -> None:
@@ -89,6 +114,8 @@ def start_parent(design: Design, store: StudyStore, resume: bool) -> None:
         params = parent_params(design)
         store.parent_run_id = tracking.create_parent(client, store.experiment_id, design.study.name, params)
         tracking.log_artifacts(client, store.parent_run_id, study_artifacts(design))
+    if design.study.description:  # what MLflow shows as the run's description
+        tracking.retrying(client.set_tag, store.parent_run_id, tracking.DESCRIPTION, design.study.description)
     env = tracking.environment()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tracking.log_artifacts(client, store.parent_run_id, {f"launches/{stamp}/environment.json": _json(env)})
@@ -167,15 +194,16 @@ def check_settings_unchanged(design: Design, runs: list) -> None:
         raise StudyError([("fixed", message)], str(design.source) if design.source else None)
 
 
-def _absolute_paths(tree: dict) -> dict:
-    """Trials may run in another directory (or machine): give them absolute data and cache paths."""
-    from ablate.data import DataConfig, cache_root, source_kind
+def _absolute_paths(design: Design, trial: Trial) -> dict:
+    """Trials may run in another directory (or machine): give them absolute data and cache paths.
 
+    Relative paths in the study file are read against its folder (`Design.run_tree`).
+    """
+    from ablate.data import DataConfig, cache_root
+
+    tree = design.run_tree(trial)
     data = dict(tree.get("data", {}))
     data["cache_dir"] = str(cache_root(DataConfig(**data)).resolve())
-    source = data.get("source")
-    if source is not None and source_kind(source) == "local" and not Path(source).expanduser().is_absolute():
-        data["source"] = str(Path(source).resolve())
     return {**tree, "data": data}
 
 
@@ -190,7 +218,7 @@ def trial_payload(trial: Trial, design: Design, store: StudyStore) -> dict[str, 
         "seed": trial.seed,
         "config_hash": trial.config_hash,
         "study": design.study.name,
-        "tree": _absolute_paths(trial.tree),
+        "tree": _absolute_paths(design, trial),
         "tracking": {
             "uri": store.uri,
             "experiment_id": store.experiment_id,
@@ -421,8 +449,9 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
     console = console or Console()
     started = time.monotonic()
     clock = PhaseClock()
+    preflight(design, options)
     with clock.phase("store"):
-        store, parent, runs = open_study_store(design, options)
+        store, parent, runs = read_study_store(design, options)
     done = tracking.done_runs(runs)
     todo = [t for t in design.trials if t.trial_id not in done]
     skipped = len(design.trials) - len(todo)
@@ -436,10 +465,11 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
         try:
             with clock.phase("parent"):
                 check_cluster(design, store.uri)
+                create_study_store(design, store)
                 start_parent(design, store, resume=parent is not None)
                 tracking.close_stale(store.client, runs)  # left running by a driver that was killed
             with clock.phase("data"):
-                prepare_data(todo, console)
+                prepare_data(design, todo, console)
             with clock.phase("tune"):
                 run_tune(design, todo, store, options, Progress(len(design.trials), skipped, console))
         finally:
@@ -484,16 +514,13 @@ def check_cluster(design: Design, uri: str) -> None:
     """A trial must fit on the cluster (or Tune would wait forever) and reach the tracking store."""
     import ray
 
+    from ablate.preflight import too_few
+
     have, want = ray.cluster_resources(), design.study.resources
     source = str(design.source) if design.source else None
     for kind, asked in (("CPU", want.cpu), ("GPU", want.gpu)):
         if asked > have.get(kind, 0):
-            hint = "set resources.gpu: 0 to train on CPU" if kind == "GPU" else "lower resources.cpu"
-            message = (
-                f"each trial asks for {asked} {kind} but the Ray cluster has {have.get(kind, 0):g}; "
-                f"{hint}, or join a larger cluster with --ray-address"
-            )
-            raise StudyError([(f"resources.{kind.lower()}", message)], source)
+            raise too_few(kind, asked, have.get(kind, 0), source, "the Ray cluster")
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     if nodes > 1 and uri.startswith("sqlite:"):
         message = (
@@ -503,13 +530,13 @@ def check_cluster(design: Design, uri: str) -> None:
         raise StudyError([("tracking.uri", message)], source)
 
 
-def prepare_data(trials: list[Trial], console: Console) -> None:
+def prepare_data(design: Design, trials: list[Trial], console: Console) -> None:
     """Tokenise and pack each distinct data setting once, before any trial starts (trials hit the cache)."""
     from ablate.data import prepare
 
     seen = set()
     for trial in trials:
-        cfg = from_dict(RunConfig, _absolute_paths(trial.tree))
+        cfg = from_dict(RunConfig, _absolute_paths(design, trial))
         key = (repr(cfg.data), cfg.model.context)
         if key not in seen:
             seen.add(key)

@@ -34,6 +34,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 T = TypeVar("T")
 TAG = "ablate."
+DESCRIPTION = "mlflow.note.content"  # the tag MLflow shows as a run's description
 DONE = ("finished", "diverged")  # results: never rerun
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 5000
 TRANSIENT = ("database is locked", "database table is locked", "busy", "OperationalError", "disk I/O error")

@@ -137,7 +137,7 @@ CASES = [
     (
         "fixed-bad-tokenizer",
         edit(_set("fixed.data", {"tokenizer": "bpe:10"})),
-        ["fixed.data:", "bpe:<vocab>"],
+        ["fixed.data.tokenizer:", "bpe:<vocab>"],
     ),
     ("fixed-sets-seed", edit(_set("fixed.seed", 3)), ["fixed.seed:", "seeds come from"]),
     (
