@@ -111,8 +111,9 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
     spans = [
         (r.info.start_time / 1e3, r.info.end_time / 1e3, r.data.tags.get("ablate.gpu_ids", "")) for r in done
     ]
+    failed = failure_lines(runs)
     if not spans:
-        return {"trials": len(runs), "completed": 0, "tokens": 0.0, "wall_s": wall}
+        return {"trials": len(runs), "completed": 0, "tokens": 0.0, "wall_s": wall, "failed": failed}
     per_gpu: dict[str, int] = {}
     peak: dict[str, int] = {}
     for start, _, gpus in spans:
@@ -168,6 +169,7 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         "trials_per_gpu": per_gpu,
         "max_trials_at_once_per_gpu": peak,
         "devices": sorted({r.data.tags.get("ablate.device", "?") for r in done}),
+        "failed": failed,
         "processes": len({_process(r) for r in done}),
         "gaps_in_process": process_gaps(
             [
@@ -178,6 +180,24 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         ),
         **efficiency,
     }
+
+
+def failure_lines(runs: list) -> list[str]:
+    """One line per trial that ended failed: "<cell> seed=<s> (<host>:<pid>): <the error>"."""
+    from ablate import tracking
+
+    lines = []
+    for run in tracking.results_runs(runs).values():
+        if tracking.status_of(run) == "failed":
+            tags = run.data.tags
+            where = f"{tags.get('ablate.cell')} seed={tags.get('ablate.seed')} ({_process_text(run)})"
+            lines.append(f"{where}: {tracking.error_line(run)}")
+    return lines
+
+
+def _process_text(run) -> str:
+    host, pid = _process(run)
+    return f"{host}:{pid}" if pid else "no process recorded"
 
 
 def alone_seconds(runs: list, baseline: dict) -> float | None:
@@ -304,6 +324,8 @@ def main() -> None:
             code = proc.wait()
         ended = time.time()
         result = {"study": str(study), "exit": code, **summarize(study, started, ended, baseline)}
+    for line in result.get("failed", []):
+        print(f"failed: {line}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -216,10 +216,8 @@ def _print_status(design, runs: list, uri: str) -> None:
     console.print(table)
     for run in chosen.values():
         if tracking.status_of(run) == "failed":
-            error = (run.data.tags.get("ablate.error") or "").strip().splitlines()[-1:] or ["(no error text)"]
-            console.print(
-                f"failed: {run.data.tags.get('ablate.cell')} seed={run.data.params.get('seed')}: {error[0]}"
-            )
+            where = f"{run.data.tags.get('ablate.cell')} seed={run.data.params.get('seed')}"
+            console.print(f"failed: {where}: {tracking.error_line(run)}", highlight=False, markup=False)
 
 
 def _port_free(host: str, port: int) -> bool:

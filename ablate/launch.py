@@ -46,6 +46,7 @@ class RunSummary:
     counts: dict[str, int] = field(default_factory=dict)  # status -> trials, over the whole study
     skipped: int = 0  # trials already done before this run
     elapsed_s: float = 0.0
+    failures: list[str] = field(default_factory=list)  # "<cell> seed=<s>: <error>", one per failed trial
 
     @property
     def ok(self) -> bool:
@@ -100,8 +101,8 @@ def preflight(design: Design, options: LaunchOptions) -> None:
 
     source = str(design.source) if design.source else None
     key = "--tracking-uri" if options.tracking_uri else "tracking.uri"
-    checks.check_tracking_uri(design.tracking_uri(options.tracking_uri), key, source)
     checks.check_writable(design.output_dir, "output", source)
+    checks.check_tracking_uri(design.tracking_uri(options.tracking_uri), key, source)
     checks.check_local_gpus(design.study.resources.gpu, options.ray_address, source)
 
 
@@ -500,6 +501,8 @@ def init_ray(address: str | None) -> bool:
         return False
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ray's notice that token authentication is on by default asks nothing of the user here
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # "local": a new instance even where `ray start` left one running; join one with --ray-address auto
     ray.init(
         address=address or "local",
@@ -594,10 +597,14 @@ def summarize(design: Design, store: StudyStore, started: float, skipped: int) -
     )
     chosen = tracking.results_runs(runs)
     counts: dict[str, int] = {}
+    failures = []
     for trial in design.trials:
         status = tracking.status_of(chosen[trial.trial_id]) if trial.trial_id in chosen else "missing"
         counts[status] = counts.get(status, 0) + 1
-    return RunSummary(store.parent_run_id, counts, skipped, time.monotonic() - started)
+        if status == "failed":
+            error = tracking.error_line(chosen[trial.trial_id])
+            failures.append(f"{trial.cell.label} seed={trial.seed}: {error}")
+    return RunSummary(store.parent_run_id, counts, skipped, time.monotonic() - started, failures)
 
 
 def print_summary(design: Design, store: StudyStore, summary: RunSummary, console: Console) -> None:
@@ -610,6 +617,8 @@ def print_summary(design: Design, store: StudyStore, summary: RunSummary, consol
         if summary.counts.get(status):
             table.add_row(status, str(summary.counts[status]))
     console.print(table)
+    for line in summary.failures:
+        console.print(f"failed: {line}", highlight=False, markup=False)
     console.print(f"tracking: {store.uri}  (parent run {summary.parent_run_id})")
     if design.source is not None:
         console.print(f"next: ablate ui {design.source}   |   ablate report {design.source}")

@@ -304,6 +304,24 @@ def close_stale(client: MlflowClient, runs: list, status: str = "interrupted", e
     return len(stale)
 
 
+def error_line(run, limit: int = 240) -> str:
+    """A failed run's error in one line: the exception at the end of its recorded traceback."""
+    return one_line_error(run.data.tags.get(TAG + "error", ""), limit)
+
+
+def one_line_error(text: str, limit: int = 240) -> str:
+    """'ValueError: bad thing' from a traceback (or any error text), on one line of at most `limit`."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if frames:
+        rest = lines[frames[-1] + 1 :]
+        while rest and rest[0].startswith((" ", "\t")):  # the frame's source line and its markers
+            rest = rest[1:]
+        lines = rest or lines[-1:]
+    text = " ".join(" ".join(lines).split()) or "(no error recorded)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def results_runs(runs: list) -> dict[str, Any]:
     """trial id -> the run that stands for it: its finished/diverged run, else its latest failed attempt."""
     chosen = {}
