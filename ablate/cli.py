@@ -27,6 +27,11 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console(soft_wrap=True)
+# Assumed speeds of one trial, for `plan` without --tokens-per-s. GPU: the seed-size model trained at
+# about 1.5M tokens/s on one H200; CPU: the quickstart model ran about 25k tokens/s per core on this
+# project's 2-core machine (36 trials of 100k tokens in 68 s, 2 at once, evaluation and set-up included).
+GPU_TOKENS_PER_S = 1.5e6
+CPU_TOKENS_PER_S = 2.5e4
 StudyArg = Annotated[Path, typer.Argument(help="The study file (YAML), e.g. studies/quickstart.yaml.")]
 TrackingOpt = Annotated[
     str | None,
@@ -36,6 +41,28 @@ TrackingOpt = Annotated[
         "sqlite:///<absolute output dir>/mlflow.db.",
     ),
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("ablate")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed; pip install -e .)"
+        console.print(f"ablate {version}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Designed ablation studies of attention geometries: Ray Tune trials, MLflow records, attribution."""
 
 
 def fail(message: str) -> typer.Exit:
@@ -93,8 +120,13 @@ def validate(study: StudyArg) -> None:
 def plan(
     study: StudyArg,
     tokens_per_s: Annotated[
-        float, typer.Option(help="Training throughput of one trial at its resources.")
-    ] = 1.5e6,
+        float | None,
+        typer.Option(
+            min=1e-9,
+            help="Training throughput of one trial at its resources (tokens/s); default: "
+            f"{GPU_TOKENS_PER_S:,.0f} per GPU, else {CPU_TOKENS_PER_S:,.0f} per CPU core it asks for.",
+        ),
+    ] = None,
     seed_sd: Annotated[
         float, typer.Option(help="Seed-to-seed standard deviation of the response (nats).")
     ] = 0.01,
@@ -112,7 +144,8 @@ def plan(
     console.print(table)
     if design.resolution is not None:
         console.print(f"resolution {design.resolution}; aliases:\n  " + "\n  ".join(design.aliases()))
-    _print_cost(design, trial_hours(design, tokens_per_s), tokens_per_s)
+    rate = tokens_per_s or default_rate(design.study.resources)
+    _print_cost(design, trial_hours(design, rate), rate, assumed=tokens_per_s is None)
     effects = Table(title=f"minimum detectable effect (80% power, alpha 0.05, seed sd {seed_sd:g})")
     for column in ("term", "df", "trials", "MDE", "measures"):
         effects.add_column(column)
@@ -126,19 +159,32 @@ def plan(
     console.print(effects)
 
 
-def _print_cost(design, hours: list[float], tokens_per_s: float) -> None:
+def default_rate(resources) -> float:
+    """An assumed tokens/s of one trial from the resources it asks for (a GPU share, else CPU cores)."""
+    if resources.gpu > 0:
+        return GPU_TOKENS_PER_S * resources.gpu
+    return CPU_TOKENS_PER_S * resources.cpu
+
+
+def _hours(hours: float) -> str:
+    return f"{hours:,.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+
+
+def _print_cost(design, hours: list[float], tokens_per_s: float, assumed: bool = False) -> None:
     resources, total = design.study.resources, sum(hours)
     console.print(
         f"{len(design.cells)} cells x {len(design.seeds)} seeds = {len(hours)} trials; "
-        f"{total:.2f} trial-hours at {tokens_per_s:,.0f} tokens/s"
+        f"{_hours(total)} of trial time at {tokens_per_s:,.0f} tokens/s per trial"
     )
+    if assumed:
+        console.print("  (an assumed rate; measure one trial and pass --tokens-per-s for a real estimate)")
     if resources.gpu > 0:
-        console.print(f"GPU-hours: {total * resources.gpu:.2f} ({resources.gpu:g} GPU per trial)")
+        console.print(f"GPU time: {_hours(total * resources.gpu)} ({resources.gpu:g} GPU per trial)")
     else:
-        console.print(f"CPU-hours: {total * resources.cpu:.2f} ({resources.cpu:g} CPU per trial, no GPU)")
+        console.print(f"CPU time: {_hours(total * resources.cpu)} ({resources.cpu:g} CPU per trial, no GPU)")
     concurrent = design.study.max_concurrent
     if concurrent:
-        console.print(f"wall clock at {concurrent} concurrent trials: {total / concurrent:.2f} h")
+        console.print(f"wall clock at {concurrent} concurrent trials: {_hours(total / concurrent)}")
 
 
 @app.command()
@@ -169,6 +215,49 @@ def run(
     options = LaunchOptions(ray_address, tracking_uri, fresh, max_concurrent)
     summary = run_study(design, options, console)
     raise typer.Exit(0 if summary.ok else 1)
+
+
+QUICKSTART = "quickstart.yaml"  # shipped in the package (ablate/studies is the repository's studies/)
+
+
+@app.command()
+@user_errors
+def quickstart(
+    folder: Annotated[
+        Path, typer.Option("--dir", help="Where the study file, its SQLite store and its report go.")
+    ] = Path("ablate-quickstart"),
+) -> None:
+    """The whole job on the shipped quickstart study: 36 CPU trials, then the report, then where to look."""
+    from ablate.launch import LaunchOptions, run_study
+
+    study = _quickstart_study(folder)
+    design = _load(study)
+    _quiet_logs()
+    summary = run_study(design, LaunchOptions(ray_address=os.environ.get("RAY_ADDRESS")), console)
+    if not summary.ok:
+        raise fail(f"{summary.counts.get('failed', 0)} trial(s) failed (above); no report written")
+    paths = _write_report(design, study, design.tracking_uri(), None)
+    console.print(f"\nreport:  {paths['report.html']}  (and report.md beside it)", highlight=False)
+    console.print(f"browse:  ablate ui {study}   (MLflow UI on http://127.0.0.1:5000)", highlight=False)
+
+
+def _quickstart_study(folder: Path) -> Path:
+    """The shipped quickstart study, copied into `folder` (kept if it is already there unchanged)."""
+    from importlib import resources
+
+    from ablate.config import ConfigError
+
+    text = (resources.files("ablate") / "studies" / QUICKSTART).read_text(encoding="utf-8")
+    study = folder / QUICKSTART
+    if study.exists() and study.read_text(encoding="utf-8", errors="replace") != text:
+        message = (
+            f"{study} differs from the shipped quickstart; run it with `ablate run {study}`, or remove it"
+        )
+        raise ConfigError("", message)
+    if not study.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        study.write_text(text, encoding="utf-8")
+    return study
 
 
 def _store_exists(uri: str) -> bool:
@@ -339,16 +428,23 @@ def report(
     if not _store_exists(uri):
         raise fail(f"{study}: no results yet (no store at {uri}); run `ablate run {study}` first")
     _quiet_logs()
+    _write_report(design, study, uri, out)
+
+
+def _write_report(design, study: Path, uri: str, out: Path | None) -> dict[str, Path]:
+    """The study's report files (written and logged to its parent run); prints the summary."""
     from ablate import tracking
     from ablate.analysis import StudyDataError
+    from ablate.preflight import check_writable
     from ablate.report import summary_text, write_report
 
+    out_dir = out or design.output_dir / "report"
+    check_writable(out_dir, "--out" if out else "output", str(study))
     trials, curves = study_results(design, uri)
     try:
         analysis = analyze_study(design, trials)
     except StudyDataError as err:
         raise fail(f"{study}: {err}") from None
-    out_dir = out or design.output_dir / "report"
     paths = write_report(analysis, out_dir, curves=curves, title=f"{design.study.name}: attribution")
     for name, frame in (("trials.csv", trials), ("curves.csv", curves)):  # inputs of `ablate analyze`
         frame.to_csv(out_dir / name, index=False)
@@ -361,6 +457,7 @@ def report(
     )
     console.print(summary_text(analysis))
     console.print(f"report: {out_dir}  (also logged to the parent run {parent.info.run_id})")
+    return paths
 
 
 def study_results(design, uri: str):

@@ -249,7 +249,7 @@ def max_cells(study: Study) -> int:
 def _too_many(study: Study, cells: str, source: str | None) -> StudyError:
     seeds = len(study.seed_list)
     message = (
-        f"{cells} cells x {seeds} seeds is more than {MAX_TRIALS:,} trials; "
+        f"{cells} cells x {seeds:,} seeds is more than {MAX_TRIALS:,} trials; "
         "drop levels or seeds, or split the study into several"
     )
     return StudyError([("factors", message)], source)

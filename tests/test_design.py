@@ -200,9 +200,27 @@ def test_plan_prints_design_cost_and_detectable_effects(tmp_path):
     result = CliRunner().invoke(app, ["plan", str(path), "--tokens-per-s", "1024", "--seed-sd", "0.02"])
     assert result.exit_code == 0, result.output
     assert "27 cells x 2 seeds = 54 trials" in result.output
-    hours = 54 * 4096 / 1024 / 3600
-    assert f"{hours:.2f} trial-hours" in result.output and f"GPU-hours: {hours * 0.5:.2f}" in result.output
+    minutes = 54 * 4096 / 1024 / 60  # 3.6
+    assert f"{minutes:.1f} min of trial time at 1,024 tokens/s" in result.output
+    assert f"GPU time: {minutes * 0.5:.1f} min (0.5 GPU per trial)" in result.output
+    assert "assumed rate" not in result.output
     mde = next(
         r["mde"] for r in detectable_effects(expand(study(REPLICATION)), 0.02) if r["term"] == "metric"
     )
     assert f"{mde:.4g}" in result.output
+
+
+def test_plan_assumes_a_rate_that_fits_the_resources_asked_for():
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from ablate.cli import CPU_TOKENS_PER_S, app
+
+    quickstart = Path(__file__).parent.parent / "studies" / "quickstart.yaml"
+    result = CliRunner().invoke(app, ["plan", str(quickstart)])
+    assert result.exit_code == 0, result.output
+    minutes = 36 * 100_000 / CPU_TOKENS_PER_S / 60  # 1 CPU per trial, no GPU
+    assert f"at {CPU_TOKENS_PER_S:,.0f} tokens/s per trial" in result.output
+    assert f"CPU time: {minutes:.1f} min (1 CPU per trial, no GPU)" in result.output
+    assert "assumed rate" in result.output
