@@ -64,6 +64,7 @@ def concurrent(tmp_path_factory, cache):
     """12 trials, up to 12 at once (8 normal, 2 NaN, 2 raising), run by the in-process driver."""
     spec = {
         "name": "concurrent",
+        "description": "every outcome at once",
         "factors": {
             "metric": {"levels": ["sdpa", "rbf"]},
             "registers": {"levels": [0, 1]},
@@ -118,6 +119,25 @@ def test_summary_counts_every_outcome(concurrent):
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "study")}
     assert {"study/study.yaml", "study/design.csv", "study/spec.json"} <= artifacts
     assert parents[0].data.params["trials"] == "12" and "version.torch" in parents[0].data.params
+    assert parents[0].data.tags["mlflow.note.content"] == "every outcome at once"  # the UI's description
+
+
+def test_closing_table_gives_each_failed_trial_its_error_in_one_line(concurrent):
+    from rich.console import Console
+
+    from ablate.launch import LaunchOptions, print_summary, read_study_store
+
+    design, summary, _, _ = concurrent
+    raising = sorted(
+        f"{t.cell.label} seed={t.seed}" for t in design.trials if t.cell.levels.get("fault") == "raise"
+    )
+    error = "RuntimeError: injected failure at step 1 (train.fault=raise@1)"
+    assert sorted(summary.failures) == [f"{label}: {error}" for label in raising]
+    console = Console(record=True, width=200)
+    store, _, _ = read_study_store(design, LaunchOptions())
+    print_summary(design, store, summary, console)
+    lines = [line for line in console.export_text().splitlines() if line.startswith("failed: ")]
+    assert lines == [f"failed: {label}: {error}" for label in raising]
 
 
 def test_one_finished_child_per_trial_with_every_param_metric_and_tag(concurrent):

@@ -470,3 +470,24 @@ def test_shipped_studies_validate():
     for path in studies:
         result = CliRunner().invoke(app, ["validate", str(path)])
         assert result.exit_code == 0, (path, result.output)
+
+
+def test_version():
+    from importlib import metadata
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"ablate {metadata.version('ablate')}"
+
+
+def test_quickstart_ships_the_repository_study_and_keeps_a_users_edits(tmp_path):
+    from importlib import resources
+    from pathlib import Path
+
+    shipped = (resources.files("ablate") / "studies" / "quickstart.yaml").read_text()
+    assert shipped == (Path(__file__).parent.parent / "studies" / "quickstart.yaml").read_text()
+    (tmp_path / "quickstart.yaml").write_text(shipped.replace("seeds: 2", "seeds: 3"))
+    result = CliRunner().invoke(app, ["quickstart", "--dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "differs from the shipped quickstart" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart.yaml"]  # nothing run, nothing written
