@@ -196,8 +196,15 @@ def failure_lines(runs: list) -> list[str]:
 
 
 def _process_text(run) -> str:
+    """Where an attempt ran: host:pid, the how-many-th trial of that process, which attempt."""
     host, pid = _process(run)
-    return f"{host}:{pid}" if pid else "no process recorded"
+    tags = run.data.tags
+    where = [f"{host}:{pid}" if pid else "no process recorded"]
+    if tags.get("ablate.process_trial"):
+        where.append(f"trial {tags['ablate.process_trial']} of its process")
+    if tags.get("ablate.attempt"):
+        where.append(f"attempt {tags['ablate.attempt']}")
+    return ", ".join(where)
 
 
 def alone_seconds(runs: list, baseline: dict) -> float | None:

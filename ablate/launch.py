@@ -11,6 +11,7 @@ The driver never initialises CUDA; trials do, inside their Ray workers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -231,6 +232,9 @@ def trial_payload(trial: Trial, design: Design, store: StudyStore) -> dict[str, 
     }
 
 
+_PROCESS_TRIALS = itertools.count(1)  # trials this worker process has started (Ray reuses workers)
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """The Ray Tune trainable: one attempt at one trial, recorded in its own MLflow child run."""
     from ray import tune
@@ -239,10 +243,14 @@ def run_trial(config: dict[str, Any]) -> None:
 
     payload = config["trial"]
     cfg = from_dict(RunConfig, payload["tree"])
-    if _result_exists(payload) is not None:  # finished meanwhile by a worker of a killed driver
+    attempts = _attempts(payload)
+    if tracking.done_runs(attempts):  # finished meanwhile by a worker of a killed driver
         tune.report({"status": "skipped", "val_loss": math.nan, "diverged_step": -1})
         return
-    logger = _open_trial_run(payload, cfg)
+    # which attempt this is, and how many trials its process ran before: a failure that comes with
+    # a reused worker shows it in the run's tags (and in the one-line error of the closing table)
+    context = {TAG + "attempt": str(len(attempts) + 1), TAG + "process_trial": str(next(_PROCESS_TRIALS))}
+    logger = _open_trial_run(payload, cfg, context)
     try:
         result = train(cfg, logger)
     except Exception:
@@ -266,14 +274,20 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 def _result_exists(payload: dict[str, Any]):
+    return tracking.done_runs(_attempts(payload)).get(payload["trial_id"])
+
+
+def _attempts(payload: dict[str, Any]) -> list:
+    """Every run of this trial under the study's parent run so far."""
     track = payload["tracking"]
     client = tracking.MlflowClient(track["uri"])
-    return tracking.done_run(client, track["experiment_id"], track["parent_run_id"], payload["trial_id"])
+    return tracking.trial_runs(client, track["experiment_id"], track["parent_run_id"], payload["trial_id"])
 
 
-def _open_trial_run(payload: dict[str, Any], cfg: RunConfig) -> tracking.TrialLogger:
+def _open_trial_run(payload: dict[str, Any], cfg: RunConfig, context: dict[str, str]) -> tracking.TrialLogger:
     track = payload["tracking"]
     tags = {
+        **context,
         TAG + "trial_id": payload["trial_id"],
         TAG + "cell_id": payload["cell_id"],
         TAG + "cell": payload["label"],
@@ -503,6 +517,7 @@ def init_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray's notice that token authentication is on by default asks nothing of the user here
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    _brief_ray_errors()
     # "local": a new instance even where `ray start` left one running; join one with --ray-address auto
     ray.init(
         address=address or "local",
@@ -511,6 +526,34 @@ def init_ray(address: str | None) -> bool:
         logging_level=logging.WARNING,
     )
     return True
+
+
+RAY_ERROR_CHARS = 200
+
+
+def brief_ray_error(message: str) -> str:
+    """The first line of an error Ray pushes to the driver, cut to RAY_ERROR_CHARS (a raylet's death
+    comes with its last log lines and a state dump, about 900 characters on one line and dozens more)."""
+    first = " ".join((message.strip().splitlines() or [""])[0].split())
+    first = first if len(first) <= RAY_ERROR_CHARS else first[: RAY_ERROR_CHARS - 3] + "..."
+    return f"{first} (Ray's logs: /tmp/ray/session_latest/logs)"
+
+
+def _brief_ray_errors() -> None:
+    """Print Ray's error messages to the driver in one short line each (the full text is in its logs)."""
+    from ray._private import worker
+
+    show = getattr(worker, "print_to_stdstream", None)
+    if show is None or getattr(show, "brief", False):
+        return
+
+    def brief(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet" and data.get("lines"):
+            data = {**data, "lines": [brief_ray_error(str(line)) for line in data["lines"]]}
+        show(data, ignore_prefix)
+
+    brief.brief = True
+    worker.print_to_stdstream = brief
 
 
 def check_cluster(design: Design, uri: str) -> None:

@@ -280,14 +280,13 @@ def done_runs(runs: list) -> dict[str, Any]:
     return done
 
 
-def done_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
-    """The finished or diverged run of one trial under the parent, or None."""
-    runs = search(
+def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str) -> list:
+    """Every run (attempt) of one trial under the parent, oldest first."""
+    return search(
         client,
         experiment_id,
         f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TAG}trial_id` = '{trial_id}'",
     )
-    return done_runs(runs).get(trial_id)
 
 
 def close_stale(client: MlflowClient, runs: list, status: str = "interrupted", error: str = "") -> int:

@@ -75,7 +75,7 @@ def test_alone_seconds_charge_each_finished_trial_at_its_class_rate():
     assert alone_seconds(runs, {"alone_tokens_per_s": 500.0}) is None  # an old baseline: one rate
 
 
-def _attempt(trial: str, status: str, error: str = "", pid: str = "1") -> SimpleNamespace:
+def _attempt(trial: str, status: str, error: str = "", pid: str = "1", context=None) -> SimpleNamespace:
     tags = {
         "ablate.trial_id": trial,
         "ablate.status": status,
@@ -84,6 +84,7 @@ def _attempt(trial: str, status: str, error: str = "", pid: str = "1") -> Simple
         "ablate.host": "gpu-box",
         "ablate.pid": pid,
     }
+    tags.update({f"ablate.{k}": v for k, v in (context or {}).items()})
     if error:
         tags["ablate.error"] = error
     return SimpleNamespace(data=SimpleNamespace(tags=tags, params={}, metrics={}))
@@ -105,12 +106,12 @@ def test_failed_trials_are_listed_with_their_error_in_one_line():
         _attempt("rbf", "failed", _traceback(), pid="11"),  # failed, then finished on its retry
         _attempt("rbf", "finished", pid="15"),
         _attempt("sdpa", "failed", "first attempt's error", pid="12"),
-        _attempt("sdpa", "failed", _traceback(), pid="16"),  # its last attempt stands for it
+        _attempt("sdpa", "failed", _traceback(), pid="16", context={"process_trial": "3", "attempt": "2"}),
         _attempt("penalty", "failed", "the trial's process ended without reporting a result"),
         _attempt("mixed", "finished"),
     ]
     assert failure_lines(runs) == [
-        "metric=sdpa seed=0 (gpu-box:16): RuntimeError: CUDA error: an illegal memory access was "
+        "metric=sdpa seed=0 (gpu-box:16, trial 3 of its process, attempt 2): RuntimeError: CUDA error: an illegal memory access was "
         "encountered Compile with TORCH_USE_CUDA_DSA",
         "metric=penalty seed=0 (gpu-box:1): the trial's process ended without reporting a result",
     ]

@@ -256,6 +256,8 @@ def test_raising_trial_is_retried_then_recorded_as_failed(concurrent):
     for trial in raising:
         attempts = grouped[trial.trial_id]
         assert len(attempts) == 2  # the first try and one retry (retries: 1)
+        assert [run.data.tags["ablate.attempt"] for run in attempts] == ["1", "2"]
+        assert all(int(run.data.tags["ablate.process_trial"]) >= 1 for run in attempts)
         for run in attempts:
             assert run.data.tags["ablate.status"] == "failed" and run.info.status == "FAILED"
             assert "injected failure at step 1" in run.data.tags["ablate.error"]
@@ -456,3 +458,18 @@ def test_ui_refuses_a_busy_port(concurrent):
         port = busy.getsockname()[1]
         result = CliRunner().invoke(app, ["ui", str(design.source), "--port", str(port)])
     assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr
+
+
+def test_ray_errors_reach_the_terminal_as_one_short_line(monkeypatch, capsys):
+    from ray._private import worker
+
+    from ablate.launch import RAY_ERROR_CHARS, _brief_ray_errors
+
+    monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # restored afterwards
+    _brief_ray_errors()
+    _brief_ray_errors()  # once is enough: a second call does not wrap it again
+    death = "Raylet is terminated. Termination is unexpected. " + "x" * 900 + "\n" + "[state-dump] ...\n" * 40
+    worker.print_to_stdstream({"lines": [death], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "Raylet is terminated. Termination is unexpected." in line
+    assert len(line) < RAY_ERROR_CHARS + 80 and "/tmp/ray/session_latest/logs" in line
