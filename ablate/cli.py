@@ -93,6 +93,15 @@ def _quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _tracking_uri(design, override: str | None, study: Path) -> str:
+    """The study's tracking URI (--tracking-uri first), checked to be a store MLflow can open."""
+    from ablate.preflight import check_tracking_uri
+
+    uri = design.tracking_uri(override)
+    check_tracking_uri(uri, "--tracking-uri" if override else "tracking.uri", str(study), probe=False)
+    return uri
+
+
 def _load(study: Path):
     from ablate.design import load_design
 
@@ -103,11 +112,8 @@ def _load(study: Path):
 @user_errors
 def validate(study: StudyArg) -> None:
     """Check a study file: schema, factor levels, conditions, comparisons and every trial's config."""
-    from ablate.preflight import check_tracking_uri
-
     design = _load(study)
-    if design.study.tracking.uri:
-        check_tracking_uri(design.tracking_uri(), source=str(study), probe=False)
+    _tracking_uri(design, None, study)
     n_cells, n_seeds = len(design.cells), len(design.seeds)
     console.print(
         f"ok: {study}: {n_cells} cells x {n_seeds} seeds = {n_cells * n_seeds} trials "
@@ -269,7 +275,7 @@ def _store_exists(uri: str) -> bool:
 def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
     """Where a study stands: trials finished, diverged, failed, running and pending (read from MLflow)."""
     design = _load(study)
-    uri = design.tracking_uri(tracking_uri)
+    uri = _tracking_uri(design, tracking_uri, study)
     total = len(design.trials)
     if not _store_exists(uri):
         console.print(f"{design.study.name}: not started (no store at {uri}); 0/{total} trials done")
@@ -330,7 +336,7 @@ def ui(
 ) -> None:
     """Start the MLflow UI on the study's store and print its URL (Ctrl-C stops it)."""
     design = _load(study)
-    uri = design.tracking_uri(tracking_uri)
+    uri = _tracking_uri(design, tracking_uri, study)
     if uri.startswith(("http://", "https://")):
         console.print(f"the study is tracked on an MLflow server: open {uri}")
         return
@@ -424,7 +430,7 @@ def report(
 ) -> None:
     """Attribution report of a study from its MLflow runs: HTML + Markdown + CSV/JSON, logged to MLflow."""
     design = _load(study)
-    uri = design.tracking_uri(tracking_uri)
+    uri = _tracking_uri(design, tracking_uri, study)
     if not _store_exists(uri):
         raise fail(f"{study}: no results yet (no store at {uri}); run `ablate run {study}` first")
     _quiet_logs()
