@@ -102,6 +102,19 @@ def _tracking_uri(design, override: str | None, study: Path) -> str:
     return uri
 
 
+def _open_store(uri: str, experiment: str, study: Path):
+    """(client, the experiment or None) of an existing store; a store MLflow cannot read exits 2."""
+    from ablate import tracking
+    from ablate.config import ConfigError
+
+    try:
+        client = tracking.MlflowClient(uri)
+        return client, tracking.retrying(client.get_experiment_by_name, experiment)
+    except Exception as err:  # not an MLflow database, not an MLflow server, ...
+        message = f"cannot read the tracking store at {uri}: {tracking.one_line_error(str(err).split('[SQL:')[0], 300)}"
+        raise ConfigError("", message, str(study)) from None
+
+
 def _load(study: Path):
     from ablate.design import load_design
 
@@ -283,8 +296,7 @@ def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
     _quiet_logs()
     from ablate import tracking
 
-    client = tracking.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(design.experiment)
+    client, experiment = _open_store(uri, design.experiment, study)
     parent = experiment and tracking.find_parent(client, experiment.experiment_id, design.study.name)
     runs = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id) if parent else []
     _print_status(design, runs, uri)
@@ -356,18 +368,17 @@ def ui(
         "--port",
         str(port),
     ]
-    console.print(f"MLflow UI for {design.study.name}: {_runs_url(uri, design.experiment, host, port)}")
+    console.print(
+        f"MLflow UI for {design.study.name}: {_runs_url(_open_store(uri, design.experiment, study)[1], host, port)}"
+    )
     sys.stdout.flush()
     # MLflow's background job runner adds processes that slow the UI's shutdown; the UI needs none of it
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     os.execve(sys.executable, command, env)  # the UI replaces this process
 
 
-def _runs_url(uri: str, experiment: str, host: str, port: int) -> str:
+def _runs_url(found, host: str, port: int) -> str:
     """The study's runs table (MLflow 3 otherwise opens on its GenAI view, which lists no runs)."""
-    from ablate import tracking
-
-    found = tracking.MlflowClient(uri).get_experiment_by_name(experiment)
     base = f"http://{host}:{port}"
     return f"{base}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning" if found else base
 
@@ -446,6 +457,7 @@ def _write_report(design, study: Path, uri: str, out: Path | None) -> dict[str, 
 
     out_dir = out or design.output_dir / "report"
     check_writable(out_dir, "--out" if out else "output", str(study))
+    client, experiment = _open_store(uri, design.experiment, study)
     trials, curves = study_results(design, uri)
     try:
         analysis = analyze_study(design, trials)
@@ -455,8 +467,6 @@ def _write_report(design, study: Path, uri: str, out: Path | None) -> dict[str, 
     for name, frame in (("trials.csv", trials), ("curves.csv", curves)):  # inputs of `ablate analyze`
         frame.to_csv(out_dir / name, index=False)
         paths[name] = out_dir / name
-    client = tracking.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(design.experiment)
     parent = tracking.find_parent(client, experiment.experiment_id, design.study.name)
     tracking.log_artifacts(
         client, parent.info.run_id, {f"report/{name}": path for name, path in paths.items()}

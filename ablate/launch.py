@@ -74,8 +74,13 @@ def read_study_store(design: Design, options: LaunchOptions) -> tuple[StudyStore
     store = StudyStore(None, uri, "", "")
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return store, None, []
-    store.client = tracking.MlflowClient(uri)
-    found = tracking.retrying(store.client.get_experiment_by_name, design.experiment)
+    try:
+        store.client = tracking.MlflowClient(uri)
+        found = tracking.retrying(store.client.get_experiment_by_name, design.experiment)
+    except Exception as err:  # a file that is not an MLflow database, a server that is not MLflow, ...
+        message = f"cannot read the tracking store at {uri}: {tracking.one_line_error(str(err).split('[SQL:')[0], 300)}"
+        key = "--tracking-uri" if options.tracking_uri else "tracking.uri"
+        raise StudyError([(key, message)], str(design.source) if design.source else None) from None
     if found is None:
         return store, None, []
     store.experiment_id = found.experiment_id

@@ -66,3 +66,25 @@ def test_commands_that_read_the_store_refuse_an_unknown_tracking_scheme(tmp_path
         result.stderr.split()
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+@pytest.mark.parametrize("command", ["run", "status", "report", "ui"])
+def test_a_store_that_is_not_an_mlflow_database_is_a_clean_error(tmp_path, command):
+    from pathlib import Path
+
+    quickstart = (Path(__file__).parent.parent / "studies" / "quickstart.yaml").read_text()
+    path = tmp_path / "study.yaml"
+    path.write_text(quickstart)
+    store = tmp_path / "runs" / "quickstart" / "mlflow.db"
+    store.parent.mkdir(parents=True)
+    store.write_text("not a database")
+    result = CliRunner().invoke(app, [command, str(path)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    assert (
+        f"cannot read the tracking store at sqlite:///{store}" in message
+        and "file is not a database" in message
+    )
+    assert store.read_text() == "not a database" and sorted(p.name for p in store.parent.iterdir()) == [
+        "mlflow.db"
+    ]
