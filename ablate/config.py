@@ -7,6 +7,7 @@ Unknown keys and wrong types are errors that name the key path and the valid cho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import reprlib
 import types
 import typing
@@ -66,8 +67,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Build dataclass `cls` from a mapping, strictly: unknown keys and bad types raise ConfigError."""
     if not isinstance(data, Mapping):
         raise ConfigError(path or cls.__name__, f"expected a mapping of keys, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    hints, names = _schema(cls)
     kwargs = {}
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
@@ -93,9 +93,20 @@ def _coerce(tp: Any, value: Any, key_path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key_path)
     try:
-        return TypeAdapter(tp).validate_python(value)
+        return _adapter(tp).validate_python(value)
     except ValidationError:
         raise ConfigError(key_path, f"expected {_type_name(tp)}, got {brief(value)}") from None
+
+
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], list[str]]:
+    """A dataclass's resolved type hints and init field names (resolving them is the slow part)."""
+    return typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+@functools.cache
+def _adapter(tp: Any) -> TypeAdapter:
+    return TypeAdapter(tp)  # building one costs far more than validating with it (10k cells: 20 s)
 
 
 def _check_scalars(tp: Any, value: Any, key_path: str) -> None:

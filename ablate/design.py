@@ -180,8 +180,9 @@ def expand(study: Study, source: str | None = None, base: Path | None = None) ->
         cells, words = full_cells(study, source), []
     for name in study.factors:
         _check_levels_differ(study, name, base, source)
+    levels = level_settings(study)
     for cell in cells:
-        cfg = _validate(resolve_paths(cell_tree(study, cell), base), "cell", cell.label, source)
+        cfg = _validate(resolve_paths(cell_tree(study, cell, levels), base), "cell", cell.label, source)
         if study.resources.gpu == 0 and (needs := cfg.train.cuda_only()):
             message = (
                 f"{', '.join(needs)} need a GPU, but trials get none; set resources.gpu (e.g. 0.25 or 1)"
@@ -224,12 +225,18 @@ def _with(base: dict, settings: dict[str, Any]) -> dict:
     return tree
 
 
-def cell_tree(study: Study, cell: Cell) -> dict:
-    """The fixed settings with the cell's levels applied."""
+def cell_tree(study: Study, cell: Cell, levels: dict | None = None) -> dict:
+    """The fixed settings with the cell's levels applied (`levels`: level_settings(study), if at hand)."""
+    levels = levels or level_settings(study)
     settings = {}
     for name, level in cell.levels.items():
-        settings.update(study.factors[name].settings(name)[level])
+        settings.update(levels[name][level])
     return _with(study.fixed, settings)
+
+
+def level_settings(study: Study) -> dict[str, dict[str, dict[str, Any]]]:
+    """Factor -> level -> {dotted key: value} it sets."""
+    return {name: factor.settings(name) for name, factor in study.factors.items()}
 
 
 def trial_tree(study: Study, cell: Cell, seed: int) -> dict:
@@ -425,6 +432,7 @@ def detectable_effects(design: Design, seed_sd: float, order: int = 2) -> list[d
 
 def trial_hours(design: Design, tokens_per_s: float) -> list[float]:
     """Hours each trial takes at `tokens_per_s` (its token budget from its cell's resolved config)."""
-    trees = (resolve_paths(cell_tree(design.study, c), design.base) for c in design.cells)
+    levels = level_settings(design.study)
+    trees = (resolve_paths(cell_tree(design.study, c, levels), design.base) for c in design.cells)
     budgets = [from_dict(RunConfig, tree).train.tokens for tree in trees]
     return [tokens / tokens_per_s / 3600 for _ in design.seeds for tokens in budgets]
