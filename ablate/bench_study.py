@@ -238,10 +238,15 @@ def before_first_trial(phases: dict[str, tuple[float, float]], started: float, f
         return {}
     store_s, store_end = phases["store"]
     tune_s, tune_end = phases["tune"]
-    split = {"process start, imports": store_end - store_s - started, "MLflow store": store_s}
-    for name, label in (("ray_start", "Ray start"), ("parent", "parent run"), ("data", "data preparation")):
+    split = {"process start, imports, checks": store_end - store_s - started, "MLflow store (read)": store_s}
+    labels = (("ray_start", "Ray start"), ("parent", "store, parent run"), ("data", "data preparation"))
+    for name, label in labels:
         if name in phases:
             split[label] = phases[name][0]
+    # the driver's own work between those phases, so that the split adds up to the whole wait
+    split["between phases"] = (
+        (tune_end - tune_s) - store_end - sum(split[label] for _, label in labels if label in split)
+    )
     split["Tune to the first trial's run (actors start, import, open runs)"] = first - (tune_end - tune_s)
     return {k: round(v, 2) for k, v in split.items()}
 

@@ -110,13 +110,12 @@ def _adapter(tp: Any) -> TypeAdapter:
 
 
 def _check_scalars(tp: Any, value: Any, key_path: str) -> None:
-    """No silent coercion of true/false to a number, or of text to a number or a flag."""
+    """No silent coercion of true/false to a number (text that reads as a number is accepted: YAML reads
+    1e-4 as text)."""
     if dataclasses.is_dataclass(tp):
         return
     if isinstance(value, bool) and not _admits(tp, bool):
         raise ConfigError(key_path, f"expected {_type_name(tp)}, got {str(value).lower()} (true/false)")
-    if isinstance(value, str) and not _admits(tp, str):
-        raise ConfigError(key_path, f"expected {_type_name(tp)}, got the text {brief(value)}")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         items = [a for a in args if a is not type(None)]

@@ -24,7 +24,7 @@ CASES = [
         ["expands to more than 100,000 values"],
     ),
     ("bool-for-int", VALID, ["model.registers=true"], ["model.registers: expected int, got true"]),
-    ("text-for-int", VALID, ["train.tokens='512'"], ["train.tokens: expected int, got the text '512'"]),
+    ("text-for-int", VALID, ["train.tokens=lots"], ["train.tokens: expected int, got 'lots'"]),
     (
         "diverge-loss-negative",
         VALID,
@@ -88,3 +88,12 @@ def test_a_store_that_is_not_an_mlflow_database_is_a_clean_error(tmp_path, comma
     assert store.read_text() == "not a database" and sorted(p.name for p in store.parent.iterdir()) == [
         "mlflow.db"
     ]
+
+
+def test_yaml_numbers_without_a_dot_still_read_as_numbers(tmp_path):
+    from ablate.config import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("optim: {lr: 1e-4, min_lr: 1e-6}\n")  # YAML 1.1 reads 1e-4 as text
+    cfg = load_run_config(path)
+    assert (cfg.optim.lr, cfg.optim.min_lr) == (1e-4, 1e-6)

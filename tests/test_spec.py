@@ -261,9 +261,9 @@ CASES = [
         ["fixed.train.batch_size:", "got true"],
     ),
     (
-        "text-for-number",
-        edit(_set("fixed.train.tokens", "4096")),
-        ["fixed.train.tokens:", "got the text '4096'"],
+        "text-for-float",
+        edit(_set("fixed.optim.lr", "fast")),
+        ["fixed.optim.lr:", "expected float, got 'fast'"],
     ),
     ("bool-for-float", edit(_set("fixed.optim.lr", False)), ["fixed.optim.lr:", "expected float, got false"]),
     (
