@@ -55,7 +55,7 @@ def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
     rates = {}
     for i, (key, trial) in enumerate(first.items(), 1):
         log = RecordingLogger()
-        train(from_dict(RunConfig, trial.tree), log)
+        train(from_dict(RunConfig, design.run_tree(trial)), log)
         rates[key] = steady_median(log, "tokens_per_s")
         print(f"alone {i}/{len(first)}: {trial.cell.label}  {rates[key]:,.0f} tokens/s", file=sys.stderr)
     alone = sum(trials.values()) / sum(n / rates[key] for key, n in trials.items())
@@ -111,8 +111,9 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
     spans = [
         (r.info.start_time / 1e3, r.info.end_time / 1e3, r.data.tags.get("ablate.gpu_ids", "")) for r in done
     ]
+    failed = failure_lines(runs)
     if not spans:
-        return {"trials": len(runs), "completed": 0, "tokens": 0.0, "wall_s": wall}
+        return {"trials": len(runs), "completed": 0, "tokens": 0.0, "wall_s": wall, "failed": failed}
     per_gpu: dict[str, int] = {}
     peak: dict[str, int] = {}
     for start, _, gpus in spans:
@@ -168,6 +169,7 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         "trials_per_gpu": per_gpu,
         "max_trials_at_once_per_gpu": peak,
         "devices": sorted({r.data.tags.get("ablate.device", "?") for r in done}),
+        "failed": failed,
         "processes": len({_process(r) for r in done}),
         "gaps_in_process": process_gaps(
             [
@@ -178,6 +180,31 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         ),
         **efficiency,
     }
+
+
+def failure_lines(runs: list) -> list[str]:
+    """One line per trial that ended failed: "<cell> seed=<s> (<host>:<pid>): <the error>"."""
+    from ablate import tracking
+
+    lines = []
+    for run in tracking.results_runs(runs).values():
+        if tracking.status_of(run) == "failed":
+            tags = run.data.tags
+            where = f"{tags.get('ablate.cell')} seed={tags.get('ablate.seed')} ({_process_text(run)})"
+            lines.append(f"{where}: {tracking.error_line(run)}")
+    return lines
+
+
+def _process_text(run) -> str:
+    """Where an attempt ran: host:pid, the how-many-th trial of that process, which attempt."""
+    host, pid = _process(run)
+    tags = run.data.tags
+    where = [f"{host}:{pid}" if pid else "no process recorded"]
+    if tags.get("ablate.process_trial"):
+        where.append(f"trial {tags['ablate.process_trial']} of its process")
+    if tags.get("ablate.attempt"):
+        where.append(f"attempt {tags['ablate.attempt']}")
+    return ", ".join(where)
 
 
 def alone_seconds(runs: list, baseline: dict) -> float | None:
@@ -211,10 +238,15 @@ def before_first_trial(phases: dict[str, tuple[float, float]], started: float, f
         return {}
     store_s, store_end = phases["store"]
     tune_s, tune_end = phases["tune"]
-    split = {"process start, imports": store_end - store_s - started, "MLflow store": store_s}
-    for name, label in (("ray_start", "Ray start"), ("parent", "parent run"), ("data", "data preparation")):
+    split = {"process start, imports, checks": store_end - store_s - started, "MLflow store (read)": store_s}
+    labels = (("ray_start", "Ray start"), ("parent", "store, parent run"), ("data", "data preparation"))
+    for name, label in labels:
         if name in phases:
             split[label] = phases[name][0]
+    # the driver's own work between those phases, so that the split adds up to the whole wait
+    split["between phases"] = (
+        (tune_end - tune_s) - store_end - sum(split[label] for _, label in labels if label in split)
+    )
     split["Tune to the first trial's run (actors start, import, open runs)"] = first - (tune_end - tune_s)
     return {k: round(v, 2) for k, v in split.items()}
 
@@ -304,6 +336,8 @@ def main() -> None:
             code = proc.wait()
         ended = time.time()
         result = {"study": str(study), "exit": code, **summarize(study, started, ended, baseline)}
+    for line in result.get("failed", []):
+        print(f"failed: {line}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -27,6 +27,11 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console(soft_wrap=True)
+# Assumed speeds of one trial, for `plan` without --tokens-per-s. GPU: the seed-size model trained at
+# about 1.5M tokens/s on one H200; CPU: the quickstart model ran about 25k tokens/s per core on this
+# project's 2-core machine (36 trials of 100k tokens in 68 s, 2 at once, evaluation and set-up included).
+GPU_TOKENS_PER_S = 1.5e6
+CPU_TOKENS_PER_S = 2.5e4
 StudyArg = Annotated[Path, typer.Argument(help="The study file (YAML), e.g. studies/quickstart.yaml.")]
 TrackingOpt = Annotated[
     str | None,
@@ -36,6 +41,28 @@ TrackingOpt = Annotated[
         "sqlite:///<absolute output dir>/mlflow.db.",
     ),
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("ablate")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed; pip install -e .)"
+        console.print(f"ablate {version}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Designed ablation studies of attention geometries: Ray Tune trials, MLflow records, attribution."""
 
 
 def fail(message: str) -> typer.Exit:
@@ -66,6 +93,28 @@ def _quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _tracking_uri(design, override: str | None, study: Path) -> str:
+    """The study's tracking URI (--tracking-uri first), checked to be a store MLflow can open."""
+    from ablate.preflight import check_tracking_uri
+
+    uri = design.tracking_uri(override)
+    check_tracking_uri(uri, "--tracking-uri" if override else "tracking.uri", str(study), probe=False)
+    return uri
+
+
+def _open_store(uri: str, experiment: str, study: Path):
+    """(client, the experiment or None) of an existing store; a store MLflow cannot read exits 2."""
+    from ablate import tracking
+    from ablate.config import ConfigError
+
+    try:
+        client = tracking.MlflowClient(uri)
+        return client, tracking.retrying(client.get_experiment_by_name, experiment)
+    except Exception as err:  # not an MLflow database, not an MLflow server, ...
+        message = f"cannot read the tracking store at {uri}: {tracking.one_line_error(str(err).split('[SQL:')[0], 300)}"
+        raise ConfigError("", message, str(study)) from None
+
+
 def _load(study: Path):
     from ablate.design import load_design
 
@@ -77,6 +126,7 @@ def _load(study: Path):
 def validate(study: StudyArg) -> None:
     """Check a study file: schema, factor levels, conditions, comparisons and every trial's config."""
     design = _load(study)
+    _tracking_uri(design, None, study)
     n_cells, n_seeds = len(design.cells), len(design.seeds)
     console.print(
         f"ok: {study}: {n_cells} cells x {n_seeds} seeds = {n_cells * n_seeds} trials "
@@ -89,8 +139,13 @@ def validate(study: StudyArg) -> None:
 def plan(
     study: StudyArg,
     tokens_per_s: Annotated[
-        float, typer.Option(help="Training throughput of one trial at its resources.")
-    ] = 1.5e6,
+        float | None,
+        typer.Option(
+            min=1e-9,
+            help="Training throughput of one trial at its resources (tokens/s); default: "
+            f"{GPU_TOKENS_PER_S:,.0f} per GPU, else {CPU_TOKENS_PER_S:,.0f} per CPU core it asks for.",
+        ),
+    ] = None,
     seed_sd: Annotated[
         float, typer.Option(help="Seed-to-seed standard deviation of the response (nats).")
     ] = 0.01,
@@ -108,7 +163,8 @@ def plan(
     console.print(table)
     if design.resolution is not None:
         console.print(f"resolution {design.resolution}; aliases:\n  " + "\n  ".join(design.aliases()))
-    _print_cost(design, trial_hours(design, tokens_per_s), tokens_per_s)
+    rate = tokens_per_s or default_rate(design.study.resources)
+    _print_cost(design, trial_hours(design, rate), rate, assumed=tokens_per_s is None)
     effects = Table(title=f"minimum detectable effect (80% power, alpha 0.05, seed sd {seed_sd:g})")
     for column in ("term", "df", "trials", "MDE", "measures"):
         effects.add_column(column)
@@ -122,19 +178,32 @@ def plan(
     console.print(effects)
 
 
-def _print_cost(design, hours: list[float], tokens_per_s: float) -> None:
+def default_rate(resources) -> float:
+    """An assumed tokens/s of one trial from the resources it asks for (a GPU share, else CPU cores)."""
+    if resources.gpu > 0:
+        return GPU_TOKENS_PER_S * resources.gpu
+    return CPU_TOKENS_PER_S * resources.cpu
+
+
+def _hours(hours: float) -> str:
+    return f"{hours:,.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+
+
+def _print_cost(design, hours: list[float], tokens_per_s: float, assumed: bool = False) -> None:
     resources, total = design.study.resources, sum(hours)
     console.print(
         f"{len(design.cells)} cells x {len(design.seeds)} seeds = {len(hours)} trials; "
-        f"{total:.2f} trial-hours at {tokens_per_s:,.0f} tokens/s"
+        f"{_hours(total)} of trial time at {tokens_per_s:,.0f} tokens/s per trial"
     )
+    if assumed:
+        console.print("  (an assumed rate; measure one trial and pass --tokens-per-s for a real estimate)")
     if resources.gpu > 0:
-        console.print(f"GPU-hours: {total * resources.gpu:.2f} ({resources.gpu:g} GPU per trial)")
+        console.print(f"GPU time: {_hours(total * resources.gpu)} ({resources.gpu:g} GPU per trial)")
     else:
-        console.print(f"CPU-hours: {total * resources.cpu:.2f} ({resources.cpu:g} CPU per trial, no GPU)")
+        console.print(f"CPU time: {_hours(total * resources.cpu)} ({resources.cpu:g} CPU per trial, no GPU)")
     concurrent = design.study.max_concurrent
     if concurrent:
-        console.print(f"wall clock at {concurrent} concurrent trials: {total / concurrent:.2f} h")
+        console.print(f"wall clock at {concurrent} concurrent trials: {_hours(total / concurrent)}")
 
 
 @app.command()
@@ -175,9 +244,52 @@ def prepare(study: StudyArg) -> None:
 
     design = _load(study)
     try:
-        prepare_data(design.trials, console, design.base_dir)
+        prepare_data(design, design.trials, console)
     except ValueError as err:  # data that cannot be prepared here: the message says how to fix it
         raise fail(f"{study}: {err}") from None
+
+
+QUICKSTART = "quickstart.yaml"  # shipped in the package (ablate/studies is the repository's studies/)
+
+
+@app.command()
+@user_errors
+def quickstart(
+    folder: Annotated[
+        Path, typer.Option("--dir", help="Where the study file, its SQLite store and its report go.")
+    ] = Path("ablate-quickstart"),
+) -> None:
+    """The whole job on the shipped quickstart study: 36 CPU trials, then the report, then where to look."""
+    from ablate.launch import LaunchOptions, run_study
+
+    study = _quickstart_study(folder)
+    design = _load(study)
+    _quiet_logs()
+    summary = run_study(design, LaunchOptions(ray_address=os.environ.get("RAY_ADDRESS")), console)
+    if not summary.ok:
+        raise fail(f"{summary.counts.get('failed', 0)} trial(s) failed (above); no report written")
+    paths = _write_report(design, study, design.tracking_uri(), None)
+    console.print(f"\nreport:  {paths['report.html']}  (and report.md beside it)", highlight=False)
+    console.print(f"browse:  ablate ui {study}   (MLflow UI on http://127.0.0.1:5000)", highlight=False)
+
+
+def _quickstart_study(folder: Path) -> Path:
+    """The shipped quickstart study, copied into `folder` (kept if it is already there unchanged)."""
+    from importlib import resources
+
+    from ablate.config import ConfigError
+
+    text = (resources.files("ablate") / "studies" / QUICKSTART).read_text(encoding="utf-8")
+    study = folder / QUICKSTART
+    if study.exists() and study.read_text(encoding="utf-8", errors="replace") != text:
+        message = (
+            f"{study} differs from the shipped quickstart; run it with `ablate run {study}`, or remove it"
+        )
+        raise ConfigError("", message)
+    if not study.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        study.write_text(text, encoding="utf-8")
+    return study
 
 
 def _store_exists(uri: str) -> bool:
@@ -196,7 +308,7 @@ def _follow_move(design, uri: str) -> None:
 def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
     """Where a study stands: trials finished, diverged, failed, running and pending (read from MLflow)."""
     design = _load(study)
-    uri = design.tracking_uri(tracking_uri)
+    uri = _tracking_uri(design, tracking_uri, study)
     total = len(design.trials)
     if not _store_exists(uri):
         console.print(f"{design.study.name}: not started (no store at {uri}); 0/{total} trials done")
@@ -204,9 +316,8 @@ def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
     _quiet_logs()
     from ablate import tracking
 
+    client, experiment = _open_store(uri, design.experiment, study)
     _follow_move(design, uri)
-    client = tracking.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(design.experiment)
     parent = experiment and tracking.find_parent(client, experiment.experiment_id, design.study.name)
     runs = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id) if parent else []
     _print_status(design, runs, uri)
@@ -233,10 +344,8 @@ def _print_status(design, runs: list, uri: str) -> None:
     console.print(table)
     for run in chosen.values():
         if tracking.status_of(run) == "failed":
-            error = (run.data.tags.get("ablate.error") or "").strip().splitlines()[-1:] or ["(no error text)"]
-            console.print(
-                f"failed: {run.data.tags.get('ablate.cell')} seed={run.data.params.get('seed')}: {error[0]}"
-            )
+            where = f"{run.data.tags.get('ablate.cell')} seed={run.data.params.get('seed')}"
+            console.print(f"failed: {where}: {tracking.error_line(run)}", highlight=False, markup=False)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -260,7 +369,7 @@ def ui(
 ) -> None:
     """Start the MLflow UI on the study's store and print its URL (Ctrl-C stops it)."""
     design = _load(study)
-    uri = design.tracking_uri(tracking_uri)
+    uri = _tracking_uri(design, tracking_uri, study)
     if uri.startswith(("http://", "https://")):
         console.print(f"the study is tracked on an MLflow server: open {uri}")
         return
@@ -281,18 +390,17 @@ def ui(
         "--port",
         str(port),
     ]
-    console.print(f"MLflow UI for {design.study.name}: {_runs_url(uri, design.experiment, host, port)}")
+    console.print(
+        f"MLflow UI for {design.study.name}: {_runs_url(_open_store(uri, design.experiment, study)[1], host, port)}"
+    )
     sys.stdout.flush()
     # MLflow's background job runner adds processes that slow the UI's shutdown; the UI needs none of it
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     os.execve(sys.executable, command, env)  # the UI replaces this process
 
 
-def _runs_url(uri: str, experiment: str, host: str, port: int) -> str:
+def _runs_url(found, host: str, port: int) -> str:
     """The study's runs table (MLflow 3 otherwise opens on its GenAI view, which lists no runs)."""
-    from ablate import tracking
-
-    found = tracking.MlflowClient(uri).get_experiment_by_name(experiment)
     base = f"http://{host}:{port}"
     return f"{base}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning" if found else base
 
@@ -359,35 +467,42 @@ def report(
 ) -> None:
     """Attribution report of a study from its MLflow runs: HTML + Markdown + CSV/JSON, logged to MLflow."""
     design = _load(study)
-    uri = design.tracking_uri(tracking_uri)
+    uri = _tracking_uri(design, tracking_uri, study)
     if not _store_exists(uri):
         raise fail(f"{study}: no results yet (no store at {uri}); run `ablate run {study}` first")
     _quiet_logs()
+    _write_report(design, study, uri, out)
+
+
+def _write_report(design, study: Path, uri: str, out: Path | None) -> dict[str, Path]:
+    """The study's report files (written and logged to its parent run); prints the summary."""
     from ablate import tracking
     from ablate.analysis import StudyDataError
+    from ablate.preflight import check_writable
     from ablate.report import summary_text, write_report
 
+    out_dir = out or design.output_dir / "report"
+    check_writable(out_dir, "--out" if out else "output", str(study))
+    client, experiment = _open_store(uri, design.experiment, study)
     _follow_move(design, uri)
     trials, curves = study_results(design, uri)
     try:
         analysis = analyze_study(design, trials)
     except StudyDataError as err:
         raise fail(f"{study}: {err}") from None
-    out_dir = out or design.output_dir / "report"
     targets = design.study.responses.targets
     title = f"{design.study.name}: attribution"
     paths = write_report(analysis, out_dir, curves=curves, title=title, targets=targets)
     for name, frame in (("trials.csv", trials), ("curves.csv", curves)):  # inputs of `ablate analyze`
         frame.to_csv(out_dir / name, index=False)
         paths[name] = out_dir / name
-    client = tracking.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(design.experiment)
     parent = tracking.find_parent(client, experiment.experiment_id, design.study.name)
     tracking.log_artifacts(
         client, parent.info.run_id, {f"report/{name}": path for name, path in paths.items()}
     )
     console.print(summary_text(analysis))
     console.print(f"report: {out_dir}  (also logged to the parent run {parent.info.run_id})")
+    return paths
 
 
 def study_results(design, uri: str):

@@ -23,8 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from ablate.config import ConfigError, RunConfig, from_dict, set_dotted
-from ablate.spec import Study, StudyError, load_study
+from ablate.config import ConfigError, RunConfig, from_dict, set_dotted, to_flat_dict
+from ablate.spec import MAX_TRIALS, Study, StudyError, listing, load_study
 
 ROMAN = {3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}
 
@@ -78,14 +78,14 @@ class Design:
     source: Path | None = None  # the study file
 
     @property
-    def base_dir(self) -> Path:
-        """The folder relative paths of the study are relative to: the study file's, else the current one."""
-        return self.source.parent.resolve() if self.source else Path.cwd()
+    def base(self) -> Path:
+        """The folder relative paths in the study file are read from: the study file's own."""
+        return self.source.resolve().parent if self.source else Path.cwd()
 
     @property
     def output_dir(self) -> Path:
         """`output` relative to the study file; default runs/<name> beside it."""
-        return (self.base_dir / (self.study.output or f"runs/{self.study.name}")).resolve()
+        return (self.base / Path(self.study.output or f"runs/{self.study.name}").expanduser()).resolve()
 
     @property
     def experiment(self) -> str:
@@ -93,7 +93,18 @@ class Design:
 
     def tracking_uri(self, override: str | None = None) -> str:
         """--tracking-uri, else the study's tracking.uri, else sqlite:///<absolute output dir>/mlflow.db."""
-        return override or self.study.tracking.uri or f"sqlite:///{self.output_dir / 'mlflow.db'}"
+        if override:
+            return override
+        uri = self.study.tracking.uri
+        if uri is None:
+            return f"sqlite:///{self.output_dir / 'mlflow.db'}"
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # a relative file
+            return f"sqlite:///{(self.base / uri.removeprefix('sqlite:///')).resolve()}"
+        return uri
+
+    def run_tree(self, trial: Trial) -> dict:
+        """A trial's run config with its paths made absolute (against the study file's folder)."""
+        return resolve_paths(trial.tree, self.base)
 
     @property
     def trials(self) -> list[Trial]:
@@ -130,30 +141,71 @@ def _term(factors: frozenset[str], order: list[str]) -> str:
 
 
 def load_design(path: Path) -> Design:
-    """Read, validate and expand a study file; any mistake is a StudyError naming the file and key."""
-    design = expand(load_study(path), str(path))
+    """Read, validate and expand a study file; any mistake is a StudyError naming the file and key.
+
+    Relative paths in the file (output, data.source, data.cache_dir, a sqlite tracking.uri) are read
+    against the study file's folder, wherever the command runs from.
+    """
+    design = expand(load_study(path), str(path), base=Path(path).resolve().parent)
     design.source = Path(path)
     return design
 
 
-def expand(study: Study, source: str | None = None) -> Design:
-    """Cells x seeds of a study; every trial's run config is validated (errors name the study key)."""
-    _validate(study.fixed, "fixed", "", source)
-    for name, factor in study.factors.items():
-        for level, settings in factor.settings(name).items():
-            _validate(_with(study.fixed, settings), f"factors.{name}.levels.{level}", "", source)
+def resolve_paths(tree: dict, base: Path | None) -> dict:
+    """A run config with a relative local data.source and data.cache_dir read against `base`."""
+    from ablate.data import GENERATED
+
+    data = tree.get("data")
+    if base is None or not isinstance(data, dict):
+        return tree
+    data = dict(data)
+    source = data.get("source")
+    scheme = source.partition(":")[0] if isinstance(source, str) and ":" in source else ""
+    if isinstance(source, str) and source not in GENERATED and len(scheme) <= 1:  # a path or a glob
+        data["source"] = str(base / Path(source).expanduser())
+    if isinstance(data.get("cache_dir"), str):
+        data["cache_dir"] = str(base / Path(data["cache_dir"]).expanduser())
+    return {**tree, "data": data}
+
+
+def expand(study: Study, source: str | None = None, base: Path | None = None) -> Design:
+    """Cells x seeds of a study; every trial's run config is validated (errors name the study key).
+
+    `base`: the folder relative paths are read against (the study file's); None: the current one.
+    """
+    _validate(resolve_paths(study.fixed, base), "fixed", "", source)
     if study.design.type == "fractional":
         cells, words = fractional_cells(study, source)
     else:
-        cells, words = full_cells(study), []
+        cells, words = full_cells(study, source), []
+    for name in study.factors:
+        _check_levels_differ(study, name, base, source)
+    levels = level_settings(study)
     for cell in cells:
-        cfg = _validate(cell_tree(study, cell), "cell", cell.label, source)
+        cfg = _validate(resolve_paths(cell_tree(study, cell, levels), base), "cell", cell.label, source)
         if study.resources.gpu == 0 and (needs := cfg.train.cuda_only()):
             message = (
                 f"{', '.join(needs)} need a GPU, but trials get none; set resources.gpu (e.g. 0.25 or 1)"
             )
             raise StudyError([("resources.gpu", message)], source)
     return Design(study, cells, study.seed_list, words)
+
+
+def _check_levels_differ(study: Study, name: str, base: Path | None, source: str | None) -> None:
+    """Each level of a factor validates, and no two levels give the same run configuration."""
+    seen: dict[tuple, str] = {}
+    for level, settings in study.factors[name].settings(name).items():
+        tree = resolve_paths(_with(study.fixed, settings), base)
+        cfg = _validate(tree, f"factors.{name}.levels.{level}", "", source)
+        fingerprint = tuple(sorted((k, repr(v)) for k, v in to_flat_dict(cfg).items()))
+        if fingerprint in seen:
+            keys = listing(sorted(settings)) or "nothing"
+            message = (
+                f"levels {seen[fingerprint]} and {level} give the same configuration (they set {keys} "
+                "to equal values); drop one, or the analysis would credit seed noise to this factor"
+            )
+            raise StudyError([(f"factors.{name}.levels", message)], source)
+        seen[fingerprint] = level
 
 
 def _validate(tree: dict, key: str, where: str, source: str | None) -> RunConfig:
@@ -173,12 +225,18 @@ def _with(base: dict, settings: dict[str, Any]) -> dict:
     return tree
 
 
-def cell_tree(study: Study, cell: Cell) -> dict:
-    """The fixed settings with the cell's levels applied."""
+def cell_tree(study: Study, cell: Cell, levels: dict | None = None) -> dict:
+    """The fixed settings with the cell's levels applied (`levels`: level_settings(study), if at hand)."""
+    levels = levels or level_settings(study)
     settings = {}
     for name, level in cell.levels.items():
-        settings.update(study.factors[name].settings(name)[level])
+        settings.update(levels[name][level])
     return _with(study.fixed, settings)
+
+
+def level_settings(study: Study) -> dict[str, dict[str, dict[str, Any]]]:
+    """Factor -> level -> {dotted key: value} it sets."""
+    return {name: factor.settings(name) for name, factor in study.factors.items()}
 
 
 def trial_tree(study: Study, cell: Cell, seed: int) -> dict:
@@ -190,17 +248,45 @@ def trial_tree(study: Study, cell: Cell, seed: int) -> dict:
     return tree
 
 
-def full_cells(study: Study) -> list[Cell]:
-    """Every combination of levels, in declaration order (first factor slowest); `when` honoured."""
-    partial: list[dict[str, str]] = [{}]
-    for name, factor in study.factors.items():
-        condition = factor.condition()
-        grown = []
-        for levels in partial:
-            applies = all(levels.get(ref) in allowed for ref, allowed in condition.items())
-            grown += [{**levels, name: lv} for lv in factor.level_names()] if applies else [levels]
-        partial = grown
-    return [Cell(levels) for levels in partial]
+def max_cells(study: Study) -> int:
+    """The most cells the study may have: MAX_TRIALS trials over its seeds."""
+    return MAX_TRIALS // len(study.seed_list)
+
+
+def _too_many(study: Study, cells: str, source: str | None) -> StudyError:
+    seeds = len(study.seed_list)
+    message = (
+        f"{cells} cells x {seeds:,} seeds is more than {MAX_TRIALS:,} trials; "
+        "drop levels or seeds, or split the study into several"
+    )
+    return StudyError([("factors", message)], source)
+
+
+def full_cells(study: Study, source: str | None = None) -> list[Cell]:
+    """Every combination of levels, in declaration order (first factor slowest); `when` honoured.
+
+    Generated lazily and stopped past the study's limit, so a huge design fails in constant time.
+    """
+    limit = max_cells(study)
+    cells = list(itertools.islice(_combinations(list(study.factors.items())), limit + 1))
+    if len(cells) > limit:
+        raise _too_many(study, f"more than {limit:,}", source)
+    return cells
+
+
+def _combinations(factors: list):
+    """Cells of `factors` [(name, Factor)], first factor slowest, one at a time (depth-first)."""
+    stack: list[tuple[int, dict[str, str]]] = [(0, {})]
+    while stack:
+        index, levels = stack.pop()
+        if index == len(factors):
+            yield Cell(levels)
+            continue
+        name, factor = factors[index]
+        if not all(levels.get(ref) in allowed for ref, allowed in factor.condition().items()):
+            stack.append((index + 1, levels))
+            continue
+        stack += [(index + 1, {**levels, name: level}) for level in reversed(factor.level_names())]
 
 
 def fractional_cells(study: Study, source: str | None = None) -> tuple[list[Cell], list[frozenset[str]]]:
@@ -233,6 +319,8 @@ def fractional_cells(study: Study, source: str | None = None) -> tuple[list[Cell
                 ],
                 source,
             )
+    if 2 ** len(base) > max_cells(study):
+        raise _too_many(study, f"2^{len(base)} = {2 ** len(base):,}", source)
     words = _defining_words([frozenset({t}) | w for t, w, _ in generators])
     _check_resolution(study, words, source)
     cells = []
@@ -343,6 +431,8 @@ def detectable_effects(design: Design, seed_sd: float, order: int = 2) -> list[d
 
 
 def trial_hours(design: Design, tokens_per_s: float) -> list[float]:
-    """Hours each trial takes at `tokens_per_s` (its token budget from its resolved config)."""
-    budgets = [from_dict(RunConfig, t.tree).train.tokens for t in design.trials]
-    return [tokens / tokens_per_s / 3600 for tokens in budgets]
+    """Hours each trial takes at `tokens_per_s` (its token budget from its cell's resolved config)."""
+    levels = level_settings(design.study)
+    trees = (resolve_paths(cell_tree(design.study, c, levels), design.base) for c in design.cells)
+    budgets = [from_dict(RunConfig, tree).train.tokens for tree in trees]
+    return [tokens / tokens_per_s / 3600 for _ in design.seeds for tokens in budgets]

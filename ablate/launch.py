@@ -11,6 +11,7 @@ The driver never initialises CUDA; trials do, inside their Ray workers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ class RunSummary:
     counts: dict[str, int] = field(default_factory=dict)  # status -> trials, over the whole study
     skipped: int = 0  # trials already done before this run
     elapsed_s: float = 0.0
+    failures: list[str] = field(default_factory=list)  # "<cell> seed=<s>: <error>", one per failed trial
 
     @property
     def ok(self) -> bool:
@@ -62,22 +64,52 @@ class StudyStore:
     parent_run_id: str
 
 
-def open_study_store(design: Design, options: LaunchOptions) -> tuple[StudyStore, Any, list]:
-    """Where the study stands: (store, the parent run to resume or None, its child runs).
+def read_study_store(design: Design, options: LaunchOptions) -> tuple[StudyStore, Any, list]:
+    """Where the study stands: (store, the parent run to resume or None, its child runs). Writes nothing.
 
-    Checks that finished trials ran the settings the study asks for now. Writes nothing but the store
-    and the experiment, if they are new.
+    A store or experiment that does not exist yet reads as a study with no runs (experiment id "").
+    Checks that finished trials ran the settings the study asks for now.
     """
     uri = design.tracking_uri(options.tracking_uri)
-    design.output_dir.mkdir(parents=True, exist_ok=True)
-    client = tracking.open_store(uri)
-    artifact_root = design.output_dir / "artifacts" if uri.startswith("sqlite:") else None
-    experiment_id = tracking.ensure_experiment(client, design.experiment, artifact_root)
-    parent = None if options.fresh else tracking.find_parent(client, experiment_id, design.study.name)
-    runs = tracking.child_runs(client, experiment_id, parent.info.run_id) if parent else []
+    store = StudyStore(None, uri, "", "")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return store, None, []
+    try:
+        store.client = tracking.MlflowClient(uri)
+        found = tracking.retrying(store.client.get_experiment_by_name, design.experiment)
+    except Exception as err:  # a file that is not an MLflow database, a server that is not MLflow, ...
+        message = f"cannot read the tracking store at {uri}: {tracking.one_line_error(str(err).split('[SQL:')[0], 300)}"
+        key = "--tracking-uri" if options.tracking_uri else "tracking.uri"
+        raise StudyError([(key, message)], str(design.source) if design.source else None) from None
+    if found is None:
+        return store, None, []
+    store.experiment_id = found.experiment_id
+    parent = (
+        None if options.fresh else tracking.find_parent(store.client, found.experiment_id, design.study.name)
+    )
+    runs = tracking.child_runs(store.client, found.experiment_id, parent.info.run_id) if parent else []
     check_settings_unchanged(design, runs)
-    store = StudyStore(client, uri, experiment_id, parent.info.run_id if parent else "")
+    store.parent_run_id = parent.info.run_id if parent else ""
     return store, parent, runs
+
+
+def create_study_store(design: Design, store: StudyStore) -> None:
+    """The output folder, the store and the experiment, where they are new (after every check passed)."""
+    design.output_dir.mkdir(parents=True, exist_ok=True)
+    store.client = tracking.open_store(store.uri)
+    artifact_root = design.output_dir / "artifacts" if store.uri.startswith("sqlite:") else None
+    store.experiment_id = tracking.ensure_experiment(store.client, design.experiment, artifact_root)
+
+
+def preflight(design: Design, options: LaunchOptions) -> None:
+    """Everything a launch can check before it writes: tracking URI, output folder, GPUs on this machine."""
+    from ablate import preflight as checks
+
+    source = str(design.source) if design.source else None
+    key = "--tracking-uri" if options.tracking_uri else "tracking.uri"
+    checks.check_writable(design.output_dir, "output", source)
+    checks.check_tracking_uri(design.tracking_uri(options.tracking_uri), key, source)
+    checks.check_local_gpus(design.study.resources.gpu, options.ray_address, source)
 
 
 def start_parent(design: Design, store: StudyStore, resume: bool) -> None:
@@ -89,6 +121,8 @@ def start_parent(design: Design, store: StudyStore, resume: bool) -> None:
         params = parent_params(design)
         store.parent_run_id = tracking.create_parent(client, store.experiment_id, design.study.name, params)
         tracking.log_artifacts(client, store.parent_run_id, study_artifacts(design))
+    if design.study.description:  # what MLflow shows as the run's description
+        tracking.retrying(client.set_tag, store.parent_run_id, tracking.DESCRIPTION, design.study.description)
     env = tracking.environment()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tracking.log_artifacts(client, store.parent_run_id, {f"launches/{stamp}/environment.json": _json(env)})
@@ -167,19 +201,16 @@ def check_settings_unchanged(design: Design, runs: list) -> None:
         raise StudyError([("fixed", message)], str(design.source) if design.source else None)
 
 
-def _absolute_paths(tree: dict, base: Path) -> dict:
+def _absolute_paths(design: Design, trial: Trial) -> dict:
     """Trials may run in another directory (or machine): give them absolute data and cache paths.
 
-    A relative `data.cache_dir` is relative to `base`, the study file's folder, so a cache kept beside
-    the study travels with it."""
-    from ablate.data import DataConfig, cache_root, source_kind
+    Relative paths in the study file are read against its folder (`Design.run_tree`).
+    """
+    from ablate.data import DataConfig, cache_root
 
+    tree = design.run_tree(trial)
     data = dict(tree.get("data", {}))
-    root = cache_root(DataConfig(**data))
-    data["cache_dir"] = str((base / root if data.get("cache_dir") else root).resolve())
-    source = data.get("source")
-    if source is not None and source_kind(source) == "local" and not Path(source).expanduser().is_absolute():
-        data["source"] = str(Path(source).resolve())
+    data["cache_dir"] = str(cache_root(DataConfig(**data)).resolve())
     return {**tree, "data": data}
 
 
@@ -194,7 +225,7 @@ def trial_payload(trial: Trial, design: Design, store: StudyStore) -> dict[str, 
         "seed": trial.seed,
         "config_hash": trial.config_hash,
         "study": design.study.name,
-        "tree": _absolute_paths(trial.tree, design.base_dir),
+        "tree": _absolute_paths(design, trial),
         "node_cache": not trial.tree.get("data", {}).get("cache_dir"),  # a node's $ABLATE_CACHE may win
         "tracking": {
             "uri": store.uri,
@@ -207,6 +238,9 @@ def trial_payload(trial: Trial, design: Design, store: StudyStore) -> dict[str, 
     }
 
 
+_PROCESS_TRIALS = itertools.count(1)  # trials this worker process has started (Ray reuses workers)
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """The Ray Tune trainable: one attempt at one trial, recorded in its own MLflow child run."""
     from ray import tune
@@ -215,10 +249,14 @@ def run_trial(config: dict[str, Any]) -> None:
 
     payload = config["trial"]
     cfg = from_dict(RunConfig, _on_this_node(payload))
-    if _result_exists(payload) is not None:  # finished meanwhile by a worker of a killed driver
+    attempts = _attempts(payload)
+    if tracking.done_runs(attempts):  # finished meanwhile by a worker of a killed driver
         tune.report({"status": "skipped", "val_loss": math.nan, "diverged_step": -1})
         return
-    logger = _open_trial_run(payload, cfg)
+    # which attempt this is, and how many trials its process ran before: a failure that comes with
+    # a reused worker shows it in the run's tags (and in the one-line error of the closing table)
+    context = {TAG + "attempt": str(len(attempts) + 1), TAG + "process_trial": str(next(_PROCESS_TRIALS))}
+    logger = _open_trial_run(payload, cfg, context)
     try:
         result = train(cfg, logger)
     except Exception:
@@ -251,14 +289,20 @@ def _on_this_node(payload: dict[str, Any]) -> dict:
 
 
 def _result_exists(payload: dict[str, Any]):
+    return tracking.done_runs(_attempts(payload)).get(payload["trial_id"])
+
+
+def _attempts(payload: dict[str, Any]) -> list:
+    """Every run of this trial under the study's parent run so far."""
     track = payload["tracking"]
     client = tracking.MlflowClient(track["uri"])
-    return tracking.done_run(client, track["experiment_id"], track["parent_run_id"], payload["trial_id"])
+    return tracking.trial_runs(client, track["experiment_id"], track["parent_run_id"], payload["trial_id"])
 
 
-def _open_trial_run(payload: dict[str, Any], cfg: RunConfig) -> tracking.TrialLogger:
+def _open_trial_run(payload: dict[str, Any], cfg: RunConfig, context: dict[str, str]) -> tracking.TrialLogger:
     track = payload["tracking"]
     tags = {
+        **context,
         TAG + "trial_id": payload["trial_id"],
         TAG + "cell_id": payload["cell_id"],
         TAG + "cell": payload["label"],
@@ -442,8 +486,9 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
     console = console or Console()
     started = time.monotonic()
     clock = PhaseClock()
+    preflight(design, options)
     with clock.phase("store"):
-        store, parent, runs = open_study_store(design, options)
+        store, parent, runs = read_study_store(design, options)
     done = tracking.done_runs(runs)
     todo = [t for t in design.trials if t.trial_id not in done]
     skipped = len(design.trials) - len(todo)
@@ -457,10 +502,11 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
         try:
             with clock.phase("parent"):
                 check_cluster(design, store.uri)
+                create_study_store(design, store)
                 start_parent(design, store, resume=parent is not None)
                 tracking.close_stale(store.client, runs)  # left running by a driver that was killed
             with clock.phase("data"):
-                prepare_data(todo, console, design.base_dir)
+                prepare_data(design, todo, console)
             with clock.phase("tune"):
                 run_tune(design, todo, store, options, Progress(len(design.trials), skipped, console))
         finally:
@@ -492,6 +538,9 @@ def init_ray(address: str | None) -> bool:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     share_compile_caches()
+    # Ray's notice that token authentication is on by default asks nothing of the user here
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    _brief_ray_errors()
     # "local": a new instance even where `ray start` left one running; join one with --ray-address auto
     ray.init(
         address=address or "local",
@@ -517,20 +566,45 @@ def share_compile_caches() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(root, "triton"))
 
 
+RAY_ERROR_CHARS = 200
+
+
+def brief_ray_error(message: str) -> str:
+    """The first line of an error Ray pushes to the driver, cut to RAY_ERROR_CHARS (a raylet's death
+    comes with its last log lines and a state dump, about 900 characters on one line and dozens more)."""
+    first = " ".join((message.strip().splitlines() or [""])[0].split())
+    first = first if len(first) <= RAY_ERROR_CHARS else first[: RAY_ERROR_CHARS - 3] + "..."
+    return f"{first} (Ray's logs: /tmp/ray/session_latest/logs)"
+
+
+def _brief_ray_errors() -> None:
+    """Print Ray's error messages to the driver in one short line each (the full text is in its logs)."""
+    from ray._private import worker
+
+    show = getattr(worker, "print_to_stdstream", None)
+    if show is None or getattr(show, "brief", False):
+        return
+
+    def brief(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet" and data.get("lines"):
+            data = {**data, "lines": [brief_ray_error(str(line)) for line in data["lines"]]}
+        show(data, ignore_prefix)
+
+    brief.brief = True
+    worker.print_to_stdstream = brief
+
+
 def check_cluster(design: Design, uri: str) -> None:
     """A trial must fit on the cluster (or Tune would wait forever) and reach the tracking store."""
     import ray
+
+    from ablate.preflight import too_few
 
     have, want = ray.cluster_resources(), design.study.resources
     source = str(design.source) if design.source else None
     for kind, asked in (("CPU", want.cpu), ("GPU", want.gpu)):
         if asked > have.get(kind, 0):
-            hint = "set resources.gpu: 0 to train on CPU" if kind == "GPU" else "lower resources.cpu"
-            message = (
-                f"each trial asks for {asked} {kind} but the Ray cluster has {have.get(kind, 0):g}; "
-                f"{hint}, or join a larger cluster with --ray-address"
-            )
-            raise StudyError([(f"resources.{kind.lower()}", message)], source)
+            raise too_few(kind, asked, have.get(kind, 0), source, "the Ray cluster")
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     if nodes > 1 and uri.startswith("sqlite:"):
         message = (
@@ -540,13 +614,13 @@ def check_cluster(design: Design, uri: str) -> None:
         raise StudyError([("tracking.uri", message)], source)
 
 
-def prepare_data(trials: list[Trial], console: Console, base: Path) -> None:
+def prepare_data(design: Design, trials: list[Trial], console: Console) -> None:
     """Tokenise and pack each distinct data setting once, before any trial starts (trials hit the cache)."""
     from ablate.data import prepare
 
     seen = set()
     for trial in trials:
-        cfg = from_dict(RunConfig, _absolute_paths(trial.tree, base))
+        cfg = from_dict(RunConfig, _absolute_paths(design, trial))
         key = (repr(cfg.data), cfg.model.context)
         if key not in seen:
             seen.add(key)
@@ -605,10 +679,14 @@ def summarize(design: Design, store: StudyStore, started: float, skipped: int) -
     )
     chosen = tracking.results_runs(runs)
     counts: dict[str, int] = {}
+    failures = []
     for trial in design.trials:
         status = tracking.status_of(chosen[trial.trial_id]) if trial.trial_id in chosen else "missing"
         counts[status] = counts.get(status, 0) + 1
-    return RunSummary(store.parent_run_id, counts, skipped, time.monotonic() - started)
+        if status == "failed":
+            error = tracking.error_line(chosen[trial.trial_id])
+            failures.append(f"{trial.cell.label} seed={trial.seed}: {error}")
+    return RunSummary(store.parent_run_id, counts, skipped, time.monotonic() - started, failures)
 
 
 def print_summary(design: Design, store: StudyStore, summary: RunSummary, console: Console) -> None:
@@ -621,6 +699,8 @@ def print_summary(design: Design, store: StudyStore, summary: RunSummary, consol
         if summary.counts.get(status):
             table.add_row(status, str(summary.counts[status]))
     console.print(table)
+    for line in summary.failures:
+        console.print(f"failed: {line}", highlight=False, markup=False)
     console.print(f"tracking: {store.uri}  (parent run {summary.parent_run_id})")
     if design.source is not None:
         console.print(f"next: ablate ui {design.source}   |   ablate report {design.source}")

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ablate.config import ConfigError, load_yaml
+from ablate.config import ConfigError, brief, load_yaml
 
 # Responses a trial reports (its final summary): loss, speed and the attention diagnostics (layer means).
 RESPONSES = (
@@ -30,6 +30,17 @@ RESPONSES = (
     "attn_entropy",
 )
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_SEEDS = 1000  # replicates per cell; more is a typo (and 5-10 already give tight intervals)
+MAX_SEED = 2**31 - 1  # seeds feed torch and numpy generators
+MAX_TRIALS = 10_000  # cells x seeds of one study; split a larger one into several studies
+MAX_LEVELS = 1000  # levels of one factor
+
+
+def listing(names, limit: int = 12) -> str:
+    """Names joined by commas, at most `limit` of them (messages stay one readable line)."""
+    names = [str(n) for n in names]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(brief(n) if len(n) > 40 else n for n in names[:limit]) + more
 
 
 def level_name(value: Any) -> str:
@@ -66,13 +77,15 @@ class Factor(Strict):
     @classmethod
     def _at_least_two(cls, levels: Any) -> list | dict:
         if not isinstance(levels, list | dict):
-            raise ValueError(f"expected a list of levels or a mapping of named levels, got {levels!r}")
+            raise ValueError(f"expected a list of levels or a mapping of named levels, got {brief(levels)}")
         if len(levels) < 2:
             raise ValueError("a factor needs at least two levels (put a single setting under `fixed`)")
+        if len(levels) > MAX_LEVELS:
+            raise ValueError(f"{len(levels):,} levels; a factor takes at most {MAX_LEVELS:,}")
         names = [level_name(v) for v in levels] if isinstance(levels, list) else list(levels)
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"duplicate level names: {', '.join(duplicates)}")
+            raise ValueError(f"duplicate level names: {listing(duplicates)}")
         if isinstance(levels, list) and any(isinstance(v, dict | list) for v in levels):
             raise ValueError(
                 "plain levels must be scalars; use a mapping {name: {key: value}} for named levels"
@@ -133,7 +146,7 @@ class Responses(Strict):
 
 def _known_response(name: str) -> str:
     if name not in RESPONSES:
-        raise ValueError(f"unknown response {name!r}; choose from: {', '.join(RESPONSES)}")
+        raise ValueError(f"unknown response {brief(name)}; choose from: {', '.join(RESPONSES)}")
     return name
 
 
@@ -205,7 +218,7 @@ class Study(Strict):
     @classmethod
     def _simple_name(cls, name: str) -> str:
         if not NAME.match(name):
-            raise ValueError(f"name {name!r} may hold only letters, digits, '_', '.', '-' (no spaces)")
+            raise ValueError(f"name {brief(name)} may hold only letters, digits, '_', '.', '-' (no spaces)")
         return name
 
     @field_validator("factors")
@@ -215,7 +228,7 @@ class Study(Strict):
             raise ValueError("a study needs at least one factor")
         bad = [f for f in factors if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", f)]
         if bad:
-            raise ValueError(f"factor names must be identifiers (letters, digits, '_'): {', '.join(bad)}")
+            raise ValueError(f"factor names must be identifiers (letters, digits, '_'): {listing(bad)}")
         return factors
 
     @field_validator("seeds")
@@ -223,12 +236,16 @@ class Study(Strict):
     def _seed_list(cls, seeds: Any) -> int | list[int]:
         is_int = isinstance(seeds, int) and not isinstance(seeds, bool)
         if not is_int and not (isinstance(seeds, list) and all(type(s) is int for s in seeds)):
-            raise ValueError(f"expected a number of seeds or a list of integer seeds, got {seeds!r}")
+            raise ValueError(f"expected a number of seeds or a list of integer seeds, got {brief(seeds)}")
         count = seeds if isinstance(seeds, int) else len(seeds)
         if count < 1:
             raise ValueError("a study needs at least one seed (seeds: 3, or seeds: [0, 1, 2])")
+        if count > MAX_SEEDS:
+            raise ValueError(f"{count:,} seeds; a study takes at most {MAX_SEEDS:,} (5-10 are usual)")
         if isinstance(seeds, list) and (len(set(seeds)) != len(seeds) or min(seeds) < 0):
-            raise ValueError(f"seeds must be distinct integers >= 0, got {seeds}")
+            raise ValueError(f"seeds must be distinct integers >= 0, got {brief(seeds)}")
+        if isinstance(seeds, list) and max(seeds) > MAX_SEED:
+            raise ValueError(f"seeds must be at most {MAX_SEED} (2^31 - 1), got {brief(max(seeds))}")
         return seeds
 
     @property
@@ -275,18 +292,52 @@ def check_references(study: Study) -> list[tuple[str, str]]:
         for side in ("baseline", "target"):
             for ref, level in comparison.levels(side).items():
                 problems += _check_levels(study, f"comparisons[{i}].{side}.{ref}", ref, [level])
-        if comparison.levels("baseline") == comparison.levels("target"):
-            problems.append((f"comparisons[{i}]", "baseline and target are the same configuration"))
+        problems += _comparison_sides(study, f"comparisons[{i}]", comparison)
     return problems + _check_keys(study)
+
+
+def _comparison_sides(study: Study, key: str, comparison: ComparisonSpec) -> list[tuple[str, str]]:
+    """Both sides name the same factors, except a conditional factor absent where it does not apply."""
+    sides = {side: comparison.levels(side) for side in ("baseline", "target")}
+    if any(f not in study.factors for levels in sides.values() for f in levels):
+        return []  # reported by _check_levels
+    problems = []
+    for side, levels in sides.items():
+        other = sides["target" if side == "baseline" else "baseline"]
+        for name in sorted(other.keys() - levels.keys()):
+            if _applies(study, name, levels):
+                message = (
+                    f"{side} gives no level of {name} but the other side does ({name}={other[name]}); "
+                    "name the same factors on both sides"
+                )
+                problems.append((f"{key}.{side}", message))
+        for name in levels:
+            if not _applies(study, name, levels):
+                message = f"{name} does not apply where {_condition_text(study, name)} does not hold"
+                problems.append((f"{key}.{side}.{name}", message))
+    if not problems and sides["baseline"] == sides["target"]:
+        problems.append((key, "baseline and target are the same configuration"))
+    return problems
+
+
+def _applies(study: Study, name: str, levels: dict[str, str]) -> bool:
+    """Whether factor `name` applies in a configuration with these levels (unnamed factors: it may)."""
+    condition = study.factors[name].condition()
+    return all(ref not in levels or levels[ref] in allowed for ref, allowed in condition.items())
+
+
+def _condition_text(study: Study, name: str) -> str:
+    condition = study.factors[name].condition()
+    return " and ".join(f"{ref} in [{listing(allowed)}]" for ref, allowed in condition.items())
 
 
 def _check_levels(study: Study, key: str, ref: str, levels: list[str], exclude: str = "") -> list:
     names = [f for f in study.factors if f != exclude]
     if ref not in names:
-        return [(key, f"unknown factor {ref!r}; factors: {', '.join(names)}")]
+        return [(key, f"unknown factor {brief(ref)}; factors: {listing(names)}")]
     valid = study.factors[ref].level_names()
     bad = [level for level in levels if level not in valid]
-    return [(key, f"unknown level {level!r} of {ref}; levels: {', '.join(valid)}") for level in bad]
+    return [(key, f"unknown level {brief(level)} of {ref}; levels: {listing(valid)}") for level in bad]
 
 
 def _check_keys(study: Study) -> list[tuple[str, str]]:
@@ -325,11 +376,11 @@ def _problem(error: dict) -> tuple[str, str]:
     if kind == "missing":
         return key, "required key is missing"
     if kind == "literal_error":
-        return key, f"must be one of {error['ctx']['expected']}, got {error['input']!r}"
+        return key, f"must be one of {error['ctx']['expected']}, got {brief(error['input'])}"
     if kind == "value_error":
         return key, str(error["ctx"]["error"])
     message = TYPE_MESSAGES.get(kind, error["msg"][0].lower() + error["msg"][1:])
-    return key, f"{message}, got {error['input']!r}"
+    return key, f"{message}, got {brief(error['input'])}"
 
 
 def _fields_at(loc: tuple) -> list[str]:

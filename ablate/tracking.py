@@ -35,6 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 T = TypeVar("T")
 TAG = "ablate."
+DESCRIPTION = "mlflow.note.content"  # the tag MLflow shows as a run's description
 DONE = ("finished", "diverged")  # results: never rerun
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 5000
 TRANSIENT = ("database is locked", "database table is locked", "busy", "OperationalError", "disk I/O error")
@@ -347,14 +348,13 @@ def done_runs(runs: list) -> dict[str, Any]:
     return done
 
 
-def done_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
-    """The finished or diverged run of one trial under the parent, or None."""
-    runs = search(
+def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str) -> list:
+    """Every run (attempt) of one trial under the parent, oldest first."""
+    return search(
         client,
         experiment_id,
         f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TAG}trial_id` = '{trial_id}'",
     )
-    return done_runs(runs).get(trial_id)
 
 
 def close_stale(client: MlflowClient, runs: list, status: str = "interrupted", error: str = "") -> int:
@@ -369,6 +369,24 @@ def close_stale(client: MlflowClient, runs: list, status: str = "interrupted", e
         retrying(client.log_batch, run.info.run_id, tags=tags)
         retrying(client.set_terminated, run.info.run_id, "KILLED" if status == "interrupted" else "FAILED")
     return len(stale)
+
+
+def error_line(run, limit: int = 240) -> str:
+    """A failed run's error in one line: the exception at the end of its recorded traceback."""
+    return one_line_error(run.data.tags.get(TAG + "error", ""), limit)
+
+
+def one_line_error(text: str, limit: int = 240) -> str:
+    """'ValueError: bad thing' from a traceback (or any error text), on one line of at most `limit`."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if frames:
+        rest = lines[frames[-1] + 1 :]
+        while rest and rest[0].startswith((" ", "\t")):  # the frame's source line and its markers
+            rest = rest[1:]
+        lines = rest or lines[-1:]
+    text = " ".join(" ".join(lines).split()) or "(no error recorded)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def results_runs(runs: list) -> dict[str, Any]:

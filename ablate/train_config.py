@@ -24,6 +24,10 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # None: no clipping
 
     def __post_init__(self) -> None:
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
@@ -58,6 +62,14 @@ class TrainConfig:
         for name in ("tokens", "batch_size", "eval_every", "log_every", "diagnostics_batch", "loss_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_batches", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.diverge_loss is not None and not self.diverge_loss > 0:  # NaN fails too
+            raise ValueError(
+                f"diverge_loss must be a loss > 0 (or null for 2 ln(vocab)), got {self.diverge_loss}: "
+                "a train loss above it stops the trial as diverged"
+            )
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r}; choose one of {list(DEVICES)}")
         if self.precision not in PRECISIONS:

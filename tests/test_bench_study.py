@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from ablate.bench_study import alone_seconds, measure_alone, process_gaps
+from ablate.bench_study import alone_seconds, failure_lines, measure_alone, process_gaps
 
 
 def test_gaps_are_per_process_and_split_by_time():
@@ -73,3 +73,56 @@ def test_alone_seconds_charge_each_finished_trial_at_its_class_rate():
     assert alone_seconds(runs, baseline) == pytest.approx(2.0 + 8.0 + 2.0)
     assert alone_seconds([*runs, _run("penalty", 100.0)], baseline) is None  # a class without a rate
     assert alone_seconds(runs, {"alone_tokens_per_s": 500.0}) is None  # an old baseline: one rate
+
+
+def _attempt(trial: str, status: str, error: str = "", pid: str = "1", context=None) -> SimpleNamespace:
+    tags = {
+        "ablate.trial_id": trial,
+        "ablate.status": status,
+        "ablate.cell": f"metric={trial}",
+        "ablate.seed": "0",
+        "ablate.host": "gpu-box",
+        "ablate.pid": pid,
+    }
+    tags.update({f"ablate.{k}": v for k, v in (context or {}).items()})
+    if error:
+        tags["ablate.error"] = error
+    return SimpleNamespace(data=SimpleNamespace(tags=tags, params={}, metrics={}))
+
+
+def _traceback() -> str:
+    import traceback
+
+    try:
+        raise RuntimeError(
+            "CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA"
+        )
+    except RuntimeError:
+        return traceback.format_exc()
+
+
+def test_failed_trials_are_listed_with_their_error_in_one_line():
+    runs = [
+        _attempt("rbf", "failed", _traceback(), pid="11"),  # failed, then finished on its retry
+        _attempt("rbf", "finished", pid="15"),
+        _attempt("sdpa", "failed", "first attempt's error", pid="12"),
+        _attempt("sdpa", "failed", _traceback(), pid="16", context={"process_trial": "3", "attempt": "2"}),
+        _attempt("penalty", "failed", "the trial's process ended without reporting a result"),
+        _attempt("mixed", "finished"),
+    ]
+    assert failure_lines(runs) == [
+        "metric=sdpa seed=0 (gpu-box:16, trial 3 of its process, attempt 2): RuntimeError: CUDA error: an illegal memory access was "
+        "encountered Compile with TORCH_USE_CUDA_DSA",
+        "metric=penalty seed=0 (gpu-box:1): the trial's process ended without reporting a result",
+    ]
+    assert all("\n" not in line for line in failure_lines(runs))
+
+
+def test_one_line_error_is_bounded_and_never_empty():
+    from ablate.tracking import one_line_error
+
+    assert one_line_error("") == "(no error recorded)"
+    assert len(one_line_error("x" * 10_000)) == 240
+    assert one_line_error(
+        "Traceback (most recent call last):\n  File \"a.py\", line 1, in f\n    g()\nKeyError: 'k'"
+    ) == ("KeyError: 'k'")

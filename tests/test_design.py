@@ -200,9 +200,89 @@ def test_plan_prints_design_cost_and_detectable_effects(tmp_path):
     result = CliRunner().invoke(app, ["plan", str(path), "--tokens-per-s", "1024", "--seed-sd", "0.02"])
     assert result.exit_code == 0, result.output
     assert "27 cells x 2 seeds = 54 trials" in result.output
-    hours = 54 * 4096 / 1024 / 3600
-    assert f"{hours:.2f} trial-hours" in result.output and f"GPU-hours: {hours * 0.5:.2f}" in result.output
+    minutes = 54 * 4096 / 1024 / 60  # 3.6
+    assert f"{minutes:.1f} min of trial time at 1,024 tokens/s" in result.output
+    assert f"GPU time: {minutes * 0.5:.1f} min (0.5 GPU per trial)" in result.output
+    assert "assumed rate" not in result.output
     mde = next(
         r["mde"] for r in detectable_effects(expand(study(REPLICATION)), 0.02) if r["term"] == "metric"
     )
     assert f"{mde:.4g}" in result.output
+
+
+def test_plan_assumes_a_rate_that_fits_the_resources_asked_for():
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from ablate.cli import CPU_TOKENS_PER_S, app
+
+    quickstart = Path(__file__).parent.parent / "studies" / "quickstart.yaml"
+    result = CliRunner().invoke(app, ["plan", str(quickstart)])
+    assert result.exit_code == 0, result.output
+    minutes = 36 * 100_000 / CPU_TOKENS_PER_S / 60  # 1 CPU per trial, no GPU
+    assert f"at {CPU_TOKENS_PER_S:,.0f} tokens/s per trial" in result.output
+    assert f"CPU time: {minutes:.1f} min (1 CPU per trial, no GPU)" in result.output
+    assert "assumed rate" in result.output
+
+
+def test_paths_in_a_study_file_are_read_against_its_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+    from ablate.design import load_design
+
+    folder = tmp_path / "project"
+    (folder / "docs").mkdir(parents=True)
+    (folder / "docs" / "a.txt").write_text("one story.\n\nanother story.\n")
+    spec = {
+        **BASE,
+        "factors": {"metric": {"levels": ["sdpa", "rbf"]}},
+        "fixed": {**BASE["fixed"], "data": {"source": "docs/*.txt", "cache_dir": "cache"}},
+        "output": "out",
+        "tracking": {"uri": "sqlite:///store/mlflow.db"},
+    }
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the same study, validated from another folder
+
+    result = CliRunner().invoke(app, ["validate", "../project/study.yaml"])
+    assert result.exit_code == 0, result.output
+    design = load_design(path)
+    data = design.run_tree(design.trials[0])["data"]
+    assert data == {
+        "source": str(folder.resolve() / "docs/*.txt"),
+        "cache_dir": str(folder.resolve() / "cache"),
+    }
+    assert design.trials[0].tree["data"]["source"] == "docs/*.txt"  # the settings as written (config hash)
+    assert design.output_dir == folder.resolve() / "out"
+    assert design.tracking_uri() == f"sqlite:///{folder.resolve()}/store/mlflow.db"
+    assert not (elsewhere / "docs").exists() and list(elsewhere.iterdir()) == []
+
+
+def test_a_missing_relative_source_is_reported_against_the_study_folder(tmp_path):
+    from ablate.design import load_design
+
+    spec = {**BASE, "factors": {"metric": {"levels": ["sdpa", "rbf"]}}}
+    spec["fixed"] = {**BASE["fixed"], "data": {"source": "missing/*.txt"}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(StudyError, match=r"fixed\.data\.source"):
+        load_design(path)
+
+
+def test_large_designs_fail_without_being_expanded():
+    from ablate.spec import MAX_TRIALS
+
+    wide = {  # 2^40 cells: generated lazily, so the limit is found after MAX_TRIALS + 1 of them
+        f"f{i}": {"key": "model.gamma_scale" if i == 0 else "model.gamma", "levels": [1.0, 2.0]}
+        for i in range(40)
+    }
+    with pytest.raises(StudyError, match=f"more than {MAX_TRIALS:,} trials"):
+        expand(study(wide, seeds=1))
+    fractional = {f"f{i}": {"key": "model.gamma_scale", "levels": [1.0, 2.0]} for i in range(41)}
+    generators = {"type": "fractional", "generators": ["f40=f0*f1"]}
+    with pytest.raises(StudyError, match="2\\^40 = 1,099,511,627,776 cells"):
+        expand(study(fractional, seeds=1, design=generators))

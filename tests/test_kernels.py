@@ -218,15 +218,19 @@ def test_flex_forward(N, D, causal):  # FlexAttention has no backward on CPU
     check_backend(kernels.BACKENDS["flex"], q, k, v, a, b, do, causal=causal, grads=False)
 
 
-def test_fused_flex_raises_the_recompile_limit_never_lowers_it(monkeypatch):
+def test_fused_flex_raises_the_recompile_limit_never_lowers_it():
     from kernels import flex
 
+    original = torch._dynamo.config.recompile_limit
     for before, after in [(8, flex.FLEX_RECOMPILE_LIMIT), (1000, 1000)]:
-        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", before)
-        flex._compiled_flex.cache_clear()
-        flex._compiled_flex()
-        assert torch._dynamo.config.recompile_limit == after
+        # config.patch restores the setting on exit (monkeypatch would delete it: dynamo's config
+        # attributes are not in the module's __dict__, and later flex calls would fail)
+        with torch._dynamo.config.patch(recompile_limit=before):
+            flex._compiled_flex.cache_clear()
+            flex._compiled_flex()
+            assert torch._dynamo.config.recompile_limit == after
     flex._compiled_flex.cache_clear()
+    assert torch._dynamo.config.recompile_limit == original
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

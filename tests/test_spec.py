@@ -137,7 +137,7 @@ CASES = [
     (
         "fixed-bad-tokenizer",
         edit(_set("fixed.data", {"tokenizer": "bpe:10"})),
-        ["fixed.data:", "bpe:<vocab>"],
+        ["fixed.data.tokenizer:", "bpe:<vocab>"],
     ),
     ("fixed-sets-seed", edit(_set("fixed.seed", 3)), ["fixed.seed:", "seeds come from"]),
     (
@@ -227,20 +227,146 @@ CASES = [
     ),
     ("not-a-mapping", "- name: demo\n", ["the top level must be a mapping"]),
     ("bad-yaml", "name: [unclosed\n", ["not valid YAML"]),
+    # a key given twice: YAML would keep the last one and silently change the study
+    ("duplicate-top-key", VALID + "seeds: 3\n", ["key 'seeds' is given twice", "line 7"]),
+    (
+        "duplicate-factor",
+        VALID.replace("factors:\n", "factors:\n  registers: {levels: [0, 2]}\n"),
+        ["key 'registers' is given twice", "line 4"],
+    ),
+    (
+        "duplicate-nested-key",
+        VALID.replace("{tokens: 4096, batch_size: 4}", "{tokens: 4096, batch_size: 4, tokens: 8192}"),
+        ["key 'tokens' is given twice", "first on line 10"],
+    ),
+    # levels that resolve to one configuration, and values YAML would coerce
+    (
+        "levels-same-config",
+        edit(_set("factors.layers", {"key": "model.n_layers", "levels": [1, 1.0]})),
+        ["factors.layers.levels:", "levels 1 and 1.0 give the same configuration", "model.n_layers"],
+    ),
+    (
+        "named-levels-same-config",
+        edit(_set("factors.scale", {"key": "model.gamma_scale", "levels": {"a": 2, "b": 2.0, "c": 1}})),
+        ["factors.scale.levels:", "levels a and b give the same configuration"],
+    ),
+    (
+        "bool-for-int-level",
+        edit(_set("factors.layers", {"key": "model.n_layers", "levels": [True, False]})),
+        ["factors.layers.levels.true:", "model.n_layers: expected int, got true"],
+    ),
+    (
+        "bool-for-int-fixed",
+        edit(_set("fixed.train.batch_size", True)),
+        ["fixed.train.batch_size:", "got true"],
+    ),
+    (
+        "text-for-float",
+        edit(_set("fixed.optim.lr", "fast")),
+        ["fixed.optim.lr:", "expected float, got 'fast'"],
+    ),
+    ("bool-for-float", edit(_set("fixed.optim.lr", False)), ["fixed.optim.lr:", "expected float, got false"]),
+    (
+        "diverge-loss-negative",
+        edit(_set("fixed.train.diverge_loss", -1)),
+        ["fixed.train.diverge_loss:", "must be a loss > 0"],
+    ),
+    ("diverge-loss-zero", edit(_set("fixed.train.diverge_loss", 0)), ["fixed.train.diverge_loss:", "> 0"]),
+    ("lr-zero", edit(_set("fixed.optim.lr", 0)), ["fixed.optim.lr:", "finite number > 0"]),
+    ("threads-zero", edit(_set("fixed.train.threads", 0)), ["fixed.train.threads:", ">= 1"]),
+    # comparisons must compare like with like
+    (
+        "comparison-different-factors",
+        edit(
+            _set("comparisons", [{"name": "x", "baseline": {"metric": "sdpa"}, "target": {"registers": 1}}])
+        ),
+        ["comparisons[0].baseline:", "no level of registers", "comparisons[0].target:", "no level of metric"],
+    ),
+    (
+        "comparison-missing-factor",
+        edit(
+            _set(
+                "comparisons",
+                [{"name": "x", "baseline": {"metric": "sdpa", "registers": 0}, "target": {"metric": "rbf"}}],
+            )
+        ),
+        ["comparisons[0].target:", "no level of registers but the other side does (registers=0)"],
+    ),
+    (
+        "comparison-factor-that-does-not-apply",
+        edit(
+            _set(
+                "comparisons",
+                [
+                    {
+                        "name": "x",
+                        "baseline": {"registers": 0, "register_init": "zero"},
+                        "target": {"registers": 1, "register_init": "normal"},
+                    }
+                ],
+            )
+        ),
+        ["comparisons[0].baseline.register_init:", "does not apply where registers in [1]"],
+    ),
+    # bytes, sizes and limits: a clean error in bounded time, never an echo of the whole input
+    ("not-utf8", VALID.encode().replace(b"name: demo", b"name: d\xe9mo"), ["not UTF-8", "0xe9 on line 2"]),
+    (
+        "alias-bomb",
+        "name: bomb\na: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(
+            f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+        )
+        + "seeds: *i\n",
+        ["expands to more than 100,000 values"],
+    ),
+    ("deep-nesting", "name: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"]),
+    ("huge-seeds", edit(_set("seeds", 100_000_000)), ["seeds:", "100,000,000 seeds", "at most 1,000"]),
+    ("huge-seed-value", edit(_set("seeds", [0, 2**40])), ["seeds:", "at most 2147483647"]),
+    (
+        "too-many-trials",
+        edit(
+            lambda t: t.update(seeds=1000, factors={**t["factors"], "position": {"levels": ["rope", "none"]}})
+        ),
+        ["factors:", "1,000 seeds is more than 10,000 trials", "split the study"],
+    ),
+    (
+        "too-many-levels",
+        edit(_set("factors.registers.levels", list(range(2000)))),
+        ["factors.registers.levels:", "2,000 levels", "at most 1,000"],
+    ),
+    (
+        "long-text-is-not-echoed",
+        edit(_set("fixed.model.metric", "x" * 200_000)),
+        ["fixed.model.metric", "xxx"],
+    ),
+    (
+        "tracking-uri-unknown-scheme",
+        edit(_set("tracking.uri", "bogus://nowhere/x")),
+        ["tracking.uri:", "MLflow cannot store runs at 'bogus://nowhere/x'", "sqlite:///PATH"],
+    ),
 ]
 
 
 @pytest.mark.parametrize(("text", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_malformed_study_is_one_clear_error_with_exit_2(tmp_path, text, fragments):
-    path = tmp_path / "study.yaml"
-    path.write_text(textwrap.dedent(text))
+    path = write(tmp_path, text)
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2, result.output
     message = " ".join(result.stderr.split())
     assert str(path) in message
     for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
+        assert fragment in message, f"{fragment!r} not in {message[:3000]!r}"
     assert "Traceback" not in result.output
+    assert len(result.stderr) < 3000  # never the whole input echoed back
+
+
+def write(folder, text: str | bytes):
+    path = folder / "study.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(textwrap.dedent(text))
+    return path
 
 
 def test_there_are_at_least_twenty_malformed_cases():
@@ -253,13 +379,60 @@ def test_missing_file_names_it(tmp_path):
     assert "nope.yaml" in result.stderr and "cannot read" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["zero-seeds", "unknown-level-value", "cell-incompatible"])
-def test_run_with_a_bad_study_launches_and_writes_nothing(tmp_path, case):
-    text = next(c[1] for c in CASES if c[0] == case)
-    path = tmp_path / "study.yaml"
-    path.write_text(text)
+RUN_ONLY = [  # studies that validate but cannot run here: (id, change, fragments of the error)
+    ("output-under-a-file", _set("output", "study.yaml/runs"), ["output:", "is a file, not a folder"]),
+    (
+        "output-in-proc",
+        _set("output", "/proc/ablate-test/x"),
+        ["output:", "cannot create /proc/ablate-test/x"],
+    ),
+    (
+        "sqlite-under-a-file",
+        _set("tracking.uri", "sqlite:///study.yaml/mlflow.db"),
+        ["tracking.uri:", "is a file, not a folder"],
+    ),
+    (
+        "server-not-answering",
+        _set("tracking.uri", "http://127.0.0.1:9"),  # the discard port: nothing listens there
+        ["tracking.uri:", "no MLflow server answers at 127.0.0.1:9"],
+    ),
+    (  # found by the Ray instance the run starts: still before anything is written
+        "more-cpus-than-ray-has",
+        _set("resources", {"cpu": 4096, "gpu": 0}),
+        ["resources.cpu:", "each trial asks for 4096 CPU but the Ray cluster has", "lower resources.cpu"],
+    ),
+    (
+        "more-gpus-than-the-machine",
+        _set("resources", {"cpu": 1, "gpu": 64}),
+        ["resources.gpu:", "each trial asks for 64 GPU but this machine has", "resources.gpu: 0"],
+    ),
+]
+
+
+RUN_CASES = [  # validation errors `run` reports the same way, and the run-only ones
+    *[c for c in CASES if c[0] in ("zero-seeds", "unknown-level-value", "cell-incompatible")],
+    *[c for c in CASES if c[0] in ("duplicate-factor", "not-utf8", "alias-bomb", "huge-seeds")],
+    *[c for c in CASES if c[0] == "tracking-uri-unknown-scheme"],
+    *[(name, edit(change), fragments) for name, change, fragments in RUN_ONLY],
+]
+
+
+@pytest.mark.parametrize(("text", "fragments"), [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_run_with_a_bad_study_launches_and_writes_nothing(tmp_path, text, fragments):
+    path = write(tmp_path, text)
     result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+def test_run_checks_a_tracking_uri_given_on_the_command_line(tmp_path):
+    path = write(tmp_path, VALID)
+    result = CliRunner().invoke(app, ["run", str(path), "--tracking-uri", "bogus://nowhere"])
     assert result.exit_code == 2
+    assert "--tracking-uri: MLflow cannot store runs" in " ".join(result.stderr.split())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
 
 
@@ -302,3 +475,24 @@ def test_shipped_studies_validate():
     for path in studies:
         result = CliRunner().invoke(app, ["validate", str(path)])
         assert result.exit_code == 0, (path, result.output)
+
+
+def test_version():
+    from importlib import metadata
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"ablate {metadata.version('ablate')}"
+
+
+def test_quickstart_ships_the_repository_study_and_keeps_a_users_edits(tmp_path):
+    from importlib import resources
+    from pathlib import Path
+
+    shipped = (resources.files("ablate") / "studies" / "quickstart.yaml").read_text()
+    assert shipped == (Path(__file__).parent.parent / "studies" / "quickstart.yaml").read_text()
+    (tmp_path / "quickstart.yaml").write_text(shipped.replace("seeds: 2", "seeds: 3"))
+    result = CliRunner().invoke(app, ["quickstart", "--dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "differs from the shipped quickstart" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart.yaml"]  # nothing run, nothing written

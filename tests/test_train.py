@@ -131,9 +131,9 @@ def test_unknown_key_and_bad_type_are_named():
         from_dict(RunConfig, {"model": {"metrik": "rbf"}})
     with pytest.raises(ConfigError, match=r"train\.batch_size: expected int"):
         from_dict(RunConfig, {"train": {"batch_size": "many"}})
-    with pytest.raises(ConfigError, match=r"model: metric='dot'"):
+    with pytest.raises(ConfigError, match=r"model\.metric: metric='dot'"):
         from_dict(RunConfig, {"model": {"metric": "dot"}})
-    with pytest.raises(ConfigError, match=r"train: loss='fast'"):
+    with pytest.raises(ConfigError, match=r"train\.loss: loss='fast'"):
         from_dict(RunConfig, {"train": {"loss": "fast"}})
     with pytest.raises(ConfigError, match="cuda_graphs needs compile"):
         from_dict(RunConfig, {"train": {"cuda_graphs": True}})
