@@ -44,7 +44,7 @@ def _joined(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
 
 
 def main_effects_figure(effects: pd.DataFrame, response: str) -> Figure:
-    """Marginal mean of each level with its 95% seed-bootstrap interval, one panel per factor."""
+    """Marginal mean of each level with its 95% t interval, one panel per factor."""
     data = effects.assign(panel=[_panel(row) for row in effects.itertuples()])
     grid = sns.FacetGrid(data, col="panel", col_wrap=min(4, data["panel"].nunique()), sharex=False, height=3)
 
