@@ -339,7 +339,7 @@ def greenhouse_geisser(cross_products: np.ndarray) -> float:
 
 def _orthonormal_rows(rows: np.ndarray) -> np.ndarray:
     # an orthonormal basis of the row space (the hypothesis), rank-revealing
-    u, singular, vt = np.linalg.svd(rows, full_matrices=False)
+    _, singular, vt = np.linalg.svd(rows, full_matrices=False)
     rank = int((singular > singular.max(initial=0.0) * 1e-10).sum())
     return vt[:rank]
 

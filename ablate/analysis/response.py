@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ablate.analysis.anova import AnovaFit, fit_anova, frame_cells, term_statistics
+from ablate.analysis.anova import AnovaFit, fit_anova, term_statistics
 from ablate.analysis.cells import CellTable
 from ablate.analysis.design import Design
 from ablate.analysis.effects import main_effects
