@@ -94,6 +94,7 @@ class CellTable:
         self.factors = tuple(factors)
         self.response = response
         self.cells = cells[list(self.factors)].drop_duplicates().reset_index(drop=True)
+        self._columns = {name: self.cells[name].to_numpy() for name in self.factors}
         keys = {tuple(row): i for i, row in enumerate(self.cells.itertuples(index=False, name=None))}
         rows = data[list(self.factors)].itertuples(index=False, name=None)
         cell_of_trial = np.array([keys[row] for row in rows], dtype=int)
@@ -151,7 +152,7 @@ class CellTable:
         match = np.ones(len(self.cells), dtype=bool)
         for factor, level in spec.items():
             if factor in self.factors:
-                match &= (self.cells[factor] == level).to_numpy()
+                match &= self._columns[factor] == level
         if not match.any():
             raise ValueError(f"no cell matches {cell_label(spec)}")
         return match / match.sum()
@@ -313,12 +314,14 @@ def factorial_strata(cells: pd.DataFrame, factors: Sequence[str]) -> dict[tuple[
     """Orthonormal contrast rows per term (main effects, then interactions by order) that together span
     every contrast of the cells. In a crossed design they are the classic ANOVA terms; where conditional
     factors break the crossing, each term keeps what the lower-order terms do not already explain."""
+    factors = list(factors)
     spanned = np.full((len(cells), 1), 1.0 / np.sqrt(len(cells)))
+    codes = np.column_stack([pd.factorize(cells[name])[0] for name in factors])
     bases = {}
     for size in range(1, len(factors) + 1):
         for term in itertools.combinations(factors, size):
-            groups = cells.groupby(list(term), sort=False).ngroup().to_numpy()
-            indicator = np.eye(groups.max() + 1)[groups]  # (n_cells, n_groups)
+            _, groups = np.unique(codes[:, [factors.index(name) for name in term]], axis=0, return_inverse=True)
+            indicator = np.eye(groups.max() + 1)[groups.ravel()]  # (n_cells, n_groups)
             rest = indicator - spanned @ (spanned.T @ indicator)
             u, singular, _ = np.linalg.svd(rest, full_matrices=False)
             rank = int((singular > 1e-9 * max(1.0, singular.max(initial=0.0))).sum())
@@ -352,19 +355,9 @@ def _t_summary(
         t = estimate / se
         p = 2.0 * stats.t.sf(np.abs(t), df)
         half = stats.t.ppf(0.5 + confidence / 2.0, df) * se
-    frame = pd.DataFrame(
-        {
-            "estimate": estimate,
-            "ci_low": estimate - half,
-            "ci_high": estimate + half,
-            "se": se,
-            "df": df,
-            "t": t,
-            "p": p,
-        }
-    )
-    frame.loc[~estimable, :] = np.nan
+    low, high = estimate - half, estimate + half
     exact = estimable & (se == 0)  # a contrast the data pin exactly (e.g. identical cells)
-    frame.loc[exact, ["ci_low", "ci_high"]] = estimate[exact, None]
-    frame.loc[exact, ["t", "p"]] = np.nan
-    return frame
+    low, high = np.where(exact, estimate, low), np.where(exact, estimate, high)
+    t, p = np.where(exact, np.nan, t), np.where(exact, np.nan, p)
+    columns = {"estimate": estimate, "ci_low": low, "ci_high": high, "se": se, "df": df, "t": t, "p": p}
+    return pd.DataFrame({name: np.where(estimable, values, np.nan) for name, values in columns.items()})

@@ -90,12 +90,11 @@ def cell_tests(
     present = trials > 0
     observed = stats.hypergeom.sf(diverged - 1, total, total_diverged, trials)
     cell_of_trial = np.repeat(np.arange(len(trials)), trials.astype(int))
-    smallest = np.empty(n_permutations)
-    for b in range(n_permutations):
-        chosen = rng.choice(total, size=total_diverged, replace=False)
-        counts = np.bincount(cell_of_trial[chosen], minlength=len(trials))
-        smallest[b] = stats.hypergeom.sf(counts - 1, total, total_diverged, trials)[present].min()
-    smallest.sort()
+    chosen = np.argpartition(rng.random((n_permutations, total)), total_diverged - 1, axis=1)[:, :total_diverged]
+    counts = np.zeros((n_permutations, len(trials)))
+    np.add.at(counts, (np.repeat(np.arange(n_permutations), total_diverged), cell_of_trial[chosen].ravel()), 1.0)
+    tails = stats.hypergeom.sf(counts - 1, total, total_diverged, trials[None, :])
+    smallest = np.sort(tails[:, present].min(axis=1))
     at_or_below = np.searchsorted(smallest, observed[present] * (1 + 1e-12), side="right")
     p[present] = (at_or_below + 1) / (n_permutations + 1)
     return p

@@ -78,7 +78,8 @@ def _run(table, design, parsed, response, secondary, method, vocab_size, seed) -
     primary = analyze_response(table, frames, design, response, method, ALPHA)
     full = CellTable(usable(table, response), design.factors, response, design.cells(), seeds)
     _share_pooled_error(full, primary)
-    comparisons = [decompose(c, design, full, cell_reasons(table, design)) for c in parsed]
+    reasons = cell_reasons(table, design)
+    comparisons = [decompose(c, design, full, reasons) for c in parsed]
     divergence = analyze_divergence(table, frames, design, response, vocab_size, method, ALPHA, seed)
     adjust_claims(primary.anova, comparisons, divergence, method, ALPHA)
     return StudyAnalysis(
@@ -92,7 +93,7 @@ def _run(table, design, parsed, response, secondary, method, vocab_size, seed) -
         trials=table,
         frames=_frames_table(table, frames, response),
         primary=primary,
-        cell_means=_cell_means(full, table, design),
+        cell_means=_cell_means(full, reasons),
         interactions=_interactions(primary, frames),
         simple_effects=_simple_effects(primary, design, method),
         comparisons=comparisons,
@@ -116,14 +117,15 @@ def _share_pooled_error(full: CellTable, primary: ResponseAnalysis) -> None:
 def cell_reasons(table: pd.DataFrame, design: Design) -> dict[str, str]:
     """Cell label -> why it has no usable trials ('all 5 trials diverged', 'no trials', ...)."""
     reasons = {}
-    counts = {
-        key if isinstance(key, tuple) else (key,): group["status"].value_counts()
-        for key, group in table.groupby(list(design.factors))
-    }
+    keys = zip(*(table[name] for name in design.factors), table["status"], strict=True)
+    counts: dict[tuple, dict[str, int]] = {}
+    for *cell_key, status in keys:
+        tally = counts.setdefault(tuple(cell_key), {})
+        tally[status] = tally.get(status, 0) + 1
     for cell in design.cells().to_dict("records"):
-        row = counts.get(tuple(cell[name] for name in design.factors), pd.Series(dtype=int))
-        finished = int(row.get("finished", 0))
-        diverged, failed = int(row.get("diverged", 0)), int(row.get("failed", 0))
+        row = counts.get(tuple(cell[name] for name in design.factors), {})
+        finished = row.get("finished", 0)
+        diverged, failed = row.get("diverged", 0), row.get("failed", 0)
         total = finished + diverged + failed
         if total == 0:
             reasons[cell_label(cell)] = "no trials"
@@ -190,11 +192,10 @@ def _frames_table(table: pd.DataFrame, frames: Sequence[Frame], response: str) -
     return pd.DataFrame(rows)
 
 
-def _cell_means(full: CellTable, table: pd.DataFrame, design: Design) -> pd.DataFrame:
+def _cell_means(full: CellTable, reasons: Mapping[str, str]) -> pd.DataFrame:
     summary = full.summarise(np.eye(len(full.cells)))[["estimate", "ci_low", "ci_high"]]
     cells = full.cells.copy()
     cells["n"] = full.n.astype(int)
-    reasons = cell_reasons(table, design)
     cells["note"] = [
         "" if n else f"not estimable: {reasons.get(label, 'no usable trials')}"
         for n, label in zip(cells["n"], full.labels(), strict=True)

@@ -328,7 +328,7 @@ def _divergence_lines(analysis: StudyAnalysis) -> list[str]:
     ]
     if len(lines) == 1:
         smallest = f"; smallest adjusted p {p_text(min(quiet))}" if quiet else ""
-        lines.append(f"No factor or cell changes the divergence rate detectably{smallest}.")
+        lines.append(f"No factor or cell shows a detectable difference in divergence rate{smallest}.")
     lines.append(
         "Loss verdicts use finished trials only; a reanalysis with diverged runs capped at ln(vocab) is "
         "shown under Divergence for reference."
