@@ -311,13 +311,13 @@ class Stratum:
 
 
 def factorial_strata(cells: pd.DataFrame, factors: Sequence[str]) -> dict[tuple[str, ...], np.ndarray]:
-    """Orthonormal contrast rows per term (main effects, then interactions by order) that together span
-    every contrast of the cells. In a crossed design they are the classic ANOVA terms; where conditional
+    """Orthonormal rows per term (the grand mean, main effects, then interactions by order) that together
+    span every linear function of the cell means. In a crossed design they are the classic ANOVA terms; where conditional
     factors break the crossing, each term keeps what the lower-order terms do not already explain."""
     factors = list(factors)
     spanned = np.full((len(cells), 1), 1.0 / np.sqrt(len(cells)))
     codes = np.column_stack([pd.factorize(cells[name])[0] for name in factors])
-    bases = {}
+    bases = {(): spanned.T.copy()}  # the grand mean: its error is the seed-to-seed variation
     for size in range(1, len(factors) + 1):
         for term in itertools.combinations(factors, size):
             _, groups = np.unique(codes[:, [factors.index(name) for name in term]], axis=0, return_inverse=True)
