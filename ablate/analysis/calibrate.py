@@ -89,7 +89,12 @@ class Scenario:
 
 
 CROSSOVER_3 = {
-    ("metric", "registers"): {("rbf", "0"): 0.02, ("rbf", "1"): -0.02, ("sdpa", "0"): -0.02, ("sdpa", "1"): 0.02}
+    ("metric", "registers"): {
+        ("rbf", "0"): 0.02,
+        ("rbf", "1"): -0.02,
+        ("sdpa", "0"): -0.02,
+        ("sdpa", "1"): 0.02,
+    }
 }
 CROSSOVER_5 = {
     ("metric", "register_init"): {
@@ -118,10 +123,22 @@ SCENARIOS = (
         planted_terms=("position", "metric:register_init"),
         described=("metric", "register_init"),
     ),
-    Scenario("null, one level at 3x variance, 3 seeds", FULL_FACTORIAL, {"level_variance": {("position", "none"): 3.0}}),
-    Scenario("null, one level at 3x variance, 5 seeds", SEED_REPLICATION, {"level_variance": {("position", "susie"): 3.0}}),
-    Scenario("null, seed x metric effect = noise, 3 seeds", FULL_FACTORIAL, {"seed_factor_sd": {"metric": 0.01}}),
-    Scenario("null, seed x metric effect = noise, 5 seeds", SEED_REPLICATION, {"seed_factor_sd": {"metric": 0.01}}),
+    Scenario(
+        "null, one level at 3x variance, 3 seeds",
+        FULL_FACTORIAL,
+        {"level_variance": {("position", "none"): 3.0}},
+    ),
+    Scenario(
+        "null, one level at 3x variance, 5 seeds",
+        SEED_REPLICATION,
+        {"level_variance": {("position", "susie"): 3.0}},
+    ),
+    Scenario(
+        "null, seed x metric effect = noise, 3 seeds", FULL_FACTORIAL, {"seed_factor_sd": {"metric": 0.01}}
+    ),
+    Scenario(
+        "null, seed x metric effect = noise, 5 seeds", SEED_REPLICATION, {"seed_factor_sd": {"metric": 0.01}}
+    ),
     Scenario("null, 10% trials failed, 3 seeds", FULL_FACTORIAL, {"failed_rate": 0.10}),
     Scenario("null loss, one cell fully diverged, 3 seeds", FULL_FACTORIAL, {"dead_cells": DEAD_CELL}),
     Scenario("null, 5% diverged at random, 3 seeds", FULL_FACTORIAL, {"divergence_rate": 0.05}),
@@ -174,7 +191,11 @@ def truth_of(scenario: Scenario) -> Truth:
         if np.abs(term_basis(table.cells, factors, term) @ table.means).max() < TOLERANCE
     }
     rates = np.array([study.divergence_probability(cell) for cell in table.cells.to_dict("records")])
-    cells = {tuple(row) for row, rate in zip(table.cells.itertuples(index=False), rates, strict=True) if rate > rates.min()}
+    cells = {
+        tuple(row)
+        for row, rate in zip(table.cells.itertuples(index=False), rates, strict=True)
+        if rate > rates.min()
+    }
     divergent_factors = {
         name for name in factors if table.cells.assign(rate=rates).groupby(name)["rate"].mean().nunique() > 1
     }
@@ -226,12 +247,19 @@ def score(scenario: Scenario, truth: Truth, seed: int) -> dict:
         "covered": covered,
         "intervals": intervals,
         **{f"power {term}": term in significant for term in scenario.planted_terms},
-        **{f"'depends on' for {name}": any(line.startswith(f"{name}: its effect depends on") for line in claims) for name in scenario.described},
+        **{
+            f"'depends on' for {name}": any(
+                line.startswith(f"{name}: its effect depends on") for line in claims
+            )
+            for name in scenario.described
+        },
     }
 
 
 def _effect_coverage(effects: pd.DataFrame, truth: pd.DataFrame) -> tuple[int, int]:
-    joined = effects[effects["level"] != effects["reference"]].merge(truth, on=["factor", "level"], suffixes=("", "_true"))
+    joined = effects[effects["level"] != effects["reference"]].merge(
+        truth, on=["factor", "level"], suffixes=("", "_true")
+    )
     inside = (joined["diff_vs_reference_ci_low"] <= joined["diff_vs_reference_true"] + TOLERANCE) & (
         joined["diff_vs_reference_true"] - TOLERANCE <= joined["diff_vs_reference_ci_high"]
     )

@@ -320,7 +320,9 @@ def factorial_strata(cells: pd.DataFrame, factors: Sequence[str]) -> dict[tuple[
     bases = {(): spanned.T.copy()}  # the grand mean: its error is the seed-to-seed variation
     for size in range(1, len(factors) + 1):
         for term in itertools.combinations(factors, size):
-            _, groups = np.unique(codes[:, [factors.index(name) for name in term]], axis=0, return_inverse=True)
+            _, groups = np.unique(
+                codes[:, [factors.index(name) for name in term]], axis=0, return_inverse=True
+            )
             indicator = np.eye(groups.max() + 1)[groups.ravel()]  # (n_cells, n_groups)
             rest = indicator - spanned @ (spanned.T @ indicator)
             u, singular, _ = np.linalg.svd(rest, full_matrices=False)

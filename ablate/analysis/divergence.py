@@ -90,9 +90,13 @@ def cell_tests(
     present = trials > 0
     observed = stats.hypergeom.sf(diverged - 1, total, total_diverged, trials)
     cell_of_trial = np.repeat(np.arange(len(trials)), trials.astype(int))
-    chosen = np.argpartition(rng.random((n_permutations, total)), total_diverged - 1, axis=1)[:, :total_diverged]
+    chosen = np.argpartition(rng.random((n_permutations, total)), total_diverged - 1, axis=1)[
+        :, :total_diverged
+    ]
     counts = np.zeros((n_permutations, len(trials)))
-    np.add.at(counts, (np.repeat(np.arange(n_permutations), total_diverged), cell_of_trial[chosen].ravel()), 1.0)
+    np.add.at(
+        counts, (np.repeat(np.arange(n_permutations), total_diverged), cell_of_trial[chosen].ravel()), 1.0
+    )
     tails = stats.hypergeom.sf(counts - 1, total, total_diverged, trials[None, :])
     smallest = np.sort(tails[:, present].min(axis=1))
     at_or_below = np.searchsorted(smallest, observed[present] * (1 + 1e-12), side="right")
