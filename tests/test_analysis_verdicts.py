@@ -148,7 +148,7 @@ def test_pure_crossover_is_described_as_an_interaction_with_its_simple_effects()
         simulate_trials(study, 5, np.random.default_rng(7)), ["metric", "position"], "val_loss"
     )
     lines = sections_of(analysis)
-    metric = [line for line in lines["Factors"] if line.startswith("metric:")][0]
+    metric = next(line for line in lines["Factors"] if line.startswith("metric:"))
     assert metric.startswith("metric: its effect depends on position")
     index = lines["Factors"].index(metric)
     simple = " ".join(lines["Factors"][index + 1 : index + 3])
