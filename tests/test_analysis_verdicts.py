@@ -96,8 +96,8 @@ def test_share_words_follow_the_signs():
             "share": 0.8,
         }
     )
-    line = share_line(row, total, 0.05, "nats")
-    assert "works against" not in line and line.startswith("registers lowers the nats")
+    line = share_line(row, total, 0.05, "nats", "val_loss")
+    assert "works against" not in line and line.startswith("registers lowers the val_loss")
     significant_total = pd.Series({"estimate": -0.010, "p_adj": 0.001})
     more = row.copy()
     more["share"], more["estimate"] = 1.12, -0.0112

@@ -98,6 +98,8 @@ def anova_display(anova: pd.DataFrame) -> pd.DataFrame:
         "frame",
         "term",
         "df",
+        "df_resid",
+        "error",
         "F",
         "p",
         "p_adj",
@@ -106,7 +108,7 @@ def anova_display(anova: pd.DataFrame) -> pd.DataFrame:
         "share",
         "significant",
     ]
-    shown = anova[columns].copy()
+    shown = anova[columns].rename(columns={"df_resid": "df error", "error": "error term"})
     shown["MDE (80% power)"] = [
         "" if row.significant else f"{row.mde:.3g} ({row.mde_measures})" for row in anova.itertuples()
     ]
@@ -117,7 +119,11 @@ def _anova_section(analysis: StudyAnalysis) -> Section:
     anova = analysis.primary.anova
     if anova.empty:
         return Section("ANOVA", ["No ANOVA could be fitted; see the notes."])
-    text = "Terms that are not significant show the smallest effect the study would detect with 80% power."
+    text = (
+        "Each term is tested against its error term (its seed interaction with two or more seeds). p_adj "
+        "is adjusted across every claim of the verdict. Terms that are not significant show the smallest "
+        "effect the study would detect with 80% power."
+    )
     return Section(f"ANOVA of {analysis.response}", [Table(anova_display(anova)), text])
 
 

@@ -243,9 +243,12 @@ def _comparison_lines(analysis: StudyAnalysis, result: ComparisonResult) -> list
         return [f"{result.name}: not estimable; missing cells: {'; '.join(result.missing_cells)}."]
     total = result.total.iloc[0]
     significant = total["p_adj"] < analysis.alpha
+    excludes_zero = total["ci_low"] > 0 or total["ci_high"] < 0
     verdict = (
         f"the target's {analysis.response} is {'lower' if total['estimate'] < 0 else 'higher'}"
         if significant
+        else f"not significant once adjusted for every claim (unadjusted p {p_text(total['p'])})"
+        if excludes_zero
         else "no detectable difference"
     )
     lines = [
@@ -258,12 +261,12 @@ def _comparison_lines(analysis: StudyAnalysis, result: ComparisonResult) -> list
         lines.append(f"  Shapley values not estimable: they need {'; '.join(result.missing_cells)}.")
         return lines
     for row in result.shapley.itertuples():
-        lines.append("  " + share_line(row, total, analysis.alpha, unit))
+        lines.append("  " + share_line(row, total, analysis.alpha, unit, analysis.response))
     lines.extend("  " + line for line in _order_lines(result, analysis.alpha, unit))
     return lines
 
 
-def share_line(row, total: pd.Series, alpha: float, unit: str) -> str:
+def share_line(row, total: pd.Series, alpha: float, unit: str, response: str = "response") -> str:
     """One player's Shapley value in words: a share only when it and the total agree in sign."""
     figures = f"{amount(row.estimate, row.ci_low, row.ci_high, unit)} (adjusted p {p_text(row.p_adj)})"
     player = f"Shapley value of {row.player}"
@@ -283,7 +286,7 @@ def share_line(row, total: pd.Series, alpha: float, unit: str) -> str:
     if total_significant:
         return f"{row.player} works against the difference: {figures}."
     direction = "lowers the" if row.estimate < 0 else "raises the"
-    return f"{row.player} {direction} {unit or 'response'} along this comparison: {figures}."
+    return f"{row.player} {direction} {response} along this comparison: {figures}."
 
 
 def _order_lines(result: ComparisonResult, alpha: float, unit: str) -> list[str]:
