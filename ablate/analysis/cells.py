@@ -234,13 +234,17 @@ class CellTable:
         return _t_summary(estimate, variance, df, estimable, confidence)
 
     def _stratified_variance(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # var(w'mu) = sum_T ||B_T w||^2 MS_T / S_eff; Satterthwaite df
-        effective = self.n_seeds * float(self.observed.mean())
+        # var(w'mu) = sum_T ||B_T w||^2 MS_T * sum_c(w_c^2 / n_c) / sum_c(w_c^2), with n_c the seeds
+        # observed in cell c (S for a predicted cell); Satterthwaite df
+        seeds_seen = self.observed.sum(axis=1)
+        per_cell = np.where(seeds_seen > 0, seeds_seen, self.n_seeds)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inverse = (rows**2 / per_cell[None, :]).sum(axis=1) / (rows**2).sum(axis=1)
         strata = list(self.strata.values())
         loads = np.array([((stratum.basis @ rows.T) ** 2).sum(axis=0) for stratum in strata])  # (T, k)
         ms = np.array([stratum.ms for stratum in strata])[:, None]
         dfs = np.array([stratum.df for stratum in strata])[:, None]
-        parts = loads * ms / effective
+        parts = loads * ms * inverse[None, :]
         variance = parts.sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             df = variance**2 / (parts**2 / dfs).sum(axis=0)

@@ -217,7 +217,7 @@ def _interaction_lines(analysis: StudyAnalysis) -> list[str]:
     if not quiet.empty:
         other = "other " if lines else ""
         lines.append(
-            f"No {other}interaction is detectable ({len(quiet)} terms, smallest adjusted p "
+            f"No {other}interaction is detectable ({len(quiet)} term{'s' if len(quiet) != 1 else ''}, smallest adjusted p "
             f"{p_text(quiet['p_adj'].min())}; MDE up to {amount(quiet['mde'].max(), signed=False)} "
             f"{unit_of(analysis.response)})."
         )
