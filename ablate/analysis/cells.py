@@ -240,6 +240,7 @@ class CellTable:
         per_cell = np.where(seeds_seen > 0, seeds_seen, self.n_seeds)
         with np.errstate(invalid="ignore", divide="ignore"):
             inverse = (rows**2 / per_cell[None, :]).sum(axis=1) / (rows**2).sum(axis=1)
+        inverse = np.nan_to_num(inverse)  # an all-zero row (a level against itself) has variance 0
         strata = list(self.strata.values())
         loads = np.array([((stratum.basis @ rows.T) ** 2).sum(axis=0) for stratum in strata])  # (T, k)
         ms = np.array([stratum.ms for stratum in strata])[:, None]
