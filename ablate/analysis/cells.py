@@ -95,6 +95,7 @@ class CellTable:
         self.response = response
         self.cells = cells[list(self.factors)].drop_duplicates().reset_index(drop=True)
         self._columns = {name: self.cells[name].to_numpy() for name in self.factors}
+        self._labels: list[str] | None = None
         keys = {tuple(row): i for i, row in enumerate(self.cells.itertuples(index=False, name=None))}
         rows = data[list(self.factors)].itertuples(index=False, name=None)
         cell_of_trial = np.array([keys[row] for row in rows], dtype=int)
@@ -145,7 +146,9 @@ class CellTable:
         return ~np.isfinite(self.mu)
 
     def labels(self) -> list[str]:
-        return [cell_label(row) for row in self.cells.to_dict("records")]
+        if self._labels is None:
+            self._labels = [cell_label(row) for row in self.cells.to_dict("records")]
+        return self._labels
 
     def weights(self, spec: Mapping[str, str]) -> np.ndarray:
         """Equal weights over the cells matching `spec` (a partial assignment); zero elsewhere."""
@@ -159,9 +162,8 @@ class CellTable:
 
     def empty_cells(self, weights: np.ndarray) -> list[str]:
         """Labels of the cells a contrast needs that have no usable trials (and were not predicted)."""
-        needed = (np.abs(np.atleast_2d(weights)).sum(axis=0) > 0) & self.unknown
-        labels = self.labels()
-        return [labels[i] for i in np.flatnonzero(needed)]
+        needed = np.flatnonzero((np.abs(np.atleast_2d(weights)).sum(axis=0) > 0) & self.unknown)
+        return [self.labels()[i] for i in needed] if len(needed) else []
 
     def predict_cells(self, cells: Sequence[int], means: Sequence[float]) -> None:
         """Give cells without trials model-predicted means (they then count as fully imputed)."""
@@ -206,7 +208,11 @@ class CellTable:
 
     def estimate(self, weights: np.ndarray) -> np.ndarray:
         """Point estimates of contrasts of shape (n_cells,) or (k, n_cells); NaN where not estimable."""
-        return self.summarise(weights)["estimate"].to_numpy().reshape(np.shape(weights)[:-1])
+        rows = np.atleast_2d(np.asarray(weights, dtype=float))
+        needed = np.abs(rows) > 0
+        values = np.where(needed, rows, 0.0) @ np.nan_to_num(self.mu)
+        values[(needed & self.unknown[None, :]).any(axis=1)] = np.nan
+        return values.reshape(np.shape(weights)[:-1])
 
     def _observed_fraction(self, rows: np.ndarray) -> np.ndarray:
         magnitude = np.abs(rows)
