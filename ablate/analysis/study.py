@@ -246,8 +246,9 @@ def _notes(
         )
     elif n_seeds < FEW_SEEDS:
         notes.append(
-            f"only {n_seeds} seeds: each term's error (its seed interaction) has {n_seeds - 1} degrees of "
-            "freedom per contrast, so intervals are wide and small effects go undetected; add seeds for power"
+            f"only {n_seeds} seeds: each term's error (its seed interaction) has {n_seeds - 1} "
+            f"degree{'s' if n_seeds > 2 else ''} of freedom per contrast, so intervals are wide and small "
+            "effects go undetected; add seeds for power"
         )
     for name in [response, *secondary]:
         missing = int(((table["status"] == "finished") & table[name].isna()).sum())

@@ -37,7 +37,7 @@ CLAIM_WORDS = (
 def p_text(p: float) -> str:
     if not math.isfinite(p):
         return "n/a"
-    return "< 0.001" if p < 0.001 else f"= {p:.2g}" if p < 0.01 else f"= {p:.2f}"
+    return "< 0.001" if p < 0.001 else f"= {p:.2g}" if p < 0.1 else f"= {p:.2f}"
 
 
 def amount(
