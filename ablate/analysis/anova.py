@@ -161,15 +161,14 @@ def _term_row(table: CellTable, term: tuple[str, ...]) -> dict:
         df_error = k * (table.n_seeds - 1) * fraction
         ms_error = float((deviations**2).sum() / df_error)
         ss = table.n_seeds * fraction * float(mean @ mean)
-        epsilon = 1.0
         error = f"{' x '.join(term)} x seed"
     else:
         df_error, ms_error = table.error.df, table.error.mse
         ss = table.n_seeds * float(mean @ mean)
-        epsilon, error = 1.0, "highest-order interaction"
+        error = "highest-order interaction"
     with np.errstate(invalid="ignore", divide="ignore"):
         f_value = (ss / k) / ms_error
-        p = float(stats.f.sf(f_value, epsilon * k, epsilon * df_error)) if df_error > 0 else math.nan
+        p = float(stats.f.sf(f_value, k, df_error)) if df_error > 0 else math.nan
     return {
         "df": float(k),
         "sum_sq": ss,
@@ -177,7 +176,6 @@ def _term_row(table: CellTable, term: tuple[str, ...]) -> dict:
         "p": p,
         "df_error": df_error,
         "ms_error": ms_error,
-        "epsilon": epsilon,
         "error": error,
     }
 
@@ -211,7 +209,6 @@ def term_statistics(fit: AnovaFit) -> pd.DataFrame:
                 "mde": mde,
                 "mde_measures": meaning,
                 "df_resid": df_error,
-                "epsilon": row["epsilon"],
                 "error": row["error"],
                 "n_trials": fit.n,
                 "anova_type": fit.typ,

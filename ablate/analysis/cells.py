@@ -6,18 +6,21 @@ ablation-path steps, simple effects) is a linear contrast: a weight vector w ove
 cell x seed table y[c, s] (the mean when a cell holds several trials of one seed).
 
 Split-plot model (the default with two or more seeds): each seed gives its own value of the contrast,
-v_s = sum_c w_c y[c, s]. The estimate is the mean of v_s over seeds (the seed-adjusted contrast: seed
-offsets cancel because the weights of a contrast sum to zero), and its standard error, t test and 95%
-interval come from the spread of v_s with S - 1 degrees of freedom: the contrast's own seed interaction
-is its error term. This stays valid when seeds differ in how much a factor helps (seed x factor random
-effects) and when levels differ in variance, because no variance is pooled across contrasts.
+v_s = sum_c w_c y[c, s]; the estimate is their mean (the seed-adjusted contrast: seed offsets cancel
+because a contrast's weights sum to zero). The cell space is split into terms (the grand mean, main
+effects, interactions; `factorial_strata`), and each term's error is its own seed interaction
+(term x seed): its mean square MS_T with (df_T)(S - 1) degrees of freedom. A contrast's variance is
+sum_T ||B_T w||^2 MS_T / S (B_T: the term's orthonormal rows), with Satterthwaite degrees of freedom,
+and its t test and 95% interval use them. Because no variance is pooled across terms, this stays valid
+when seeds differ in how much a factor helps (seed x factor random effects) and, to a good
+approximation, when levels differ in variance (see `ablate.analysis.calibrate`).
 
-Pooled model (one seed, or on request): one error mean square for every contrast (see `Error`).
+Pooled model (one seed): one error mean square for every contrast (see `Error`).
 
 Missing values: a (cell, seed) without a usable trial is filled from the additive model
-cell + seed fitted to the observed values, and the error degrees of freedom and the effective number
-of seeds shrink by the observed fraction of the entries a contrast uses (the Yates approach for
-missing values in blocked designs). A cell without any usable trial is unknown: a contrast that needs
+cell + seed fitted to the observed values (the Yates approach for missing values in blocked designs);
+each term's error df shrink by the observed fraction, and a contrast's variance counts, per cell, the
+seeds observed there. A cell without any usable trial is unknown: a contrast that needs
 it is not estimable, unless the caller predicts the cell (`predict_cells`, used by factorial frames
 under a model without the highest-order interaction).
 """
@@ -46,12 +49,6 @@ class Error:
     kind: str = SPLIT_PLOT
     mse: float = float("nan")
     df: float = float("nan")
-
-
-def seeds_are_blocks(seeds: pd.Series, cells: pd.Series) -> bool:
-    """Seed works as a block when there are several seeds and each one spans two or more cells."""
-    per_seed = pd.DataFrame({"seed": seeds, "cell": cells}).groupby("seed")["cell"].nunique()
-    return len(per_seed) > 1 and bool((per_seed >= 2).all())
 
 
 def additive_fit(
@@ -214,25 +211,14 @@ class CellTable:
         values[(needed & self.unknown[None, :]).any(axis=1)] = np.nan
         return values.reshape(np.shape(weights)[:-1])
 
-    def _observed_fraction(self, rows: np.ndarray) -> np.ndarray:
-        magnitude = np.abs(rows)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (magnitude @ self.observed.sum(axis=1)) / (magnitude.sum(axis=1) * self.n_seeds)
-
     def summarise(self, weights: np.ndarray, confidence: float = CONFIDENCE) -> pd.DataFrame:
         """Per contrast row: estimate, se, df, t, p and the t interval (NaN where not estimable)."""
         rows = np.atleast_2d(np.asarray(weights, dtype=float))
         estimable = ~((np.abs(rows) > 0) & self.unknown[None, :]).any(axis=1)
         per_seed = np.where(np.abs(rows) > 0, rows, 0.0) @ np.nan_to_num(self.filled)  # (k, S)
         estimate = per_seed.mean(axis=1)
-        fraction = self._observed_fraction(rows)
-        if self.error.kind == SPLIT_PLOT and self.strata:
+        if self.error.kind == SPLIT_PLOT:
             variance, df = self._stratified_variance(rows)
-        elif self.error.kind == SPLIT_PLOT:
-            spread = ((per_seed - estimate[:, None]) ** 2).sum(axis=1)
-            df = (self.n_seeds - 1) * fraction
-            with np.errstate(invalid="ignore", divide="ignore"):
-                variance = spread / df / (self.n_seeds * fraction)
         else:
             df = np.full(len(rows), self.error.df)
             per_cell = np.maximum(self.n, 1.0)
@@ -258,10 +244,8 @@ class CellTable:
         return variance, df
 
     def f_test(self, weights: np.ndarray) -> tuple[float, float, float, float]:
-        """F, numerator df, denominator df and p for the joint null of the contrast rows.
-
-        Split-plot: the rows' own seed interaction is the error, with the Greenhouse-Geisser correction
-        of both df for unequal variances and correlations among the rows (epsilon from the seeds)."""
+        """F, numerator df, denominator df and p for the joint null of the contrast rows (split-plot: a
+        Wald F with the stratified covariance, Satterthwaite denominator df)."""
         rows = np.atleast_2d(np.asarray(weights, dtype=float))
         if self.empty_cells(rows):
             return (np.nan, np.nan, np.nan, np.nan)
@@ -271,24 +255,13 @@ class CellTable:
             return (np.nan, np.nan, np.nan, np.nan)
         per_seed = basis @ np.nan_to_num(self.filled)  # (k, S)
         mean = per_seed.mean(axis=1)
-        if self.error.kind == SPLIT_PLOT and self.strata:
-            return self._stratified_f(basis, mean)
         if self.error.kind == SPLIT_PLOT:
-            fraction = float(self._observed_fraction(np.abs(basis).sum(axis=0, keepdims=True))[0])
-            deviations = per_seed - mean[:, None]
-            df_error = k * (self.n_seeds - 1) * fraction
-            error = float((deviations**2).sum()) / df_error if df_error > 0 else np.nan
-            hypothesis = self.n_seeds * fraction * float(mean @ mean) / k
-            epsilon = greenhouse_geisser(deviations @ deviations.T)
-        else:
-            df_error, error = self.error.df, self.error.mse
-            hypothesis = self.n_seeds * float(mean @ mean) / k
-            epsilon = 1.0
+            return self._stratified_f(basis, mean)
+        df_error, error = self.error.df, self.error.mse
         if not (df_error > 0 and error > 0):
             return (np.nan, float(k), float(df_error), np.nan)
-        f_value = hypothesis / error
-        p = float(stats.f.sf(f_value, epsilon * k, epsilon * df_error))
-        return (float(f_value), float(epsilon * k), float(epsilon * df_error), p)
+        f_value = self.n_seeds * float(mean @ mean) / k / error
+        return (float(f_value), float(k), float(df_error), float(stats.f.sf(f_value, k, df_error)))
 
     def _stratified_f(self, basis: np.ndarray, mean: np.ndarray) -> tuple[float, float, float, float]:
         # Wald F with the stratified covariance; denominator df by Satterthwaite on its trace
@@ -342,15 +315,6 @@ def factorial_strata(cells: pd.DataFrame, factors: Sequence[str]) -> dict[tuple[
                 bases[term] = u[:, :rank].T
                 spanned = np.hstack([spanned, u[:, :rank]])
     return bases
-
-
-def greenhouse_geisser(cross_products: np.ndarray) -> float:
-    """Epsilon = tr(S)^2 / (k tr(S^2)) of a k x k covariance (1 for k = 1; at least 1/k)."""
-    k = len(cross_products)
-    trace, trace_sq = np.trace(cross_products), float((cross_products**2).sum())
-    if k <= 1 or trace_sq <= 0:
-        return 1.0
-    return float(np.clip(trace**2 / (k * trace_sq), 1.0 / k, 1.0))
 
 
 def _orthonormal_rows(rows: np.ndarray) -> np.ndarray:
