@@ -90,9 +90,10 @@ def verdict_sections(analysis: StudyAnalysis) -> list[Section]:
 
 def n_claims(analysis: StudyAnalysis) -> int:
     """How many p-values share the one adjustment of the verdict's claims."""
-    count = len(analysis.primary.anova)
+    count = int(analysis.primary.anova.get("p", pd.Series(dtype=float)).notna().sum())
     for result in analysis.comparisons:
-        count += len(result.total) + 2 * len(result.shapley)
+        for frame, column in ((result.total, "p"), (result.shapley, "p"), (result.shapley, "order_p")):
+            count += int(frame.get(column, pd.Series(dtype=float)).notna().sum())
     count += int(analysis.divergence.tests.get("p", pd.Series(dtype=float)).notna().sum())
     count += int(analysis.divergence.per_cell["p"].notna().any())  # the cells enter as one member
     return count
