@@ -81,7 +81,8 @@ def test_missing_trials_are_filled_and_cost_error_degrees_of_freedom():
     data = two_by_two().drop(index=[0, 5])
     analysis = analyze(data, ["a", "b"], "y")
     anova = analysis.primary.anova.set_index("term")
-    assert anova["df_resid"].tolist() == pytest.approx([4 * 18 / 20] * 3)
+    # Yates: the 2 filled values cost 2 of the additive residual's (4 - 1)(5 - 1) = 12 df
+    assert anova["df_resid"].tolist() == pytest.approx([4 * (1 - 2 / 12)] * 3)
     assert analysis.frames.loc[0, "n_used"] == len(data)
     assert analysis.primary.effects["diff_vs_reference"].notna().all()
 

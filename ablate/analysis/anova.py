@@ -156,11 +156,10 @@ def _term_row(table: CellTable, term: tuple[str, ...]) -> dict:
     mean = per_seed.mean(axis=1)
     k = len(basis)
     if table.error.kind == SPLIT_PLOT:
-        fraction = table.observed.mean()
         deviations = per_seed - mean[:, None]
-        df_error = k * (table.n_seeds - 1) * fraction
-        ms_error = float((deviations**2).sum() / df_error)
-        ss = table.n_seeds * fraction * float(mean @ mean)
+        df_error = k * (table.n_seeds - 1) * table.df_fraction
+        ms_error = float((deviations**2).sum() / df_error) if df_error > 0 else math.nan
+        ss = table.n_seeds * float(table.observed.mean()) * float(mean @ mean)
         error = f"{' x '.join(term)} x seed"
     else:
         df_error, ms_error = table.error.df, table.error.mse

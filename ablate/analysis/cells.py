@@ -19,8 +19,8 @@ Pooled model (one seed): one error mean square for every contrast (see `Error`).
 
 Missing values: a (cell, seed) without a usable trial is filled from the additive model
 cell + seed fitted to the observed values (the Yates approach for missing values in blocked designs);
-each term's error df shrink by the observed fraction, and a contrast's variance counts, per cell, the
-seeds observed there. A cell without any usable trial is unknown: a contrast that needs
+every error df shrinks by the share of the error df the m filled entries use up, 1 - m / ((C - 1)(S - 1)),
+and a contrast's variance counts, per cell, the seeds observed there. A cell without any usable trial is unknown: a contrast that needs
 it is not estimable, unless the caller predicts the cell (`predict_cells`, used by factorial frames
 under a model without the highest-order interaction).
 """
@@ -170,11 +170,19 @@ class CellTable:
         if self.strata:
             self.use_strata({term: stratum.basis for term, stratum in self.strata.items()})
 
+    @property
+    def df_fraction(self) -> float:
+        """The share of error degrees of freedom left after filling missing entries (Yates: each filled
+        value costs one df of the (C - 1)(S - 1) of the additive model's residual)."""
+        complete = (len(self.cells) - 1) * (self.n_seeds - 1)
+        missing = int((~self.observed).sum())
+        return max(0.0, 1.0 - missing / complete) if complete > 0 else 0.0
+
     def use_strata(self, bases: Mapping[tuple[str, ...], np.ndarray]) -> None:
         """Split the contrast space into error strata (one per term): each stratum's error is its own seed
         interaction (term x seed), and a contrast's variance sums over the strata it touches, with
         Satterthwaite degrees of freedom. Recomputed after cells are predicted."""
-        fraction = float(self.observed.mean())
+        fraction = self.df_fraction
         filled = np.nan_to_num(self.filled)
         self.strata = {}
         for term, basis in bases.items():
