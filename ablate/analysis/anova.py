@@ -165,9 +165,9 @@ def _term_row(table: CellTable, term: tuple[str, ...]) -> dict:
         df_error, ms_error = table.error.df, table.error.mse
         ss = table.n_seeds * float(mean @ mean)
         error = "highest-order interaction"
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f_value = (ss / k) / ms_error
-        p = float(stats.f.sf(f_value, k, df_error)) if df_error > 0 else math.nan
+    tested = df_error > 0 and ms_error > 0  # a noise-free table has no error to test against
+    f_value = (ss / k) / ms_error if tested else math.nan
+    p = float(stats.f.sf(f_value, k, df_error)) if tested else math.nan
     return {
         "df": float(k),
         "sum_sq": ss,
