@@ -54,9 +54,7 @@ def test_nested_frame_tests_the_conditional_factor_where_it_applies(analysis, tr
 
 
 def test_given_conditions_match_the_inferred_ones(trials, analysis):
-    given = analyze(
-        trials, FACTORS, "val_loss", conditions={"register_init": {"registers": ["1", "4"]}}
-    )
+    given = analyze(trials, FACTORS, "val_loss", conditions={"register_init": {"registers": ["1", "4"]}})
     pd.testing.assert_frame_equal(given.primary.anova, analysis.primary.anova)
 
 
@@ -71,4 +69,6 @@ def test_diverged_and_failed_trials_are_counted_not_silently_dropped(trials):
     assert frames.loc["crossed", "n_failed"] == int((lost["status"] == "failed")[in_crossed].sum())
     assert frames.loc["crossed", "n_used"] == frames.loc["crossed", "n_trials"] - int(in_crossed.sum())
     assert "2 failed" in result.notes[0] and "1 diverged" in result.notes[0]
-    assert set(result.primary.anova.loc[result.primary.anova["frame"] == "crossed", "anova_type"]) == {"split-plot"}
+    assert set(result.primary.anova.loc[result.primary.anova["frame"] == "crossed", "anova_type"]) == {
+        "split-plot"
+    }

@@ -54,9 +54,7 @@ def test_two_player_shapley_splits_the_interaction_evenly():
         noise_sd=0.0,
     )
     trials = simulate_trials(study, n_seeds=3, rng=np.random.default_rng(3))
-    result = analyze(
-        trials, ["a", "b"], "val_loss", comparisons=["a=a0,b=b0 -> a=a1,b=b1"]
-    ).comparisons[0]
+    result = analyze(trials, ["a", "b"], "val_loss", comparisons=["a=a0,b=b0 -> a=a1,b=b1"]).comparisons[0]
     shapley = result.shapley.set_index("player")["estimate"]
     assert shapley["a"] == pytest.approx(-0.02 - 0.02, abs=1e-12)
     assert shapley["b"] == pytest.approx(-0.02, abs=1e-12)
@@ -79,9 +77,7 @@ def test_missing_intermediate_cell_is_reported_not_invented():
     study = PlantedStudy(levels={"a": ("a0", "a1"), "b": ("b0", "b1")}, main_effects={"a": {"a1": -0.02}})
     trials = simulate_trials(study, n_seeds=4, rng=np.random.default_rng(4))
     trials.loc[(trials["a"] == "a1") & (trials["b"] == "b0"), "status"] = "failed"
-    result = analyze(
-        trials, ["a", "b"], "val_loss", comparisons=["a=a0,b=b0 -> a=a1,b=b1"]
-    ).comparisons[0]
+    result = analyze(trials, ["a", "b"], "val_loss", comparisons=["a=a0,b=b0 -> a=a1,b=b1"]).comparisons[0]
     assert result.missing_cells == ["a=a1, b=b0 (all 4 trials failed)"]
     assert result.shapley.empty
     assert not result.total.empty

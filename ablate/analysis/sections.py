@@ -230,7 +230,14 @@ def share_text(row) -> str:
 def _curves_section(analysis: StudyAnalysis, curves: pd.DataFrame) -> Section:
     png = figures.png_bytes(figures.loss_curves_figure(curves, analysis.trials, analysis.factors))
     return Section(
-        "Loss curves", [Figure("loss_curves", png, "Validation loss per cell (log scale): mean over seeds, 95% t band clipped to the seeds' range")]
+        "Loss curves",
+        [
+            Figure(
+                "loss_curves",
+                png,
+                "Validation loss per cell (log scale): mean over seeds, 95% t band clipped to the seeds' range",
+            )
+        ],
     )
 
 
