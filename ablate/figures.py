@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib import ticker
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -44,7 +45,7 @@ def _joined(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
 
 
 def main_effects_figure(effects: pd.DataFrame, response: str) -> Figure:
-    """Marginal mean of each level with its 95% seed-bootstrap interval, one panel per factor."""
+    """Marginal mean of each level with its 95% t interval, one panel per factor."""
     data = effects.assign(panel=[_panel(row) for row in effects.itertuples()])
     grid = sns.FacetGrid(data, col="panel", col_wrap=min(4, data["panel"].nunique()), sharex=False, height=3)
 
@@ -96,18 +97,20 @@ def interaction_figure(table: pd.DataFrame, response: str) -> Figure:
 
 
 def loss_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame, factors: Sequence[str]) -> Figure:
-    """Validation loss vs tokens per cell: mean over seeds with a 95% t band."""
+    """Validation loss vs tokens per cell: mean over seeds with a 95% t band clipped to the seeds' range;
+    log y axis over the whole range, so early and late parts of every curve are shown."""
     panels, hue = (
         list(factors[:2]) if len(factors) > 2 else list(factors[:1]),
         list(factors[2:] or factors[1:]),
     )
-    labelled = trials[["trial_id", *panels]].assign(cell=_joined(trials, hue) if hue else "all")
+    legend = ", ".join(hue) if hue else "cell"
+    labelled = trials[["trial_id", *panels]].assign(**{legend: _joined(trials, hue) if hue else "all"})
     data = curves.merge(labelled, on="trial_id")
     grid = sns.relplot(
         data=data,
         x="tokens",
         y="val_loss",
-        hue="cell",
+        hue=legend,
         col=panels[0],
         row=panels[1] if len(panels) > 1 else None,
         kind="line",
@@ -115,18 +118,27 @@ def loss_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame, factors: Sequ
         height=2.6,
         aspect=1.3,
     )
-    late = data[data["tokens"] >= data["tokens"].median()]["val_loss"]
-    grid.set(ylim=(late.quantile(0.005), late.quantile(0.995)))
+    finite = data["val_loss"][np.isfinite(data["val_loss"])]
+    if len(finite) and finite.min() > 0:
+        low, high = finite.min(), finite.max()
+        grid.set(yscale="log", ylim=(low / 1.02, high * 1.02))
+        for ax in grid.axes.flat:  # plain numbers at evenly spaced losses, not powers of ten
+            ax.yaxis.set_major_locator(ticker.MaxNLocator(5))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.2f"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    grid.set_axis_labels("tokens", "validation loss")
     return grid.figure
 
 
 def _t_interval(values: np.ndarray) -> tuple[float, float]:
-    # 95% t interval of a mean over seeds: a bootstrap per point and cell would dominate report time
+    # 95% t interval of a mean over seeds, clipped to the seeds' own range (with two seeds the t
+    # quantile is 12.7, a band far outside any observed value); no bootstrap per point and cell
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return float(values.mean()), float(values.mean())
     half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(values.mean() - half), float(values.mean() + half)
+    low, high = values.mean() - half, values.mean() + half
+    return float(max(low, values.min())), float(min(high, values.max()))
 
 
 def shapley_waterfall(result: ComparisonResult, baseline_value: float, response: str) -> Figure:

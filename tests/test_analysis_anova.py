@@ -1,4 +1,4 @@
-"""ANOVA: a hand-computed 2x2 with seed blocks, unbalanced designs, null calibration, power (MDE)."""
+"""ANOVA: a hand-computed split-plot 2x2, missing trials and cells, null calibration, power (MDE)."""
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ def two_by_two(n_seeds: int = 5, seed: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_two_by_two_matches_sums_of_squares_computed_by_hand():
+def test_two_by_two_matches_split_plot_sums_of_squares_computed_by_hand():
     data = two_by_two()
     y, grand = data["y"], data["y"].mean()
     mean_a = data.groupby("a")["y"].transform("mean")
@@ -43,46 +43,62 @@ def test_two_by_two_matches_sums_of_squares_computed_by_hand():
         "a": ((mean_a - grand) ** 2).sum(),
         "b": ((mean_b - grand) ** 2).sum(),
         "a:b": ((mean_cell - mean_a - mean_b + grand) ** 2).sum(),
-        "seed": ((mean_seed - grand) ** 2).sum(),
     }
-    ss_resid = ((y - grand) ** 2).sum() - sum(ss.values())
-    df_resid = len(data) - 1 - 3 - (data["seed"].nunique() - 1)
+    # each term's error is its interaction with seed (df 1 x 4)
+    mean_a_seed = data.groupby(["a", "seed"])["y"].transform("mean")
+    mean_b_seed = data.groupby(["b", "seed"])["y"].transform("mean")
+    error = {
+        "a": ((mean_a_seed - mean_a - mean_seed + grand) ** 2).sum(),
+        "b": ((mean_b_seed - mean_b - mean_seed + grand) ** 2).sum(),
+    }
+    error["a:b"] = ((y - grand) ** 2).sum() - sum(ss.values()) - ((mean_seed - grand) ** 2).sum()
+    error["a:b"] -= error["a"] + error["b"]
     fit = fit_anova(data, ["a", "b"], "y")
-    assert fit.typ == "II"
-    assert fit.df_resid == df_resid == 12
-    assert fit.table.loc["Residual", "sum_sq"] == pytest.approx(ss_resid, rel=1e-9)
+    assert fit.typ == "split-plot"
     for term, value in ss.items():
-        assert fit.table.loc[term, "sum_sq"] == pytest.approx(value, rel=1e-9)
-        if term != "seed":
-            f_value = value / (ss_resid / df_resid)
-            assert fit.table.loc[term, "F"] == pytest.approx(f_value, rel=1e-9)
-            assert fit.table.loc[term, "p"] == pytest.approx(stats.f.sf(f_value, 1, df_resid), rel=1e-9)
+        row = fit.table.loc[term]
+        assert row["sum_sq"] == pytest.approx(value, rel=1e-9)
+        assert row["df_error"] == 4
+        assert row["ms_error"] * 4 == pytest.approx(error[term], rel=1e-9)
+        f_value = value / (error[term] / 4)
+        assert row["F"] == pytest.approx(f_value, rel=1e-9)
+        assert row["p"] == pytest.approx(stats.f.sf(f_value, 1, 4), rel=1e-9)
 
 
 def test_effect_sizes_follow_their_formulas():
     data = two_by_two()
     fit = fit_anova(data, ["a", "b"], "y")
     row = term_statistics(fit).set_index("term").loc["a"]
-    ss, ss_resid, mse = row["sum_sq"], fit.table.loc["Residual", "sum_sq"], fit.mse
-    assert row["partial_eta2"] == pytest.approx(ss / (ss + ss_resid))
-    assert row["partial_omega2"] == pytest.approx(max(0.0, (ss - mse) / (ss + (len(data) - 1) * mse)))
+    ms_error = fit.table.loc["a", "ms_error"]
+    ss, ss_error = row["sum_sq"], ms_error * fit.table.loc["a", "df_error"]
+    assert row["partial_eta2"] == pytest.approx(ss / (ss + ss_error))
+    omega = (ss - ms_error) / (ss + (len(data) - 1) * ms_error)
+    assert row["partial_omega2"] == pytest.approx(max(0.0, omega))
     assert row["share"] == pytest.approx(ss / ((data["y"] - data["y"].mean()) ** 2).sum())
 
 
-def test_unbalanced_design_switches_to_type_three_and_says_so():
+def test_missing_trials_are_filled_and_cost_error_degrees_of_freedom():
     data = two_by_two().drop(index=[0, 5])
-    analysis = analyze(data, ["a", "b"], "y", n_boot=50)
-    assert set(analysis.primary.anova["anova_type"]) == {"III"}
+    analysis = analyze(data, ["a", "b"], "y")
+    anova = analysis.primary.anova.set_index("term")
+    # Yates: the 2 filled values cost 2 of the additive residual's (4 - 1)(5 - 1) = 12 df
+    assert anova["df_resid"].tolist() == pytest.approx([4 * (1 - 2 / 12)] * 3)
     assert analysis.frames.loc[0, "n_used"] == len(data)
+    assert analysis.primary.effects["diff_vs_reference"].notna().all()
 
 
-def test_empty_cell_pools_the_interaction_into_the_residual_with_a_note():
+def test_empty_cell_keeps_every_estimable_quantity_and_names_what_is_not():
+    # defect: one empty cell turned every cell mean, level effect and two-way table into NaN
     data = two_by_two()
     data = data[~((data["a"] == "x") & (data["b"] == "u"))]
-    analysis = analyze(data, ["a", "b"], "y", n_boot=50)
+    analysis = analyze(data, ["a", "b"], "y")
     assert list(analysis.primary.anova["term"]) == ["a", "b"]
-    assert any("pooled into the residual" in note for note in analysis.notes)
-    assert any("cells without usable trials: a=x, b=u" in note for note in analysis.notes)
+    assert any("a=x, b=u" in note and "not tested" in note for note in analysis.notes)
+    effects = analysis.primary.effects
+    assert effects[["mean", "mean_ci_low", "diff_vs_reference_ci_high"]].notna().all().all()
+    means = analysis.cell_means.set_index(["a", "b"])
+    assert means["mean"].notna().sum() == 3 and np.isnan(means.loc[("x", "u"), "mean"])
+    assert means.loc[("x", "u"), "note"] == "not estimable: no trials"
 
 
 def test_null_studies_reject_each_term_at_the_nominal_rate():
@@ -105,7 +121,7 @@ def test_null_studies_reject_each_term_at_the_nominal_rate():
 def test_mde_formula_gives_eighty_percent_power_in_simulation():
     noise, n_seeds = 0.01, 4
     levels = {"a": ("x", "y"), "b": ("p", "q")}
-    n, df_resid = 4 * n_seeds, 4 * n_seeds - 4 - (n_seeds - 1)
+    n, df_resid = 4 * n_seeds, n_seeds - 1  # the error of a is a x seed
     mde, meaning = minimum_detectable_effect([2], 1, df_resid, n, noise**2)
     assert meaning == "difference between two levels"
     study = PlantedStudy(levels=levels, main_effects={"a": {"y": mde}}, noise_sd=noise, seed_sd=0.02)
@@ -140,6 +156,6 @@ def test_adjustment_matches_statsmodels_and_skips_missing(method, reference):
 
 def test_constant_response_is_noted_instead_of_tested():
     data = two_by_two().assign(flat=1.0)
-    analysis = analyze(data, ["a", "b"], "y", secondary=["flat"], n_boot=20)
+    analysis = analyze(data, ["a", "b"], "y", secondary=["flat"])
     assert analysis.secondary["flat"].anova.empty
     assert any("'flat' is constant" in note for note in analysis.secondary["flat"].notes)

@@ -22,7 +22,7 @@ def trials() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def analysis(trials):
-    return analyze(trials, FACTORS, "val_loss", n_boot=200)
+    return analyze(trials, FACTORS, "val_loss")
 
 
 def test_crossed_frame_holds_the_conditional_factor_at_its_reference(analysis, trials):
@@ -54,9 +54,7 @@ def test_nested_frame_tests_the_conditional_factor_where_it_applies(analysis, tr
 
 
 def test_given_conditions_match_the_inferred_ones(trials, analysis):
-    given = analyze(
-        trials, FACTORS, "val_loss", conditions={"register_init": {"registers": ["1", "4"]}}, n_boot=200
-    )
+    given = analyze(trials, FACTORS, "val_loss", conditions={"register_init": {"registers": ["1", "4"]}})
     pd.testing.assert_frame_equal(given.primary.anova, analysis.primary.anova)
 
 
@@ -64,11 +62,13 @@ def test_diverged_and_failed_trials_are_counted_not_silently_dropped(trials):
     changed = trials.copy()
     changed.loc[[0, 7], "status"] = "failed"
     changed.loc[[3], ["status", "val_loss"]] = ["diverged", np.nan]
-    result = analyze(changed, FACTORS, "val_loss", n_boot=100)
+    result = analyze(changed, FACTORS, "val_loss")
     frames = result.frames.set_index("frame")
     lost = changed.loc[[0, 3, 7]]
     in_crossed = lost["register_init"].isna() | (lost["register_init"] == "zeros")
     assert frames.loc["crossed", "n_failed"] == int((lost["status"] == "failed")[in_crossed].sum())
     assert frames.loc["crossed", "n_used"] == frames.loc["crossed", "n_trials"] - int(in_crossed.sum())
     assert "2 failed" in result.notes[0] and "1 diverged" in result.notes[0]
-    assert set(result.primary.anova.loc[result.primary.anova["frame"] == "crossed", "anova_type"]) == {"III"}
+    assert set(result.primary.anova.loc[result.primary.anova["frame"] == "crossed", "anova_type"]) == {
+        "split-plot"
+    }

@@ -1,4 +1,5 @@
-"""Effects in nats with seed-bootstrap CIs: planted effects recovered, coverage near 95%, clusters kept."""
+"""Effects in nats with t intervals of the one model: planted effects recovered, coverage near 95% at 3 and
+5 seeds, seeds kept together, interval and p-value in agreement."""
 
 import numpy as np
 import pandas as pd
@@ -6,7 +7,6 @@ import pytest
 from scipy import stats
 
 from ablate.analysis import analyze
-from ablate.analysis.bootstrap import interval, seed_weights, tail_probability
 from ablate.analysis.cells import CellTable
 from ablate.analysis.effects import main_effects
 from ablate.analysis.simulate import PlantedStudy, simulate_trials
@@ -53,7 +53,7 @@ def covered(effects: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
 
 def test_planted_effects_are_recovered_within_their_intervals():
     trials = simulate_trials(PLANTED, n_seeds=10, rng=np.random.default_rng(4))
-    analysis = analyze(trials, ["a", "b"], "val_loss", n_boot=1000)
+    analysis = analyze(trials, ["a", "b"], "val_loss")
     joined = covered(analysis.primary.effects, true_effects(PLANTED))
     assert len(joined) == 5
     assert joined["effect_covered"].all()
@@ -63,16 +63,18 @@ def test_planted_effects_are_recovered_within_their_intervals():
     assert significant.to_dict() == {"a": True, "b": True, "a:b": True}
 
 
-def test_intervals_cover_the_truth_near_ninety_five_percent():
-    n_studies, n_seeds = 200, 8
-    rng = np.random.default_rng(8)
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_intervals_cover_the_truth_near_ninety_five_percent(n_seeds):
+    # the cluster bootstrap this replaced covered 71-78% at 3 seeds (min-max of 3 per-seed values)
+    n_studies = 300
+    rng = np.random.default_rng(8 + n_seeds)
     cells = PLANTED.design().cells()
     truth = true_effects(PLANTED)
     hits = []
     for _ in range(n_studies):
         trials = simulate_trials(PLANTED, n_seeds, rng)
         table = CellTable(trials, ["a", "b"], "val_loss", cells, np.arange(n_seeds))
-        effects = main_effects(table, ["a", "b"], REFERENCE, seed_weights(n_seeds, 400, rng))
+        effects = main_effects(table, ["a", "b"], REFERENCE)
         hits.append(covered(effects, truth)[["effect_covered", "diff_covered"]].to_numpy())
     rates = np.mean(hits, axis=0)
     low, high = stats.binom.interval(0.999, n_studies, 0.95)
@@ -82,22 +84,29 @@ def test_intervals_cover_the_truth_near_ninety_five_percent():
     assert np.all((diff_rates >= low / n_studies) & (diff_rates <= high / n_studies)), rates
 
 
-def test_bootstrap_resamples_whole_seeds():
-    # Huge seed offsets shared by every trial of a seed cancel within a seed; resampling trials
-    # one by one would not cancel them and would give intervals as wide as the offsets.
+def test_seeds_stay_together_offsets_cancel_in_contrasts_not_in_means():
+    # Huge seed offsets shared by every trial of a seed cancel within a seed; a model that treated
+    # trials as independent would give intervals as wide as the offsets.
     study = PlantedStudy(
         levels={"a": ("x", "y")}, main_effects={"a": {"y": -0.05}}, noise_sd=0.001, seed_sd=1.0
     )
     trials = simulate_trials(study, n_seeds=8, rng=np.random.default_rng(0))
-    effects = analyze(trials, ["a"], "val_loss", n_boot=500).primary.effects.set_index("level")
+    effects = analyze(trials, ["a"], "val_loss").primary.effects.set_index("level")
     width = effects.loc["y", "diff_vs_reference_ci_high"] - effects.loc["y", "diff_vs_reference_ci_low"]
     assert width < 0.01
     assert effects.loc["y", "mean_ci_high"] - effects.loc["y", "mean_ci_low"] > 0.5
 
 
-def test_expanded_interval_widens_with_few_seeds_and_needs_two():
-    assert tail_probability(3) < tail_probability(10) < 0.05
-    draws = np.random.default_rng(0).normal(size=(4000, 1))
-    low, high = interval(draws, n_clusters=1000)
-    assert low[0] == pytest.approx(-1.96, abs=0.1) and high[0] == pytest.approx(1.96, abs=0.1)
-    assert np.isnan(interval(draws, n_clusters=1)[0]).all()
+def test_interval_and_p_value_of_a_contrast_agree():
+    # one model: the 95% interval excludes zero exactly when p < 0.05, at any number of seeds
+    rng = np.random.default_rng(3)
+    cells = PLANTED.design().cells()
+    for n_seeds in (2, 3, 5):
+        trials = simulate_trials(PLANTED, n_seeds, rng)
+        table = CellTable(trials, ["a", "b"], "val_loss", cells, np.arange(n_seeds))
+        weights = rng.normal(size=(50, len(cells)))
+        weights -= weights.mean(axis=1, keepdims=True)
+        summary = table.summarise(weights)
+        excludes = (summary["ci_low"] > 0) | (summary["ci_high"] < 0)
+        assert (excludes == (summary["p"] < 0.05)).all()
+        assert 0 < excludes.sum() < len(weights) or n_seeds == 2

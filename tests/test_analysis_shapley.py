@@ -18,7 +18,7 @@ def test_shapley_values_sum_exactly_to_the_total_with_interactions():
         interactions={("a", "b"): {("a1", "b2"): 0.05}, ("b", "c"): {("b2", "c1"): -0.04}},
     )
     trials = simulate_trials(study, n_seeds=4, rng=np.random.default_rng(1))
-    result = analyze(trials, list(THREE), "val_loss", comparisons=[COMPARISON], n_boot=200).comparisons[0]
+    result = analyze(trials, list(THREE), "val_loss", comparisons=[COMPARISON]).comparisons[0]
     total = result.total["estimate"].iloc[0]
     assert result.shapley["estimate"].sum() == pytest.approx(total, abs=1e-12)
     assert result.shapley["share"].sum() == pytest.approx(1.0, abs=1e-9)
@@ -36,7 +36,7 @@ def test_without_interaction_shapley_equals_the_main_effect_differences():
         noise_sd=0.0,
     )
     trials = simulate_trials(study, n_seeds=3, rng=np.random.default_rng(2))
-    analysis = analyze(trials, list(THREE), "val_loss", comparisons=[COMPARISON], n_boot=100)
+    analysis = analyze(trials, list(THREE), "val_loss", comparisons=[COMPARISON])
     effects = analysis.primary.effects.set_index(["factor", "level"])
     shapley = analysis.comparisons[0].shapley.set_index("player")
     for factor, level in (("a", "a1"), ("b", "b2"), ("c", "c1")):
@@ -54,9 +54,7 @@ def test_two_player_shapley_splits_the_interaction_evenly():
         noise_sd=0.0,
     )
     trials = simulate_trials(study, n_seeds=3, rng=np.random.default_rng(3))
-    result = analyze(
-        trials, ["a", "b"], "val_loss", comparisons=["a=a0,b=b0 -> a=a1,b=b1"], n_boot=50
-    ).comparisons[0]
+    result = analyze(trials, ["a", "b"], "val_loss", comparisons=["a=a0,b=b0 -> a=a1,b=b1"]).comparisons[0]
     shapley = result.shapley.set_index("player")["estimate"]
     assert shapley["a"] == pytest.approx(-0.02 - 0.02, abs=1e-12)
     assert shapley["b"] == pytest.approx(-0.02, abs=1e-12)
@@ -68,7 +66,7 @@ def test_two_player_shapley_splits_the_interaction_evenly():
 def test_planted_study_shapley_intervals_cover_the_true_values():
     study = PlantedStudy(levels=THREE, main_effects={"a": {"a1": -0.03}, "c": {"c1": 0.02}}, noise_sd=0.01)
     trials = simulate_trials(study, n_seeds=10, rng=np.random.default_rng(6))
-    result = analyze(trials, list(THREE), "val_loss", comparisons=[COMPARISON], n_boot=1000).comparisons[0]
+    result = analyze(trials, list(THREE), "val_loss", comparisons=[COMPARISON]).comparisons[0]
     truth = pd.Series({"a": -0.03, "b": 0.0, "c": 0.02})
     shapley = result.shapley.set_index("player")
     assert ((shapley["ci_low"] <= truth) & (truth <= shapley["ci_high"])).all()
@@ -79,10 +77,8 @@ def test_missing_intermediate_cell_is_reported_not_invented():
     study = PlantedStudy(levels={"a": ("a0", "a1"), "b": ("b0", "b1")}, main_effects={"a": {"a1": -0.02}})
     trials = simulate_trials(study, n_seeds=4, rng=np.random.default_rng(4))
     trials.loc[(trials["a"] == "a1") & (trials["b"] == "b0"), "status"] = "failed"
-    result = analyze(
-        trials, ["a", "b"], "val_loss", comparisons=["a=a0,b=b0 -> a=a1,b=b1"], n_boot=50
-    ).comparisons[0]
-    assert result.missing_cells == ["a=a1, b=b0 (no usable trials)"]
+    result = analyze(trials, ["a", "b"], "val_loss", comparisons=["a=a0,b=b0 -> a=a1,b=b1"]).comparisons[0]
+    assert result.missing_cells == ["a=a1, b=b0 (all 4 trials failed)"]
     assert result.shapley.empty
     assert not result.total.empty
     assert set(result.paths["order"]) == {"reverse"}
@@ -98,7 +94,6 @@ def test_conditional_factor_joins_the_factor_it_depends_on():
         ["metric", "position", "registers", "register_init"],
         "val_loss",
         comparisons=[comparison],
-        n_boot=50,
     ).comparisons[0]
     assert result.players == ["metric", "position", "registers+register_init"]
     assert result.baseline["register_init"] == "n/a"
@@ -108,7 +103,7 @@ def test_conditional_factor_joins_the_factor_it_depends_on():
 
 def test_unnamed_factors_are_averaged_and_listed():
     trials = simulate_trials(PlantedStudy(levels=THREE), n_seeds=3, rng=np.random.default_rng(0))
-    result = analyze(trials, list(THREE), "val_loss", comparisons=["a=a0 -> a=a1"], n_boot=50).comparisons[0]
+    result = analyze(trials, list(THREE), "val_loss", comparisons=["a=a0 -> a=a1"]).comparisons[0]
     assert result.averaged_over == ["b", "c"]
     assert result.players == ["a"]
 
@@ -122,5 +117,4 @@ def test_conditional_factor_cannot_be_set_where_it_does_not_apply():
             ["metric", "position", "registers", "register_init"],
             "val_loss",
             comparisons=[bad],
-            n_boot=10,
         )

@@ -102,9 +102,9 @@ def test_unexplained_empty_values_and_wrong_conditions_are_errors(trials):
 
 def test_analyze_rejects_unknown_comparison_levels_and_adjustments(trials):
     with pytest.raises(StudyDataError, match="unknown level 'flash'"):
-        analyze(trials, FACTORS, "val_loss", comparisons=["metric=sdpa -> metric=flash"], n_boot=10)
+        analyze(trials, FACTORS, "val_loss", comparisons=["metric=sdpa -> metric=flash"])
     with pytest.raises(StudyDataError, match="unknown adjustment"):
-        analyze(trials, FACTORS, "val_loss", adjust="bonferroni", n_boot=10)
+        analyze(trials, FACTORS, "val_loss", adjust="bonferroni")
 
 
 def test_comparison_levels_given_as_numbers_or_booleans_become_text():

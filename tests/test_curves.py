@@ -47,9 +47,7 @@ REFERENCE = {"penalty": "off", "temperature": "1x"}
 @pytest.fixture(scope="module")
 def over_training() -> pd.DataFrame:
     trials, points = planted()
-    return curves.effects_over_training(
-        trials, points, ["penalty", "temperature"], REFERENCE, [PUBLISHED], n_boot=400
-    )
+    return curves.effects_over_training(trials, points, ["penalty", "temperature"], REFERENCE, [PUBLISHED])
 
 
 def statistic(table: pd.DataFrame, kind: str, name: str, term: str) -> pd.DataFrame:
@@ -100,9 +98,7 @@ def test_target_effects_count_trials_that_never_reach_the_target():
     trials, points = planted(seeds=4)
     points.loc[points["trial_id"] == "off-1x-s0", "val_loss"] += 10.0  # this trial never gets there
     trials = curves.with_tokens_to_targets(trials, points, [5.5])
-    effects = curves.target_effects(
-        trials, ["penalty", "temperature"], REFERENCE, [5.5], [PUBLISHED], n_boot=200
-    )
+    effects = curves.target_effects(trials, ["penalty", "temperature"], REFERENCE, [5.5], [PUBLISHED])
     assert (effects["not_reached"] == 1).all()
     temperature = effects[(effects["kind"] == "effect") & (effects["name"] == "temperature")].iloc[0]
     assert temperature["estimate"] < 0  # the 2x cells reach 5.5 sooner
@@ -148,6 +144,6 @@ def test_a_conditional_factor_has_effects_only_where_it_applies():
     points = pd.concat(
         [points, rbf_points.assign(trial_id="rbf-" + rbf_points["trial_id"])], ignore_index=True
     )
-    table = curves.effects_over_training(trials, points, ["penalty", "temperature"], REFERENCE, n_boot=100)
+    table = curves.effects_over_training(trials, points, ["penalty", "temperature"], REFERENCE)
     assert set(table.loc[table["name"] == "temperature", "term"]) == {"2x vs 1x"}  # no "n/a vs 1x"
     assert set(table.loc[table["name"] == "penalty", "term"]) == {"on vs off", "rbf vs off"}

@@ -1,4 +1,4 @@
-"""Attribution statistics for a study's trials table: ANOVA, effects with seed-bootstrap CIs, Shapley
+"""Attribution statistics for a study's trials table: split-plot ANOVA, effects with t intervals of one model, Shapley
 decomposition of comparisons, divergence, power and conditional factors."""
 
 from ablate.analysis.comparison import Comparison, parse_comparison

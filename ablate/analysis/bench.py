@@ -1,6 +1,6 @@
 """Benchmark: analysis and full report for 1000 simulated trials of the RBF replication design.
 
-    python -m ablate.analysis.bench [--trials 1000] [--points 20] [--n-boot 2000]
+    python -m ablate.analysis.bench [--trials 1000] [--points 20]
 
 The last seed is cut short to reach exactly --trials, so the design is unbalanced (Type III path).
 """
@@ -27,7 +27,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--points", type=int, default=20, help="points per loss curve")
-    parser.add_argument("--n-boot", type=int, default=2000)
     args = parser.parse_args()
     study = replication_study()
     rng = np.random.default_rng(0)
@@ -42,14 +41,13 @@ def main() -> None:
         comparisons=[COMPARISON],
         secondary=["sink_mass", "key_norm_mean"],
         vocab_size=50_257,
-        n_boot=args.n_boot,
     )
     analyzed = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         written = write_report(analysis, Path(folder), curves=curves, title="Benchmark")
         size = written["report.html"].stat().st_size / 1e6
     done = time.perf_counter()
-    print(f"{len(trials)} trials, {n_seeds} seeds, {len(curves)} curve points, n_boot={args.n_boot}")
+    print(f"{len(trials)} trials, {n_seeds} seeds, {len(curves)} curve points")
     print(f"analyze:      {analyzed - start:6.1f} s")
     print(f"write_report: {done - analyzed:6.1f} s  ({len(written)} files, report.html {size:.1f} MB)")
     print(f"total:        {done - start:6.1f} s")

@@ -25,8 +25,8 @@ SHAPES = {
 METHOD = (
     "Effects over training: at each evaluation, main effects (level vs reference, unweighted means of "
     "cell means) and each comparison's total and exact Shapley split of the validation loss of the "
-    "finished trials, as contrasts of cell means; 95% intervals from one cluster bootstrap over seeds "
-    "shared by every step (expanded percentile). Tokens to a target: tokens trained at the first "
+    "finished trials, as contrasts of seed-adjusted cell means with 95% t intervals from the same "
+    "split-plot model as every other estimate, fitted at each step. Tokens to a target: tokens trained at the first "
     "evaluation whose validation loss is at or below the target; trials that never reach it have no "
     "value and are counted as not reached."
 )
@@ -83,7 +83,7 @@ def training_effects_section(table: pd.DataFrame) -> Section:
         "Effects over training",
         [
             "Each factor's effect and each comparison's Shapley split of the validation loss at every "
-            "evaluation (negative: lower loss), with 95% seed-bootstrap intervals. Full table: "
+            "evaluation (negative: lower loss), with 95% intervals. Full table: "
             "tables/effects_over_training.csv.",
             _trend_bullets(table),
             Figure(
@@ -145,16 +145,13 @@ def training_sections(
     if curve_table is None or curve_table.empty:
         return [], {}
     reference, sides = analysis.design.reference, comparison_sides(analysis)
-    options = {"n_boot": analysis.n_boot, "rng_seed": analysis.seed}
-    training = curves.effects_over_training(
-        analysis.trials, curve_table, analysis.factors, reference, sides, **options
-    )
+    training = curves.effects_over_training(analysis.trials, curve_table, analysis.factors, reference, sides)
     sections, tables = [], {"effects_over_training": training}
     if not training.empty:
         sections.append(training_effects_section(training))
     if targets:
         trials = curves.with_tokens_to_targets(analysis.trials, curve_table, targets)
-        effects = curves.target_effects(trials, analysis.factors, reference, targets, sides, **options)
+        effects = curves.target_effects(trials, analysis.factors, reference, targets, sides)
         reached = curves.reached_by_cell(trials, analysis.factors, targets)
         tables |= {"tokens_to_target": effects, "tokens_to_target_cells": reached}
         sections.append(target_section(effects, reached, training))

@@ -3,9 +3,9 @@
 Effects over training: at every evaluation step, from the validation loss of the finished trials at that
 step, each factor's main effect (every level against the reference level: unweighted means of cell
 means, as in `effects`) and each comparison's total and exact Shapley split (v(S) a mean of cell means,
-players as in `shapley`). Every statistic is a linear contrast of cell means, so one cluster bootstrap
-over seeds (`bootstrap.seed_weights`, resampling all trials of a seed together) gives the intervals of
-all of them at all steps at once; intervals are the expanded percentile intervals of `bootstrap`.
+players as in `shapley`). Every statistic is a linear contrast of cell means, estimated at each step by
+the same model as every other estimate of the report (`cells.CellTable`: seed-adjusted cell means, each
+term tested against its own seed interaction, t intervals with Satterthwaite degrees of freedom).
 
 Tokens to a target: the tokens a trial had trained on at the first evaluation where its validation loss
 was at or below the target; NaN if it never was (reported as not reached: such a trial has no value, and
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ablate.analysis.bootstrap import interval, seed_weights
+from ablate.analysis.cells import CellTable
 from ablate.analysis.table import NOT_APPLICABLE
 
 TREND_POINTS = (0.1, 0.25, 0.5, 1.0)  # fractions of training at which the verdicts read a curve
@@ -147,25 +147,7 @@ def shapley_contrasts(
     return contrasts
 
 
-# ----------------------------------------------------------------------------- bootstrap over seeds
-
-
-def _cell_means(values: np.ndarray, cell: np.ndarray, seed: np.ndarray, weights: np.ndarray, n_cells: int):
-    """(n_weights, n_cells, n_points) weighted cell means; values (n_trials, n_points) with NaN missing.
-
-    `weights` (n_weights, n_seeds) says how often each seed counts (bootstrap draws; ones for the point
-    estimate)."""
-    present = np.isfinite(values)
-    filled = np.where(present, values, 0.0)
-    trial_weights = weights[:, seed]  # (B, T)
-    out = np.full((weights.shape[0], n_cells, values.shape[1]), np.nan)
-    for c in range(n_cells):
-        rows = cell == c
-        total = trial_weights[:, rows] @ filled[rows]  # (B, P)
-        count = trial_weights[:, rows] @ present[rows]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, c] = np.where(count > 0, total / count, np.nan)
-    return out
+# ----------------------------------------------------------------------------- contrasts at each point
 
 
 def contrast_table(
@@ -173,30 +155,30 @@ def contrast_table(
     cell: np.ndarray,
     seed: np.ndarray,
     contrasts: Sequence[Contrast],
-    n_cells: int,
-    *,
-    n_boot: int = 2000,
-    rng_seed: int = 0,
+    cells: pd.DataFrame,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Estimates, interval lows and highs, each (n_contrasts, n_points), of contrasts of cell means."""
-    n_seeds = int(seed.max()) + 1
-    matrix = np.array([c.weights for c in contrasts])  # (K, C)
-    point = _cell_means(values, cell, seed, np.ones((1, n_seeds)), n_cells)[0]
-    estimate = _apply(matrix, point[None])[0]
-    draws = _cell_means(
-        values, cell, seed, seed_weights(n_seeds, n_boot, np.random.default_rng(rng_seed)), n_cells
-    )
-    low, high = interval(_apply(matrix, draws), n_seeds)
+    """Estimates, interval lows and highs, each (n_contrasts, n_points), of contrasts of cell means.
+
+    `values` (n_trials, n_points), NaN where a trial has no value; at each point the trials with a value
+    there form one `CellTable` (a contrast needing a cell without any is NaN)."""
+    matrix = np.array([c.weights for c in contrasts])  # (K, C); a NaN row: a side that matches no cell
+    invalid = np.isnan(matrix).any(axis=1)
+    rows = np.where(np.isnan(matrix), 0.0, matrix)
+    factors = list(cells.columns)
+    trials = cells.iloc[cell].reset_index(drop=True).assign(seed=seed)
+    shape = (len(contrasts), values.shape[1])
+    estimate, low, high = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    for point in range(values.shape[1]):
+        present = np.isfinite(values[:, point])
+        if not present.any():
+            continue
+        data = trials[present].assign(value=values[present, point])
+        summary = CellTable(data, factors, "value", cells, sorted(set(seed.tolist()))).summarise(rows)
+        estimate[:, point] = summary["estimate"].to_numpy()
+        low[:, point], high[:, point] = summary["ci_low"].to_numpy(), summary["ci_high"].to_numpy()
+    for table in (estimate, low, high):
+        table[invalid] = np.nan
     return estimate, low, high
-
-
-def _apply(matrix: np.ndarray, cell_means: np.ndarray) -> np.ndarray:
-    """(B, K, P) = contrasts applied to (B, C, P) cell means; a NaN-weighted contrast stays NaN."""
-    used = np.where(np.isnan(matrix), 0.0, matrix)
-    out = np.einsum("kc,bcp->bkp", used, np.nan_to_num(cell_means, nan=0.0))
-    missing = np.einsum("kc,bcp->bkp", (used != 0).astype(float), np.isnan(cell_means).astype(float)) > 0
-    invalid = np.isnan(matrix).any(axis=1)[None, :, None]
-    return np.where(missing | invalid, np.nan, out)
 
 
 # ----------------------------------------------------------------------------- the tables
@@ -235,9 +217,6 @@ def effects_over_training(
     factors: Sequence[str],
     reference: Mapping[str, str],
     comparisons: Sequence[ComparisonSides] = (),
-    *,
-    n_boot: int = 2000,
-    rng_seed: int = 0,
 ) -> pd.DataFrame:
     """Long table: kind, name, term, step, tokens, estimate, ci_low, ci_high, n_trials (at that step).
 
@@ -256,9 +235,7 @@ def effects_over_training(
     cells, cell, seed = _layout(used, factors)
     contrasts = _contrasts(cells, factors, reference, comparisons)
     values = wide.to_numpy(float)
-    estimate, low, high = contrast_table(
-        values, cell, seed, contrasts, len(cells), n_boot=n_boot, rng_seed=rng_seed
-    )
+    estimate, low, high = contrast_table(values, cell, seed, contrasts, cells)
     counts = np.isfinite(values).sum(axis=0)
     frames = []
     for k, c in enumerate(contrasts):
@@ -286,9 +263,6 @@ def target_effects(
     reference: Mapping[str, str],
     targets: Sequence[float],
     comparisons: Sequence[ComparisonSides] = (),
-    *,
-    n_boot: int = 2000,
-    rng_seed: int = 0,
 ) -> pd.DataFrame:
     """Per target: effects and Shapley splits of tokens to the target (trials that reached it), with
     the number of finished trials that did not reach it."""
@@ -299,9 +273,7 @@ def target_effects(
     cells, cell, seed = _layout(used, factors)
     contrasts = _contrasts(cells, factors, reference, comparisons)
     values = used[columns].to_numpy(float)
-    estimate, low, high = contrast_table(
-        values, cell, seed, contrasts, len(cells), n_boot=n_boot, rng_seed=rng_seed
-    )
+    estimate, low, high = contrast_table(values, cell, seed, contrasts, cells)
     rows = []
     for j, target in enumerate(targets):
         for k, c in enumerate(contrasts):

@@ -43,3 +43,30 @@ def adjust(pvalues: Sequence[float], method: str) -> np.ndarray:
         else:
             adjusted[present] = multipletests(values[present], method="fdr_bh")[1]
     return adjusted
+
+
+def adjust_members(members: Sequence[np.ndarray], grouped: Sequence[bool], method: str) -> list[np.ndarray]:
+    """Adjust several arrays of p-values as one family. A grouped array holds p-values already adjusted
+    within their group (e.g. min-p over cells): it enters as one member, its smallest p, and each of its
+    p-values is scaled by the factor that member received (never below the member's adjusted p)."""
+    heads = []
+    for values, is_group in zip(members, grouped, strict=True):
+        values = np.asarray(values, dtype=float)
+        if is_group:
+            finite = values[np.isfinite(values)]
+            heads.append(np.array([finite.min()]) if len(finite) else np.array([np.nan]))
+        else:
+            heads.append(values)
+    adjusted = adjust(np.concatenate(heads) if heads else np.array([]), method)
+    result, start = [], 0
+    for values, head, is_group in zip(members, heads, grouped, strict=True):
+        values = np.asarray(values, dtype=float)
+        part = adjusted[start : start + len(head)]
+        start += len(head)
+        if is_group and np.isfinite(part[0]):
+            scale = part[0] / head[0]
+            part = np.where(np.isfinite(values), np.minimum(np.maximum(part[0], values * scale), 1.0), np.nan)
+        elif is_group:
+            part = np.full(values.shape, np.nan)
+        result.append(part)
+    return result

@@ -13,6 +13,7 @@ square). We solve power(lambda) = target for lambda with scipy's noncentral F, t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -22,6 +23,7 @@ ALPHA = 0.05
 POWER = 0.80
 
 
+@functools.lru_cache(maxsize=4096)
 def noncentrality_for_power(
     df_num: float, df_den: float, alpha: float = ALPHA, power: float = POWER
 ) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 
 from ablate.analysis.anova import AnovaFit, fit_anova, term_statistics
@@ -26,12 +25,6 @@ class ResponseAnalysis:
     fits: dict[str, AnovaFit] = field(default_factory=dict)
     cell_tables: dict[str, CellTable] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def frame_cells(data: pd.DataFrame, factors: Sequence[str]) -> pd.DataFrame:
-    """Every combination of the frame's levels (a frame is crossed by construction)."""
-    levels = [list(pd.unique(data[name])) for name in factors]
-    return pd.MultiIndex.from_product(levels, names=list(factors)).to_frame(index=False)
 
 
 def usable(data: pd.DataFrame, response: str) -> pd.DataFrame:
@@ -66,12 +59,10 @@ def analyze_response(
     frames: Sequence[Frame],
     design: Design,
     response: str,
-    seed_weights: np.ndarray,
     method: str,
     alpha: float,
 ) -> ResponseAnalysis:
-    """ANOVA of every frame and the main effects of each frame's factors (focus only, when nested)."""
-    seeds = np.sort(table["seed"].unique())
+    """ANOVA of every frame and, from the same model, the main effects of each frame's factors."""
     if usable(table, response).empty:
         return ResponseAnalysis(
             response, pd.DataFrame(), pd.DataFrame(), notes=[f"{response}: no usable values"]
@@ -82,17 +73,11 @@ def analyze_response(
         anova["significant"] = anova["p_adj"] < alpha
     effects, cell_tables = [], {}
     for frame in frames:
-        factors = [name for name in frame.factors if frame_data[frame.name][name].nunique() > 1]
-        if not factors:
+        fit = fits.get(frame.name)
+        if fit is None or fit.cell_table is None:
             continue
-        cells = frame_cells(table[frame.mask], factors)
-        cell_table = CellTable(frame_data[frame.name], factors, response, cells, seeds)
-        cell_tables[frame.name] = cell_table
-        if empty := cell_table.empty_cells(np.ones(len(cells))):
-            notes.append(f"{response}, {frame.name}: cells without usable trials: {'; '.join(empty)}")
-        shown = [name for name in factors if frame.keeps_term((name,))]
-        effects.append(
-            main_effects(cell_table, shown, design.reference, seed_weights).assign(frame=frame.name)
-        )
+        cell_tables[frame.name] = fit.cell_table
+        shown = [name for name in fit.cell_table.factors if frame.keeps_term((name,))]
+        effects.append(main_effects(fit.cell_table, shown, design.reference).assign(frame=frame.name))
     effects_table = pd.concat(effects, ignore_index=True) if effects else pd.DataFrame()
     return ResponseAnalysis(response, anova, effects_table, fits, cell_tables, notes)

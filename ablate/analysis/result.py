@@ -24,7 +24,6 @@ class StudyAnalysis:
     design: Design
     adjust: str
     alpha: float
-    n_boot: int
     seed: int
     vocab_size: int | None
     trials: pd.DataFrame
@@ -79,7 +78,6 @@ class StudyAnalysis:
             "reference_levels": self.design.reference,
             "adjust": self.adjust,
             "alpha": self.alpha,
-            "n_boot": self.n_boot,
             "seed": self.seed,
             "n_seeds": self.n_seeds,
             "vocab_size": self.vocab_size,

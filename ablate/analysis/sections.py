@@ -15,30 +15,45 @@ from ablate.analysis.shapley import ComparisonResult
 from ablate.analysis.verdicts import amount, verdict_sections
 
 METHODS = [
-    "ANOVA: OLS with sum-to-zero contrasts and seed as an additive block (statsmodels); Type II sums of "
-    "squares when every cell holds the same trials of every seed, Type III otherwise. Interactions up to "
-    "the highest estimable order; higher orders are pooled into the residual when cells are empty.",
-    "Effect sizes: partial eta^2 = SS / (SS + SS_resid); partial omega^2 = (SS - df MS_resid) / "
-    "(SS + (N - df) MS_resid), set to 0 when negative; share = SS / SS_total.",
+    "Model: the cell x seed table of the response (finished trials; the mean when a cell holds several "
+    "trials of one seed). Cell means are seed-adjusted (additive fit cell + seed); every reported "
+    "quantity is a linear contrast of them, and its estimate, 95% t interval and p-value come from "
+    "this one model.",
+    "Error (two or more seeds): split-plot. The contrasts of the cells are split into terms (main "
+    "effects and interactions; where conditional factors break the crossing, each term keeps what lower "
+    "orders do not explain). Each term's error is its own seed interaction (term x seed), so seeds that "
+    "differ in how much a factor helps, and levels with unequal variance, do not inflate the error rate. "
+    "A contrast's variance sums over the terms it touches, with Satterthwaite degrees of freedom.",
+    "Error (one seed): the highest-order interaction is the error term of every other term and contrast; "
+    "this assumes it is absent. With one factor and one seed nothing is tested.",
+    "ANOVA: each term's F test is MS_term / MS_term x seed; with complete data the sums of squares are "
+    "the classic ones. A cell without usable trials is predicted from the model without the "
+    "highest-order interaction, which is then not tested; a missing (cell, seed) value is filled from "
+    "the additive fit and costs degrees of freedom in proportion (Yates).",
+    "Effect sizes: partial eta^2 = SS / (SS + SS_error); partial omega^2 = (SS - df MS_error) / "
+    "(SS + (N - df) MS_error), set to 0 when negative; share = SS / SS_total.",
     "Effects: marginal means are unweighted means of cell means. Each level is given as a deviation "
     "from the grand mean (the sum-to-zero effect) and as a difference from the reference level (the "
     "baseline of the first comparison, else the first level).",
-    "Intervals: cluster bootstrap over seeds (all trials of a seed resampled together), expanded "
-    "percentile interval (Hesterberg 2015): tail probability 2 Phi(-sqrt(n/(n-1)) t_(0.975, n-1)) for n seeds.",
-    "Tests of comparisons, Shapley values and simple effects: t/F tests of linear contrasts of the "
-    "cell-means model (cells + seed block). Multiplicity: one family each for ANOVA terms of a response, "
-    "comparisons (totals and Shapley values), simple effects of one interaction, divergence tests.",
+    "Multiplicity: the p-values behind every claim of the verdict (ANOVA terms of the primary "
+    "response, comparison totals, Shapley values, order tests, divergence tests per factor and per cell) "
+    "are adjusted as one family; simple effects (reported only under a significant interaction) and "
+    "secondary responses are adjusted within their own families. Intervals are unadjusted 95%.",
     "Power: the minimum detectable effect solves P(F'(df1, df2, lambda) > F_crit) = 0.80 at alpha = 0.05 "
-    "(scipy noncentral F) with lambda = N mean(tau^2) / MS_resid; for a main effect with L levels it is "
-    "the difference between two levels (others midway), delta = sqrt(2 L lambda MS_resid / N); for an "
-    "interaction of two-level factors of order m, the difference of differences 2^m sqrt(lambda MS_resid / N); "
+    "(scipy noncentral F) with lambda = N mean(tau^2) / MS_error; for a main effect with L levels it is "
+    "the difference between two levels (others midway), delta = sqrt(2 L lambda MS_error / N); for an "
+    "interaction of two-level factors of order m, the difference of differences 2^m sqrt(lambda MS_error / N); "
     "otherwise the root mean square of the interaction effects.",
     "Shapley: players are the changed factors (a conditional factor joins the factor it depends on); "
     "phi_i = sum over S of |S|!(n-|S|-1)!/n! (v(S+i) - v(S)) with v(S) a cell mean; values sum to the "
-    "total exactly. Ablation paths change one player at a time in the listed order and in reverse.",
-    "Divergence: logistic regression with likelihood-ratio tests per factor; Fisher's exact test per "
-    "factor when separation makes the logistic estimates meaningless. Loss verdicts are recomputed with "
-    "diverged runs excluded, capped at ln(vocab_size), and as ANOVA on ranks (diverged runs worst).",
+    "total exactly. Ablation paths change one player at a time in the listed order and in reverse. "
+    "'Order matters' is a t test of (changed first - changed last), an interaction contrast.",
+    "Divergence: per cell, the rate with a Clopper-Pearson 95% interval and an exact permutation test "
+    "of whether it diverges more often than the rest (hypergeometric tail, adjusted over cells by the "
+    "min-p method; one member of the verdict's family); per factor, logistic regression with likelihood-ratio tests, or Fisher's "
+    "exact test when separation makes the logistic estimates meaningless. Nothing is tested when no run "
+    "diverged. Loss verdicts use finished trials only; when runs diverged, an ANOVA with them capped at "
+    "ln(vocab_size) is shown for reference and not used for verdicts.",
     "Conditional factors: the crossed frame holds each conditional factor at its reference level; each "
     "conditional factor is tested in a nested frame of the trials where it applies.",
 ]
@@ -83,6 +98,8 @@ def anova_display(anova: pd.DataFrame) -> pd.DataFrame:
         "frame",
         "term",
         "df",
+        "df_resid",
+        "error",
         "F",
         "p",
         "p_adj",
@@ -91,7 +108,7 @@ def anova_display(anova: pd.DataFrame) -> pd.DataFrame:
         "share",
         "significant",
     ]
-    shown = anova[columns].copy()
+    shown = anova[columns].rename(columns={"df_resid": "df error", "error": "error term"})
     shown["MDE (80% power)"] = [
         "" if row.significant else f"{row.mde:.3g} ({row.mde_measures})" for row in anova.itertuples()
     ]
@@ -102,7 +119,11 @@ def _anova_section(analysis: StudyAnalysis) -> Section:
     anova = analysis.primary.anova
     if anova.empty:
         return Section("ANOVA", ["No ANOVA could be fitted; see the notes."])
-    text = "Terms that are not significant show the smallest effect the study would detect with 80% power."
+    text = (
+        "Each term is tested against its error term (its seed interaction with two or more seeds). p_adj "
+        "is adjusted across every claim of the verdict. Terms that are not significant show the smallest "
+        "effect the study would detect with 80% power."
+    )
     return Section(f"ANOVA of {analysis.response}", [Table(anova_display(anova)), text])
 
 
@@ -130,7 +151,7 @@ def _effects_section(analysis: StudyAnalysis) -> Section:
     figure = Figure(
         "main_effects",
         figures.png_bytes(figures.main_effects_figure(effects, analysis.response)),
-        "Marginal means per level with 95% seed-bootstrap intervals",
+        "Marginal means per level with 95% t intervals",
     )
     return Section("Main effects", [figure, Table(effects_display(effects))])
 
@@ -191,7 +212,7 @@ def _shapley_display(shapley: pd.DataFrame) -> pd.DataFrame:
         {
             "player": shapley["player"],
             "Shapley value [95% CI]": _interval(shapley, "estimate", "ci_low", "ci_high"),
-            "share of total": [f"{100 * share:.0f}%" for share in shapley["share"]],
+            "share of total": [share_text(row) for row in shapley.itertuples()],
             "p_adj": shapley["p_adj"],
             "changed first": _interval(shapley, "alone", "alone_ci_low", "alone_ci_high"),
             "changed last": _interval(shapley, "last", "last_ci_low", "last_ci_high"),
@@ -199,10 +220,24 @@ def _shapley_display(shapley: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def share_text(row) -> str:
+    """A share as a percentage only when the value and the total agree in sign and it is at most 100%."""
+    if not (0.0 <= row.share <= 1.0):
+        return "against the total" if row.share < 0 else "more than the total"
+    return f"{100 * row.share:.0f}%"
+
+
 def _curves_section(analysis: StudyAnalysis, curves: pd.DataFrame) -> Section:
     png = figures.png_bytes(figures.loss_curves_figure(curves, analysis.trials, analysis.factors))
     return Section(
-        "Loss curves", [Figure("loss_curves", png, "Validation loss per cell: mean over seeds, 95% band")]
+        "Loss curves",
+        [
+            Figure(
+                "loss_curves",
+                png,
+                "Validation loss per cell (log scale): mean over seeds, 95% t band clipped to the seeds' range",
+            )
+        ],
     )
 
 
@@ -210,11 +245,23 @@ def _divergence_section(analysis: StudyAnalysis) -> Section:
     result = analysis.divergence
     png = figures.png_bytes(figures.divergence_heatmap(result.per_cell, analysis.factors))
     blocks: list = [Figure("divergence", png, "Divergence rate per cell (diverged/trials)")]
+    diverged = result.per_cell[result.per_cell["diverged"] > 0]
+    if not diverged.empty:
+        blocks.append(
+            Table(
+                diverged,
+                "Cells with diverged runs: rate, exact 95% interval, permutation test against the other cells",
+            )
+        )
     if not result.tests.empty:
         blocks.append(Table(result.tests, "Does a factor change the divergence rate?"))
     if not result.sensitivity.empty:
         blocks.append(
-            Table(result.sensitivity, "Adjusted p of each term under each treatment of diverged runs")
+            Table(
+                result.sensitivity,
+                "For reference, not used in verdicts: adjusted p of each term with diverged runs excluded "
+                "and capped at ln(vocab)",
+            )
         )
     return Section("Divergence", blocks)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,14 +76,16 @@ def players_of(
 
 
 def decompose(
-    comparison: Comparison, design: Design, table: CellTable, seed_weights: np.ndarray
+    comparison: Comparison, design: Design, table: CellTable, why: Mapping[str, str] | None = None
 ) -> ComparisonResult:
-    """Total, Shapley values (when every needed cell has trials) and both ablation paths."""
+    """Total, Shapley values (when every needed cell has trials) and both ablation paths.
+
+    `why`: cell label -> why the cell has no usable trials (e.g. 'all 5 trials diverged')."""
     baseline, target = resolve_sides(comparison, design)
     players = players_of(baseline, target, design)
     if not players:
         raise StudyDataError(f"comparison {comparison.name!r} changes no factor")
-    cells, missing = _subset_cells(players, baseline, target, table)
+    cells, missing = _subset_cells(players, baseline, target, table, why or {})
     names = list(players)
     result = ComparisonResult(
         name=comparison.name,
@@ -98,17 +101,15 @@ def decompose(
         return result
     total = cells[everyone] - cells[nobody]
     result.baseline_value = float(table.estimate(cells[nobody]))
-    result.total = _with_tests(table, np.array([total]), seed_weights, pd.DataFrame({"quantity": ["total"]}))
+    result.total = _with_tests(table, np.array([total]), pd.DataFrame({"quantity": ["total"]}))
     if not missing:
-        result.shapley = _shapley_table(
-            names, cells, table, seed_weights, float(result.total["estimate"].iloc[0])
-        )
-    result.paths = _paths(names, cells, baseline, target, players, table, seed_weights)
+        result.shapley = _shapley_table(names, cells, table, float(result.total["estimate"].iloc[0]))
+    result.paths = _paths(names, cells, baseline, target, players, table)
     return result
 
 
 def _subset_cells(
-    players, baseline, target, table: CellTable
+    players, baseline, target, table: CellTable, why: Mapping[str, str]
 ) -> tuple[dict[Subset, np.ndarray], dict[Subset, str]]:
     weights, missing = {}, {}
     for size in range(len(players) + 1):
@@ -119,8 +120,8 @@ def _subset_cells(
             except ValueError:
                 missing[frozenset(subset)] = f"{cell_label(spec)} (not in the design)"
                 continue
-            if table.empty_cells(w):
-                missing[frozenset(subset)] = f"{cell_label(spec)} (no usable trials)"
+            for label in table.empty_cells(w):
+                missing[frozenset(subset)] = f"{label} ({why.get(label, 'no usable trials')})"
             weights[frozenset(subset)] = w
     return weights, missing
 
@@ -150,24 +151,26 @@ def shapley_weights(names: list[str], cells: dict[Subset, np.ndarray]) -> np.nda
     return rows
 
 
-def _shapley_table(names, cells, table: CellTable, seed_weights: np.ndarray, total: float) -> pd.DataFrame:
+def _shapley_table(names, cells, table: CellTable, total: float) -> pd.DataFrame:
     everyone, nobody = frozenset(names), frozenset()
     values = shapley_weights(names, cells)
     alone = np.array([cells[frozenset({name})] - cells[nobody] for name in names])
     last = np.array([cells[everyone] - cells[everyone - {name}] for name in names])
-    result = _with_tests(table, values, seed_weights, pd.DataFrame({"player": names}))
+    result = _with_tests(table, values, pd.DataFrame({"player": names}))
     result.insert(4, "share", result["estimate"] / total if total != 0 else np.nan)
     for label, rows in (("alone", alone), ("last", last)):
-        summary = table.summarise(rows, seed_weights)
+        summary = table.summarise(rows)
         result[label] = summary["estimate"].to_numpy()
         result[f"{label}_ci_low"] = summary["ci_low"].to_numpy()
         result[f"{label}_ci_high"] = summary["ci_high"].to_numpy()
+    # order matters when changing a player first and last differ: an interaction contrast, tested
+    order = table.summarise(alone - last)
+    result["order_difference"] = order["estimate"].to_numpy()
+    result["order_p"] = order["p"].to_numpy() if len(names) > 1 else np.nan
     return result
 
 
-def _paths(
-    names, cells, baseline, target, players, table: CellTable, seed_weights: np.ndarray
-) -> pd.DataFrame:
+def _paths(names, cells, baseline, target, players, table: CellTable) -> pd.DataFrame:
     frames = []
     for order, sequence in (("forward", names), ("reverse", names[::-1])):
         steps = [frozenset(sequence[:j]) for j in range(len(sequence) + 1)]
@@ -183,16 +186,12 @@ def _paths(
                 "value": [float(table.estimate(cells[step])) for step in steps[1:]],
             }
         )
-        summary = table.summarise(deltas, seed_weights).rename(
-            columns=lambda c: c.replace("estimate", "delta")
-        )
+        summary = table.summarise(deltas)[["estimate", "ci_low", "ci_high", "p"]]
+        summary = summary.rename(columns={"estimate": "delta"})
         frames.append(pd.concat([keys, summary], axis=1))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _with_tests(
-    table: CellTable, rows: np.ndarray, seed_weights: np.ndarray, keys: pd.DataFrame
-) -> pd.DataFrame:
-    summary = table.summarise(rows, seed_weights)
-    tests = table.t_test(rows)
-    return pd.concat([keys, summary, tests[["t", "df", "p"]]], axis=1)
+def _with_tests(table: CellTable, rows: np.ndarray, keys: pd.DataFrame) -> pd.DataFrame:
+    summary = table.summarise(rows)
+    return pd.concat([keys, summary[["estimate", "ci_low", "ci_high", "se", "t", "df", "p"]]], axis=1)

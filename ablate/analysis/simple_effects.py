@@ -1,5 +1,5 @@
 """Simple effects behind a significant interaction: each factor's effect within each level combination of
-the other factors of the term, tested against the pooled residual of the cell-means model."""
+the other factors of the term, from the frame's model (t intervals, and an F test per slice)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,7 @@ from ablate.analysis.multiplicity import adjust
 
 
 def simple_effects(
-    table: CellTable,
-    term: Sequence[str],
-    reference: Mapping[str, str],
-    seed_weights: np.ndarray,
-    method: str,
+    table: CellTable, term: Sequence[str], reference: Mapping[str, str], method: str
 ) -> pd.DataFrame:
     """Rows per (factor, slice, level): difference vs the reference level with CI, and the slice's F test."""
     frames = []
@@ -27,9 +23,7 @@ def simple_effects(
         others = [name for name in term if name != factor]
         level_sets = [pd.unique(table.cells[name]) for name in others]
         for combo in itertools.product(*level_sets):
-            frames.append(
-                _slice(table, factor, dict(zip(others, combo, strict=True)), reference, seed_weights)
-            )
+            frames.append(_slice(table, factor, dict(zip(others, combo, strict=True)), reference))
     kept = [frame for frame in frames if not frame.empty]
     if not kept:
         return pd.DataFrame()
@@ -42,11 +36,7 @@ def simple_effects(
 
 
 def _slice(
-    table: CellTable,
-    factor: str,
-    within: dict[str, str],
-    reference: Mapping[str, str],
-    seed_weights: np.ndarray,
+    table: CellTable, factor: str, within: dict[str, str], reference: Mapping[str, str]
 ) -> pd.DataFrame:
     levels = list(pd.unique(table.cells[factor]))
     reference_level = reference[factor] if reference[factor] in levels else levels[0]
@@ -56,9 +46,9 @@ def _slice(
         rows = np.array([table.weights({factor: level, **within}) - base for level in others])
     except ValueError:  # the slice does not exist in this design
         return pd.DataFrame()
-    if table.empty_cells(np.abs(rows).sum(axis=0)):
+    if table.empty_cells(rows):
         return pd.DataFrame()
-    summary = table.summarise(rows, seed_weights)
+    summary = table.summarise(rows)
     f_value, df_num, df_den, p = table.f_test(rows)
     return pd.DataFrame(
         {
@@ -69,6 +59,7 @@ def _slice(
             "difference": summary["estimate"],
             "ci_low": summary["ci_low"],
             "ci_high": summary["ci_high"],
+            "p_difference": summary["p"],
             "F": f_value,
             "df_num": df_num,
             "df_den": df_den,

@@ -14,7 +14,12 @@ from ablate.analysis.table import NOT_APPLICABLE
 
 @dataclass(frozen=True)
 class PlantedStudy:
-    """True cell means = base + main effects + two-way interactions; noise per trial and per seed."""
+    """True cell means = base + main effects + two-way interactions; noise per trial and per seed.
+
+    Departures a real study may show: `seed_factor_sd` (per factor, a random effect per seed and level:
+    seeds differ in how much the factor helps), `level_variance` (noise variance multiplied in cells
+    with that factor level), `failed_rate` (trials lost to infrastructure), `divergence_rate` (every
+    trial), `divergence` (per factor level) and `dead_cells` (cells where every trial diverges)."""
 
     levels: dict[str, tuple[str, ...]]
     main_effects: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -24,6 +29,11 @@ class PlantedStudy:
     base: float = 3.5
     noise_sd: float = 0.01
     seed_sd: float = 0.005
+    seed_factor_sd: dict[str, float] = field(default_factory=dict)
+    level_variance: dict[tuple[str, str], float] = field(default_factory=dict)
+    failed_rate: float = 0.0
+    divergence_rate: float = 0.0
+    dead_cells: tuple[tuple[tuple[str, str], ...], ...] = ()
 
     def design(self) -> Design:
         reference = {name: levels[0] for name, levels in self.levels.items()}
@@ -39,28 +49,49 @@ class PlantedStudy:
 
     def divergence_probability(self, cell: dict[str, str]) -> float:
         chance = [p for (factor, level), p in self.divergence.items() if cell.get(factor) == level]
-        return max(chance, default=0.0)
+        if any(all(cell.get(name) == level for name, level in dead) for dead in self.dead_cells):
+            return 1.0
+        return max([*chance, self.divergence_rate], default=0.0)
+
+    def noise_scale(self, cell: dict[str, str]) -> float:
+        variance = math.prod(v for (name, level), v in self.level_variance.items() if cell.get(name) == level)
+        return self.noise_sd * math.sqrt(variance)
+
+
+def _seed_factor_effects(study: PlantedStudy, n_seeds: int, rng: np.random.Generator) -> dict:
+    # (seed, factor, level) -> offset; empty (no draws) unless the study asks for them
+    return {
+        (seed, name, level): rng.normal(0.0, sd)
+        for name, sd in study.seed_factor_sd.items()
+        for seed in range(n_seeds)
+        for level in study.levels[name]
+    }
 
 
 def simulate_trials(study: PlantedStudy, n_seeds: int, rng: np.random.Generator) -> pd.DataFrame:
     """One row per (cell, seed) with status, val_loss and two diagnostics; n/a levels left empty."""
     cells = study.design().cells().to_dict("records")
     seed_offsets = rng.normal(0.0, study.seed_sd, size=n_seeds)
+    random_effects = _seed_factor_effects(study, n_seeds, rng)
     rows = []
     for seed in range(n_seeds):
         for cell in cells:
-            loss = study.cell_mean(cell) + seed_offsets[seed] + rng.normal(0.0, study.noise_sd)
+            loss = study.cell_mean(cell) + seed_offsets[seed] + rng.normal(0.0, study.noise_scale(cell))
+            loss += sum(random_effects.get((seed, name, level), 0.0) for name, level in cell.items())
             diverged = rng.random() < study.divergence_probability(cell)
+            failed = study.failed_rate > 0 and rng.random() < study.failed_rate
+            status = "failed" if failed else "diverged" if diverged else "finished"
+            lost = status != "finished"
             rows.append(
                 {
                     "trial_id": f"t{len(rows):05d}",
                     **{name: (np.nan if level == NOT_APPLICABLE else level) for name, level in cell.items()},
                     "seed": seed,
-                    "status": "diverged" if diverged else "finished",
-                    "diverged_step": 400 if diverged else np.nan,
-                    "val_loss": np.nan if diverged else loss,
-                    "sink_mass": np.nan if diverged else rng.beta(2, 5),
-                    "key_norm_mean": np.nan if diverged else rng.normal(4.0, 0.3),
+                    "status": status,
+                    "diverged_step": 400 if status == "diverged" else np.nan,
+                    "val_loss": np.nan if lost else loss,
+                    "sink_mass": np.nan if lost else rng.beta(2, 5),
+                    "key_norm_mean": np.nan if lost else rng.normal(4.0, 0.3),
                 }
             )
     return pd.DataFrame(rows)
