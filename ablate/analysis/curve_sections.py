@@ -83,7 +83,9 @@ def training_effects_section(table: pd.DataFrame) -> Section:
         "Effects over training",
         [
             "Each factor's effect and each comparison's Shapley split of the validation loss at every "
-            "evaluation (negative: lower loss), with 95% intervals. Full table: "
+            "evaluation (negative: lower loss), with 95% intervals. These intervals and the words "
+            "'clear', 'fades' and 'persists' below are per statistic and per step, not adjusted for the "
+            "many statistics read here: the verdicts above are the adjusted ones. Full table: "
             "tables/effects_over_training.csv.",
             _trend_bullets(table),
             Figure(
@@ -130,7 +132,8 @@ def target_section(effects: pd.DataFrame, reached: pd.DataFrame, training: pd.Da
         "Tokens to a target loss",
         [
             "Tokens trained until the validation loss first reached each target (negative: sooner), "
-            "next to the difference in final loss: converging faster and ending lower are separate verdicts.",
+            "next to the difference in final loss: converging faster and ending lower are separate verdicts. "
+            "Each reads its own 95% interval, not adjusted for the many statistics here.",
             bullets,
             Table(reached, "Trials that reached each target, and their mean tokens to it, per cell"),
         ],
