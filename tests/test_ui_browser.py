@@ -14,13 +14,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from services import wait_for
+from services import ablate_command, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,17 +54,6 @@ CHROMIUM_FLAGS = (
     "--window-size=1600,1000",
 )
 WAIT_S = 90  # generous: the UI's bundle is large and the CI host may be busy
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ablate_command() -> list[str]:
-    script = Path(sys.executable).parent / "ablate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ablate.cli"]
 
 
 def artifacts_dir() -> Path:
