@@ -377,6 +377,7 @@ def ui(
         raise fail(f"{study}: no tracking store yet at {uri}; run `ablate run {study}` first")
     if not _port_free(host, port):
         raise fail(f"port {port} on {host} is in use (another UI?); choose another with --port")
+    _, experiment = _open_store(uri, design.experiment, study)  # a store MLflow cannot read exits 2
     _follow_move(design, uri)
     command = [
         sys.executable,
@@ -390,9 +391,7 @@ def ui(
         "--port",
         str(port),
     ]
-    console.print(
-        f"MLflow UI for {design.study.name}: {_runs_url(_open_store(uri, design.experiment, study)[1], host, port)}"
-    )
+    console.print(f"MLflow UI for {design.study.name}: {_runs_url(experiment, host, port)}")
     sys.stdout.flush()
     # MLflow's background job runner adds processes that slow the UI's shutdown; the UI needs none of it
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
