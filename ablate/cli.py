@@ -163,8 +163,11 @@ def plan(
     console.print(table)
     if design.resolution is not None:
         console.print(f"resolution {design.resolution}; aliases:\n  " + "\n  ".join(design.aliases()))
-    rate = tokens_per_s or default_rate(design.study.resources)
-    _print_cost(design, trial_hours(design, rate), rate, assumed=tokens_per_s is None)
+    measured = None if tokens_per_s else measured_rate(design)
+    rate = tokens_per_s or (measured[0] if measured else default_rate(design.study.resources))
+    _print_cost(design, trial_hours(design, rate), rate, assumed=tokens_per_s is None and not measured)
+    if measured:
+        console.print(f"  rate per trial from {measured[1]}", highlight=False)
     effects = Table(title=f"minimum detectable effect (80% power, alpha 0.05, seed sd {seed_sd:g})")
     for column in ("term", "df", "trials", "MDE", "measures"):
         effects.add_column(column)
@@ -176,6 +179,29 @@ def plan(
                 row["term"], str(row["df"]), str(row["trials"]), f"{row['mde']:.4g}", row["meaning"]
             )
     console.print(effects)
+
+
+def measured_rate(design) -> tuple[float, str] | None:
+    """One GPU trial's tokens/s from the nearest measured rate (ablate/rates.json) and what it is; None
+    for a CPU study, a study off the fast path (no CUDA graphs) or without a table. A trial's share of a
+    GPU gets that share of its aggregate."""
+    from ablate import rates
+    from ablate.config import RunConfig, from_dict
+
+    gpu = design.study.resources.gpu
+    if gpu <= 0:
+        return None
+    tree = design.run_tree(design.trials[0])
+    train = from_dict(RunConfig, tree).train
+    if not train.cuda_graphs:  # every measured row is of the fast path
+        return None
+    vocab, assumed = rates.study_vocab(tree.get("data", {}))
+    tokens = train.tokens
+    found = rates.nearest(vocab, 1.0 / gpu if gpu < 1 else 1.0, tokens)
+    if found is None:
+        return None
+    what = found.describe() + (f"; vocabulary assumed {vocab}" if assumed else "")
+    return found.tokens_per_s_per_gpu * gpu, what
 
 
 def default_rate(resources) -> float:

@@ -1,0 +1,52 @@
+"""`ablate plan` prices a GPU study from the nearest measured rate (ablate/rates.json) and names it."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ablate import rates
+from ablate.cli import app
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+ROWS = [
+    {"vocab": 8192, "trials_per_gpu": 1, "tokens_per_trial": 25_000_000, "tokens_per_s_per_gpu": 1.0},
+    {"vocab": 8192, "trials_per_gpu": 1, "tokens_per_trial": None, "tokens_per_s_per_gpu": 2.0},
+    {"vocab": 50257, "trials_per_gpu": 1, "tokens_per_trial": None, "tokens_per_s_per_gpu": 3.0},
+    {"vocab": 50257, "trials_per_gpu": 4, "tokens_per_trial": None, "tokens_per_s_per_gpu": 4.0},
+]
+
+
+def test_nearest_row_by_vocabulary_then_packing_then_trial_length():
+    assert rates.nearest(8192, 1, 20_000_000, ROWS).tokens_per_s_per_gpu == 1.0  # a short-trial study
+    assert rates.nearest(8192, 1, 500_000_000, ROWS).tokens_per_s_per_gpu == 2.0  # long trials
+    assert rates.nearest(32000, 1, 500_000_000, ROWS).tokens_per_s_per_gpu == 3.0  # nearer 50257 than 8192
+    assert rates.nearest(50257, 4, 500_000_000, ROWS).tokens_per_s_per_gpu == 4.0
+    assert rates.nearest(50257, 1, 1e6, []) is None
+
+
+def test_vocabulary_from_the_data_settings():
+    assert rates.study_vocab({"source": "random:50257"}) == (50257, False)
+    assert rates.study_vocab({"source": "pkg:english-v1", "tokenizer": "bpe:8192"}) == (8192, False)
+    assert rates.study_vocab({"tokenizer": "hf:EleutherAI/gpt-neo-125M"}) == (50257, True)
+
+
+def test_every_shipped_row_is_complete():
+    for row in rates.load_rows():
+        assert {"gpu", "vocab", "trials_per_gpu", "tokens_per_s_per_gpu", "date", "what", "command"} <= set(
+            row
+        )
+        assert row["tokens_per_s_per_gpu"] > 0
+
+
+def test_plan_names_the_measurement_it_used():
+    result = CliRunner().invoke(app, ["plan", str(STUDIES / "decomposition.yaml")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "1,450,000 tokens/s per trial" in text and "the decomposition study" in text
+    assert "an assumed rate" not in text
+
+
+def test_plan_keeps_the_assumed_rate_off_the_fast_path():
+    result = CliRunner().invoke(app, ["plan", str(STUDIES / "gpu_short.yaml")])  # eager: no CUDA graphs
+    assert result.exit_code == 0, result.output
+    assert "an assumed rate" in " ".join(result.output.split())
