@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args()
-    counts = [int(k) for k in args.processes.split(",")]
+    counts = sorted({1, *(int(k) for k in args.processes.split(","))})  # 1: the baseline of every ratio
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         env = start_mps(work) if args.mps else dict(os.environ)
@@ -96,7 +96,7 @@ def main() -> None:
                 stop_mps(env)
     label = f"{args.metric} {args.cell} {args.variant}, vocab {args.vocab}, {'MPS' if args.mps else 'no MPS'}"
     print(f"\n{label}\n\n| trials on the GPU | each (tokens/s) | aggregate | vs one |\n|---|---|---|---|")
-    one = sum(r["tokens_per_s"] for r in rows[0][1]) if rows else None
+    one = sum(r["tokens_per_s"] for r in rows[0][1])  # counts start at 1
     for k, results in rows:
         total = sum(r["tokens_per_s"] for r in results)
         each = "/".join(f"{r['tokens_per_s'] / 1e6:.2f}M" for r in results)

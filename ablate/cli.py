@@ -183,8 +183,7 @@ def plan(
 
 def measured_rate(design) -> tuple[float, str] | None:
     """One GPU trial's tokens/s from the nearest measured rate (ablate/rates.json) and what it is; None
-    for a CPU study, a study off the fast path (no CUDA graphs) or without a table. A trial's share of a
-    GPU gets that share of its aggregate."""
+    for a CPU study, a study off the fast path (no CUDA graphs) or without a table."""
     from ablate import rates
     from ablate.config import RunConfig, from_dict
 
@@ -201,7 +200,8 @@ def measured_rate(design) -> tuple[float, str] | None:
     if found is None:
         return None
     what = found.describe() + (f"; vocabulary assumed {vocab}" if assumed else "")
-    return found.tokens_per_s_per_gpu * gpu, what
+    # a trial trains on one device: a share of a GPU gets that share, more than one GPU no more than one
+    return found.tokens_per_s_per_gpu * min(gpu, 1.0), what
 
 
 def default_rate(resources) -> float:

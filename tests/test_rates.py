@@ -39,10 +39,12 @@ def test_every_shipped_row_is_complete():
 
 
 def test_plan_names_the_measurement_it_used():
+    # decomposition.yaml: bpe:8192, one trial per GPU, 25M tokens per trial, CUDA graphs
+    row = rates.nearest(8192, 1, 25_000_000).row
     result = CliRunner().invoke(app, ["plan", str(STUDIES / "decomposition.yaml")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "1,450,000 tokens/s per trial" in text and "the decomposition study" in text
+    assert f"{row['tokens_per_s_per_gpu']:,.0f} tokens/s per trial" in text and row["what"] in text
     assert "an assumed rate" not in text
 
 
