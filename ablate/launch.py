@@ -647,7 +647,7 @@ def run_tune(
         tune_config=tune.TuneConfig(
             scheduler=FIFOScheduler(),
             max_concurrent_trials=options.max_concurrent or study.max_concurrent,
-            reuse_actors=True,
+            reuse_actors=reuse_workers(design, todo),
             trial_name_creator=_trial_key,
             trial_dirname_creator=_trial_key,
         ),
@@ -668,6 +668,18 @@ def run_tune(
         quiet.setLevel(level)
         if not progress.console.is_terminal:
             progress.console.print()  # the last panel has no newline off a terminal
+
+
+def reuse_workers(design: Design, todo: list[Trial]) -> bool:
+    """Whether a Ray worker process may run several of these trials, one after another.
+
+    Not when a trial compiles. Reused after a compiled trial, worker processes died at the start of their
+    next trial (README, "Studies on the fast path": torch 2.11 on H200s, never on a process's first
+    trial); each compiled trial gets a process of its own, and inductor's on-disk caches
+    (`share_compile_caches`) keep its compilation cheap. Other trials share processes, which saves the
+    start of one per trial.
+    """
+    return not any(from_dict(RunConfig, _absolute_paths(design, t)).train.compile for t in todo)
 
 
 def summarize(design: Design, store: StudyStore, started: float, skipped: int) -> RunSummary:

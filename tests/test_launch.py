@@ -474,3 +474,19 @@ def test_ray_errors_reach_the_terminal_as_one_short_line(monkeypatch, capsys):
     (line,) = capsys.readouterr().out.splitlines()
     assert "Raylet is terminated. Termination is unexpected." in line
     assert len(line) < RAY_ERROR_CHARS + 80 and "/tmp/ray/session_latest/logs" in line
+
+
+def test_compiled_trials_get_a_worker_process_each(tmp_path, cache):
+    """Ray reuses worker processes across trials, but not when trials compile (see launch.reuse_workers)."""
+    from ablate.launch import reuse_workers
+
+    def design(compile_: bool):
+        fixed = tiny_fixed(cache, 2048)
+        fixed["train"] = {**fixed["train"], "compile": compile_}
+        spec = {"name": f"reuse-{compile_}", "factors": {"metric": {"levels": ["sdpa", "rbf"]}}, "seeds": 1,
+                "fixed": fixed}
+        return load_design(write_study(tmp_path / str(compile_), spec))
+
+    eager, compiled = design(False), design(True)
+    assert reuse_workers(eager, eager.trials)
+    assert not reuse_workers(compiled, compiled.trials)
