@@ -1,0 +1,54 @@
+"""The one-GPU against every-GPU comparison (ablate/bench_gpus.py): its table, ratio and input checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from rich.console import Console
+
+from ablate import bench_gpus
+
+
+def summary(tokens: float, wall: float, per_gpu: dict[str, int]) -> dict:
+    return {
+        "completed": sum(per_gpu.values()),
+        "tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tokens_per_s": tokens / wall,
+        "trials_per_gpu": per_gpu,
+        "max_trials_at_once_per_gpu": dict.fromkeys(per_gpu, 2),
+        "before_first_trial_s": {"Ray start": 4.0, "imports": 1.5},
+        "failed": [],
+        "processes": 54,
+    }
+
+
+def test_ratio_is_every_gpu_rate_over_one_gpu_rate():
+    console = Console(record=True, width=200)
+    one = summary(54e6, 300.0, {"0": 54})
+    every = summary(54e6, 160.0, {"0": 27, "1": 27})
+    ratio = bench_gpus.show(one, every, 2, console)
+    assert abs(ratio - 300.0 / 160.0) < 1e-9
+    text = console.export_text()
+    assert "0: 27, 1: 27" in text and "1.88x" in text
+    assert "5.5" in text  # the wait before the first trial, summed over its parts
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert bench_gpus.visible_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert bench_gpus.visible_gpus() == []
+
+
+def test_fewer_than_two_gpus_or_a_missing_study_is_a_clear_error(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text("name: x\n")
+    env = {"CUDA_VISIBLE_DEVICES": "0", "PATH": "/usr/bin:/bin"}
+    one = subprocess.run([sys.executable, "-m", "ablate.bench_gpus", str(study)], capture_output=True, text=True,
+                         env=env)
+    assert one.returncode != 0 and "shows 1 GPU(s)" in one.stderr and "Traceback" not in one.stderr
+    missing = subprocess.run([sys.executable, "-m", "ablate.bench_gpus", str(tmp_path / "nope.yaml")],
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode != 0 and "no such study file" in missing.stderr
