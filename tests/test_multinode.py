@@ -4,7 +4,9 @@ Ray's own multi-node test cluster starts node A (the head) and node B, one CPU e
 data cache (`ABLATE_CACHE` in the node's environment), so the study's one-CPU trials run on both. The
 real CLI runs the study against the cluster and the server. When node B has finished a trial and is
 training its next one, the test SIGKILLs that trial's worker and node B's raylet: the trial is retried
-on node A. Rerunning the same command then runs nothing: every (cell, seed) has exactly one result.
+on node A. Once the retry is training there, the test SIGKILLs the driver, with trials still to run.
+Rerunning the same command resumes: it runs only what has no result, and every (cell, seed) ends with
+exactly one.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class StudyRun:
     driver_cache: Path
     killed: object  # the MLflow run of the trial that was training on node B at the kill
     killed_at_ms: int
+    retry: object  # that trial's next attempt, training on node A when the driver was killed
     rerun: subprocess.CompletedProcess
     runs_before_rerun: dict[str, str]  # run id -> ablate.status, after the first launch
     logs: str
@@ -130,6 +133,24 @@ def _wait_for_second_trial_on(client, node: Node, driver: subprocess.Popen, log:
             )
         time.sleep(0.2)
     pytest.fail(f"node {node.name} did not start a second trial within {WAIT_S}s:\n{log.read_text()}")
+
+
+def _wait_for_retry_on(client, node: Node, killed, driver: subprocess.Popen, log: Path):
+    """Until the killed trial's next attempt is training on `node` (it has logged a metric); that run."""
+    trial_id, deadline = killed.data.tags["ablate.trial_id"], time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        for run in trial_runs(client):
+            tags = run.data.tags
+            if tags.get("ablate.trial_id") == trial_id and tags.get("ablate.node_id") == node.node_id:
+                if _status(run) == "running" and run.data.metrics:
+                    return run
+                if _status(run) == "finished":
+                    pytest.fail(f"the retry finished before the test saw it training (lengthen the trials):\n"
+                                f"{log.read_text()}")
+        if driver.poll() is not None:
+            pytest.fail(f"the study ended ({driver.returncode}) before the retry ran:\n{log.read_text()}")
+        time.sleep(0.2)
+    pytest.fail(f"no retry of {trial_id} on node {node.name} within {WAIT_S}s:\n{log.read_text()}")
 
 
 def _kill_node_mid_trial(run, node: Node) -> None:
@@ -195,6 +216,8 @@ def _run_study(folder: Path, url: str, nodes: tuple[Node, Node]) -> StudyRun:
         killed_at_ms = int(time.time() * 1000)
         _kill_node_mid_trial(killed, b)
         b.cluster.remove_node(b.node, allow_graceful=False)  # the rest of node B's processes
+        retry = _wait_for_retry_on(client, a, killed, driver, first_log)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its process group, mid-study
         driver.wait(WAIT_S)
     finally:
         stop(driver)
@@ -205,8 +228,8 @@ def _run_study(folder: Path, url: str, nodes: tuple[Node, Node]) -> StudyRun:
         f"first run ({driver.returncode}):\n{first_log.read_text()}\nrerun:\n{rerun.stdout}\n{rerun.stderr}"
     )
     logs += "\n" + _table(trial_runs(client), nodes)
-    assert driver.returncode == 0, logs
-    return StudyRun(url, a, b, driver_cache, killed, killed_at_ms, rerun, runs_before, logs)
+    assert driver.returncode == -signal.SIGKILL, logs
+    return StudyRun(url, a, b, driver_cache, killed, killed_at_ms, retry, rerun, runs_before, logs)
 
 
 def _table(runs, nodes: tuple[Node, Node]) -> str:
@@ -266,21 +289,31 @@ def test_a_trial_killed_with_its_node_is_retried_on_the_other_node(study_run):
     killed = study_run.killed
     runs = trial_runs(MlflowClient(study_run.url))
     attempt = next(r for r in runs if r.info.run_id == killed.info.run_id)
-    # closed by the driver: no result was reported ("finished": the kill came too late, lengthen the trials)
-    assert _status(attempt) == "failed", study_run.logs
+    # no result was reported ("finished": the kill came too late, lengthen the trials); closed as
+    # interrupted by the rerun, since the driver that saw the node die was killed too
+    assert _status(attempt) == "interrupted", study_run.logs
+    retry = study_run.retry  # Tune's retry, in the first launch, on the node that was left
+    assert retry.data.tags["ablate.node_id"] == study_run.a.node_id
+    assert retry.info.start_time > study_run.killed_at_ms
+    assert retry.info.run_id in study_run.runs_before_rerun
     trial_id = killed.data.tags["ablate.trial_id"]
-    (retried,) = [r for r in _finished(runs) if r.data.tags["ablate.trial_id"] == trial_id]
-    assert retried.data.tags["ablate.node_id"] == study_run.a.node_id
-    assert retried.info.start_time > study_run.killed_at_ms
+    (result,) = [r for r in _finished(runs) if r.data.tags["ablate.trial_id"] == trial_id]
+    assert result.data.tags["ablate.node_id"] == study_run.a.node_id
 
 
 def test_rerun_resumes_without_duplicates(study_run):
     from mlflow import MlflowClient
 
     assert study_run.rerun.returncode == 0, study_run.logs
-    assert "8 already done, 0 to run" in study_run.rerun.stdout, study_run.logs
+    before = study_run.runs_before_rerun
+    done = sum(status == "finished" for status in before.values())
+    assert 0 < done < len(KEYS), study_run.logs  # the driver was killed mid-study, with work left
+    assert f"{done} already done, {len(KEYS) - done} to run" in study_run.rerun.stdout, study_run.logs
     runs = trial_runs(MlflowClient(study_run.url))
-    assert {r.info.run_id: _status(r) for r in runs} == study_run.runs_before_rerun  # nothing run again
+    finished_before = {run_id for run_id, status in before.items() if status == "finished"}
+    assert finished_before <= {r.info.run_id for r in _finished(runs)}  # no result is replaced
+    new = [r for r in runs if r.info.run_id not in before]
+    assert len(new) == len(KEYS) - done, study_run.logs  # each trial without a result ran once more
     assert sorted(_key(r) for r in _finished(runs)) == KEYS, study_run.logs
     assert not [r for r in runs if r.info.status == "RUNNING"], "a child run was left running"
 
