@@ -465,7 +465,7 @@ class PhaseClock:
     """Wall time of a study launch's phases, for the parent run: metrics `study/time/<phase>_s`.
 
     Each metric is stamped with the time its phase ended, so a reader can also place the phases in time
-    (`python -m ablate.bench_study` splits the wait before the first trial this way).
+    (`python -m ablate.bench.study` splits the wait before the first trial this way).
     """
 
     def __init__(self) -> None:

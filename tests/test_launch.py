@@ -165,7 +165,7 @@ def test_one_finished_child_per_trial_with_every_param_metric_and_tag(concurrent
 
 
 def test_study_time_breakdown_reads_every_trials_phases(concurrent):
-    from ablate.bench_study import summarize
+    from ablate.bench.study import summarize
 
     design, _, client, runs = concurrent
     done = [r for r in runs if r.data.tags["ablate.status"] in ("finished", "diverged")]

@@ -4,7 +4,7 @@ and notes.
 Sections are (heading, bullets); a bullet that starts with two spaces is a sub-bullet. Every sentence
 that claims an effect contains one of CLAIM_WORDS and rests on a p-value adjusted across every claim
 the verdict can make (see `study.adjust_claims`); everything else describes without claiming.
-`ablate.analysis.calibrate` counts claims with `claim_lines`.
+`ablate.bench.calibrate` counts claims with `claim_lines`.
 """
 
 from __future__ import annotations

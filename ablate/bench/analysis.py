@@ -1,6 +1,6 @@
 """Benchmark: analysis and full report for 1000 simulated trials of the RBF replication design.
 
-    python -m ablate.analysis.bench [--trials 1000] [--points 20]
+    python -m ablate.bench.analysis [--trials 1000] [--points 20]
 
 The last seed is cut short to reach exactly --trials, so the design is unbalanced (Type III path).
 """

@@ -1,4 +1,4 @@
-"""How well a study uses its GPUs: `python -m ablate.bench_study STUDY [--alone | --baseline F] ...`.
+"""How well a study uses its GPUs: `python -m ablate.bench.study STUDY [--alone | --baseline F] ...`.
 
 Study efficiency = (total tokens trained / study wall time) / (steady tokens/s of one trial alone on
 the same GPU). Cells differ in speed, so `--alone` measures one trial alone per class of cells
@@ -33,7 +33,7 @@ def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
     tokens over the time its trials would take one after another, each alone (a harmonic mean). A cell
     several times slower than the rest then counts as slow work, not as lost efficiency.
     """
-    from ablate.bench import steady_median
+    from ablate.bench.throughput import steady_median
     from ablate.config import RunConfig, from_dict
     from ablate.design import load_design
     from ablate.logger import RecordingLogger

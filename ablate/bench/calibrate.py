@@ -1,6 +1,6 @@
 """Calibration of the verdict on simulated studies of the shipped designs' shapes.
 
-    python -m ablate.analysis.calibrate [--studies 500] [--scenario NAME ...] [--jobs 1] [--seed 0]
+    python -m ablate.bench.calibrate [--studies 500] [--scenario NAME ...] [--jobs 1] [--seed 0]
 
 For each scenario it simulates studies, runs `analyze` (primary response only, no report) and prints:
 the share of studies whose verdict text makes any claim (`verdicts.claim_lines`); the family-wise error
