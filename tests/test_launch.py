@@ -266,9 +266,8 @@ def test_raising_trial_is_retried_then_recorded_as_failed(concurrent):
 
 def test_results_table_and_curves(concurrent):
     design, _, _, _ = concurrent
-    trials, curves = tracking.load_study_results(
-        design.tracking_uri(), "concurrent", "concurrent", ["metric", "registers", "fault"], RESPONSES
-    )
+    record = tracking.StudyRecord.open(design.tracking_uri(), "concurrent", "concurrent")
+    trials, curves = record.tables(["metric", "registers", "fault"], RESPONSES)
     assert len(trials) == 12 and trials["trial_id"].is_unique
     assert trials["status"].value_counts().to_dict() == {"finished": 8, "diverged": 2, "failed": 2}
     applies = (trials["metric"] == "sdpa") & (trials["registers"] == "0")

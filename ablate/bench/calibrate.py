@@ -29,7 +29,7 @@ from ablate.analysis.effects import main_effects
 from ablate.analysis.shapley import decompose
 from ablate.analysis.simulate import PlantedStudy, simulate_trials
 from ablate.analysis.threads import one_blas_thread
-from ablate.analysis.verdicts import claim_lines, verdict_sections
+from ablate.report.verdicts import claim_lines, verdict_sections
 
 TOLERANCE = 1e-9
 

@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--mps", action="store_true", help="run the copies under NVIDIA MPS")
     parser.add_argument("--metric", default="sdpa")
     parser.add_argument("--variant", default="fused+graphs")
-    parser.add_argument("--cell", default="position=rope", help="model settings, as ablate.bench.throughput --cells")
+    parser.add_argument(
+        "--cell", default="position=rope", help="model settings, as ablate.bench.throughput --cells"
+    )
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args()

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from ablate import tracking
+
 
 def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
     """Steady tokens/s of one trial alone, in this process on GPU 0, for each class of the study's cells.
@@ -97,20 +99,15 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
     has `slots` of them (the most trials that ever ran at once) for its whole wall time. baseline: an
     `--alone` result; adds the efficiency.
     """
-    from ablate import tracking
     from ablate.design import load_design
 
     design = load_design(study)
-    client = tracking.MlflowClient(design.tracking_uri())
-    experiment = client.get_experiment_by_name(design.experiment)
-    parent = tracking.find_parent(client, experiment.experiment_id, design.study.name)
-    runs = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id) if parent else []
+    record = tracking.StudyRecord.open(design.tracking_uri(), design.experiment, design.study.name)
+    runs = record.runs()
     done = list(tracking.done_runs(runs).values())
     wall = ended - started
     tokens = sum(r.data.metrics.get("tokens", 0.0) for r in done)
-    spans = [
-        (r.info.start_time / 1e3, r.info.end_time / 1e3, r.data.tags.get("ablate.gpu_ids", "")) for r in done
-    ]
+    spans = [(r.info.start_time / 1e3, r.info.end_time / 1e3, tracking.tag(r, "gpu_ids", "")) for r in done]
     failed = failure_lines(runs)
     if not spans:
         return {"trials": len(runs), "completed": 0, "tokens": 0.0, "wall_s": wall, "failed": failed}
@@ -143,7 +140,7 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
     }
     capacity = slots * wall
     trial_seconds = sorted(e - s for s, e, _ in spans)
-    launch = launch_phases(client, parent.info.run_id)
+    launch = launch_phases(record)
     efficiency = {}
     if baseline is not None:
         ideal = alone_seconds(done, baseline)
@@ -168,7 +165,7 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         "ray_shutdown_s": launch.get("ray_shutdown", (None, None))[0],
         "trials_per_gpu": per_gpu,
         "max_trials_at_once_per_gpu": peak,
-        "devices": sorted({r.data.tags.get("ablate.device", "?") for r in done}),
+        "devices": sorted({tracking.tag(r, "device", "?") for r in done}),
         "failed": failed,
         "processes": len({_process(r) for r in done}),
         "gaps_in_process": process_gaps(
@@ -184,13 +181,11 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
 
 def failure_lines(runs: list) -> list[str]:
     """One line per trial that ended failed: "<cell> seed=<s> (<host>:<pid>): <the error>"."""
-    from ablate import tracking
 
     lines = []
     for run in tracking.results_runs(runs).values():
         if tracking.status_of(run) == "failed":
-            tags = run.data.tags
-            where = f"{tags.get('ablate.cell')} seed={tags.get('ablate.seed')} ({_process_text(run)})"
+            where = f"{tracking.tag(run, 'cell')} seed={tracking.tag(run, 'seed')} ({_process_text(run)})"
             lines.append(f"{where}: {tracking.error_line(run)}")
     return lines
 
@@ -198,12 +193,11 @@ def failure_lines(runs: list) -> list[str]:
 def _process_text(run) -> str:
     """Where an attempt ran: host:pid, the how-many-th trial of that process, which attempt."""
     host, pid = _process(run)
-    tags = run.data.tags
     where = [f"{host}:{pid}" if pid else "no process recorded"]
-    if tags.get("ablate.process_trial"):
-        where.append(f"trial {tags['ablate.process_trial']} of its process")
-    if tags.get("ablate.attempt"):
-        where.append(f"attempt {tags['ablate.attempt']}")
+    if tracking.tag(run, "process_trial"):
+        where.append(f"trial {tracking.tag(run, 'process_trial')} of its process")
+    if tracking.tag(run, "attempt"):
+        where.append(f"attempt {tracking.tag(run, 'attempt')}")
     return ", ".join(where)
 
 
@@ -222,12 +216,12 @@ def alone_seconds(runs: list, baseline: dict) -> float | None:
     return total
 
 
-def launch_phases(client, parent_run_id: str) -> dict[str, tuple[float, float]]:
+def launch_phases(record: tracking.StudyRecord) -> dict[str, tuple[float, float]]:
     """The parent run's `study/time/<phase>_s` metrics: phase -> (seconds, epoch seconds it ended)."""
     phases = {}
-    for key in client.get_run(parent_run_id).data.metrics:
+    for key in record.parent.data.metrics:
         if key.startswith("study/time/") and key.endswith("_s"):
-            last = client.get_metric_history(parent_run_id, key)[-1]
+            last = record.parent_metric_history(key)[-1]
             phases[key.removeprefix("study/time/").removesuffix("_s")] = (last.value, last.timestamp / 1e3)
     return phases
 
@@ -282,7 +276,7 @@ def process_gaps(spans: list[tuple[object, float, float]]) -> dict[str, float | 
 
 def _process(run) -> tuple[str | None, str | None]:
     """The worker process that ran a trial: (host, pid)."""
-    return run.data.tags.get("ablate.host"), run.data.tags.get("ablate.pid")
+    return tracking.tag(run, "host"), tracking.tag(run, "pid")
 
 
 def _first_window_tokens(run) -> float:

@@ -16,7 +16,7 @@ import pandas as pd
 from ablate.analysis.result import StudyAnalysis
 from ablate.analysis.shapley import ComparisonResult
 
-Section = tuple[str, list[str]]
+Bullets = tuple[str, list[str]]  # a heading and its bullets
 ADJUST_NAMES = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
 CLAIM_WORDS = (
     " matters",
@@ -60,7 +60,7 @@ def unit_of(response: str) -> str:
     return "nats" if "loss" in response else ""
 
 
-def claim_lines(sections: list[Section]) -> list[str]:
+def claim_lines(sections: list[Bullets]) -> list[str]:
     """The bullets of the verdict that claim an effect (the Study and Notes sections claim nothing)."""
     return [
         line
@@ -71,7 +71,7 @@ def claim_lines(sections: list[Section]) -> list[str]:
     ]
 
 
-def verdict_sections(analysis: StudyAnalysis) -> list[Section]:
+def verdict_sections(analysis: StudyAnalysis) -> list[Bullets]:
     """Every section of the plain-words summary, in report order."""
     sections = [("Study", _study_lines(analysis)), ("Factors", _factor_lines(analysis))]
     interactions = _interaction_lines(analysis)

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from ablate import figures
 from ablate.analysis import curves
-from ablate.analysis.document import Figure, Section, Table
 from ablate.analysis.result import StudyAnalysis
+from ablate.report import figures
+from ablate.report.document import Image, Section, Table
 
 SHAPES = {
     "fades": "clear early, gone by the end",
@@ -88,7 +88,7 @@ def training_effects_section(table: pd.DataFrame) -> Section:
             "many statistics read here: the verdicts above are the adjusted ones. Full table: "
             "tables/effects_over_training.csv.",
             _trend_bullets(table),
-            Figure(
+            Image(
                 "effects_over_training",
                 png,
                 "Effects and Shapley splits of validation loss vs tokens, 95% bands",
