@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from ablate.data import DataConfig
+from ablate.data_config import DataConfig
 from ablate.train_config import OptimConfig, TrainConfig
 from model import GPTConfig
 

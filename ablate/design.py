@@ -153,7 +153,7 @@ def load_design(path: Path) -> Design:
 
 def resolve_paths(tree: dict, base: Path | None) -> dict:
     """A run config with a relative local data.source and data.cache_dir read against `base`."""
-    from ablate.data import GENERATED
+    from ablate.data_config import GENERATED
 
     data = tree.get("data")
     if base is None or not isinstance(data, dict):

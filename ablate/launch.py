@@ -203,7 +203,7 @@ def _absolute_paths(design: Design, trial: Trial) -> dict:
 
     Relative paths in the study file are read against its folder (`Design.run_tree`).
     """
-    from ablate.data import DataConfig, cache_root
+    from ablate.data_config import DataConfig, cache_root
 
     tree = design.run_tree(trial)
     data = dict(tree.get("data", {}))
