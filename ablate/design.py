@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from ablate.config import ConfigError, RunConfig, from_dict, set_dotted, to_flat_dict
+from ablate.levels import cell_label
 from ablate.spec import MAX_TRIALS, Study, StudyError, listing, load_study
 
 ROMAN = {3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}
@@ -46,7 +47,7 @@ class Cell:
 
     @cached_property
     def label(self) -> str:
-        return " ".join(f"{factor}={level}" for factor, level in self.levels.items())
+        return cell_label(self.levels)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ablate.analysis.design import cell_label
+from ablate.levels import cell_label
 
 CONFIDENCE = 0.95
 SPLIT_PLOT = "split-plot"

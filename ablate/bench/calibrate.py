@@ -154,7 +154,7 @@ def planted(scenario: Scenario) -> PlantedStudy:
 
 def noise_free(study: PlantedStudy) -> pd.DataFrame:
     """One trial per cell at its true mean (seed 0), every trial finished."""
-    cells = study.design().cells()
+    cells = study.factor_space().cells()
     return cells.assign(
         val_loss=[study.cell_mean(cell) for cell in cells.to_dict("records")], seed=0, status="finished"
     )
@@ -171,7 +171,7 @@ class Truth:
 
 def truth_of(scenario: Scenario) -> Truth:
     study = planted(scenario)
-    design = study.design()
+    design = study.factor_space()
     factors = list(design.factors)
     data = noise_free(study)
     table = CellTable(data, factors, "val_loss", design.cells(), [0])

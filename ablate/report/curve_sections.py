@@ -147,7 +147,7 @@ def training_sections(
     loss curves; nothing without them."""
     if curve_table is None or curve_table.empty:
         return [], {}
-    reference, sides = analysis.design.reference, comparison_sides(analysis)
+    reference, sides = analysis.factor_space.reference, comparison_sides(analysis)
     training = curves.effects_over_training(analysis.trials, curve_table, analysis.factors, reference, sides)
     sections, tables = [], {"effects_over_training": training}
     if not training.empty:

@@ -7,9 +7,9 @@ import re
 
 import pandas as pd
 
-from ablate.analysis.design import cell_label
 from ablate.analysis.result import StudyAnalysis
 from ablate.analysis.shapley import ComparisonResult
+from ablate.levels import cell_label
 from ablate.report import figures
 from ablate.report.document import Image, Section, Table
 from ablate.report.verdicts import amount, verdict_sections
