@@ -16,20 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ablate.config import ConfigError, brief, load_yaml
 from ablate.levels import level_name
+from ablate.responses import RESPONSES
 
-# Responses a trial reports (its final summary): loss, speed and the attention diagnostics (layer means).
-RESPONSES = (
-    "val_loss",
-    "train_loss",
-    "tokens_per_s",
-    "mfu",
-    "key_norm_mean",
-    "key_norm_p99",
-    "key_norm_max_over_median",
-    "sink_first_token",
-    "sink_registers",
-    "attn_entropy",
-)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_SEEDS = 1000  # replicates per cell; more is a typo (and 5-10 already give tight intervals)
 MAX_SEED = 2**31 - 1  # seeds feed torch and numpy generators

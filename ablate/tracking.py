@@ -33,8 +33,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from ablate.responses import TRAIN_LOSS_CURVE, VAL_LOSS_CURVE
+
 T = TypeVar("T")
 TAG = "ablate."
+FINAL = "final/"  # a response's metric in a trial's run: final/<response name>
 DESCRIPTION = "mlflow.note.content"  # the tag MLflow shows as a run's description
 DONE = ("finished", "diverged")  # results: never rerun
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 5000
@@ -223,7 +226,7 @@ class TrialLogger:
             self._sampler.stop()
         self.flush()
         now = _now_ms()
-        metrics = [Metric(f"final/{k}", float(v), now, step) for k, v in summary.items() if v is not None]
+        metrics = [Metric(FINAL + k, float(v), now, step) for k, v in summary.items() if v is not None]
         batch = [
             RunTag(k, _text(v, MAX_TAG_CHARS)) for k, v in {**(tags or {}), TAG + "status": status}.items()
         ]
@@ -275,12 +278,12 @@ def _memory_sample() -> dict[str, float]:
 
 
 def final_metrics(summary: dict[str, float]) -> dict[str, float]:
-    """A trial summary as response names: 'key_norm_mean/mean' -> 'key_norm_mean'; non-finite kept."""
-    out = {}
-    for key, value in summary.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[key.removesuffix("/mean")] = float(value) if math.isfinite(value) else float("nan")
-    return out
+    """The numbers of a trial summary (already under their response names) as floats; non-finite as NaN."""
+    return {
+        key: float(value) if math.isfinite(value) else float("nan")
+        for key, value in summary.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
 
 
 def search(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
@@ -406,8 +409,8 @@ def trial_row(run, factors: list[str], responses: list[str]) -> dict[str, Any]:
     row.update({f: params.get(f"factor.{f}", math.nan) for f in factors})
     row["seed"] = int(params["seed"])
     row["status"] = status_of(run)
-    row["diverged_step"] = metrics.get("final/diverged_step", math.nan)
-    row.update({r: metrics.get(f"final/{r}", math.nan) for r in responses})
+    row["diverged_step"] = metrics.get(FINAL + "diverged_step", math.nan)
+    row.update({r: metrics.get(FINAL + r, math.nan) for r in responses})
     vocab = params.get("derived.vocab_size")
     row.update(vocab_size=int(vocab) if vocab else math.nan, run_id=run.info.run_id)
     row["error"] = tags.get(TAG + "error", "")
@@ -423,7 +426,7 @@ def curve_rows(client: MlflowClient, run) -> list[dict[str, Any]]:
     params, trial_id = run.data.params, run.data.tags.get(TAG + "trial_id")
     tokens_per_step = int(params.get("train.batch_size", 0)) * int(params.get("model.context", 0))
     points: dict[int, dict[str, Any]] = {}
-    for key, column, shift in (("val/loss", "val_loss", 0), ("train/loss", "train_loss", 1)):
+    for key, column, shift in ((VAL_LOSS_CURVE, "val_loss", 0), (TRAIN_LOSS_CURVE, "train_loss", 1)):
         for m in retrying(client.get_metric_history, run.info.run_id, key):
             steps = m.step + shift
             point = points.setdefault(

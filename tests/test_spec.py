@@ -9,7 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from ablate.cli import app
-from ablate.spec import RESPONSES, load_study
+from ablate.responses import RESPONSES
+from ablate.spec import load_study
 
 VALID = """
 name: demo
@@ -158,7 +159,7 @@ CASES = [
     (
         "unknown-response",
         edit(_set("responses.secondary", ["sink_mass"])),
-        ["responses.secondary:", "unknown response 'sink_mass'", ", ".join(RESPONSES[:3])],
+        ["responses.secondary:", "unknown response 'sink_mass'", ", ".join(list(RESPONSES)[:3])],
     ),
     (
         "comparison-unknown-factor",

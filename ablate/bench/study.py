@@ -121,10 +121,10 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
     slots = max(1, max(sum(1 for s, e, _ in spans if s <= start < e) for start, _, _ in spans))
     first, last = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
     in_trials = sum(e - s for s, e, _ in spans)
-    phase = {k: sum(r.data.metrics.get(f"final/time/{k}", 0.0) for r in done) for k in PHASES}
+    phase = {k: sum(r.data.metrics.get(f"{tracking.FINAL}time/{k}", 0.0) for r in done) for k in PHASES}
     steady_train = phase["train_s"] - phase["first_window_s"]
     steady_tokens = tokens - sum(
-        _first_window_tokens(r) for r in done if "final/time/train_s" in r.data.metrics
+        _first_window_tokens(r) for r in done if tracking.FINAL + "time/train_s" in r.data.metrics
     )
     slot_seconds = {
         "before_first_trial (Ray start, data, parent run)": slots * (first - started),
@@ -281,7 +281,7 @@ def _process(run) -> tuple[str | None, str | None]:
 
 def _first_window_tokens(run) -> float:
     """Tokens a trial trained in its first logging window (which includes its warm-up)."""
-    params, steps = run.data.params, run.data.metrics.get("final/steps", 0.0)
+    params, steps = run.data.params, run.data.metrics.get(tracking.FINAL + "steps", 0.0)
     window = min(float(params["train.log_every"]), steps)
     return window * float(params["train.batch_size"]) * float(params["model.context"])
 
