@@ -27,9 +27,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console(soft_wrap=True)
-# Assumed speeds of one trial, for `plan` without --tokens-per-s. GPU: the seed-size model trained at
-# about 1.5M tokens/s on one H200; CPU: the quickstart model ran about 25k tokens/s per core on this
-# project's 2-core machine (36 trials of 100k tokens in 68 s, 2 at once, evaluation and set-up included).
+# Assumed speeds of one trial, for `plan` without a measured rate: the seed-size model on one H200 GPU,
+# the quickstart model per CPU core (the measurements: README, Layout, measured numbers).
 GPU_TOKENS_PER_S = 1.5e6
 CPU_TOKENS_PER_S = 2.5e4
 StudyArg = Annotated[Path, typer.Argument(help="The study file (YAML), e.g. studies/quickstart.yaml.")]

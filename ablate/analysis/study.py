@@ -41,7 +41,7 @@ def analyze(
     vocab_size: int | None = None,
     seed: int = 0,
 ) -> StudyAnalysis:
-    """Attribute `response` (lower is better) to `factors` with the methods of DESIGN.md.
+    """Attribute `response` (lower is better) to `factors` with the methods README describes (Attribution).
 
     `trials`: one row per trial (trial_id, factor columns, seed, status, responses). `conditions`:
     factor -> {other factor: levels where it applies}; inferred from empty values when None.

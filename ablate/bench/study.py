@@ -111,6 +111,40 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
     failed = failure_lines(runs)
     if not spans:
         return {"trials": len(runs), "completed": 0, "tokens": 0.0, "wall_s": wall, "failed": failed}
+    slots = max(1, max(sum(1 for s, e, _ in spans if s <= start < e) for start, _, _ in spans))
+    phase = {k: sum(r.data.metrics.get(f"{tracking.FINAL}time/{k}", 0.0) for r in done) for k in PHASES}
+    slot_seconds = split_slot_seconds(spans, phase, slots, started, ended)
+    trial_seconds = sorted(e - s for s, e, _ in spans)
+    launch = launch_phases(record)
+    per_gpu, peak = gpu_occupancy(spans)
+    attempts = [
+        (_process(r), s / 1e3, e / 1e3) for r in runs if (s := r.info.start_time) and (e := r.info.end_time)
+    ]
+    return {
+        "trials": len(runs),
+        "completed": len(done),
+        "tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tokens_per_s": tokens / wall,
+        "steady_packed_tokens_per_s": steady_packed_rate(done, tokens, phase, slots),
+        "slots": slots,
+        "slot_seconds": slot_seconds,
+        "slot_share": {k: round(v / (slots * wall), 3) for k, v in slot_seconds.items()},
+        "median_trial_s": trial_seconds[len(trial_seconds) // 2],
+        "before_first_trial_s": before_first_trial(launch, started, min(s for s, _, _ in spans)),
+        "ray_shutdown_s": launch.get("ray_shutdown", (None, None))[0],
+        "trials_per_gpu": per_gpu,
+        "max_trials_at_once_per_gpu": peak,
+        "devices": sorted({tracking.tag(r, "device", "?") for r in done}),
+        "failed": failed,
+        "processes": len({_process(r) for r in done}),
+        "gaps_in_process": process_gaps(attempts),
+        **(efficiency(done, baseline, tokens, wall) if baseline is not None else {}),
+    }
+
+
+def gpu_occupancy(spans: list[tuple[float, float, str]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per GPU: how many trials ran on it, and the most that ran on it at once. spans: (start, end, gpu ids)."""
     per_gpu: dict[str, int] = {}
     peak: dict[str, int] = {}
     for start, _, gpus in spans:
@@ -118,64 +152,45 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
             per_gpu[gpu] = per_gpu.get(gpu, 0) + 1
             at_once = sum(1 for s, e, g in spans if gpu in g.split(",") and s <= start < e)
             peak[gpu] = max(peak.get(gpu, 0), at_once)
-    slots = max(1, max(sum(1 for s, e, _ in spans if s <= start < e) for start, _, _ in spans))
+    return per_gpu, peak
+
+
+def split_slot_seconds(
+    spans: list[tuple[float, float, str]], phase: dict[str, float], slots: int, started: float, ended: float
+) -> dict[str, float]:
+    """The study's slot-seconds (slots x wall time) by where they went, outside trials and inside them."""
     first, last = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
     in_trials = sum(e - s for s, e, _ in spans)
-    phase = {k: sum(r.data.metrics.get(f"{tracking.FINAL}time/{k}", 0.0) for r in done) for k in PHASES}
-    steady_train = phase["train_s"] - phase["first_window_s"]
-    steady_tokens = tokens - sum(
-        _first_window_tokens(r) for r in done if tracking.FINAL + "time/train_s" in r.data.metrics
-    )
-    slot_seconds = {
+    return {
         "before_first_trial (Ray start, data, parent run)": slots * (first - started),
         "after_last_trial (summary, Ray shutdown)": slots * (ended - last),
         "between_trials (idle slots: actor start, scheduling, tail)": slots * (last - first) - in_trials,
         "trial_setup (data load, model, optimiser)": phase["setup_s"],
         "first_window (compilation, warm-up)": phase["first_window_s"],
-        "training (steady)": steady_train,
+        "training (steady)": phase["train_s"] - phase["first_window_s"],
         "evaluation": phase["eval_s"],
         "logging in the loop": phase["log_s"],
         "trial_other (MLflow run open/close, imports)": in_trials
         - sum(v for k, v in phase.items() if k != "first_window_s"),  # the first window is in train_s
     }
-    capacity = slots * wall
-    trial_seconds = sorted(e - s for s, e, _ in spans)
-    launch = launch_phases(record)
-    efficiency = {}
-    if baseline is not None:
-        ideal = alone_seconds(done, baseline)
-        efficiency = {
-            "alone_tokens_per_s": baseline["alone_tokens_per_s"],
-            "alone_seconds": ideal,  # None when the baseline has no rate for some finished trial's class
-            "efficiency": ideal / wall if ideal else tokens / wall / baseline["alone_tokens_per_s"],
-        }
+
+
+def steady_packed_rate(done: list, tokens: float, phase: dict[str, float], slots: int) -> float | None:
+    """All slots' steady training together: tokens after each trial's first window over their time."""
+    steady_train = phase["train_s"] - phase["first_window_s"]
+    if not steady_train:
+        return None
+    timed = [r for r in done if tracking.FINAL + "time/train_s" in r.data.metrics]
+    return (tokens - sum(_first_window_tokens(r) for r in timed)) / (steady_train / slots)
+
+
+def efficiency(done: list, baseline: dict, tokens: float, wall: float) -> dict:
+    """The study's efficiency against an `--alone` baseline."""
+    ideal = alone_seconds(done, baseline)
     return {
-        "trials": len(runs),
-        "completed": len(done),
-        "tokens": tokens,
-        "wall_s": wall,
-        "aggregate_tokens_per_s": tokens / wall,
-        # all slots' steady training together: tokens after each trial's first window / its time
-        "steady_packed_tokens_per_s": steady_tokens / (steady_train / slots) if steady_train else None,
-        "slots": slots,
-        "slot_seconds": slot_seconds,
-        "slot_share": {k: round(v / capacity, 3) for k, v in slot_seconds.items()},
-        "median_trial_s": trial_seconds[len(trial_seconds) // 2],
-        "before_first_trial_s": before_first_trial(launch, started, first),
-        "ray_shutdown_s": launch.get("ray_shutdown", (None, None))[0],
-        "trials_per_gpu": per_gpu,
-        "max_trials_at_once_per_gpu": peak,
-        "devices": sorted({tracking.tag(r, "device", "?") for r in done}),
-        "failed": failed,
-        "processes": len({_process(r) for r in done}),
-        "gaps_in_process": process_gaps(
-            [
-                (_process(r), s / 1e3, e / 1e3)
-                for r in runs
-                if (s := r.info.start_time) and (e := r.info.end_time)
-            ]
-        ),
-        **efficiency,
+        "alone_tokens_per_s": baseline["alone_tokens_per_s"],
+        "alone_seconds": ideal,  # None when the baseline has no rate for some finished trial's class
+        "efficiency": ideal / wall if ideal else tokens / wall / baseline["alone_tokens_per_s"],
     }
 
 
