@@ -27,9 +27,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console(soft_wrap=True)
-# Assumed speeds of one trial, for `plan` without --tokens-per-s. GPU: the seed-size model trained at
-# about 1.5M tokens/s on one H200; CPU: the quickstart model ran about 25k tokens/s per core on this
-# project's 2-core machine (36 trials of 100k tokens in 68 s, 2 at once, evaluation and set-up included).
+# Assumed speeds of one trial, for `plan` without a measured rate: the seed-size model on one H200 GPU,
+# the quickstart model per CPU core (the measurements: README, Layout, measured numbers).
 GPU_TOKENS_PER_S = 1.5e6
 CPU_TOKENS_PER_S = 2.5e4
 StudyArg = Annotated[Path, typer.Argument(help="The study file (YAML), e.g. studies/quickstart.yaml.")]
@@ -102,17 +101,18 @@ def _tracking_uri(design, override: str | None, study: Path) -> str:
     return uri
 
 
-def _open_store(uri: str, experiment: str, study: Path):
-    """(client, the experiment or None) of an existing store; a store MLflow cannot read exits 2."""
+def open_record(design, uri: str, study: Path):
+    """The study's record in an existing store (after a moved study folder is followed); a store
+    MLflow cannot read exits 2."""
     from ablate import tracking
     from ablate.config import ConfigError
 
     try:
-        client = tracking.MlflowClient(uri)
-        return client, tracking.retrying(client.get_experiment_by_name, experiment)
-    except Exception as err:  # not an MLflow database, not an MLflow server, ...
-        message = f"cannot read the tracking store at {uri}: {tracking.one_line_error(str(err).split('[SQL:')[0], 300)}"
-        raise ConfigError("", message, str(study)) from None
+        record = tracking.StudyRecord.open(uri, design.experiment, design.study.name)
+    except tracking.UnreadableStore as err:
+        raise ConfigError("", str(err), str(study)) from None
+    tracking.relocate_artifacts(uri, design.experiment, design.output_dir / "artifacts")
+    return record
 
 
 def _load(study: Path):
@@ -322,13 +322,6 @@ def _store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 
 
-def _follow_move(design, uri: str) -> None:
-    """A moved or copied study folder keeps working: its store's artifact locations follow the folder."""
-    from ablate import tracking
-
-    tracking.relocate_artifacts(uri, design.experiment, design.output_dir / "artifacts")
-
-
 @app.command()
 @user_errors
 def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
@@ -340,13 +333,7 @@ def status(study: StudyArg, tracking_uri: TrackingOpt = None) -> None:
         console.print(f"{design.study.name}: not started (no store at {uri}); 0/{total} trials done")
         return
     _quiet_logs()
-    from ablate import tracking
-
-    client, experiment = _open_store(uri, design.experiment, study)
-    _follow_move(design, uri)
-    parent = experiment and tracking.find_parent(client, experiment.experiment_id, design.study.name)
-    runs = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id) if parent else []
-    _print_status(design, runs, uri)
+    _print_status(design, open_record(design, uri, study).runs(), uri)
 
 
 def _print_status(design, runs: list, uri: str) -> None:
@@ -354,7 +341,7 @@ def _print_status(design, runs: list, uri: str) -> None:
 
     chosen, running = (
         tracking.results_runs(runs),
-        {r.data.tags.get("ablate.trial_id") for r in runs if tracking.status_of(r) == "running"},
+        {tracking.tag(r, "trial_id") for r in runs if tracking.status_of(r) == "running"},
     )
     counts: dict[str, int] = {}
     for trial in design.trials:
@@ -370,7 +357,7 @@ def _print_status(design, runs: list, uri: str) -> None:
     console.print(table)
     for run in chosen.values():
         if tracking.status_of(run) == "failed":
-            where = f"{run.data.tags.get('ablate.cell')} seed={run.data.params.get('seed')}"
+            where = f"{tracking.tag(run, 'cell')} seed={run.data.params.get('seed')}"
             console.print(f"failed: {where}: {tracking.error_line(run)}", highlight=False, markup=False)
 
 
@@ -403,8 +390,7 @@ def ui(
         raise fail(f"{study}: no tracking store yet at {uri}; run `ablate run {study}` first")
     if not _port_free(host, port):
         raise fail(f"port {port} on {host} is in use (another UI?); choose another with --port")
-    _, experiment = _open_store(uri, design.experiment, study)  # a store MLflow cannot read exits 2
-    _follow_move(design, uri)
+    record = open_record(design, uri, study)  # a store MLflow cannot read exits 2
     command = [
         sys.executable,
         "-m",
@@ -417,7 +403,7 @@ def ui(
         "--port",
         str(port),
     ]
-    console.print(f"MLflow UI for {design.study.name}: {_runs_url(experiment, host, port)}")
+    console.print(f"MLflow UI for {design.study.name}: {_runs_url(record.experiment, host, port)}")
     sys.stdout.flush()
     # MLflow's background job runner adds processes that slow the UI's shutdown; the UI needs none of it
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -463,11 +449,11 @@ def analyze(
     ] = None,
 ) -> None:
     """Attribute a response to factors from a plain trials table (the statistics of `report`)."""
-    from ablate.report import analyze_main
+    from ablate.report import from_table
 
     names = [name.strip() for item in factors for name in item.split(",") if name.strip()]
     extra = [name.strip() for item in secondary or [] for name in item.split(",") if name.strip()]
-    code = analyze_main(
+    code = from_table(
         table,
         names,
         response,
@@ -501,69 +487,17 @@ def report(
 
 def _write_report(design, study: Path, uri: str, out: Path | None) -> dict[str, Path]:
     """The study's report files (written and logged to its parent run); prints the summary."""
-    from ablate import tracking
     from ablate.analysis import StudyDataError
     from ablate.preflight import check_writable
-    from ablate.report import summary_text, write_report
+    from ablate.report import from_study
 
     out_dir = out or design.output_dir / "report"
     check_writable(out_dir, "--out" if out else "output", str(study))
-    client, experiment = _open_store(uri, design.experiment, study)
-    _follow_move(design, uri)
-    trials, curves = study_results(design, uri)
+    record = open_record(design, uri, study)
     try:
-        analysis = analyze_study(design, trials)
+        return from_study(design, record, out_dir, console)
     except StudyDataError as err:
         raise fail(f"{study}: {err}") from None
-    targets = design.study.responses.targets
-    title = f"{design.study.name}: attribution"
-    paths = write_report(analysis, out_dir, curves=curves, title=title, targets=targets)
-    for name, frame in (("trials.csv", trials), ("curves.csv", curves)):  # inputs of `ablate analyze`
-        frame.to_csv(out_dir / name, index=False)
-        paths[name] = out_dir / name
-    parent = tracking.find_parent(client, experiment.experiment_id, design.study.name)
-    tracking.log_artifacts(
-        client, parent.info.run_id, {f"report/{name}": path for name, path in paths.items()}
-    )
-    console.print(summary_text(analysis))
-    console.print(f"report: {out_dir}  (also logged to the parent run {parent.info.run_id})")
-    return paths
-
-
-def study_results(design, uri: str):
-    """The study's trials table and curves, restricted to the trials the study file declares now."""
-    from ablate.analysis.curves import with_tokens_to_targets
-    from ablate.tracking import load_study_results
-
-    study = design.study
-    responses = [study.responses.primary, *study.responses.secondary]
-    trials, curves = load_study_results(uri, design.experiment, study.name, list(study.factors), responses)
-    declared = {t.trial_id for t in design.trials}
-    trials = trials[trials["trial_id"].isin(declared)].reset_index(drop=True)
-    if trials.empty:
-        raise LookupError(f"no finished trials of {study.name} at {uri} yet; run the study first")
-    curves = curves[curves["trial_id"].isin(declared)].reset_index(drop=True)
-    return with_tokens_to_targets(trials, curves, study.responses.targets), curves
-
-
-def analyze_study(design, trials):
-    """The analysis of a study's trials with its factors, responses, comparisons and conditions."""
-    from ablate.analysis import Comparison, analyze
-    from ablate.analysis.curves import target_column
-
-    study = design.study
-    comparisons = [Comparison(c.name, c.levels("baseline"), c.levels("target")) for c in study.comparisons]
-    conditions = {name: f.condition() for name, f in study.factors.items() if f.when}
-    vocab = trials["vocab_size"].dropna()
-    return analyze(
-        trials,
-        list(study.factors),
-        study.responses.primary,
-        comparisons=comparisons,
-        secondary=[*study.responses.secondary, *map(target_column, study.responses.targets)],
-        conditions=conditions or None,
-        vocab_size=int(vocab.iloc[0]) if len(vocab) else None,
-    )
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from ablate.data import DataConfig
+from ablate.data_config import DataConfig
 from ablate.train_config import OptimConfig, TrainConfig
 from model import GPTConfig
 
@@ -106,7 +106,7 @@ def _schema(cls: type) -> tuple[dict[str, Any], list[str]]:
 
 @functools.cache
 def _adapter(tp: Any) -> TypeAdapter:
-    return TypeAdapter(tp)  # building one costs far more than validating with it (10k cells: 20 s)
+    return TypeAdapter(tp)  # building one costs far more than validating with it (README, Layout)
 
 
 def _check_scalars(tp: Any, value: Any, key_path: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from ablate.config import ConfigError, RunConfig, from_dict, set_dotted, to_flat_dict
+from ablate.levels import cell_label
 from ablate.spec import MAX_TRIALS, Study, StudyError, listing, load_study
 
 ROMAN = {3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}
@@ -46,7 +47,7 @@ class Cell:
 
     @cached_property
     def label(self) -> str:
-        return " ".join(f"{factor}={level}" for factor, level in self.levels.items())
+        return cell_label(self.levels)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def load_design(path: Path) -> Design:
 
 def resolve_paths(tree: dict, base: Path | None) -> dict:
     """A run config with a relative local data.source and data.cache_dir read against `base`."""
-    from ablate.data import GENERATED
+    from ablate.data_config import GENERATED
 
     data = tree.get("data")
     if base is None or not isinstance(data, dict):

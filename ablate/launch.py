@@ -75,19 +75,16 @@ def read_study_store(design: Design, options: LaunchOptions) -> tuple[StudyStore
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return store, None, []
     try:
-        store.client = tracking.MlflowClient(uri)
-        found = tracking.retrying(store.client.get_experiment_by_name, design.experiment)
-    except Exception as err:  # a file that is not an MLflow database, a server that is not MLflow, ...
-        message = f"cannot read the tracking store at {uri}: {tracking.one_line_error(str(err).split('[SQL:')[0], 300)}"
+        record = tracking.StudyRecord.open(
+            uri, design.experiment, design.study.name, parent=not options.fresh
+        )
+    except (
+        tracking.UnreadableStore
+    ) as err:  # a file that is not an MLflow database, a server that is not MLflow
         key = "--tracking-uri" if options.tracking_uri else "tracking.uri"
-        raise StudyError([(key, message)], str(design.source) if design.source else None) from None
-    if found is None:
-        return store, None, []
-    store.experiment_id = found.experiment_id
-    parent = (
-        None if options.fresh else tracking.find_parent(store.client, found.experiment_id, design.study.name)
-    )
-    runs = tracking.child_runs(store.client, found.experiment_id, parent.info.run_id) if parent else []
+        raise StudyError([(key, str(err))], str(design.source) if design.source else None) from None
+    store.client, store.experiment_id = record.client, record.experiment_id
+    parent, runs = record.parent, record.runs()
     check_settings_unchanged(design, runs)
     store.parent_run_id = parent.info.run_id if parent else ""
     return store, parent, runs
@@ -206,7 +203,7 @@ def _absolute_paths(design: Design, trial: Trial) -> dict:
 
     Relative paths in the study file are read against its folder (`Design.run_tree`).
     """
-    from ablate.data import DataConfig, cache_root
+    from ablate.data_config import DataConfig, cache_root
 
     tree = design.run_tree(trial)
     data = dict(tree.get("data", {}))
@@ -465,7 +462,7 @@ class PhaseClock:
     """Wall time of a study launch's phases, for the parent run: metrics `study/time/<phase>_s`.
 
     Each metric is stamped with the time its phase ended, so a reader can also place the phases in time
-    (`python -m ablate.bench_study` splits the wait before the first trial this way).
+    (`python -m ablate.bench.study` splits the wait before the first trial this way).
     """
 
     def __init__(self) -> None:

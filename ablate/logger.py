@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Protocol
 
+from ablate.responses import TRAIN_LOSS_CURVE, VAL_LOSS_CURVE
+
 
 class MetricLogger(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -23,7 +25,7 @@ class NullLogger:
 class ConsoleLogger:
     """Prints train/val progress lines to stderr (used by `ablate train`)."""
 
-    KEYS = ("train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+    KEYS = (TRAIN_LOSS_CURVE, VAL_LOSS_CURVE, "lr", "grad_norm", "tokens_per_s", "mfu")
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass

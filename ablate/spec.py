@@ -15,20 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablate.config import ConfigError, brief, load_yaml
+from ablate.levels import level_name
+from ablate.responses import RESPONSES
 
-# Responses a trial reports (its final summary): loss, speed and the attention diagnostics (layer means).
-RESPONSES = (
-    "val_loss",
-    "train_loss",
-    "tokens_per_s",
-    "mfu",
-    "key_norm_mean",
-    "key_norm_p99",
-    "key_norm_max_over_median",
-    "sink_first_token",
-    "sink_registers",
-    "attn_entropy",
-)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_SEEDS = 1000  # replicates per cell; more is a typo (and 5-10 already give tight intervals)
 MAX_SEED = 2**31 - 1  # seeds feed torch and numpy generators
@@ -41,13 +30,6 @@ def listing(names, limit: int = 12) -> str:
     names = [str(n) for n in names]
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(brief(n) if len(n) > 40 else n for n in names[:limit]) + more
-
-
-def level_name(value: Any) -> str:
-    """The name of a plain level value as it appears in tables and comparisons (YAML spelling)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "null" if value is None else str(value)
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
@@ -183,13 +165,15 @@ class Tracking(Strict):
     )  # at most this long between metric batches (0: every call)
 
 
-class Design(Strict):
+class DesignSpec(Strict):
+    """The `design:` section of a study file: the full factorial, or a fraction of it by generators."""
+
     type: Literal["full", "fractional"] = "full"
     generators: list[str] = Field(default_factory=list)  # fractional: e.g. ["D=ABC"] or ["d=a*b*c"]
     resolution: int | None = Field(default=None, ge=3)  # fractional: stated resolution (checked)
 
     @model_validator(mode="after")
-    def _generators_fit_type(self) -> Design:
+    def _generators_fit_type(self) -> DesignSpec:
         if self.type == "full" and (self.generators or self.resolution is not None):
             raise ValueError("generators/resolution only apply to `type: fractional`")
         if self.type == "fractional" and not self.generators:
@@ -212,7 +196,7 @@ class Study(Strict):
     retries: int = Field(default=2, ge=0)  # re-runs of a trial that failed (never of a diverged one)
     output: str | None = None  # output directory, relative to the study file; None: runs/<name>
     tracking: Tracking = Field(default_factory=Tracking)
-    design: Design = Field(default_factory=Design)
+    design: DesignSpec = Field(default_factory=DesignSpec)
 
     @field_validator("name")
     @classmethod

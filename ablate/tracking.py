@@ -33,8 +33,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from ablate.responses import TRAIN_LOSS_CURVE, VAL_LOSS_CURVE
+
 T = TypeVar("T")
 TAG = "ablate."
+FINAL = "final/"  # a response's metric in a trial's run: final/<response name>
 DESCRIPTION = "mlflow.note.content"  # the tag MLflow shows as a run's description
 DONE = ("finished", "diverged")  # results: never rerun
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 5000
@@ -202,10 +205,6 @@ class TrialLogger:
         if due:
             self.flush()
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        batch = [RunTag(k, _text(v, MAX_TAG_CHARS)) for k, v in tags.items()]
-        retrying(self.client.log_batch, self.run_id, tags=batch)
-
     def flush(self) -> None:
         """Send everything buffered (in chunks the store accepts)."""
         with self._lock:
@@ -227,7 +226,7 @@ class TrialLogger:
             self._sampler.stop()
         self.flush()
         now = _now_ms()
-        metrics = [Metric(f"final/{k}", float(v), now, step) for k, v in summary.items() if v is not None]
+        metrics = [Metric(FINAL + k, float(v), now, step) for k, v in summary.items() if v is not None]
         batch = [
             RunTag(k, _text(v, MAX_TAG_CHARS)) for k, v in {**(tags or {}), TAG + "status": status}.items()
         ]
@@ -279,12 +278,12 @@ def _memory_sample() -> dict[str, float]:
 
 
 def final_metrics(summary: dict[str, float]) -> dict[str, float]:
-    """A trial summary as response names: 'key_norm_mean/mean' -> 'key_norm_mean'; non-finite kept."""
-    out = {}
-    for key, value in summary.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[key.removesuffix("/mean")] = float(value) if math.isfinite(value) else float("nan")
-    return out
+    """The numbers of a trial summary (already under their response names) as floats; non-finite as NaN."""
+    return {
+        key: float(value) if math.isfinite(value) else float("nan")
+        for key, value in summary.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
 
 
 def search(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
@@ -335,8 +334,13 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
     return search(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
+def tag(run, name: str, default: str | None = None) -> str | None:
+    """A run's `ablate.<name>` tag."""
+    return run.data.tags.get(TAG + name, default)
+
+
 def status_of(run) -> str:
-    return run.data.tags.get(TAG + "status", "running")
+    return tag(run, "status", "running")
 
 
 def done_runs(runs: list) -> dict[str, Any]:
@@ -405,8 +409,8 @@ def trial_row(run, factors: list[str], responses: list[str]) -> dict[str, Any]:
     row.update({f: params.get(f"factor.{f}", math.nan) for f in factors})
     row["seed"] = int(params["seed"])
     row["status"] = status_of(run)
-    row["diverged_step"] = metrics.get("final/diverged_step", math.nan)
-    row.update({r: metrics.get(f"final/{r}", math.nan) for r in responses})
+    row["diverged_step"] = metrics.get(FINAL + "diverged_step", math.nan)
+    row.update({r: metrics.get(FINAL + r, math.nan) for r in responses})
     vocab = params.get("derived.vocab_size")
     row.update(vocab_size=int(vocab) if vocab else math.nan, run_id=run.info.run_id)
     row["error"] = tags.get(TAG + "error", "")
@@ -422,7 +426,7 @@ def curve_rows(client: MlflowClient, run) -> list[dict[str, Any]]:
     params, trial_id = run.data.params, run.data.tags.get(TAG + "trial_id")
     tokens_per_step = int(params.get("train.batch_size", 0)) * int(params.get("model.context", 0))
     points: dict[int, dict[str, Any]] = {}
-    for key, column, shift in (("val/loss", "val_loss", 0), ("train/loss", "train_loss", 1)):
+    for key, column, shift in ((VAL_LOSS_CURVE, "val_loss", 0), (TRAIN_LOSS_CURVE, "train_loss", 1)):
         for m in retrying(client.get_metric_history, run.info.run_id, key):
             steps = m.step + shift
             point = points.setdefault(
@@ -432,37 +436,74 @@ def curve_rows(client: MlflowClient, run) -> list[dict[str, Any]]:
     return [points[s] for s in sorted(points)]
 
 
-def load_study_results(
-    uri: str,
-    experiment: str,
-    study: str,
-    factors: list[str],
-    responses: list[str],
-    *,
-    parent_run_id: str | None = None,
-    curves: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The study's trials table (one row per trial with a result) and its long table of loss curves.
+class UnreadableStore(ValueError):
+    """A tracking URI that MLflow cannot read (not an MLflow database, not an MLflow server, ...)."""
 
-    Trials: trial_id, cell_id, one column per factor (NaN where it does not apply), seed, status
-    (finished | diverged | failed), diverged_step, the responses, vocab_size, run_id, error.
-    Curves: trial_id, step, tokens, val_loss, train_loss (finished and diverged trials).
+
+class StudyRecord:
+    """The read side of a study's record, beside its writer `TrialLogger`: the experiment, the study's
+    newest parent run and its child runs. Every read is retried (a SQLite file is busy under load).
+
+    A store without the experiment, or an experiment without the study, reads as a study with no runs.
     """
-    client = MlflowClient(uri)
-    found = retrying(client.get_experiment_by_name, experiment)
-    parent = None if found is None else find_parent(client, found.experiment_id, study)
-    if parent_run_id is None and parent is None:
-        raise LookupError(f"no runs of study {study!r} in experiment {experiment!r} at {uri}; run it first")
-    parent_id = parent_run_id or parent.info.run_id
-    chosen = list(results_runs(child_runs(client, found.experiment_id, parent_id)).values())
-    columns = ["trial_id", "cell_id", *factors, "seed", "status", "diverged_step", *responses]
-    trials = pd.DataFrame(
-        [trial_row(r, factors, responses) for r in chosen], columns=None if chosen else columns
-    )
-    done = [r for r in chosen if status_of(r) in DONE] if curves else []
-    rows = [row for run in done for row in curve_rows(client, run)]
-    curve_frame = pd.DataFrame(rows, columns=["trial_id", "step", "tokens", "val_loss", "train_loss"])
-    return trials.sort_values(["seed", "trial_id"]).reset_index(drop=True) if chosen else trials, curve_frame
+
+    def __init__(self, client: MlflowClient, name: str, study: str, experiment: Any, parent: Any):
+        self.client, self.name, self.study = client, name, study
+        self.experiment, self.parent = experiment, parent  # None where missing
+
+    @classmethod
+    def open(cls, uri: str, experiment: str, study: str, *, parent: bool = True) -> StudyRecord:
+        """Read `study`'s record in `experiment` at `uri` (parent=False: skip the parent run, as a fresh
+        launch does); raises UnreadableStore, with the reason in one line, for a store MLflow cannot read."""
+        try:
+            client = MlflowClient(uri)
+            found = retrying(client.get_experiment_by_name, experiment)
+            newest = find_parent(client, found.experiment_id, study) if found is not None and parent else None
+        except Exception as err:
+            reason = one_line_error(str(err).split("[SQL:")[0], 300)
+            raise UnreadableStore(f"cannot read the tracking store at {uri}: {reason}") from None
+        return cls(client, experiment, study, found, newest)
+
+    @property
+    def experiment_id(self) -> str:
+        """The experiment's id; "" when it does not exist yet."""
+        return self.experiment.experiment_id if self.experiment is not None else ""
+
+    @property
+    def parent_run_id(self) -> str:
+        """The newest parent run's id; "" when the study has none."""
+        return self.parent.info.run_id if self.parent is not None else ""
+
+    def runs(self) -> list:
+        """Every child run (trial attempt) of the parent run, oldest first."""
+        return child_runs(self.client, self.experiment_id, self.parent_run_id) if self.parent else []
+
+    def parent_metric_history(self, key: str) -> list:
+        return retrying(self.client.get_metric_history, self.parent_run_id, key)
+
+    def tables(
+        self, factors: list[str], responses: list[str], *, curves: bool = True
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The study's trials table (one row per trial with a result) and its long table of loss curves.
+
+        Trials: trial_id, cell_id, one column per factor (NaN where it does not apply), seed, status
+        (finished | diverged | failed), diverged_step, the responses, vocab_size, run_id, error.
+        Curves: trial_id, step, tokens, val_loss, train_loss (finished and diverged trials).
+        """
+        if self.parent is None:
+            where = f"in experiment {self.name!r} at {self.client.tracking_uri}"
+            raise LookupError(f"no runs of study {self.study!r} {where}; run it first")
+        chosen = list(results_runs(self.runs()).values())
+        columns = ["trial_id", "cell_id", *factors, "seed", "status", "diverged_step", *responses]
+        trials = pd.DataFrame(
+            [trial_row(r, factors, responses) for r in chosen], columns=None if chosen else columns
+        )
+        done = [r for r in chosen if status_of(r) in DONE] if curves else []
+        rows = [row for run in done for row in curve_rows(self.client, run)]
+        curve_frame = pd.DataFrame(rows, columns=["trial_id", "step", "tokens", "val_loss", "train_loss"])
+        if chosen:
+            trials = trials.sort_values(["seed", "trial_id"]).reset_index(drop=True)
+        return trials, curve_frame
 
 
 PACKAGES = (

@@ -15,7 +15,8 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from ablate.config import ConfigError, RunConfig, load_run_config, to_flat_dict
 from ablate.data import PackedData, prepare, train_batches, val_batches
 from ablate.logger import ConsoleLogger, MetricLogger, NullLogger
+from ablate.responses import DIAGNOSTICS, TRAIN_LOSS_CURVE, VAL_LOSS_CURVE
 from ablate.train_config import OptimConfig, TrainConfig
 from model import GPT
 
@@ -91,7 +93,7 @@ def evaluate(
     with autocast:
         diag = model.diagnostics(first_x[: cfg.train.diagnostics_batch])
     model.train()
-    return {"val/loss": total / count, **{f"diag/{k}": v for k, v in diag.items()}}
+    return {VAL_LOSS_CURVE: total / count, **{f"diag/{k}": v for k, v in diag.items()}}
 
 
 def _setup(cfg: RunConfig, data: PackedData | None):
@@ -135,16 +137,8 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
         eps=oc.eps,
         fused=device.type == "cuda",
     )
-    loss_kind = tc.loss if tc.loss != "auto" else _auto_loss(device, tc)
-    if device.type != "cuda" and (needs := tc.cuda_only()):  # auto never picks CUDA-only paths
-        raise ConfigError(needs[0].partition(":")[0], f"needs a CUDA device; this run is on {device.type}")
-    step_model = model
-    if tc.compile:
-        # a process may run many trials (Ray reuses workers): without a reset, each new model is a
-        # recompilation of the last, and past torch's recompile limit the step silently runs eager
-        torch._dynamo.reset()
-        # cuda_graphs: inductor captures the compiled forward and backward as CUDA graphs
-        step_model = torch.compile(model, mode="reduce-overhead" if tc.cuda_graphs else None)
+    loss_kind = _loss_kind(device, tc)
+    step_model = _compiled(model, tc) if tc.compile else model
     bound = tc.diverge_loss if tc.diverge_loss is not None else 2.0 * math.log(data.vocab_size)
     flops_per_token, peak = model.flops_per_token(), peak_flops(device)
     logger.log_params(
@@ -159,12 +153,8 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
         }
     )
     batches = train_batches(data, tc.batch_size, seed=cfg.resolved_data_seed, device=device)
-    window = torch.zeros(tc.log_every, device=device)  # this window's losses, checked without a per-step sync
-    throughputs: list[float] = []
-    last_val, t_window, window_start, paused = None, time.perf_counter(), 0, 0.0
-    timing = dict.fromkeys(("first_window_s", "train_s", "eval_s", "log_s"), 0.0)
-    timing["setup_s"] = t_window - entered  # data, model, optimiser
-    nan_at, raise_at = tc.fault_at("nan"), tc.fault_at("raise")
+    window = Window(tc.log_every, device, entered)
+    last_val, nan_at, raise_at = None, tc.fault_at("nan"), tc.fault_at("raise")
 
     for step in range(total_steps):
         lr = lr_at(step, total_steps, oc)
@@ -173,11 +163,10 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
         model.set_step(step)
 
         if step > 0 and step % tc.eval_every == 0:
-            t_eval = time.perf_counter()
-            eval_metrics = evaluate(model, data, cfg, device, autocast)
-            last_val = eval_metrics["val/loss"]
-            logger.log_metrics({**eval_metrics, "tokens": step * tokens_per_step}, step)
-            paused += time.perf_counter() - t_eval  # evaluation time is not training time
+            with window.paused():  # evaluation time is not training time
+                eval_metrics = evaluate(model, data, cfg, device, autocast)
+                last_val = eval_metrics[VAL_LOSS_CURVE]
+                logger.log_metrics({**eval_metrics, "tokens": step * tokens_per_step}, step)
 
         x, y = next(batches)
         if step == raise_at:
@@ -192,24 +181,18 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window[step - window_start] = loss.detach()
+        window.add(step, loss)
 
-        if step - window_start + 1 == tc.log_every or step == total_steps - 1:
-            losses = window[: step - window_start + 1].tolist()  # one sync per window
+        if window.ends_at(step, total_steps):
+            losses = window.read(step)  # one sync per window
             bad = [i for i, v in enumerate(losses) if not math.isfinite(v) or v > bound]
             if bad:
-                at = window_start + bad[0]
-                logger.log_metrics({"train/loss": losses[bad[0]], "diverged": 1.0}, at)
+                at = window.start + bad[0]
+                logger.log_metrics({TRAIN_LOSS_CURVE: losses[bad[0]], "diverged": 1.0}, at)
                 return TrialResult("diverged", at, at * tokens_per_step, last_val, diverged_step=at)
-            elapsed = time.perf_counter() - t_window - paused
-            timing["train_s"] += elapsed
-            timing["eval_s"] += paused
-            if not throughputs:
-                timing["first_window_s"] = timing["train_s"]  # includes compilation and warm-up
-            tps = len(losses) * tokens_per_step / max(elapsed, 1e-9)
-            throughputs.append(tps)
+            tps = window.close(len(losses) * tokens_per_step)
             metrics = {
-                "train/loss": losses[-1],
+                TRAIN_LOSS_CURVE: losses[-1],
                 "lr": lr,
                 "grad_norm": grad_norm.item(),
                 "tokens_per_s": tps,
@@ -221,26 +204,74 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
             if device.type == "cuda":
                 metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log_metrics(metrics, step)
-            now = time.perf_counter()
-            timing["log_s"] += now - (t_window + elapsed + paused)
-            window_start, t_window, paused = step + 1, now, 0.0
+            window.reopen(step)
 
     t_eval = time.perf_counter()
     final = evaluate(model, data, cfg, device, autocast)
     logger.log_metrics({**final, "tokens": total_steps * tokens_per_step}, total_steps)
-    timing["eval_s"] += time.perf_counter() - t_eval
-    steady = statistics.median(throughputs[1:] or throughputs)
-    summary = {
-        "val_loss": final["val/loss"],
+    window.timing["eval_s"] += time.perf_counter() - t_eval
+    steady = window.steady_rate()
+    summary = {  # the responses, under the names ablate.responses declares
+        "val_loss": final[VAL_LOSS_CURVE],
         "train_loss": losses[-1],
         "tokens_per_s": steady,
         **({"mfu": steady * flops_per_token / peak} if peak else {}),
-        **{k.removeprefix("diag/"): v for k, v in final.items() if k.endswith("/mean")},
-        **{f"time/{k}": v for k, v in timing.items()},  # where the trial's seconds went
+        **{name: final[f"diag/{name}/mean"] for name in DIAGNOSTICS if f"diag/{name}/mean" in final},
+        **{f"time/{k}": v for k, v in window.timing.items()},  # where the trial's seconds went
     }
     return TrialResult(
-        "finished", total_steps, total_steps * tokens_per_step, final["val/loss"], summary=summary
+        "finished", total_steps, total_steps * tokens_per_step, final[VAL_LOSS_CURVE], summary=summary
     )
+
+
+class Window:
+    """The steps since the last log line: their losses, kept on the device and read with one sync, and
+    where the trial's seconds went (set-up, training, evaluation, logging; the first window, which holds
+    compilation and warm-up, also on its own)."""
+
+    def __init__(self, size: int, device: torch.device, entered: float):
+        self.losses = torch.zeros(size, device=device)
+        self.start, self.opened, self.paused_s, self.train_s = 0, time.perf_counter(), 0.0, 0.0
+        self.rates: list[float] = []  # training tokens/s of each closed window
+        self.timing = dict.fromkeys(("first_window_s", "train_s", "eval_s", "log_s"), 0.0)
+        self.timing["setup_s"] = self.opened - entered  # data, model, optimiser
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.losses[step - self.start] = loss.detach()
+
+    def ends_at(self, step: int, total_steps: int) -> bool:
+        return step - self.start + 1 == len(self.losses) or step == total_steps - 1
+
+    def read(self, step: int) -> list[float]:
+        return self.losses[: step - self.start + 1].tolist()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - started
+
+    def close(self, tokens: int) -> float:
+        """The window's training tokens/s (time paused for evaluation taken out)."""
+        self.train_s = time.perf_counter() - self.opened - self.paused_s
+        self.timing["train_s"] += self.train_s
+        self.timing["eval_s"] += self.paused_s
+        if not self.rates:
+            self.timing["first_window_s"] = self.timing["train_s"]
+        self.rates.append(tokens / max(self.train_s, 1e-9))
+        return self.rates[-1]
+
+    def reopen(self, step: int) -> None:
+        """Start the next window after `step`, once the closed one is logged."""
+        now = time.perf_counter()
+        self.timing["log_s"] += now - (self.opened + self.train_s + self.paused_s)
+        self.start, self.opened, self.paused_s = step + 1, now, 0.0
+
+    def steady_rate(self) -> float:
+        """The median rate of the windows after the first (which holds compilation and warm-up)."""
+        return statistics.median(self.rates[1:] or self.rates)
 
 
 def cudagraph_trees_for_this_thread() -> None:
@@ -278,6 +309,21 @@ def release_cudagraph_trees() -> None:
         warnings.warn(f"releasing the trial's CUDA graphs failed: {type(err).__name__}: {err}", stacklevel=2)
 
 
+def _loss_kind(device: torch.device, tc: TrainConfig) -> str:
+    """The loss path of the run; a CUDA-only setting on another device is refused."""
+    if device.type != "cuda" and (needs := tc.cuda_only()):  # auto never picks CUDA-only paths
+        raise ConfigError(needs[0].partition(":")[0], f"needs a CUDA device; this run is on {device.type}")
+    return tc.loss if tc.loss != "auto" else _auto_loss(device, tc)
+
+
+def _compiled(model: GPT, tc: TrainConfig):
+    # a process may run many trials (Ray reuses workers): without a reset, each new model is a
+    # recompilation of the last, and past torch's recompile limit the step silently runs eager
+    torch._dynamo.reset()
+    # cuda_graphs: inductor captures the compiled forward and backward as CUDA graphs
+    return torch.compile(model, mode="reduce-overhead" if tc.cuda_graphs else None)
+
+
 def _auto_loss(device: torch.device, tc: TrainConfig) -> str:
     """The loss path measured fastest for these settings (README, training throughput on an H200).
 
@@ -291,14 +337,10 @@ def _auto_loss(device: torch.device, tc: TrainConfig) -> str:
 
 def _temperature_metrics(model: GPT) -> dict[str, float]:
     """Mean gamma (and lambda); per layer and head where they are learned or follow a learned gamma."""
-    cfg = model.cfg
-    gamma_learned = cfg.gamma_schedule == "learnable"
-    lam_learned = cfg.lam_schedule == "learnable" or (cfg.lam_schedule == "tied" and gamma_learned)
-    learned = {"gamma": gamma_learned, "lam": lam_learned}
-    out = {}
+    learned, out = model.learned_temperatures(), {}
     for name, values in model.temperatures().items():  # (L, H)
         out[f"{name}/mean"] = values.mean().item()
-        if learned[name]:
+        if name in learned:
             for layer, row in enumerate(values.tolist()):
                 out.update({f"{name}/layer{layer}/head{h}": v for h, v in enumerate(row)})
     return out

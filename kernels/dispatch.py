@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from kernels.flex import flex_attention_rbf
-from kernels.reference import _check_shapes, attention_reference
+from kernels.reference import attention_reference, check_shapes
 from kernels.sdpa_aug import sdpa_attention, sdpa_aug_attention
 
 try:  # triton is a Linux-only dependency
@@ -65,10 +65,6 @@ def _flex_reason(q, k, v, a, b) -> str | None:
     if q.device.type == "cpu" and wants_grad:
         return "FlexAttention has no backward on CPU"
     return None
-
-
-def _needs_cuda(q, k, v, a, b) -> str | None:
-    return None if q.is_cuda else f"fused SDPA backends need CUDA here; got {q.device}"
 
 
 UNSUPPORTED: dict[str, Callable[..., str | None]] = {
@@ -160,7 +156,7 @@ def attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose from {['auto', *BACKENDS]}")
     if b is None and not (q.is_cuda and backend in ("auto", "sdpa")):
         b = torch.zeros_like(a)  # no key-norm term: every backend computes it with b = 0
-    _check_shapes(q, k, v, a, a if b is None else b)
+    check_shapes(q, k, v, a, a if b is None else b)
     if b is None:
         name = "sdpa"  # plain dot product on torch's fused SDPA
     else:

@@ -20,9 +20,8 @@ def _causal(b, h, q_idx, kv_idx):
 
 # Each shape, grad mode and requires-grad pattern of the captured tensors is its own flex compile. A
 # process that runs many trials (a Ray worker) meets more of them than dynamo's default recompile limit
-# (8); past it, dynamo silently runs flex_attention unfused (4 trials sharing an H200: such a trial ran
-# at about 60k tokens/s instead of 400-800k, 110 s instead of 17 s). Raised, never lowered, on the first
-# fused call.
+# (8); past it, dynamo silently runs flex_attention unfused, several times slower (measured: README,
+# Layout, measured numbers). Raised, never lowered, on the first fused call.
 FLEX_RECOMPILE_LIMIT = 64
 
 

@@ -28,7 +28,7 @@ def attention_reference(
     the output has the dtype of v. Differentiable in all five inputs. With return_probs the attention
     probabilities (B, H, N, N) are returned as well (for diagnostics).
     """
-    _check_shapes(q, k, v, a, b)
+    check_shapes(q, k, v, a, b)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
     af = a.to(compute).view(1, -1, 1, 1)
@@ -44,7 +44,8 @@ def attention_reference(
     return (out, probs) if return_probs else out
 
 
-def _check_shapes(q, k, v, a, b) -> None:
+def check_shapes(q, k, v, a, b) -> None:
+    """ValueError, naming the shapes, unless q, k, v are (B, H, N, D) alike and a, b are (H,)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"

@@ -134,6 +134,11 @@ class GPT(nn.Module):
             out["lam"] = torch.stack([t.lam_value().detach() for t in temps])
         return out
 
+    def learned_temperatures(self) -> set[str]:
+        """The names in `temperatures()` that training moves (learned, or tied to a learned gamma)."""
+        learned = self.blocks[0].attn.temperature.learned()  # every layer has the same schedules
+        return {name for name in self.temperatures() if learned[name]}
+
     def num_params(self, *, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n

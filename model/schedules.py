@@ -45,6 +45,10 @@ class ScheduledScalar(nn.Module):
             self._current = base
             self.set_step(0)
 
+    @property
+    def learned(self) -> bool:
+        return self.schedule == "learnable"
+
     def set_step(self, step: int) -> None:
         if self.schedule in ("constant", "learnable"):
             return  # nothing moves: no device work in the training step
@@ -77,6 +81,13 @@ class Temperature(nn.Module):
         self.gamma.set_step(step)
         if self.lam is not None:
             self.lam.set_step(step)
+
+    def learned(self) -> dict[str, bool]:
+        """Whether gamma and lambda are learned (a lambda tied to gamma follows gamma)."""
+        return {
+            "gamma": self.gamma.learned,
+            "lam": self.lam.learned if self.lam is not None else self.gamma.learned,
+        }
 
     def lam_value(self) -> torch.Tensor:  # (H,)
         return self.lam() if self.lam is not None else self.lam_ratio * self.gamma()

@@ -10,7 +10,7 @@ import pytest
 from ablate.analysis import analyze
 from ablate.analysis.divergence import treat
 from ablate.analysis.simulate import PlantedStudy, simulate_trials
-from ablate.analysis.verdicts import verdict_sections
+from ablate.report.verdicts import verdict_sections
 
 LEVELS = {"metric": ("sdpa", "rbf"), "position": ("rope", "susie", "none")}
 

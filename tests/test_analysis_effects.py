@@ -23,7 +23,7 @@ REFERENCE = {"a": "x", "b": "p"}
 
 def true_effects(study: PlantedStudy) -> pd.DataFrame:
     """Marginal-mean differences vs the reference and deviations from the grand mean, from true cells."""
-    cells = study.design().cells()
+    cells = study.factor_space().cells()
     cells["mean"] = [study.cell_mean(cell) for cell in cells.to_dict("records")]
     rows = []
     for factor, reference in REFERENCE.items():
@@ -68,7 +68,7 @@ def test_intervals_cover_the_truth_near_ninety_five_percent(n_seeds):
     # the cluster bootstrap this replaced covered 71-78% at 3 seeds (min-max of 3 per-seed values)
     n_studies = 300
     rng = np.random.default_rng(8 + n_seeds)
-    cells = PLANTED.design().cells()
+    cells = PLANTED.factor_space().cells()
     truth = true_effects(PLANTED)
     hits = []
     for _ in range(n_studies):
@@ -100,7 +100,7 @@ def test_seeds_stay_together_offsets_cancel_in_contrasts_not_in_means():
 def test_interval_and_p_value_of_a_contrast_agree():
     # one model: the 95% interval excludes zero exactly when p < 0.05, at any number of seeds
     rng = np.random.default_rng(3)
-    cells = PLANTED.design().cells()
+    cells = PLANTED.factor_space().cells()
     for n_seeds in (2, 3, 5):
         trials = simulate_trials(PLANTED, n_seeds, rng)
         table = CellTable(trials, ["a", "b"], "val_loss", cells, np.arange(n_seeds))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from ablate.analysis import Comparison, StudyDataError, analyze, load_trials, parse_comparison
-from ablate.analysis.design import build_design
+from ablate.analysis.factors import build_factor_space
 from ablate.analysis.simulate import replication_study, simulate_trials
 from ablate.analysis.table import prepare_trials
 
@@ -85,7 +85,7 @@ def test_parse_comparison_names_valid_factors_and_levels():
 
 def test_conditions_are_inferred_from_empty_values(trials):
     table = prepare_trials(trials, FACTORS, ["val_loss"])
-    design = build_design(table, FACTORS, None, {})
+    design = build_factor_space(table, FACTORS, None, {})
     assert design.conditions == {"register_init": {"registers": ("1", "4")}}
     assert len(design.cells()) == 3 * 3 * (1 + 2 + 2)
 
@@ -94,10 +94,10 @@ def test_unexplained_empty_values_and_wrong_conditions_are_errors(trials):
     table = prepare_trials(trials, FACTORS, ["val_loss"])
     table.loc[0, "metric"] = np.nan
     with pytest.raises(StudyDataError, match="'metric' is empty"):
-        build_design(table, FACTORS, None, {})
+        build_factor_space(table, FACTORS, None, {})
     table = prepare_trials(trials, FACTORS, ["val_loss"])
     with pytest.raises(StudyDataError, match="must be set exactly where registers in"):
-        build_design(table, FACTORS, {"register_init": {"registers": ["4"]}}, {})
+        build_factor_space(table, FACTORS, {"register_init": {"registers": ["4"]}}, {})
 
 
 def test_analyze_rejects_unknown_comparison_levels_and_adjustments(trials):

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from ablate.bench_study import alone_seconds, failure_lines, measure_alone, process_gaps
+from ablate.bench.study import alone_seconds, failure_lines, measure_alone, process_gaps
 
 
 def test_gaps_are_per_process_and_split_by_time():

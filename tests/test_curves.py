@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from ablate.analysis import curves
-from ablate.report import analyze_main
+from ablate.report import from_table
 from ablate.spec import Responses
 
 STEPS = range(0, 201, 20)
@@ -111,7 +111,7 @@ def test_report_has_both_sections_tables_and_figure(tmp_path):
     trials.to_csv(tmp_path / "trials.csv", index=False)
     points.to_csv(tmp_path / "curves.csv", index=False)
     out = tmp_path / "report"
-    code = analyze_main(
+    code = from_table(
         tmp_path / "trials.csv", ["penalty", "temperature"], "val_loss",
         ["penalty=off,temperature=1x -> penalty=on,temperature=2x"], out,
         curves=tmp_path / "curves.csv", targets=[5.0],

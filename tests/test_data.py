@@ -18,15 +18,14 @@ import torch
 from ablate import corpora
 from ablate import data as data_mod
 from ablate.data import (
-    DataConfig,
     PackedData,
     decode,
-    fingerprint,
     prepare,
     random_token_data,
     train_batches,
     val_batches,
 )
+from ablate.data_config import DataConfig, fingerprint
 
 SEQ = 64
 

@@ -165,7 +165,7 @@ def test_one_finished_child_per_trial_with_every_param_metric_and_tag(concurrent
 
 
 def test_study_time_breakdown_reads_every_trials_phases(concurrent):
-    from ablate.bench_study import summarize
+    from ablate.bench.study import summarize
 
     design, _, client, runs = concurrent
     done = [r for r in runs if r.data.tags["ablate.status"] in ("finished", "diverged")]
@@ -266,9 +266,8 @@ def test_raising_trial_is_retried_then_recorded_as_failed(concurrent):
 
 def test_results_table_and_curves(concurrent):
     design, _, _, _ = concurrent
-    trials, curves = tracking.load_study_results(
-        design.tracking_uri(), "concurrent", "concurrent", ["metric", "registers", "fault"], RESPONSES
-    )
+    record = tracking.StudyRecord.open(design.tracking_uri(), "concurrent", "concurrent")
+    trials, curves = record.tables(["metric", "registers", "fault"], RESPONSES)
     assert len(trials) == 12 and trials["trial_id"].is_unique
     assert trials["status"].value_counts().to_dict() == {"finished": 8, "diverged": 2, "failed": 2}
     applies = (trials["metric"] == "sdpa") & (trials["registers"] == "0")

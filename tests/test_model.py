@@ -1,4 +1,4 @@
-"""The model computes the geometries of DESIGN.md exactly, is causal, and trains."""
+"""The model computes the geometries of README (The model) exactly, is causal, and trains."""
 
 import math
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ablate import packaged
-from ablate.data import DataConfig, decode, fingerprint, prepare
+from ablate.data import decode, prepare
+from ablate.data_config import DataConfig, fingerprint
 
 SEQ = 32
 PLAYS = {

@@ -10,7 +10,7 @@ import pytest
 
 from ablate.analysis import analyze
 from ablate.analysis.simulate import replication_study, simulate_curves, simulate_trials
-from ablate.report import analyze_main, summary_text, write_report
+from ablate.report import from_table, summary_text, write_report
 
 FACTORS = ["metric", "position", "registers", "register_init"]
 COMPARISON = "paper: metric=sdpa,position=rope,registers=0 -> metric=rbf,position=susie,registers=1,register_init=zeros"
@@ -92,10 +92,10 @@ def test_summary_gives_a_verdict_per_factor_and_comparison(analysis):
     assert "adjusted p" in text and "diverged" in text
 
 
-def test_analyze_main_prints_the_summary_and_the_paths(tmp_path, trials, capsys):
+def test_from_table_prints_the_summary_and_the_paths(tmp_path, trials, capsys):
     table = tmp_path / "trials.csv"
     trials.to_csv(table, index=False)
-    code = analyze_main(table, FACTORS, "val_loss", [COMPARISON], tmp_path / "out", secondary=["sink_mass"])
+    code = from_table(table, FACTORS, "val_loss", [COMPARISON], tmp_path / "out", secondary=["sink_mass"])
     out = capsys.readouterr().out
     assert code == 0
     assert "position" in out and str(tmp_path / "out" / "report.html") in out
@@ -124,7 +124,7 @@ def test_user_mistakes_give_one_error_line_and_exit_code_two(tmp_path, trials, c
         "out_dir": tmp_path / "o",
     }
     arguments |= {key: tmp_path / value if key == "table" else value for key, value in change.items()}
-    code = analyze_main(**arguments)
+    code = from_table(**arguments)
     error = capsys.readouterr().err
     assert code == 2
     assert error.startswith("error: ") and error.count("\n") == 1

@@ -1,5 +1,6 @@
 """One trial trains, evaluates, detects divergence and is reproducible."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from ablate.config import ConfigError, RunConfig, from_dict, load_run_config
 from ablate.logger import RecordingLogger
+from ablate.responses import CUDA_ONLY, DIAGNOSTICS, RESPONSES
 from ablate.train import _auto_loss, lr_at, main, param_groups, train
 from ablate.train_config import OptimConfig, TrainConfig
 from model import GPT, GPTConfig
@@ -94,6 +96,28 @@ def test_same_config_and_seed_give_bit_identical_losses(cache_dir):
         train(tiny_run(cache_dir, model={"metric": "rbf", "position": "susie", "registers": 1}), log)
         runs.append([v for _, m in log.history for k, v in sorted(m.items()) if "loss" in k])
     assert runs[0] == runs[1]
+
+
+def test_a_tiny_cpu_trial_reports_every_declared_response(cache_dir):
+    """Every response a study may name (ablate.responses) is produced by train() under that name."""
+    result = train(tiny_run(cache_dir, model={"metric": "rbf", "registers": 1}))
+    produced = {name for name, value in result.summary.items() if math.isfinite(value)}
+    assert set(RESPONSES) - set(CUDA_ONLY) <= produced, set(RESPONSES) - produced
+    assert result.summary["val_loss"] == result.val_loss
+    assert set(DIAGNOSTICS) <= set(RESPONSES)
+
+
+def test_the_model_says_which_temperatures_are_learned(cache_dir):
+    cases = {  # (gamma_schedule, lam_schedule) -> learned
+        ("constant", "tied"): set(),
+        ("learnable", "tied"): {"gamma", "lam"},
+        ("warmup", "learnable"): {"lam"},
+        ("learnable", "constant"): {"gamma"},
+    }
+    for (gamma, lam), learned in cases.items():
+        cfg = GPTConfig(n_layers=1, d_model=32, n_heads=2, context=16, vocab_size=64, metric="penalty")
+        model = GPT(dataclasses.replace(cfg, gamma_schedule=gamma, lam_schedule=lam))
+        assert model.learned_temperatures() == learned, (gamma, lam)
 
 
 def test_learnable_gamma_is_reported_per_head(cache_dir):

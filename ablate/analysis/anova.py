@@ -7,7 +7,7 @@ model. Error terms:
 - split-plot (two or more seeds, the default): each term is tested against its own seed interaction
   (term x seed), F = MS_term / MS_term x seed, with the Greenhouse-Geisser correction of both df. Valid
   when seeds differ in how much a factor helps (seed x factor random effects) and when levels differ in
-  variance, where one pooled residual is not (measured in `ablate.analysis.calibrate`);
+  variance, where one pooled residual is not (measured in `ablate.bench.calibrate`);
 - pooled (one seed): the highest-order interaction is the error term, which assumes it is absent; with one
   factor and one seed nothing measures the noise and nothing is tested.
 

@@ -13,7 +13,7 @@ effects, interactions; `factorial_strata`), and each term's error is its own see
 sum_T ||B_T w||^2 MS_T / S (B_T: the term's orthonormal rows), with Satterthwaite degrees of freedom,
 and its t test and 95% interval use them. Because no variance is pooled across terms, this stays valid
 when seeds differ in how much a factor helps (seed x factor random effects) and, to a good
-approximation, when levels differ in variance (see `ablate.analysis.calibrate`).
+approximation, when levels differ in variance (see `ablate.bench.calibrate`).
 
 Pooled model (one seed): one error mean square for every contrast (see `Error`).
 
@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ablate.analysis.design import cell_label
+from ablate.levels import cell_label
 
 CONFIDENCE = 0.95
 SPLIT_PLOT = "split-plot"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ablate.analysis.table import StudyDataError, level_text
+from ablate.analysis.table import StudyDataError
+from ablate.levels import level_name
 
 ARROW = "->"
 
@@ -24,7 +25,7 @@ class Comparison:
 
     def __post_init__(self) -> None:
         for side in ("baseline", "target"):
-            levels = {str(name): level_text(level) for name, level in getattr(self, side).items()}
+            levels = {str(name): level_name(level) for name, level in getattr(self, side).items()}
             object.__setattr__(self, side, levels)
 
     def validate(self, levels: Mapping[str, Sequence[str]]) -> None:

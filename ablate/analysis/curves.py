@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ablate.analysis.cells import CellTable
-from ablate.analysis.table import NOT_APPLICABLE
+from ablate.levels import NOT_APPLICABLE
 
 TREND_POINTS = (0.1, 0.25, 0.5, 1.0)  # fractions of training at which the verdicts read a curve
 

@@ -30,7 +30,7 @@ import statsmodels.formula.api as smf
 from scipy import stats
 from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning
 
-from ablate.analysis.design import Design
+from ablate.analysis.factors import FactorSpace
 from ablate.analysis.frames import Frame
 from ablate.analysis.multiplicity import adjust_members
 from ablate.analysis.response import frame_anova
@@ -203,7 +203,7 @@ class DivergenceResult:
 def analyze_divergence(
     table: pd.DataFrame,
     frames: Sequence[Frame],
-    design: Design,
+    design: FactorSpace,
     response: str,
     vocab_size: int | None,
     method: str,

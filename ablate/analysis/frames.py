@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ablate.analysis.design import Design
-from ablate.analysis.table import NOT_APPLICABLE
+from ablate.analysis.factors import FactorSpace
+from ablate.levels import NOT_APPLICABLE
 
 CROSSED = "crossed"
 
@@ -33,7 +33,7 @@ class Frame:
         return self.focus is None or self.focus in term_factors
 
 
-def build_frames(table: pd.DataFrame, design: Design) -> list[Frame]:
+def build_frames(table: pd.DataFrame, design: FactorSpace) -> list[Frame]:
     """The crossed frame first, then one nested frame per conditional factor with two or more levels."""
     frames = [_crossed_frame(table, design)]
     for focus in design.conditions:
@@ -42,7 +42,9 @@ def build_frames(table: pd.DataFrame, design: Design) -> list[Frame]:
     return frames
 
 
-def _held_at_reference(table: pd.DataFrame, design: Design, skip: str | None) -> tuple[np.ndarray, list[str]]:
+def _held_at_reference(
+    table: pd.DataFrame, design: FactorSpace, skip: str | None
+) -> tuple[np.ndarray, list[str]]:
     mask = np.ones(len(table), dtype=bool)
     words = []
     for name in design.conditions:
@@ -57,13 +59,13 @@ def _varying(table: pd.DataFrame, mask: np.ndarray, names: tuple[str, ...]) -> t
     return tuple(name for name in names if table.loc[mask, name].nunique() > 1)
 
 
-def _crossed_frame(table: pd.DataFrame, design: Design) -> Frame:
+def _crossed_frame(table: pd.DataFrame, design: FactorSpace) -> Frame:
     mask, words = _held_at_reference(table, design, skip=None)
     description = "trials where " + " and ".join(words) if words else "all trials"
     return Frame(CROSSED, _varying(table, mask, design.unconditional), None, mask, description)
 
 
-def _nested_frame(table: pd.DataFrame, design: Design, focus: str) -> Frame:
+def _nested_frame(table: pd.DataFrame, design: FactorSpace, focus: str) -> Frame:
     mask, words = _held_at_reference(table, design, skip=focus)
     mask &= (table[focus] != NOT_APPLICABLE).to_numpy()
     condition = design.describe_condition(focus)

@@ -9,8 +9,8 @@ import pandas as pd
 
 from ablate.analysis.anova import AnovaFit, fit_anova, term_statistics
 from ablate.analysis.cells import CellTable
-from ablate.analysis.design import Design
 from ablate.analysis.effects import main_effects
+from ablate.analysis.factors import FactorSpace
 from ablate.analysis.frames import Frame
 from ablate.analysis.multiplicity import adjust
 
@@ -57,7 +57,7 @@ def frame_anova(frames: Sequence[Frame], frame_data: dict[str, pd.DataFrame], re
 def analyze_response(
     table: pd.DataFrame,
     frames: Sequence[Frame],
-    design: Design,
+    design: FactorSpace,
     response: str,
     method: str,
     alpha: float,

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ablate.analysis.design import Design
 from ablate.analysis.divergence import DivergenceResult
+from ablate.analysis.factors import FactorSpace
 from ablate.analysis.response import ResponseAnalysis
 from ablate.analysis.shapley import ComparisonResult
 
@@ -21,7 +21,7 @@ class StudyAnalysis:
 
     response: str
     factors: list[str]
-    design: Design
+    factor_space: FactorSpace
     adjust: str
     alpha: float
     seed: int
@@ -71,11 +71,11 @@ class StudyAnalysis:
         return {
             "response": self.response,
             "factors": self.factors,
-            "levels": {name: list(levels) for name, levels in self.design.levels.items()},
+            "levels": {name: list(levels) for name, levels in self.factor_space.levels.items()},
             "conditions": {
-                name: {k: list(v) for k, v in c.items()} for name, c in self.design.conditions.items()
+                name: {k: list(v) for k, v in c.items()} for name, c in self.factor_space.conditions.items()
             },
-            "reference_levels": self.design.reference,
+            "reference_levels": self.factor_space.reference,
             "adjust": self.adjust,
             "alpha": self.alpha,
             "seed": self.seed,

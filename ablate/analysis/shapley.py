@@ -20,8 +20,9 @@ import pandas as pd
 
 from ablate.analysis.cells import CellTable
 from ablate.analysis.comparison import Comparison
-from ablate.analysis.design import Design, cell_label
-from ablate.analysis.table import NOT_APPLICABLE, StudyDataError
+from ablate.analysis.factors import FactorSpace
+from ablate.analysis.table import StudyDataError
+from ablate.levels import NOT_APPLICABLE, cell_label
 
 Subset = frozenset[str]
 
@@ -42,7 +43,7 @@ class ComparisonResult:
     missing_cells: list[str] = field(default_factory=list)
 
 
-def resolve_sides(comparison: Comparison, design: Design) -> tuple[dict[str, str], dict[str, str]]:
+def resolve_sides(comparison: Comparison, design: FactorSpace) -> tuple[dict[str, str], dict[str, str]]:
     """Complete both sides: one-sided factors are held fixed where they apply; n/a where they cannot."""
     sides = (dict(comparison.baseline), dict(comparison.target))
     for side, other in zip(sides, (comparison.target, comparison.baseline), strict=True):
@@ -62,7 +63,7 @@ def resolve_sides(comparison: Comparison, design: Design) -> tuple[dict[str, str
 
 
 def players_of(
-    baseline: dict[str, str], target: dict[str, str], design: Design
+    baseline: dict[str, str], target: dict[str, str], design: FactorSpace
 ) -> dict[str, tuple[str, ...]]:
     """Changed factors grouped into players, in design order; name -> factors."""
     changed = [name for name in design.factors if baseline.get(name) != target.get(name)]
@@ -76,7 +77,7 @@ def players_of(
 
 
 def decompose(
-    comparison: Comparison, design: Design, table: CellTable, why: Mapping[str, str] | None = None
+    comparison: Comparison, design: FactorSpace, table: CellTable, why: Mapping[str, str] | None = None
 ) -> ComparisonResult:
     """Total, Shapley values (when every needed cell has trials) and both ablation paths.
 

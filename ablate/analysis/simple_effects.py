@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from ablate.analysis.cells import CellTable
-from ablate.analysis.design import cell_label
 from ablate.analysis.multiplicity import adjust
+from ablate.levels import cell_label
 
 
 def simple_effects(

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ablate.analysis.design import Design
-from ablate.analysis.table import NOT_APPLICABLE
+from ablate.analysis.factors import FactorSpace
+from ablate.levels import NOT_APPLICABLE
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,9 @@ class PlantedStudy:
     divergence_rate: float = 0.0
     dead_cells: tuple[tuple[tuple[str, str], ...], ...] = ()
 
-    def design(self) -> Design:
+    def factor_space(self) -> FactorSpace:
         reference = {name: levels[0] for name, levels in self.levels.items()}
-        return Design(tuple(self.levels), dict(self.levels), dict(self.conditions), reference)
+        return FactorSpace(tuple(self.levels), dict(self.levels), dict(self.conditions), reference)
 
     def cell_mean(self, cell: dict[str, str]) -> float:
         value = self.base
@@ -70,7 +70,7 @@ def _seed_factor_effects(study: PlantedStudy, n_seeds: int, rng: np.random.Gener
 
 def simulate_trials(study: PlantedStudy, n_seeds: int, rng: np.random.Generator) -> pd.DataFrame:
     """One row per (cell, seed) with status, val_loss and two diagnostics; n/a levels left empty."""
-    cells = study.design().cells().to_dict("records")
+    cells = study.factor_space().cells().to_dict("records")
     seed_offsets = rng.normal(0.0, study.seed_sd, size=n_seeds)
     random_effects = _seed_factor_effects(study, n_seeds, rng)
     rows = []

@@ -11,18 +11,19 @@ import pandas as pd
 
 from ablate.analysis.cells import POOLED, CellTable
 from ablate.analysis.comparison import Comparison, parse_comparison
-from ablate.analysis.design import Design, build_design, cell_label
 from ablate.analysis.diagnostics import residual_checks
 from ablate.analysis.divergence import DivergenceResult, analyze_divergence
 from ablate.analysis.effects import two_way_tables
+from ablate.analysis.factors import FactorSpace, build_factor_space
 from ablate.analysis.frames import CROSSED, Frame, build_frames
 from ablate.analysis.multiplicity import adjust_members, check_method
 from ablate.analysis.response import ResponseAnalysis, analyze_response, usable
 from ablate.analysis.result import StudyAnalysis
 from ablate.analysis.shapley import ComparisonResult, decompose
 from ablate.analysis.simple_effects import simple_effects
-from ablate.analysis.table import NOT_APPLICABLE, StudyDataError, prepare_trials
+from ablate.analysis.table import StudyDataError, prepare_trials
 from ablate.analysis.threads import one_blas_thread
+from ablate.levels import NOT_APPLICABLE, cell_label
 
 ALPHA = 0.05
 FEW_SEEDS = 5
@@ -40,7 +41,7 @@ def analyze(
     vocab_size: int | None = None,
     seed: int = 0,
 ) -> StudyAnalysis:
-    """Attribute `response` (lower is better) to `factors` with the methods of DESIGN.md.
+    """Attribute `response` (lower is better) to `factors` with the methods README describes (Attribution).
 
     `trials`: one row per trial (trial_id, factor columns, seed, status, responses). `conditions`:
     factor -> {other factor: levels where it applies}; inferred from empty values when None.
@@ -59,7 +60,7 @@ def analyze(
 def _prepare(trials, factors, response, secondary, comparisons, conditions):
     # the validated table (n/a filled in), the design with its reference levels, parsed comparisons
     table = prepare_trials(trials, factors, [response, *secondary])
-    design = build_design(table, factors, conditions, reference={})
+    design = build_factor_space(table, factors, conditions, reference={})
     parsed = [parse_comparison(item) if isinstance(item, str) else item for item in comparisons]
     for comparison in parsed:
         comparison.validate(design.levels)
@@ -85,7 +86,7 @@ def _run(table, design, parsed, response, secondary, method, vocab_size, seed) -
     return StudyAnalysis(
         response=response,
         factors=list(design.factors),
-        design=design,
+        factor_space=design,
         adjust=method,
         alpha=ALPHA,
         seed=seed,
@@ -114,7 +115,7 @@ def _share_pooled_error(full: CellTable, primary: ResponseAnalysis) -> None:
             full.use_pooled(np.nan, 0.0)
 
 
-def cell_reasons(table: pd.DataFrame, design: Design) -> dict[str, str]:
+def cell_reasons(table: pd.DataFrame, design: FactorSpace) -> dict[str, str]:
     """Cell label -> why it has no usable trials ('all 5 trials diverged', 'no trials', ...)."""
     reasons = {}
     keys = zip(*(table[name] for name in design.factors), table["status"], strict=True)
@@ -216,7 +217,7 @@ def _interactions(primary: ResponseAnalysis, frames: Sequence[Frame]) -> pd.Data
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def _simple_effects(primary: ResponseAnalysis, design: Design, method: str) -> pd.DataFrame:
+def _simple_effects(primary: ResponseAnalysis, design: FactorSpace, method: str) -> pd.DataFrame:
     if primary.anova.empty:
         return pd.DataFrame()
     significant = primary.anova[(primary.anova["order"] > 1) & primary.anova["significant"]]

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-NOT_APPLICABLE = "n/a"
+from ablate.levels import NOT_APPLICABLE, level_name
+
 STATUSES = ("finished", "diverged", "failed")
 REQUIRED_COLUMNS = ("seed", "status")
 
@@ -38,17 +39,8 @@ def level_strings(column: pd.Series) -> pd.Series:
     values = column.astype("object")
     missing = values.isna() | values.map(lambda value: isinstance(value, str) and value.strip() == "")
 
-    text = [np.nan if gone else level_text(value) for value, gone in zip(values, missing, strict=True)]
+    text = [np.nan if gone else level_name(value) for value, gone in zip(values, missing, strict=True)]
     return pd.Series(text, index=column.index, dtype="object")
-
-
-def level_text(value: object) -> str:
-    """A level as text: 4.0 -> '4', True -> 'true' (the YAML spelling), strings stripped."""
-    if isinstance(value, bool | np.bool_):
-        return "true" if value else "false"
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return str(int(value))
-    return str(value).strip()
 
 
 def ordered_levels(values: pd.Series) -> tuple[str, ...]:

@@ -13,10 +13,10 @@ from scipy import stats
 
 from ablate.analysis import analyze
 from ablate.analysis.anova import fit_anova
-from ablate.analysis.sections import share_text
 from ablate.analysis.simulate import PlantedStudy, simulate_trials
-from ablate.analysis.verdicts import claim_lines, share_line, verdict_sections
 from ablate.report import write_report
+from ablate.report.sections import share_text
+from ablate.report.verdicts import claim_lines, share_line, verdict_sections
 
 CUBE = {"metric": ("sdpa", "rbf"), "position": ("rope", "susie"), "registers": ("0", "1")}
 PUBLISHED = "metric=sdpa,position=rope,registers=0 -> metric=rbf,position=susie,registers=1"

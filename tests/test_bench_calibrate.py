@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ablate.analysis.calibrate import SCENARIOS, format_table, main, run_scenario, truth_of
+from ablate.bench.calibrate import SCENARIOS, format_table, main, run_scenario, truth_of
 
 
 def scenario(name: str):

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from ablate import figures
 from ablate.analysis import curves
-from ablate.analysis.document import Figure, Section, Table
 from ablate.analysis.result import StudyAnalysis
+from ablate.report import figures
+from ablate.report.document import Image, Section, Table
 
 SHAPES = {
     "fades": "clear early, gone by the end",
@@ -88,7 +88,7 @@ def training_effects_section(table: pd.DataFrame) -> Section:
             "many statistics read here: the verdicts above are the adjusted ones. Full table: "
             "tables/effects_over_training.csv.",
             _trend_bullets(table),
-            Figure(
+            Image(
                 "effects_over_training",
                 png,
                 "Effects and Shapley splits of validation loss vs tokens, 95% bands",
@@ -147,7 +147,7 @@ def training_sections(
     loss curves; nothing without them."""
     if curve_table is None or curve_table.empty:
         return [], {}
-    reference, sides = analysis.design.reference, comparison_sides(analysis)
+    reference, sides = analysis.factor_space.reference, comparison_sides(analysis)
     training = curves.effects_over_training(analysis.trials, curve_table, analysis.factors, reference, sides)
     sections, tables = [], {"effects_over_training": training}
     if not training.empty:

@@ -4,7 +4,7 @@ and notes.
 Sections are (heading, bullets); a bullet that starts with two spaces is a sub-bullet. Every sentence
 that claims an effect contains one of CLAIM_WORDS and rests on a p-value adjusted across every claim
 the verdict can make (see `study.adjust_claims`); everything else describes without claiming.
-`ablate.analysis.calibrate` counts claims with `claim_lines`.
+`ablate.bench.calibrate` counts claims with `claim_lines`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 from ablate.analysis.result import StudyAnalysis
 from ablate.analysis.shapley import ComparisonResult
 
-Section = tuple[str, list[str]]
+Bullets = tuple[str, list[str]]  # a heading and its bullets
 ADJUST_NAMES = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
 CLAIM_WORDS = (
     " matters",
@@ -60,7 +60,7 @@ def unit_of(response: str) -> str:
     return "nats" if "loss" in response else ""
 
 
-def claim_lines(sections: list[Section]) -> list[str]:
+def claim_lines(sections: list[Bullets]) -> list[str]:
     """The bullets of the verdict that claim an effect (the Study and Notes sections claim nothing)."""
     return [
         line
@@ -71,7 +71,7 @@ def claim_lines(sections: list[Section]) -> list[str]:
     ]
 
 
-def verdict_sections(analysis: StudyAnalysis) -> list[Section]:
+def verdict_sections(analysis: StudyAnalysis) -> list[Bullets]:
     """Every section of the plain-words summary, in report order."""
     sections = [("Study", _study_lines(analysis)), ("Factors", _factor_lines(analysis))]
     interactions = _interaction_lines(analysis)

@@ -1,4 +1,4 @@
-"""Training throughput of one trial on a GPU: `python -m ablate.bench`.
+"""Training throughput of one trial on a GPU: `python -m ablate.bench.throughput`.
 
 Runs `ablate.train.train` on random tokens at the seed-size model (4 layers, d_model 256, 4 heads,
 context 256, batch 64, vocab 50257, bf16, compiled) for every metric and every variant of the step:
@@ -103,7 +103,7 @@ def main() -> None:
     if unknown := [v for v in variants if v not in VARIANTS]:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     if not torch.cuda.is_available():
-        raise SystemExit("ablate.bench measures GPU throughput; no CUDA device is available")
+        raise SystemExit("ablate.bench.throughput measures GPU throughput; no CUDA device is available")
     rows = []
     for variant in variants:
         for cell in parse_cells(args.cells):

@@ -12,7 +12,7 @@ import pandas as pd
 
 
 @dataclass
-class Figure:
+class Image:
     name: str
     png: bytes
     caption: str
@@ -26,7 +26,7 @@ class Table:
 
 @dataclass
 class Section:
-    """A heading and its blocks, in order: str (paragraph), list[str] (bullets), Table or Figure."""
+    """A heading and its blocks, in order: str (paragraph), list[str] (bullets), Table or Image."""
 
     title: str
     blocks: list = field(default_factory=list)
@@ -60,7 +60,7 @@ def _markdown_block(block: object, figure_dir: str) -> list[str]:
         return [block]
     if isinstance(block, list):
         return [("  - " + item.strip()) if item.startswith("  ") else f"- {item}" for item in block]
-    if isinstance(block, Figure):
+    if isinstance(block, Image):
         return [f"![{block.caption}]({figure_dir}/{block.name}.png)", "", f"*{block.caption}*"]
     rows = _display(block.frame)
     escape = lambda text: text.replace("|", "\\|")  # noqa: E731
@@ -96,7 +96,7 @@ def _html_block(block: object) -> str:
         return f"<p>{html.escape(block)}</p>"
     if isinstance(block, list):
         return _html_bullets(block)
-    if isinstance(block, Figure):
+    if isinstance(block, Image):
         data = base64.b64encode(block.png).decode("ascii")
         caption = html.escape(block.caption)
         return f"<figure><img alt='{caption}' src='data:image/png;base64,{data}'><figcaption>{caption}</figcaption></figure>"

@@ -7,12 +7,12 @@ import re
 
 import pandas as pd
 
-from ablate import figures
-from ablate.analysis.design import cell_label
-from ablate.analysis.document import Figure, Section, Table
 from ablate.analysis.result import StudyAnalysis
 from ablate.analysis.shapley import ComparisonResult
-from ablate.analysis.verdicts import amount, verdict_sections
+from ablate.levels import cell_label
+from ablate.report import figures
+from ablate.report.document import Image, Section, Table
+from ablate.report.verdicts import amount, verdict_sections
 
 METHODS = [
     "Model: the cell x seed table of the response (finished trials; the mean when a cell holds several "
@@ -148,7 +148,7 @@ def _effects_section(analysis: StudyAnalysis) -> Section:
     effects = analysis.primary.effects
     if effects.empty:
         return Section("Main effects", ["No main effects could be estimated."])
-    figure = Figure(
+    figure = Image(
         "main_effects",
         figures.png_bytes(figures.main_effects_figure(effects, analysis.response)),
         "Marginal means per level with 95% t intervals",
@@ -173,7 +173,7 @@ def _interaction_sections(analysis: StudyAnalysis) -> list[Section]:
         )
         caption = f"{term.replace(':', ' x ')} ({frame})"
         png = figures.png_bytes(figures.interaction_figure(table, analysis.response))
-        blocks += [Table(pivot, caption), Figure(f"interaction_{_slug(frame)}_{_slug(term)}", png, caption)]
+        blocks += [Table(pivot, caption), Image(f"interaction_{_slug(frame)}_{_slug(term)}", png, caption)]
     if not analysis.simple_effects.empty:
         blocks += [
             "Simple effects (difference from the reference level within each slice):",
@@ -200,7 +200,7 @@ def _comparison_section(analysis: StudyAnalysis, result: ComparisonResult, index
         png = figures.png_bytes(figures.shapley_waterfall(result, result.baseline_value, analysis.response))
         blocks += [
             Table(_shapley_display(result.shapley), "Exact Shapley values"),
-            Figure(f"shapley_{index + 1}", png, f"Shapley waterfall: {result.name}"),
+            Image(f"shapley_{index + 1}", png, f"Shapley waterfall: {result.name}"),
         ]
     if not result.paths.empty:
         blocks.append(Table(result.paths, "Ablation paths, one player at a time (forward and reverse order)"))
@@ -232,7 +232,7 @@ def _curves_section(analysis: StudyAnalysis, curves: pd.DataFrame) -> Section:
     return Section(
         "Loss curves",
         [
-            Figure(
+            Image(
                 "loss_curves",
                 png,
                 "Validation loss per cell (log scale): mean over seeds, 95% t band clipped to the seeds' range",
@@ -244,7 +244,7 @@ def _curves_section(analysis: StudyAnalysis, curves: pd.DataFrame) -> Section:
 def _divergence_section(analysis: StudyAnalysis) -> Section:
     result = analysis.divergence
     png = figures.png_bytes(figures.divergence_heatmap(result.per_cell, analysis.factors))
-    blocks: list = [Figure("divergence", png, "Divergence rate per cell (diverged/trials)")]
+    blocks: list = [Image("divergence", png, "Divergence rate per cell (diverged/trials)")]
     diverged = result.per_cell[result.per_cell["diverged"] > 0]
     if not diverged.empty:
         blocks.append(
@@ -275,7 +275,7 @@ def _secondary_sections(analysis: StudyAnalysis) -> list[Section]:
         if not result.effects.empty:
             png = figures.png_bytes(figures.main_effects_figure(result.effects, name))
             blocks += [
-                Figure(f"main_effects_{_slug(name)}", png, f"Marginal means of {name}"),
+                Image(f"main_effects_{_slug(name)}", png, f"Marginal means of {name}"),
                 Table(effects_display(result.effects)),
             ]
         blocks += list(result.notes)
@@ -287,7 +287,7 @@ def _diagnostics_section(analysis: StudyAnalysis) -> Section:
     blocks: list = []
     for frame, fit in analysis.primary.fits.items():
         png = figures.png_bytes(figures.residuals_figure(fit, frame))
-        blocks.append(Figure(f"residuals_{_slug(frame)}", png, f"Residuals of the ANOVA ({frame})"))
+        blocks.append(Image(f"residuals_{_slug(frame)}", png, f"Residuals of the ANOVA ({frame})"))
     if not analysis.diagnostics.empty:
         blocks.append(
             Table(analysis.diagnostics, "Residual checks (a small p questions the ANOVA's assumptions)")

@@ -1,4 +1,4 @@
-"""How well a study uses its GPUs: `python -m ablate.bench_study STUDY [--alone | --baseline F] ...`.
+"""How well a study uses its GPUs: `python -m ablate.bench.study STUDY [--alone | --baseline F] ...`.
 
 Study efficiency = (total tokens trained / study wall time) / (steady tokens/s of one trial alone on
 the same GPU). Cells differ in speed, so `--alone` measures one trial alone per class of cells
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from ablate import tracking
+
 
 def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
     """Steady tokens/s of one trial alone, in this process on GPU 0, for each class of the study's cells.
@@ -33,7 +35,7 @@ def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
     tokens over the time its trials would take one after another, each alone (a harmonic mean). A cell
     several times slower than the rest then counts as slow work, not as lost efficiency.
     """
-    from ablate.bench import steady_median
+    from ablate.bench.throughput import steady_median
     from ablate.config import RunConfig, from_dict
     from ablate.design import load_design
     from ablate.logger import RecordingLogger
@@ -97,23 +99,52 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
     has `slots` of them (the most trials that ever ran at once) for its whole wall time. baseline: an
     `--alone` result; adds the efficiency.
     """
-    from ablate import tracking
     from ablate.design import load_design
 
     design = load_design(study)
-    client = tracking.MlflowClient(design.tracking_uri())
-    experiment = client.get_experiment_by_name(design.experiment)
-    parent = tracking.find_parent(client, experiment.experiment_id, design.study.name)
-    runs = tracking.child_runs(client, experiment.experiment_id, parent.info.run_id) if parent else []
+    record = tracking.StudyRecord.open(design.tracking_uri(), design.experiment, design.study.name)
+    runs = record.runs()
     done = list(tracking.done_runs(runs).values())
     wall = ended - started
     tokens = sum(r.data.metrics.get("tokens", 0.0) for r in done)
-    spans = [
-        (r.info.start_time / 1e3, r.info.end_time / 1e3, r.data.tags.get("ablate.gpu_ids", "")) for r in done
-    ]
+    spans = [(r.info.start_time / 1e3, r.info.end_time / 1e3, tracking.tag(r, "gpu_ids", "")) for r in done]
     failed = failure_lines(runs)
     if not spans:
         return {"trials": len(runs), "completed": 0, "tokens": 0.0, "wall_s": wall, "failed": failed}
+    slots = max(1, max(sum(1 for s, e, _ in spans if s <= start < e) for start, _, _ in spans))
+    phase = {k: sum(r.data.metrics.get(f"{tracking.FINAL}time/{k}", 0.0) for r in done) for k in PHASES}
+    slot_seconds = split_slot_seconds(spans, phase, slots, started, ended)
+    trial_seconds = sorted(e - s for s, e, _ in spans)
+    launch = launch_phases(record)
+    per_gpu, peak = gpu_occupancy(spans)
+    attempts = [
+        (_process(r), s / 1e3, e / 1e3) for r in runs if (s := r.info.start_time) and (e := r.info.end_time)
+    ]
+    return {
+        "trials": len(runs),
+        "completed": len(done),
+        "tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tokens_per_s": tokens / wall,
+        "steady_packed_tokens_per_s": steady_packed_rate(done, tokens, phase, slots),
+        "slots": slots,
+        "slot_seconds": slot_seconds,
+        "slot_share": {k: round(v / (slots * wall), 3) for k, v in slot_seconds.items()},
+        "median_trial_s": trial_seconds[len(trial_seconds) // 2],
+        "before_first_trial_s": before_first_trial(launch, started, min(s for s, _, _ in spans)),
+        "ray_shutdown_s": launch.get("ray_shutdown", (None, None))[0],
+        "trials_per_gpu": per_gpu,
+        "max_trials_at_once_per_gpu": peak,
+        "devices": sorted({tracking.tag(r, "device", "?") for r in done}),
+        "failed": failed,
+        "processes": len({_process(r) for r in done}),
+        "gaps_in_process": process_gaps(attempts),
+        **(efficiency(done, baseline, tokens, wall) if baseline is not None else {}),
+    }
+
+
+def gpu_occupancy(spans: list[tuple[float, float, str]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per GPU: how many trials ran on it, and the most that ran on it at once. spans: (start, end, gpu ids)."""
     per_gpu: dict[str, int] = {}
     peak: dict[str, int] = {}
     for start, _, gpus in spans:
@@ -121,76 +152,55 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
             per_gpu[gpu] = per_gpu.get(gpu, 0) + 1
             at_once = sum(1 for s, e, g in spans if gpu in g.split(",") and s <= start < e)
             peak[gpu] = max(peak.get(gpu, 0), at_once)
-    slots = max(1, max(sum(1 for s, e, _ in spans if s <= start < e) for start, _, _ in spans))
+    return per_gpu, peak
+
+
+def split_slot_seconds(
+    spans: list[tuple[float, float, str]], phase: dict[str, float], slots: int, started: float, ended: float
+) -> dict[str, float]:
+    """The study's slot-seconds (slots x wall time) by where they went, outside trials and inside them."""
     first, last = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
     in_trials = sum(e - s for s, e, _ in spans)
-    phase = {k: sum(r.data.metrics.get(f"final/time/{k}", 0.0) for r in done) for k in PHASES}
-    steady_train = phase["train_s"] - phase["first_window_s"]
-    steady_tokens = tokens - sum(
-        _first_window_tokens(r) for r in done if "final/time/train_s" in r.data.metrics
-    )
-    slot_seconds = {
+    return {
         "before_first_trial (Ray start, data, parent run)": slots * (first - started),
         "after_last_trial (summary, Ray shutdown)": slots * (ended - last),
         "between_trials (idle slots: actor start, scheduling, tail)": slots * (last - first) - in_trials,
         "trial_setup (data load, model, optimiser)": phase["setup_s"],
         "first_window (compilation, warm-up)": phase["first_window_s"],
-        "training (steady)": steady_train,
+        "training (steady)": phase["train_s"] - phase["first_window_s"],
         "evaluation": phase["eval_s"],
         "logging in the loop": phase["log_s"],
         "trial_other (MLflow run open/close, imports)": in_trials
         - sum(v for k, v in phase.items() if k != "first_window_s"),  # the first window is in train_s
     }
-    capacity = slots * wall
-    trial_seconds = sorted(e - s for s, e, _ in spans)
-    launch = launch_phases(client, parent.info.run_id)
-    efficiency = {}
-    if baseline is not None:
-        ideal = alone_seconds(done, baseline)
-        efficiency = {
-            "alone_tokens_per_s": baseline["alone_tokens_per_s"],
-            "alone_seconds": ideal,  # None when the baseline has no rate for some finished trial's class
-            "efficiency": ideal / wall if ideal else tokens / wall / baseline["alone_tokens_per_s"],
-        }
+
+
+def steady_packed_rate(done: list, tokens: float, phase: dict[str, float], slots: int) -> float | None:
+    """All slots' steady training together: tokens after each trial's first window over their time."""
+    steady_train = phase["train_s"] - phase["first_window_s"]
+    if not steady_train:
+        return None
+    timed = [r for r in done if tracking.FINAL + "time/train_s" in r.data.metrics]
+    return (tokens - sum(_first_window_tokens(r) for r in timed)) / (steady_train / slots)
+
+
+def efficiency(done: list, baseline: dict, tokens: float, wall: float) -> dict:
+    """The study's efficiency against an `--alone` baseline."""
+    ideal = alone_seconds(done, baseline)
     return {
-        "trials": len(runs),
-        "completed": len(done),
-        "tokens": tokens,
-        "wall_s": wall,
-        "aggregate_tokens_per_s": tokens / wall,
-        # all slots' steady training together: tokens after each trial's first window / its time
-        "steady_packed_tokens_per_s": steady_tokens / (steady_train / slots) if steady_train else None,
-        "slots": slots,
-        "slot_seconds": slot_seconds,
-        "slot_share": {k: round(v / capacity, 3) for k, v in slot_seconds.items()},
-        "median_trial_s": trial_seconds[len(trial_seconds) // 2],
-        "before_first_trial_s": before_first_trial(launch, started, first),
-        "ray_shutdown_s": launch.get("ray_shutdown", (None, None))[0],
-        "trials_per_gpu": per_gpu,
-        "max_trials_at_once_per_gpu": peak,
-        "devices": sorted({r.data.tags.get("ablate.device", "?") for r in done}),
-        "failed": failed,
-        "processes": len({_process(r) for r in done}),
-        "gaps_in_process": process_gaps(
-            [
-                (_process(r), s / 1e3, e / 1e3)
-                for r in runs
-                if (s := r.info.start_time) and (e := r.info.end_time)
-            ]
-        ),
-        **efficiency,
+        "alone_tokens_per_s": baseline["alone_tokens_per_s"],
+        "alone_seconds": ideal,  # None when the baseline has no rate for some finished trial's class
+        "efficiency": ideal / wall if ideal else tokens / wall / baseline["alone_tokens_per_s"],
     }
 
 
 def failure_lines(runs: list) -> list[str]:
     """One line per trial that ended failed: "<cell> seed=<s> (<host>:<pid>): <the error>"."""
-    from ablate import tracking
 
     lines = []
     for run in tracking.results_runs(runs).values():
         if tracking.status_of(run) == "failed":
-            tags = run.data.tags
-            where = f"{tags.get('ablate.cell')} seed={tags.get('ablate.seed')} ({_process_text(run)})"
+            where = f"{tracking.tag(run, 'cell')} seed={tracking.tag(run, 'seed')} ({_process_text(run)})"
             lines.append(f"{where}: {tracking.error_line(run)}")
     return lines
 
@@ -198,12 +208,11 @@ def failure_lines(runs: list) -> list[str]:
 def _process_text(run) -> str:
     """Where an attempt ran: host:pid, the how-many-th trial of that process, which attempt."""
     host, pid = _process(run)
-    tags = run.data.tags
     where = [f"{host}:{pid}" if pid else "no process recorded"]
-    if tags.get("ablate.process_trial"):
-        where.append(f"trial {tags['ablate.process_trial']} of its process")
-    if tags.get("ablate.attempt"):
-        where.append(f"attempt {tags['ablate.attempt']}")
+    if tracking.tag(run, "process_trial"):
+        where.append(f"trial {tracking.tag(run, 'process_trial')} of its process")
+    if tracking.tag(run, "attempt"):
+        where.append(f"attempt {tracking.tag(run, 'attempt')}")
     return ", ".join(where)
 
 
@@ -222,12 +231,12 @@ def alone_seconds(runs: list, baseline: dict) -> float | None:
     return total
 
 
-def launch_phases(client, parent_run_id: str) -> dict[str, tuple[float, float]]:
+def launch_phases(record: tracking.StudyRecord) -> dict[str, tuple[float, float]]:
     """The parent run's `study/time/<phase>_s` metrics: phase -> (seconds, epoch seconds it ended)."""
     phases = {}
-    for key in client.get_run(parent_run_id).data.metrics:
+    for key in record.parent.data.metrics:
         if key.startswith("study/time/") and key.endswith("_s"):
-            last = client.get_metric_history(parent_run_id, key)[-1]
+            last = record.parent_metric_history(key)[-1]
             phases[key.removeprefix("study/time/").removesuffix("_s")] = (last.value, last.timestamp / 1e3)
     return phases
 
@@ -282,12 +291,12 @@ def process_gaps(spans: list[tuple[object, float, float]]) -> dict[str, float | 
 
 def _process(run) -> tuple[str | None, str | None]:
     """The worker process that ran a trial: (host, pid)."""
-    return run.data.tags.get("ablate.host"), run.data.tags.get("ablate.pid")
+    return tracking.tag(run, "host"), tracking.tag(run, "pid")
 
 
 def _first_window_tokens(run) -> float:
     """Tokens a trial trained in its first logging window (which includes its warm-up)."""
-    params, steps = run.data.params, run.data.metrics.get("final/steps", 0.0)
+    params, steps = run.data.params, run.data.metrics.get(tracking.FINAL + "steps", 0.0)
     window = min(float(params["train.log_every"]), steps)
     return window * float(params["train.batch_size"]) * float(params["model.context"])
 

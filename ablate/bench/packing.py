@@ -1,6 +1,6 @@
-"""Trials per GPU: `python -m ablate.bench_packing --processes 1,2,4 [--mps]`.
+"""Trials per GPU: `python -m ablate.bench.packing --processes 1,2,4 [--mps]`.
 
-Runs K copies of one `ablate.bench` row at once on one GPU, as K trials of a study packed onto it
+Runs K copies of one `ablate.bench.throughput` row at once on one GPU, as K trials of a study packed onto it
 (`resources.gpu: 1/K`) would, and prints the aggregate steady tokens/s for each K. The compile caches
 are warmed by one run first, so the K copies start training within seconds of each other; each copy's
 steady rate is its median over logging windows after the first two, measured while the others run.
@@ -24,7 +24,7 @@ def bench_command(args: argparse.Namespace, out: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "ablate.bench",
+        "ablate.bench.throughput",
         "--variants",
         args.variant,
         "--metrics",
@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--mps", action="store_true", help="run the copies under NVIDIA MPS")
     parser.add_argument("--metric", default="sdpa")
     parser.add_argument("--variant", default="fused+graphs")
-    parser.add_argument("--cell", default="position=rope", help="model settings, as ablate.bench --cells")
+    parser.add_argument(
+        "--cell", default="position=rope", help="model settings, as ablate.bench.throughput --cells"
+    )
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Benchmark: analysis and full report for 1000 simulated trials of the RBF replication design.
 
-    python -m ablate.analysis.bench [--trials 1000] [--points 20]
+    python -m ablate.bench.analysis [--trials 1000] [--points 20]
 
 The last seed is cut short to reach exactly --trials, so the design is unbalanced (Type III path).
 """
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     study = replication_study()
     rng = np.random.default_rng(0)
-    n_seeds = math.ceil(args.trials / len(study.design().cells()))
+    n_seeds = math.ceil(args.trials / len(study.factor_space().cells()))
     trials = simulate_trials(study, n_seeds, rng).iloc[: args.trials]
     curves = simulate_curves(trials, args.points, rng)
     start = time.perf_counter()

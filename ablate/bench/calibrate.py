@@ -1,6 +1,6 @@
 """Calibration of the verdict on simulated studies of the shipped designs' shapes.
 
-    python -m ablate.analysis.calibrate [--studies 500] [--scenario NAME ...] [--jobs 1] [--seed 0]
+    python -m ablate.bench.calibrate [--studies 500] [--scenario NAME ...] [--jobs 1] [--seed 0]
 
 For each scenario it simulates studies, runs `analyze` (primary response only, no report) and prints:
 the share of studies whose verdict text makes any claim (`verdicts.claim_lines`); the family-wise error
@@ -29,7 +29,7 @@ from ablate.analysis.effects import main_effects
 from ablate.analysis.shapley import decompose
 from ablate.analysis.simulate import PlantedStudy, simulate_trials
 from ablate.analysis.threads import one_blas_thread
-from ablate.analysis.verdicts import claim_lines, verdict_sections
+from ablate.report.verdicts import claim_lines, verdict_sections
 
 TOLERANCE = 1e-9
 
@@ -154,7 +154,7 @@ def planted(scenario: Scenario) -> PlantedStudy:
 
 def noise_free(study: PlantedStudy) -> pd.DataFrame:
     """One trial per cell at its true mean (seed 0), every trial finished."""
-    cells = study.design().cells()
+    cells = study.factor_space().cells()
     return cells.assign(
         val_loss=[study.cell_mean(cell) for cell in cells.to_dict("records")], seed=0, status="finished"
     )
@@ -171,7 +171,7 @@ class Truth:
 
 def truth_of(scenario: Scenario) -> Truth:
     study = planted(scenario)
-    design = study.design()
+    design = study.factor_space()
     factors = list(design.factors)
     data = noise_free(study)
     table = CellTable(data, factors, "val_loss", design.cells(), [0])

@@ -1,4 +1,5 @@
-"""The design: factors, their levels, `when` conditions of conditional factors, and the design cells."""
+"""The factor space of a trials table: factors, their levels, `when` conditions of conditional factors, and
+the cells they span."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ablate.analysis.table import NOT_APPLICABLE, StudyDataError, ordered_levels
+from ablate.analysis.table import StudyDataError, ordered_levels
+from ablate.levels import NOT_APPLICABLE
 
 Conditions = dict[str, dict[str, tuple[str, ...]]]
 
 
 @dataclass(frozen=True)
-class Design:
+class FactorSpace:
     """Factors with their levels; a conditional factor applies only where its condition holds."""
 
     factors: tuple[str, ...]
@@ -53,12 +55,12 @@ class Design:
         return pd.DataFrame(rows, columns=list(self.factors))
 
 
-def build_design(
+def build_factor_space(
     table: pd.DataFrame,
     factors: Sequence[str],
     conditions: Mapping[str, Mapping[str, Sequence[str]]] | None,
     reference: Mapping[str, str],
-) -> Design:
+) -> FactorSpace:
     """Levels from the table, conditions given or inferred, validated against the table."""
     levels = {name: ordered_levels(table[name]) for name in factors}
     for name, found in levels.items():
@@ -66,7 +68,7 @@ def build_design(
             raise StudyDataError(f"factor {name!r} has no values in the table")
     given = infer_conditions(table, factors) if conditions is None else _normalised(conditions, levels)
     reference_levels = {name: reference.get(name, levels[name][0]) for name in factors}
-    design = Design(tuple(factors), levels, given, reference_levels)
+    design = FactorSpace(tuple(factors), levels, given, reference_levels)
     _check_table_matches(table, design)
     return design
 
@@ -112,7 +114,7 @@ def _normalised(conditions: Mapping[str, Mapping[str, Sequence[str]]], levels: C
     return result
 
 
-def _check_table_matches(table: pd.DataFrame, design: Design) -> None:
+def _check_table_matches(table: pd.DataFrame, design: FactorSpace) -> None:
     for name in design.factors:
         if name not in design.conditions:
             if table[name].isna().any():
@@ -128,8 +130,3 @@ def _check_table_matches(table: pd.DataFrame, design: Design) -> None:
                 f"factor {name!r} must be set exactly where {design.describe_condition(name)}; "
                 f"{len(wrong)} trial(s) disagree (e.g. {trial})"
             )
-
-
-def cell_label(cell: Mapping[str, str]) -> str:
-    """'metric=rbf, position=rope' (n/a factors left out)."""
-    return ", ".join(f"{name}={level}" for name, level in cell.items() if level != NOT_APPLICABLE)
