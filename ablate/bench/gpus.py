@@ -1,8 +1,8 @@
 """One GPU against every GPU of this host, for one study, in one command:
 
-    python -m ablate.bench_gpus STUDY [--tokens N] [--gpu F] [--warm-tokens N] [--timeout S] [--out F]
+    python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--warm-tokens N] [--timeout S] [--out F]
 
-Runs the study through `python -m ablate.bench_study` (that is, `ablate run --fresh`) twice: first with
+Runs the study through `python -m ablate.bench.study` (that is, `ablate run --fresh`) twice: first with
 `CUDA_VISIBLE_DEVICES` set to the first GPU, then on every GPU, and prints the two records side by side:
 trials finished, tokens, wall time, the aggregate tokens/s, the trials each GPU ran and the most it held
 at once, and the wait before the first trial; then the ratio of the two aggregate rates.
@@ -40,7 +40,7 @@ def bench(study: Path, gpus: list[str], args: argparse.Namespace, tokens: int | 
     """One `bench_study` run of the study on these GPUs; its summary (JSON)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "summary.json"
-        command = [sys.executable, "-m", "ablate.bench_study", str(study), "--out", str(out)]
+        command = [sys.executable, "-m", "ablate.bench.study", str(study), "--out", str(out)]
         if tokens is not None:
             command += ["--tokens", str(tokens)]
         if args.gpu is not None:
