@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ablate.analysis import StudyDataError, analyze, load_trials
+from ablate.analysis.curves import target_column, with_tokens_to_targets
 from ablate.analysis.table import load_curves
 from ablate.report.verdicts import verdict_sections
 from ablate.report.write import write_report
@@ -34,12 +35,16 @@ def from_table(
     try:
         trials = load_trials(Path(table), factors)
         curve_table = load_curves(Path(curves)) if curves is not None else None
+        timed = []  # tokens to each target: a secondary response, as in `ablate report`
+        if targets and curve_table is not None:
+            trials = with_tokens_to_targets(trials, curve_table, targets)
+            timed = [c for c in map(target_column, targets) if c not in secondary]
         analysis = analyze(
             trials,
             list(factors),
             response,
             comparisons=list(compare),
-            secondary=list(secondary),
+            secondary=[*secondary, *timed],
             adjust=adjust,
             vocab_size=vocab_size,
         )
