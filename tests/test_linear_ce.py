@@ -276,3 +276,56 @@ def test_compiled_model_with_fused_loss_has_no_graph_breaks_and_matches_plain():
     assert abs(grads["plain"][0] - grads["fused"][0]) < 2e-3 * grads["plain"][0]
     for got, want in zip(grads["fused"][1], grads["plain"][1], strict=True):
         assert rel(got, want) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("v", [8192, 50257])
+def test_tiled_bf16_at_the_seed_size_matches_float64_and_the_fused_loss(v):
+    h, w, b, targets = make(16384, 256, v, torch.bfloat16, "cuda", seed=torch.seed() % 2**31)
+    loss, grads = tiled(h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    fused_loss, fused_grads = fused(h, w, b, targets)
+    loss_tol, grad_tol = TILED_TOLERANCE[torch.bfloat16]
+    assert abs(loss.item() - ref_loss.item()) < loss_tol * ref_loss.item()
+    assert abs(loss.item() - fused_loss.item()) < loss_tol * ref_loss.item()
+    for got, want, other in zip(grads, ref_grads, fused_grads, strict=True):
+        assert got.dtype == torch.bfloat16
+        assert rel(got, want) < grad_tol
+        assert rel(got, other.double()) < grad_tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("n", "c", "v", "dtype"), [(1000, 1024, 3001, torch.bfloat16), (300, 600, 777, torch.float32)]
+)
+def test_tiled_wide_hidden_size_on_cuda_matches_float64(n, c, v, dtype):
+    """D over 256 loops over K tiles and splits dh and dW into column blocks."""
+    h, w, b, targets = make(n, c, v, dtype, "cuda", seed=c)
+    loss, grads = tiled(h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    loss_tol, grad_tol = TILED_TOLERANCE[dtype]
+    assert abs(loss.item() - ref_loss.item()) < loss_tol * ref_loss.item()
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert rel(got, want) < grad_tol
+
+
+@pytest.mark.gpu
+def test_tiled_replays_as_a_cuda_graph():
+    h, w, b, targets = make(4096, 256, 8192, torch.bfloat16, "cuda", seed=3)
+    params = [h, w, b]
+
+    def step():
+        for t in params:
+            t.grad = None
+        kernels.linear_cross_entropy_tiled(h, w, b, targets).backward()
+
+    step()  # autotune before capture
+    eager = [t.grad.clone() for t in params]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = kernels.linear_cross_entropy_tiled(h, w, b, targets)
+        grads = torch.autograd.grad(loss, params)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(grads, eager, strict=True):
+        assert torch.equal(got, want)
