@@ -150,25 +150,28 @@ def _dh_kernel(
 @triton.jit
 def _dw_kernel(
     h_ptr, w_ptr, bias_ptr, target_ptr, lse_ptr, grad_ptr,
-    dw_ptr, db_ptr,  # (V, D), (V,) or a dummy
-    N, V, D, stride_h, stride_w, stride_dw,
+    dw_ptr, db_ptr,  # (splits, V, D) and (splits, V) sums over each row chunk; db may be a dummy
+    N, V, D, row_chunk, stride_h, stride_w, stride_dw, stride_split,
     HAS_BIAS: tl.constexpr, SINGLE_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's columns of dW
+    split = tl.program_id(2)
+    row_start = split * row_chunk
+    row_end = tl.minimum(row_start + row_chunk, N)
     if SINGLE_K:
         w = _load_tile(w_ptr, cols, dcols, V, D, stride_w)  # (BLOCK_N, BLOCK_D), resident
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     db = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, N, BLOCK_M):
+    for start in range(row_start, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        target = tl.load(target_ptr + rows, mask=rows < N, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
-        scale = tl.load(grad_ptr + rows, mask=rows < N, other=0.0)
-        h_out = _load_tile(h_ptr, rows, dcols, N, D, stride_h)  # (BLOCK_M, BLOCK_D)
+        target = tl.load(target_ptr + rows, mask=rows < row_end, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=rows < row_end, other=0.0)
+        scale = tl.load(grad_ptr + rows, mask=rows < row_end, other=0.0)
+        h_out = _load_tile(h_ptr, rows, dcols, row_end, D, stride_h)  # (BLOCK_M, BLOCK_D)
         if SINGLE_K:
             z = tl.dot(h_out, tl.trans(w), input_precision=PRECISION)
         else:
@@ -177,15 +180,15 @@ def _dw_kernel(
             )
         if HAS_BIAS:
             z += bias[None, :]
-        g = _grad_tile(z, lse, target, scale, cols, (rows < N)[:, None] & (cols < V)[None, :])
+        g = _grad_tile(z, lse, target, scale, cols, (rows < row_end)[:, None] & (cols < V)[None, :])
         acc = tl.dot(tl.trans(g.to(h_out.dtype)), h_out, acc, input_precision=PRECISION)
         db += tl.sum(g, axis=0)
     mask = (cols < V)[:, None] & (dcols < D)[None, :]
-    dw = dw_ptr + cols.to(tl.int64)[:, None] * stride_dw + dcols[None, :]
+    dw = dw_ptr + split.to(tl.int64) * stride_split + cols.to(tl.int64)[:, None] * stride_dw + dcols[None, :]
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
         if tl.program_id(1) == 0:  # the other column blocks computed the same db
-            tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(db_ptr + split * V + cols, db.to(db_ptr.dtype.element_ty), mask=cols < V)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,6 +272,16 @@ def vocab_chunk(n: int, v: int) -> int:
     return triton.cdiv(triton.cdiv(v, splits), CHUNK_MULTIPLE) * CHUNK_MULTIPLE
 
 
+def row_chunk(n: int, v: int) -> int:
+    """Rows per dW program: split N when there are too few vocab blocks to fill the GPU (V = 8192)."""
+    if INTERPRET:
+        return 2 * CHUNK_MULTIPLE  # N = 64 takes two chunks
+    splits = max(
+        1, min(triton.cdiv(n, 4 * CHUNK_MULTIPLE), triton.cdiv(TARGET_PROGRAMS // 2, triton.cdiv(v, 128)))
+    )
+    return triton.cdiv(triton.cdiv(n, splits), CHUNK_MULTIPLE) * CHUNK_MULTIPLE
+
+
 @torch.library.custom_op("ablate::linear_cross_entropy_tiled", mutates_args=())
 def _tiled_fwd_op(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
@@ -314,8 +327,12 @@ def _tiled_bwd_op(
     v = weight.shape[0]
     grad_rows = grad_rows.float().contiguous()
     blocks, block_d = _k_blocks(h)
-    dh, dw = torch.empty_like(h), torch.empty_like(weight)
-    db = torch.empty_like(bias) if bias is not None else h.new_empty(0)
+    chunk = row_chunk(n, v)
+    splits = triton.cdiv(n, chunk)
+    dh = torch.empty_like(h)
+    partial = torch.float32 if splits > 1 else weight.dtype  # summed over the row chunks below
+    dw = torch.empty(splits, v, d, dtype=partial, device=h.device)  # (splits, V, D)
+    db = torch.empty(splits, v, dtype=partial, device=h.device) if bias is not None else dw  # (splits, V)
     common = (bias if bias is not None else h, targets, lse, grad_rows)
     sizes = dict(HAS_BIAS=bias is not None, BLOCK_D=block_d, **blocks)
 
@@ -323,13 +340,17 @@ def _tiled_bwd_op(
         return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_d)
 
     def vocab_grid(meta):
-        return triton.cdiv(v, meta["BLOCK_N"]), triton.cdiv(d, block_d)
+        return triton.cdiv(v, meta["BLOCK_N"]), triton.cdiv(d, block_d), splits
 
     _dh_tuned[row_grid](h, weight, *common, dh, n, v, d, h.stride(0), weight.stride(0), dh.stride(0), **sizes)
     _dw_tuned[vocab_grid](
-        h, weight, *common, dw, db if bias is not None else dw, n, v, d, h.stride(0), weight.stride(0),
+        h, weight, *common, dw, db, n, v, d, chunk, h.stride(0), weight.stride(0), dw.stride(1),
         dw.stride(0), **sizes,
     )  # fmt: skip
+    dw = dw[0] if splits == 1 else dw.sum(dim=0).to(weight.dtype)
+    if bias is None:
+        return dh, dw, h.new_empty(0)
+    db = db[0] if splits == 1 else db.sum(dim=0).to(bias.dtype)
     return dh, dw, db
 
 
