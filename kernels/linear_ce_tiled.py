@@ -192,24 +192,33 @@ def _dw_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# autotune configs: BLOCK_M x BLOCK_N tiles, pruned to those whose float32 tiles fit in registers and
-# whose streamed tiles fit in shared memory; the interpreter runs one tiny config (ragged tails at small N)
+# autotune configs: BLOCK_M x BLOCK_N tiles, pruned to those that fit in registers and shared memory;
+# the interpreter runs one tiny config (several blocks and ragged tails at small N)
 
 _GPU_SPECS = [(m, n, w, s) for m in (64, 128) for n in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
 _INTERPRET_SPECS = [(16, 16, 1, 1)]
-_SMEM_LIMIT = 200 * 1024
-_REGISTER_LIMIT = 128  # float32 tile values per thread (of 255 registers)
+_SMEM_LIMIT = 227 * 1024  # bytes per program on Hopper
+# float32 values per thread: the logits tile counts three times (its exp and masks live beside it), the
+# accumulator once. Within this, ptxas (sm_90, D = 256 and 1024, bf16) allocated at most 254 registers
+# without spilling; the configs beyond it spilled.
+_REGISTER_LIMIT = 224
 
 
 def _footprint(kind: str, bm: int, bn: int, bk: int, bd: int, single_k: bool, stages: int) -> tuple:
-    """(float32 tile values per warp-group, shared-memory elements) of one program, roughly."""
-    regs = {"fwd": bm * bn, "dh": bm * (bn + bd), "dw": bn * (bm + bd)}[kind]  # logits (+ accumulator)
-    if single_k:  # one operand resident, the other streamed; the backward stages G for its second dot
+    """(float32 values per warp-group, shared-memory elements) of one program, roughly."""
+    regs = 3 * bm * bn + {"fwd": 0, "dh": bm * bd, "dw": bn * bd}[kind]
+    if kind == "dw":  # G^T for the dot with h goes through registers and shared memory once more
+        regs += (
+            bm * bn
+        )  # (ptxas spilled in every dW config but 128 x 64, 8 warps; a few dozen bytes at 64 x 64)
+    if single_k:  # one operand resident, the other streamed through `stages` buffers
         resident = {"fwd": bm, "dh": bm, "dw": bn}[kind] * bk
-        streamed = {"fwd": bn * bk, "dh": bn * bd + bm * bn, "dw": bm * bd + bm * bn}[kind]
-    else:  # both streamed in K tiles, plus the backward's output-column tile and G
+        streamed = {"fwd": bn * bk, "dh": bn * bd, "dw": bm * bd}[kind]
+    else:  # both streamed in K tiles, plus the backward's output-column tile
         resident = 0
-        streamed = (bm + bn) * bk + {"fwd": 0, "dh": bn * bd + bm * bn, "dw": bm * bd + bm * bn}[kind]
+        streamed = (bm + bn) * bk + {"fwd": 0, "dh": bn * bd, "dw": bm * bd}[kind]
+    if kind == "dw":
+        resident += bm * bn
     return regs, resident + stages * streamed
 
 
