@@ -8,7 +8,8 @@ from h (N x D), W (V x D) and b (V) with tl.dot, in float32:
               target's logit; the chunks' partials are combined into lse per row (a few torch ops)
               loss_i = lse_i - z_i,target_i
     dh        per row block: dh = sum over vocab tiles of G W, with G = (softmax - onehot) * grad_i
-    dW, db    per vocab block: dW = sum over row blocks of G^T h, db = sum of G over rows
+    dW, db    per vocab block (and row chunk, when V has too few blocks to fill the GPU): dW = sum over
+              row blocks of G^T h, db = sum of G over rows; row chunks' float32 partials are summed
 
 G is never written out. The backward recomputes the logits twice (once for dh, once for dW), so the
 loss costs about three logits matmuls plus the two gradient matmuls, against one plus two for
@@ -260,7 +261,8 @@ _dw_tuned = _tuned(_dw_kernel, "dw")
 # launchers, as torch.library custom ops (fake shapes, autograd): opaque single calls under torch.compile
 
 
-def _k_blocks(h: torch.Tensor) -> dict:
+def _k_blocks(h: torch.Tensor) -> tuple[dict, int]:
+    """The reduction tiling's constexprs for h's D and dtype, and BLOCK_D (dh and dW column blocks)."""
     d = h.shape[1]
     d_pad = max(16, triton.next_power_of_2(d))
     single = d_pad <= MAX_K
