@@ -25,6 +25,8 @@ import triton.language as tl
 from kernels.triton_attn import INTERPRET
 
 PAD = 64  # logits row stride (and weight rows) padded to this many columns: aligned, fast matmuls
+# the row kernel's tile and warps, read at each call: `python -m kernels.bench_loss --row-kernel BV,W`
+# measures other values against these in one run
 BLOCK_V = 128 if INTERPRET else 4096
 NUM_WARPS = 8
 

@@ -101,12 +101,126 @@ def test_interpreted_target_out_of_range_is_nan_not_a_stray_read():
     assert torch.isnan(kernels.linear_cross_entropy(h, w, b, targets))
 
 
+# ----------------------------------------------------------------------------------------------------
+# the tiled loss (kernels/linear_ce_tiled.py): interpreter tiles are 16 x 16, K tiles 16 wide and vocab
+# chunks of 32, so D = 40 takes the K loop and the split dh/dW columns, V = 257 ends in ragged tiles
+
+
+TILED_TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-3, 1e-2)}  # (loss, gradients), relative
+
+
+@pytest.fixture
+def exact_bf16_dot(monkeypatch):
+    """The interpreter's tl.dot multiplies bf16 operands as their raw uint16 bits (Triton 3.9): widen
+    them to float32 first, which is what the tensor cores compute (bf16 products are exact in float32)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    plain_dot = InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+        return plain_dot(self, a, b, d, *args)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)
+
+
+def tiled(h, w, b, targets):
+    loss = kernels.linear_cross_entropy_tiled(h, w, b, targets)
+    wrt = [t for t in (h, w, b) if t is not None]
+    return loss.detach(), torch.autograd.grad(loss * 1.7, wrt)
+
+
+@interpreted_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("v", [50, 257])
+@pytest.mark.parametrize("c", [16, 40])
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_interpreted_tiled_loss_and_gradients_match_float64(exact_bf16_dot, n, c, v, dtype):
+    bias = (n + c + v) % 2 == 0  # half the shapes without a bias
+    h, w, b, targets = make(n, c, v, dtype, bias=bias, seed=n * c + v)
+    loss, grads = tiled(h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    loss_tol, grad_tol = TILED_TOLERANCE[dtype]
+    assert abs(loss.item() - ref_loss.item()) < loss_tol * max(1.0, ref_loss.item())
+    assert len(grads) == len(ref_grads) == (3 if bias else 2)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == dtype
+        assert rel(got, want) < grad_tol
+
+
+@interpreted_only
+def test_interpreted_tiled_per_row_gradients_match_float64():
+    """The backward takes one upstream gradient per row (here not the mean's 1/N), bias or not."""
+    from kernels.linear_ce_tiled import _tiled_fwd_op
+
+    for bias in (True, False):
+        h, w, b, targets = make(23, 40, 70, torch.float32, bias=bias, seed=5)
+        weights = torch.rand(23, generator=torch.Generator().manual_seed(6)) - 0.3
+        rows, lse = _tiled_fwd_op(h, w, b, targets)
+        wrt = [t for t in (h, w, b) if t is not None]
+        grads = torch.autograd.grad((rows * weights).sum(), wrt)
+        wrt64 = [t.detach().double().requires_grad_() for t in wrt]
+        logits = wrt64[0] @ wrt64[1].t() + (wrt64[2] if bias else 0.0)
+        ref_rows = F.cross_entropy(logits, targets, reduction="none")
+        assert torch.allclose(rows.double(), ref_rows, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(lse.double(), logits.logsumexp(dim=1), rtol=1e-5, atol=1e-6)
+        ref_grads = torch.autograd.grad((ref_rows * weights.double()).sum(), wrt64)
+        for got, want in zip(grads, ref_grads, strict=True):
+            assert rel(got, want) < 1e-5
+
+
+@interpreted_only
+def test_interpreted_tiled_matches_the_fused_loss():
+    h, w, b, targets = make(33, 24, 300, torch.float32, seed=8)
+    loss, grads = tiled(h, w, b, targets)
+    fused_loss, fused_grads = fused(h, w, b, targets)
+    assert abs(loss.item() - fused_loss.item()) < 1e-5
+    for got, want in zip(grads, fused_grads, strict=True):
+        assert rel(got, want.double()) < 1e-5
+
+
+@interpreted_only
+def test_interpreted_tiled_without_gradients_and_bad_targets():
+    h, w, b, targets = make(19, 16, 150, torch.float32)
+    with torch.no_grad():
+        no_grad = kernels.linear_cross_entropy_tiled(h, w, b, targets)
+    assert not no_grad.requires_grad
+    assert abs(no_grad.item() - reference(h, w, b, targets)[0].item()) < 1e-5
+    targets[2], targets[4] = -1, 150
+    assert torch.isnan(kernels.linear_cross_entropy_tiled(h, w, b, targets))
+
+
+@interpreted_only
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])  # aot_eager also traces the fake kernels
+def test_interpreted_tiled_compiles_without_graph_breaks(backend):
+    h, w, b, targets = make(9, 16, 50, torch.float32, seed=2)
+
+    def step(h, w, b, targets):
+        return kernels.linear_cross_entropy_tiled(h, w, b, targets) * 1.7
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    loss = compiled(h, w, b, targets)
+    grads = torch.autograd.grad(loss, (h, w, b))
+    ref_loss, ref_grads = tiled(h, w, b, targets)
+    assert abs(loss.item() / 1.7 - ref_loss.item()) < 1e-6
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(got, want)
+
+
+def test_tiled_loss_names_a_bad_shape():
+    h, w, b, targets = make(4, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="linear_cross_entropy_tiled: need h"):
+        kernels.linear_cross_entropy_tiled(h, w[:, :4], b, targets)
+
+
 def test_fused_loss_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "9 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    assert "38 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
 
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -162,3 +276,62 @@ def test_compiled_model_with_fused_loss_has_no_graph_breaks_and_matches_plain():
     assert abs(grads["plain"][0] - grads["fused"][0]) < 2e-3 * grads["plain"][0]
     for got, want in zip(grads["fused"][1], grads["plain"][1], strict=True):
         assert rel(got, want) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("v", [8192, 50257])
+def test_tiled_bf16_at_the_seed_size_matches_float64_fused_and_plain(v):
+    h, w, b, targets = make(16384, 256, v, torch.bfloat16, "cuda", seed=torch.seed() % 2**31)
+    loss, grads = tiled(h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    plain = F.cross_entropy((h @ w.t() + b).float(), targets)  # the model's loss "plain"
+    others = {
+        "fused": fused(h, w, b, targets),
+        "plain": (plain.detach(), torch.autograd.grad(plain * 1.7, (h, w, b))),
+    }
+    loss_tol, grad_tol = TILED_TOLERANCE[torch.bfloat16]
+    assert abs(loss.item() - ref_loss.item()) < loss_tol * ref_loss.item()
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == torch.bfloat16
+        assert rel(got, want) < grad_tol
+    for name, (other_loss, other_grads) in others.items():
+        assert abs(loss.item() - other_loss.item()) < loss_tol * ref_loss.item(), name
+        for got, other in zip(grads, other_grads, strict=True):
+            assert rel(got, other.double()) < grad_tol, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("n", "c", "v", "dtype"), [(1000, 1024, 3001, torch.bfloat16), (300, 600, 777, torch.float32)]
+)
+def test_tiled_wide_hidden_size_on_cuda_matches_float64(n, c, v, dtype):
+    """D over 256 loops over K tiles and splits dh and dW into column blocks."""
+    h, w, b, targets = make(n, c, v, dtype, "cuda", seed=c)
+    loss, grads = tiled(h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    loss_tol, grad_tol = TILED_TOLERANCE[dtype]
+    assert abs(loss.item() - ref_loss.item()) < loss_tol * ref_loss.item()
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert rel(got, want) < grad_tol
+
+
+@pytest.mark.gpu
+def test_tiled_replays_as_a_cuda_graph():
+    h, w, b, targets = make(4096, 256, 8192, torch.bfloat16, "cuda", seed=3)
+    params = [h, w, b]
+
+    def step():
+        for t in params:
+            t.grad = None
+        kernels.linear_cross_entropy_tiled(h, w, b, targets).backward()
+
+    step()  # autotune before capture
+    eager = [t.grad.clone() for t in params]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = kernels.linear_cross_entropy_tiled(h, w, b, targets)
+        grads = torch.autograd.grad(loss, params)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(grads, eager, strict=True):
+        assert torch.equal(got, want)
