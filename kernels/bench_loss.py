@@ -9,7 +9,7 @@ holds them (cast to bf16 inside, as under autocast). For each vocab size:
     plain            F.cross_entropy(float32 logits), eager, under bf16 autocast (model loss "plain")
     plain-compiled   the same under torch.compile: the fastest plain version a user can choose
     fused BV/W       kernels.linear_cross_entropy (linear_ce.py) with the row kernel at BLOCK_V BV and
-                     W warps, one row per --row-kernel pair (default: the shipped 4096,8 and 1024,4)
+                     W warps, one row per --row-kernel pair (default: 4096,8 and the shipped 1024,4)
     tiled            kernels.linear_cross_entropy_tiled (linear_ce_tiled.py), no logits in memory
 
 Columns: forward (with autograd recording; the fused op computes its gradients here), forward+backward
