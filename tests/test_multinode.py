@@ -153,6 +153,22 @@ def _wait_for_retry_on(client, node: Node, killed, driver: subprocess.Popen, log
     pytest.fail(f"no retry of {trial_id} on node {node.name} within {WAIT_S}s:\n{log.read_text()}")
 
 
+def _wait_until_gone(pid: int) -> None:
+    """Until process `pid` has exited, so that the store no longer changes under the test."""
+    deadline = time.monotonic() + WAIT_S
+    while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the killed driver's trial worker (pid {pid}) still runs after {WAIT_S}s")
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].splitlines()[0].lower()
+    except (OSError, IndexError):
+        return "gone"
+
+
 def _kill_node_mid_trial(run, node: Node) -> None:
     """SIGKILL the trial's worker (its pid is on the run) and the node's raylet: the node is gone."""
     worker = int(run.data.tags["ablate.pid"])
@@ -219,6 +235,7 @@ def _run_study(folder: Path, url: str, nodes: tuple[Node, Node]) -> StudyRun:
         retry = _wait_for_retry_on(client, a, killed, driver, first_log)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its process group, mid-study
         driver.wait(WAIT_S)
+        _wait_until_gone(int(retry.data.tags["ablate.pid"]))  # Ray ends the dead driver's trials
     finally:
         stop(driver)
     runs_before = {r.info.run_id: _status(r) for r in trial_runs(client)}
