@@ -46,9 +46,14 @@ def test_fewer_than_two_gpus_or_a_missing_study_is_a_clear_error(tmp_path):
     study = tmp_path / "study.yaml"
     study.write_text("name: x\n")
     env = {"CUDA_VISIBLE_DEVICES": "0", "PATH": "/usr/bin:/bin"}
-    one = subprocess.run([sys.executable, "-m", "ablate.bench.gpus", str(study)], capture_output=True, text=True,
-                         env=env)
+    one = subprocess.run(
+        [sys.executable, "-m", "ablate.bench.gpus", str(study)], capture_output=True, text=True, env=env
+    )
     assert one.returncode != 0 and "shows 1 GPU(s)" in one.stderr and "Traceback" not in one.stderr
-    missing = subprocess.run([sys.executable, "-m", "ablate.bench.gpus", str(tmp_path / "nope.yaml")],
-                             capture_output=True, text=True, env=env)
+    missing = subprocess.run(
+        [sys.executable, "-m", "ablate.bench.gpus", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert missing.returncode != 0 and "no such study file" in missing.stderr

@@ -482,8 +482,12 @@ def test_compiled_trials_get_a_worker_process_each(tmp_path, cache):
     def design(compile_: bool):
         fixed = tiny_fixed(cache, 2048)
         fixed["train"] = {**fixed["train"], "compile": compile_}
-        spec = {"name": f"reuse-{compile_}", "factors": {"metric": {"levels": ["sdpa", "rbf"]}}, "seeds": 1,
-                "fixed": fixed}
+        spec = {
+            "name": f"reuse-{compile_}",
+            "factors": {"metric": {"levels": ["sdpa", "rbf"]}},
+            "seeds": 1,
+            "fixed": fixed,
+        }
         return load_design(write_study(tmp_path / str(compile_), spec))
 
     eager, compiled = design(False), design(True)

@@ -145,8 +145,10 @@ def _wait_for_retry_on(client, node: Node, killed, driver: subprocess.Popen, log
                 if _status(run) == "running" and run.data.metrics:
                     return run
                 if _status(run) == "finished":
-                    pytest.fail(f"the retry finished before the test saw it training (lengthen the trials):\n"
-                                f"{log.read_text()}")
+                    pytest.fail(
+                        f"the retry finished before the test saw it training (lengthen the trials):\n"
+                        f"{log.read_text()}"
+                    )
         if driver.poll() is not None:
             pytest.fail(f"the study ended ({driver.returncode}) before the retry ran:\n{log.read_text()}")
         time.sleep(0.2)

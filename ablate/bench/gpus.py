@@ -50,7 +50,9 @@ def bench(study: Path, gpus: list[str], args: argparse.Namespace, tokens: int | 
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
         done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL)
         if not out.exists():
-            raise SystemExit(f"bench_study on GPUs {','.join(gpus)} wrote no summary (exit {done.returncode})")
+            raise SystemExit(
+                f"bench_study on GPUs {','.join(gpus)} wrote no summary (exit {done.returncode})"
+            )
         return json.loads(out.read_text())
 
 
@@ -93,11 +95,19 @@ def _text(value) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("study", type=Path)
-    parser.add_argument("--tokens", type=int, default=None, help="per-trial token budget (default: the study's)")
-    parser.add_argument("--gpu", type=float, default=None, help="per-trial GPU fraction (default: the study's)")
-    parser.add_argument("--warm-tokens", type=int, default=None, help="first run every cell for this many tokens")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="per-trial token budget (default: the study's)"
+    )
+    parser.add_argument(
+        "--gpu", type=float, default=None, help="per-trial GPU fraction (default: the study's)"
+    )
+    parser.add_argument(
+        "--warm-tokens", type=int, default=None, help="first run every cell for this many tokens"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="stop each run after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="write both summaries and the ratio (JSON)")
     args = parser.parse_args()
@@ -108,7 +118,9 @@ def main() -> None:
         raise SystemExit(f"this host shows {len(gpus)} GPU(s); the comparison needs two or more")
     console = Console()
     if args.warm_tokens is not None:
-        console.print(f"warming the compile caches: every cell for {args.warm_tokens:,} tokens on {len(gpus)} GPUs")
+        console.print(
+            f"warming the compile caches: every cell for {args.warm_tokens:,} tokens on {len(gpus)} GPUs"
+        )
         bench(args.study, gpus, args, args.warm_tokens)
     console.print(f"1 GPU ({gpus[0]}) ...")
     one = bench(args.study, gpus[:1], args, args.tokens)
