@@ -20,6 +20,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 AUG_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
+def _scaled(q, a):
+    """a*q per head, multiplied in float32 and rounded once to q's dtype (a rounded to 16 bits first
+    would scale every score of its head by the same error)."""
+    return (q.float() * a.float().view(1, -1, 1, 1)).to(q.dtype)
+
+
 def _augment(q, k, v, a, b):
     B, H, N, D = q.shape
     pad = -(-(D + 2) // 8) * 8 - D - 2  # zeros up to a multiple of 8 (what flash and cuDNN need)
@@ -27,7 +33,7 @@ def _augment(q, k, v, a, b):
     hi = bias.to(k.dtype)
     lo = (bias - hi.float()).to(k.dtype)
     ones = q.new_ones(B, H, N, 2)
-    q_aug = torch.cat([q * a.view(1, H, 1, 1).to(q.dtype), ones, q.new_zeros(B, H, N, pad)], -1)
+    q_aug = torch.cat([_scaled(q, a), ones, q.new_zeros(B, H, N, pad)], -1)
     k_aug = torch.cat([k, -hi, -lo, k.new_zeros(B, H, N, pad)], -1)
     v_aug = F.pad(v, (0, pad + 2))
     return q_aug, k_aug, v_aug  # (B, H, N, D') each
@@ -63,6 +69,6 @@ def sdpa_attention(
     """Dot-product softmax(a*q.k) v on torch SDPA. b must be None or zero (checked: a device sync)."""
     if b is not None and bool(b.detach().ne(0).any()):
         raise ValueError("backend 'sdpa' computes a*q.k only and needs b == 0; use 'auto' or 'triton'")
-    scaled_q = q * a.view(1, -1, 1, 1).to(q.dtype)
+    scaled_q = _scaled(q, a)
     with sdpa_kernel(list(backends), set_priority=True):
         return F.scaled_dot_product_attention(scaled_q, k, v, is_causal=causal, scale=1.0)
