@@ -670,13 +670,12 @@ def run_tune(
 def reuse_workers(design: Design, todo: list[Trial]) -> bool:
     """Whether a Ray worker process may run several of these trials, one after another.
 
-    Not when a trial compiles. Reused after a compiled trial, worker processes died at the start of their
-    next trial (README, "Studies on the fast path": torch 2.11 on H200s, never on a process's first
-    trial); each compiled trial gets a process of its own, and inductor's on-disk caches
-    (`share_compile_caches`) keep its compilation cheap. Other trials share processes, which saves the
-    start of one per trial.
+    Not when a trial compiles. Reused after a compiled trial, worker processes died at the start of a
+    later trial (README, "Studies on the fast path": torch 2.11 on H200s); each compiled trial gets a
+    process of its own, and inductor's on-disk caches (`share_compile_caches`) keep its compilation
+    cheap. Other trials share processes, which saves the start of one per trial.
     """
-    return not any(from_dict(RunConfig, _absolute_paths(design, t)).train.compile for t in todo)
+    return not any(from_dict(RunConfig, design.run_tree(t)).train.compile for t in todo)
 
 
 def summarize(design: Design, store: StudyStore, started: float, skipped: int) -> RunSummary:
