@@ -57,3 +57,20 @@ def test_fewer_than_two_gpus_or_a_missing_study_is_a_clear_error(tmp_path):
         env=env,
     )
     assert missing.returncode != 0 and "no such study file" in missing.stderr
+
+
+def test_each_side_is_set_against_one_trial_alone_per_gpu_and_its_placement_checked(tmp_path):
+    console = Console(record=True, width=240)
+    one = summary(54e6, 300.0, {"0": 54})
+    every = summary(54e6, 160.0, {"0": 27, "1": 27})
+    every["max_trials_at_once_per_gpu"] = {"0": 4, "1": 5}
+    bench_gpus.show(one, every, 2, console, {"fast path": 0.5e6})
+    text = console.export_text()
+    # 54M tokens in 300 s on one GPU: 180k tokens/s, 0.36 of one trial alone; on two, 0.34 per GPU
+    assert "0.36" in text and "0.34" in text
+    study = tmp_path / "s.yaml"
+    study.write_text("name: s\nresources: {gpu: 0.25}\n")
+    allowed = bench_gpus.allowed_per_gpu(study, None)
+    assert allowed == 4 and bench_gpus.allowed_per_gpu(study, 0.5) == 2
+    lines = bench_gpus.placement_lines(every, allowed)
+    assert lines[0].endswith("ok") and lines[1].endswith("OVER")

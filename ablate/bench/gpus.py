@@ -1,20 +1,27 @@
 """One GPU against every GPU of this host, for one study, in one command:
 
-    python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--warm-tokens N] [--timeout S] [--out F]
+    python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--warm-tokens N] [--alone-factors F]
+                                      [--timeout S] [--out F]
 
 Runs the study through `python -m ablate.bench.study` (that is, `ablate run --fresh`) twice: first with
 `CUDA_VISIBLE_DEVICES` set to the first GPU, then on every GPU, and prints the two records side by side:
-trials finished, tokens, wall time, the aggregate tokens/s, the trials each GPU ran and the most it held
-at once, and the wait before the first trial; then the ratio of the two aggregate rates.
+trials finished, tokens, wall time, the aggregate tokens/s (in all and per GPU), the trials each GPU ran
+and the most it held at once against what the study's per-trial GPU share allows, the wait before the
+first trial, and where the slots' time went; then the ratio of the two aggregate rates.
 
 `--warm-tokens N` first runs every cell once for N tokens on every GPU, outside both measurements, so
 that neither side pays for compiling a cell the first time (trials share inductor's on-disk caches).
+`--alone-factors F` measures one trial alone per class of cells (the levels of the factors F) on the
+first GPU, with the study's settings (for a study on the fast path, the fastest configuration) and
+eager, and adds each side's efficiency per GPU against both.
+`--out F` is rewritten after each stage, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,59 +43,97 @@ def visible_gpus() -> list[str]:
     return out.stdout.split() if out.returncode == 0 else []
 
 
-def bench(study: Path, gpus: list[str], args: argparse.Namespace, tokens: int | None) -> dict:
-    """One `bench_study` run of the study on these GPUs; its summary (JSON)."""
+def bench(study: Path, gpus: list[str], args: argparse.Namespace, tokens: int | None, *extra: str) -> dict:
+    """One `bench.study` run on these GPUs (extra: its further arguments, e.g. --alone); its JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "summary.json"
-        command = [sys.executable, "-m", "ablate.bench.study", str(study), "--out", str(out)]
+        command = [sys.executable, "-m", "ablate.bench.study", str(study), "--out", str(out), *extra]
         if tokens is not None:
             command += ["--tokens", str(tokens)]
         if args.gpu is not None:
             command += ["--gpu", str(args.gpu)]
-        if args.timeout is not None:
+        if args.timeout is not None and "--alone" not in extra:
             command += ["--timeout", str(args.timeout)]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
         done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL)
         if not out.exists():
             raise SystemExit(
-                f"bench_study on GPUs {','.join(gpus)} wrote no summary (exit {done.returncode})"
+                f"bench.study {' '.join(extra)} on GPUs {','.join(gpus)} wrote no summary "
+                f"(exit {done.returncode})"
             )
         return json.loads(out.read_text())
 
 
-def side(summary: dict) -> dict:
-    """The figures compared between the two runs."""
-    return {
+def measured(summary: dict, where: str) -> dict:
+    """The summary of a study run in which trials finished; else a clear stop with its errors."""
+    if not summary.get("completed"):
+        lines = "\n".join(summary.get("failed", [])[:5])
+        raise SystemExit(f"no trial finished on {where} (exit {summary.get('exit')})\n{lines}".rstrip())
+    return summary
+
+
+def allowed_per_gpu(study: Path, gpu: float | None) -> int:
+    """The most trials a GPU may hold at once under the study's (or --gpu's) per-trial GPU share."""
+    import yaml
+
+    share = (
+        gpu if gpu is not None else (yaml.safe_load(study.read_text()).get("resources") or {}).get("gpu", 1)
+    )
+    return math.floor(1 / share + 1e-9) if share else 0
+
+
+def side(summary: dict, alone: dict[str, float]) -> dict:
+    """The figures compared between the two runs. alone: mode -> one trial's tokens/s alone."""
+    gpus = max(summary.get("gpus") or len(summary["trials_per_gpu"]), 1)
+    per_gpu = summary["aggregate_tokens_per_s"] / gpus
+    figures = {
         "trials finished": summary["completed"],
         "tokens": summary["tokens"],
         "wall s": summary["wall_s"],
         "aggregate tokens/s": summary["aggregate_tokens_per_s"],
+        "aggregate tokens/s per GPU": per_gpu,
         "trials per GPU": summary["trials_per_gpu"],
         "most trials on a GPU at once": summary["max_trials_at_once_per_gpu"],
         "before the first trial s": sum(summary["before_first_trial_s"].values()),
         "failed": len(summary.get("failed", [])),
         "worker processes": summary.get("processes"),
     }
+    for mode, rate in alone.items():
+        figures[f"per GPU over one trial alone ({mode})"] = per_gpu / rate
+    for phase, share in (summary.get("slot_share") or {}).items():
+        figures[f"slot time: {phase}"] = f"{share:.1%}"
+    return figures
 
 
-def show(one: dict, every: dict, n_gpus: int, console: Console) -> float:
+def show(
+    one: dict, every: dict, n_gpus: int, console: Console, alone: dict[str, float] | None = None
+) -> float:
     """Print the two sides and return the ratio of their aggregate rates."""
     table = Table(title=f"one GPU against {n_gpus} GPUs")
     table.add_column("")
     table.add_column("1 GPU", justify="right")
     table.add_column(f"{n_gpus} GPUs", justify="right")
-    a, b = side(one), side(every)
+    a, b = side(one, alone or {}), side(every, alone or {})
     for key in a:
-        table.add_row(key, _text(a[key]), _text(b[key]))
+        table.add_row(key, _text(a[key]), _text(b.get(key, "")))
     console.print(table)
     ratio = b["aggregate tokens/s"] / a["aggregate tokens/s"] if a["aggregate tokens/s"] else float("nan")
     console.print(f"aggregate tokens/s, {n_gpus} GPUs over 1: {ratio:.2f}x")
     return ratio
 
 
+def placement_lines(summary: dict, allowed: int) -> list[str]:
+    """Whether each GPU held at most `allowed` trials at once, from the trials' MLflow records."""
+    return [
+        f"GPU {gpu}: {summary['trials_per_gpu'].get(gpu, 0)} trials, at most {peak} at once "
+        f"(the study allows {allowed}): {'ok' if peak <= allowed else 'OVER'}"
+        for gpu, peak in sorted(summary["max_trials_at_once_per_gpu"].items())
+    ]
+
+
 def _text(value) -> str:
     if isinstance(value, float):
-        return f"{value:,.1f}" if value < 1e4 else f"{value:,.0f}"
+        return f"{value:,.2f}" if value < 10 else f"{value:,.1f}" if value < 1e4 else f"{value:,.0f}"
     if isinstance(value, dict):
         return ", ".join(f"{k}: {v}" for k, v in sorted(value.items()))
     return str(value)
@@ -108,27 +153,66 @@ def main() -> None:
     parser.add_argument(
         "--warm-tokens", type=int, default=None, help="first run every cell for this many tokens"
     )
+    parser.add_argument(
+        "--alone-factors",
+        default=None,
+        help="also measure one trial alone per class of these factors' levels (comma-separated)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="stop each run after this many seconds")
-    parser.add_argument("--out", type=Path, default=None, help="write both summaries and the ratio (JSON)")
+    parser.add_argument("--out", type=Path, default=None, help="write what was measured so far (JSON)")
     args = parser.parse_args()
     if not args.study.is_file():
         raise SystemExit(f"{args.study}: no such study file")
+    if args.gpu is not None and not 0 < args.gpu <= 1:
+        raise SystemExit(f"--gpu {args.gpu}: a per-trial GPU share is in (0, 1]")
     gpus = visible_gpus()
     if len(gpus) < 2:
         raise SystemExit(f"this host shows {len(gpus)} GPU(s); the comparison needs two or more")
     console = Console()
+    record: dict = {"study": str(args.study), "gpus": gpus, "tokens_per_trial": args.tokens}
+
+    def save(**stage) -> None:
+        record.update(stage)
+        if args.out:
+            args.out.write_text(json.dumps(record, indent=2))
+
     if args.warm_tokens is not None:
         console.print(
             f"warming the compile caches: every cell for {args.warm_tokens:,} tokens on {len(gpus)} GPUs"
         )
-        bench(args.study, gpus, args, args.warm_tokens)
+        save(warm=bench(args.study, gpus, args, args.warm_tokens))
+    alone: dict[str, float] = {}
+    if args.alone_factors:
+        for mode, extra in (("fast path", ()), ("eager", ("--eager",))):
+            console.print(f"one trial alone per class of {args.alone_factors} ({mode}) on GPU {gpus[0]} ...")
+            try:
+                result = bench(
+                    args.study,
+                    gpus[:1],
+                    args,
+                    args.tokens,
+                    "--alone",
+                    "--alone-factors",
+                    args.alone_factors,
+                    *extra,
+                )
+            except SystemExit as err:  # the comparison of the two sides still stands without it
+                console.print(f"[red]{err}[/]; going on without this baseline")
+                continue
+            alone[mode] = result["alone_tokens_per_s"]
+            save(**{f"alone_{mode.replace(' ', '_')}": result})
     console.print(f"1 GPU ({gpus[0]}) ...")
-    one = bench(args.study, gpus[:1], args, args.tokens)
+    one = measured(bench(args.study, gpus[:1], args, args.tokens), f"GPU {gpus[0]}")
+    save(one_gpu=one)
     console.print(f"{len(gpus)} GPUs ({','.join(gpus)}) ...")
-    every = bench(args.study, gpus, args, args.tokens)
-    ratio = show(one, every, len(gpus), console)
-    if args.out:
-        args.out.write_text(json.dumps({"one_gpu": one, "every_gpu": every, "ratio": ratio}, indent=2))
+    every = measured(bench(args.study, gpus, args, args.tokens), f"GPUs {','.join(gpus)}")
+    save(every_gpu=every)
+    ratio = show(one, every, len(gpus), console, alone)
+    allowed = allowed_per_gpu(args.study, args.gpu)
+    for name, summary in (("1 GPU", one), (f"{len(gpus)} GPUs", every)):
+        for line in placement_lines(summary, allowed):
+            console.print(f"{name}: {line}")
+    save(ratio=ratio, allowed_per_gpu=allowed)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """How well a study uses its GPUs: `python -m ablate.bench.study STUDY [--alone | --baseline F] ...`.
 
-Study efficiency = (total tokens trained / study wall time) / (steady tokens/s of one trial alone on
-the same GPU). Cells differ in speed, so `--alone` measures one trial alone per class of cells
-(`--alone-factors`), in this process on GPU 0; the efficiency is then the time the finished trials would
-take one after another, each alone at its class's rate, over the study's wall time.
+Study efficiency = (total tokens trained / study wall time / GPUs used) / (steady tokens/s of one trial
+alone on one of those GPUs). Cells differ in speed, so `--alone` measures one trial alone per class of
+cells (`--alone-factors`), in this process on GPU 0, with the study's own settings (`--eager`: with
+compilation and CUDA graphs off); the efficiency is then the time the finished trials would take one
+after another, each alone at its class's rate, over the study's wall time times its GPUs.
 Without it, the study is run through `ablate run --fresh` (`--gpu` and `--tokens` run a copy with another
 per-trial GPU fraction or token budget; `--timeout` stops it as Ctrl-C does) and the MLflow record is
 summarised: tokens, wall time, slots x wall time split by phase, which GPU each trial ran on, the most
@@ -27,8 +28,12 @@ import yaml
 from ablate import tracking
 
 
-def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
+def measure_alone(study: Path, factors: list[str] | None = None, eager: bool = False) -> dict:
     """Steady tokens/s of one trial alone, in this process on GPU 0, for each class of the study's cells.
+
+    The trial runs the study's own settings (for a study on the fast path: compile, CUDA graphs and the
+    fused loss, the fastest configuration a user can choose); `eager` turns compilation and graphs off,
+    for the eager baseline beside it.
 
     A class is one combination of levels of `factors` (default: every factor, so every cell); it is
     measured on its first cell. The study's alone rate weights the classes by their trials: the study's
@@ -38,8 +43,11 @@ def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
     from ablate.bench.throughput import steady_median
     from ablate.config import RunConfig, from_dict
     from ablate.design import load_design
+    from ablate.launch import share_compile_caches
     from ablate.logger import RecordingLogger
     from ablate.train import train
+
+    share_compile_caches()  # the caches a study's trials use: a cell compiled by the study loads from disk
 
     design = load_design(study)
     names = list(design.study.factors) if factors is None else factors
@@ -56,13 +64,17 @@ def measure_alone(study: Path, factors: list[str] | None = None) -> dict:
         trials[key] = trials.get(key, 0) + 1
     rates = {}
     for i, (key, trial) in enumerate(first.items(), 1):
+        tree = design.run_tree(trial)
+        if eager:
+            tree = {**tree, "train": {**tree.get("train", {}), "compile": False, "cuda_graphs": False}}
         log = RecordingLogger()
-        train(from_dict(RunConfig, design.run_tree(trial)), log)
+        train(from_dict(RunConfig, tree), log)
         rates[key] = steady_median(log, "tokens_per_s")
         print(f"alone {i}/{len(first)}: {trial.cell.label}  {rates[key]:,.0f} tokens/s", file=sys.stderr)
     alone = sum(trials.values()) / sum(n / rates[key] for key, n in trials.items())
     return {
         "alone_tokens_per_s": alone,
+        "mode": "eager" if eager else "the study's settings",
         "factors": names,
         "by_class": {key: {"tokens_per_s": rates[key], "trials": trials[key]} for key in rates},
     }
@@ -139,7 +151,8 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         "failed": failed,
         "processes": len({_process(r) for r in done}),
         "gaps_in_process": process_gaps(attempts),
-        **(efficiency(done, baseline, tokens, wall) if baseline is not None else {}),
+        "gpus": len(per_gpu),
+        **(efficiency(done, baseline, tokens, wall, len(per_gpu)) if baseline is not None else {}),
     }
 
 
@@ -184,13 +197,16 @@ def steady_packed_rate(done: list, tokens: float, phase: dict[str, float], slots
     return (tokens - sum(_first_window_tokens(r) for r in timed)) / (steady_train / slots)
 
 
-def efficiency(done: list, baseline: dict, tokens: float, wall: float) -> dict:
-    """The study's efficiency against an `--alone` baseline."""
+def efficiency(done: list, baseline: dict, tokens: float, wall: float, gpus: int = 1) -> dict:
+    """The study's efficiency against an `--alone` baseline, per GPU the study used (a trial alone has
+    one GPU; a study on two that keeps both as busy as one trial alone keeps one has efficiency 1)."""
     ideal = alone_seconds(done, baseline)
+    per_gpu = (ideal / wall if ideal else tokens / wall / baseline["alone_tokens_per_s"]) / max(gpus, 1)
     return {
         "alone_tokens_per_s": baseline["alone_tokens_per_s"],
+        "alone_mode": baseline.get("mode", "the study's settings"),
         "alone_seconds": ideal,  # None when the baseline has no rate for some finished trial's class
-        "efficiency": ideal / wall if ideal else tokens / wall / baseline["alone_tokens_per_s"],
+        "efficiency": per_gpu,
     }
 
 
@@ -317,6 +333,9 @@ def main() -> None:
         help="with --alone: comma-separated factors whose level combinations are measured (default: all)",
     )
     parser.add_argument(
+        "--eager", action="store_true", help="with --alone: compile and CUDA graphs off (the eager baseline)"
+    )
+    parser.add_argument(
         "--baseline", type=Path, default=None, help="an --alone result (JSON): adds the study efficiency"
     )
     parser.add_argument("--timeout", type=float, default=None, help="stop the study after this many seconds")
@@ -334,7 +353,7 @@ def main() -> None:
         study = variant(args.study, args.gpu, args.tokens)
     if args.alone:
         factors = args.alone_factors.split(",") if args.alone_factors else None
-        result = measure_alone(study, factors)
+        result = measure_alone(study, factors, eager=args.eager)
     else:
         started = time.time()
         proc = subprocess.Popen([sys.executable, "-m", "ablate.cli", "run", str(study), "--fresh"])
