@@ -667,14 +667,22 @@ def run_tune(
             progress.console.print()  # the last panel has no newline off a terminal
 
 
+REUSE_WORKERS = "ABLATE_REUSE_WORKERS"  # "1": always reuse worker processes, "0": never; unset: auto
+
+
 def reuse_workers(design: Design, todo: list[Trial]) -> bool:
     """Whether a Ray worker process may run several of these trials, one after another.
 
-    Not when a trial compiles. Reused after a compiled trial, worker processes died at the start of a
+    Not when a trial compiles. Reused after a compiled trial, worker processes crashed at the start of a
     later trial (README, "Studies on the fast path": torch 2.11 on H200s); each compiled trial gets a
     process of its own, and inductor's on-disk caches (`share_compile_caches`) keep its compilation
     cheap. Other trials share processes, which saves the start of one per trial.
+    `$ABLATE_REUSE_WORKERS` overrides the choice: 1 to reuse (e.g. to measure whether a torch release
+    still crashes), 0 to never reuse.
     """
+    forced = os.environ.get(REUSE_WORKERS, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     return not any(from_dict(RunConfig, design.run_tree(t)).train.compile for t in todo)
 
 

@@ -115,13 +115,14 @@ def train(
     cfg: RunConfig, logger: MetricLogger | None = None, *, data: PackedData | None = None
 ) -> TrialResult:
     """Train one (configuration, seed) to its token budget; stop at divergence."""
-    if not cfg.train.cuda_graphs:
+    if not cfg.train.compile:
         return _train(cfg, logger or NullLogger(), data)
-    cudagraph_trees_for_this_thread()
+    if cfg.train.cuda_graphs:
+        cudagraph_trees_for_this_thread()
     try:
         return _train(cfg, logger or NullLogger(), data)
     finally:
-        release_cudagraph_trees()
+        release_trial_state(cfg.train.cuda_graphs)
 
 
 def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> TrialResult:
@@ -290,6 +291,24 @@ def cudagraph_trees_for_this_thread() -> None:
     trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
     torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
     torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
+
+
+def release_trial_state(graphs: bool) -> None:
+    """Free what a compiled trial compiled and captured, at its end and in its own thread.
+
+    The next trial in the process then starts with the GPU memory of this one's graphs returned and
+    nothing of it left for the garbage collector to meet later. (Alone it did not stop the crashes of
+    compiled trials in reused processes: README, "Studies on the fast path".)
+    """
+    import gc
+
+    torch._dynamo.reset()  # drops the compiled frames that keep the trial's model and graphs alive
+    if graphs:
+        release_cudagraph_trees()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def release_cudagraph_trees() -> None:

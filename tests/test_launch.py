@@ -475,7 +475,7 @@ def test_ray_errors_reach_the_terminal_as_one_short_line(monkeypatch, capsys):
     assert len(line) < RAY_ERROR_CHARS + 80 and "/tmp/ray/session_latest/logs" in line
 
 
-def test_compiled_trials_get_a_worker_process_each(tmp_path, cache):
+def test_compiled_trials_get_a_worker_process_each(tmp_path, cache, monkeypatch):
     """Ray reuses worker processes across trials, but not when trials compile (see launch.reuse_workers)."""
     from ablate.launch import reuse_workers
 
@@ -493,3 +493,25 @@ def test_compiled_trials_get_a_worker_process_each(tmp_path, cache):
     eager, compiled = design(False), design(True)
     assert reuse_workers(eager, eager.trials)
     assert not reuse_workers(compiled, compiled.trials)
+    monkeypatch.setenv("ABLATE_REUSE_WORKERS", "1")  # the override, either way
+    assert reuse_workers(compiled, compiled.trials)
+    monkeypatch.setenv("ABLATE_REUSE_WORKERS", "0")
+    assert not reuse_workers(eager, eager.trials)
+
+
+def test_eager_trials_run_one_after_another_in_one_worker_process(tmp_path, cache):
+    """Tune hands the next trial to the same worker process (reuse_actors, for trials that do not compile)."""
+    spec = {
+        "name": "reused",
+        "factors": {"metric": {"levels": ["sdpa", "rbf", "penalty"]}},
+        "seeds": 1,
+        "fixed": tiny_fixed(cache, 2048),
+        "resources": {"cpu": 1},
+        "max_concurrent": 1,
+    }
+    design = load_design(write_study(tmp_path, spec))
+    summary = run_study(design, LaunchOptions())
+    assert summary.counts == {"finished": 3}
+    runs = tracking.StudyRecord.open(design.tracking_uri(), design.experiment, "reused").runs()
+    assert len({run.data.tags["ablate.pid"] for run in runs}) == 1
+    assert sorted(run.data.tags["ablate.process_trial"] for run in runs) == ["1", "2", "3"]
