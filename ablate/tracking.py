@@ -40,6 +40,11 @@ TAG = "ablate."
 FINAL = "final/"  # a response's metric in a trial's run: final/<response name>
 DESCRIPTION = "mlflow.note.content"  # the tag MLflow shows as a run's description
 DONE = ("finished", "diverged")  # results: never rerun
+END = {
+    "failed": "FAILED",
+    "interrupted": "KILLED",
+    "duplicate": "KILLED",
+}  # MLflow's end status; else FINISHED
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 5000
 TRANSIENT = ("database is locked", "database table is locked", "busy", "OperationalError", "disk I/O error")
 
@@ -231,8 +236,7 @@ class TrialLogger:
             RunTag(k, _text(v, MAX_TAG_CHARS)) for k, v in {**(tags or {}), TAG + "status": status}.items()
         ]
         retrying(self.client.log_batch, self.run_id, metrics=metrics, tags=batch)
-        end = {"failed": "FAILED", "interrupted": "KILLED", "duplicate": "KILLED"}.get(status, "FINISHED")
-        retrying(self.client.set_terminated, self.run_id, end)
+        retrying(self.client.set_terminated, self.run_id, END.get(status, "FINISHED"))
 
 
 class SystemSampler(threading.Thread):
@@ -362,16 +366,21 @@ def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, tri
 
 
 def close_stale(client: MlflowClient, runs: list, status: str = "interrupted", error: str = "") -> int:
-    """Close child runs still marked 'running' whose process is gone (a killed driver or worker).
+    """Close child runs still open whose process is gone (a killed driver or worker); how many.
 
+    Open: tagged 'running', or still RUNNING in MLflow (a process killed while it closed its run has
+    written its status tag and not yet closed the run). A run tagged 'running' is tagged `status`:
     'interrupted' (the driver was stopped: not a result, rerun on resume) or 'failed' (the trial's
-    process died without reporting; recorded with `error`).
+    process died without reporting; recorded with `error`). Any other run keeps its own status.
     """
-    stale = [r for r in runs if status_of(r) == "running"]
+    stale = [r for r in runs if status_of(r) == "running" or r.info.status == "RUNNING"]
     for run in stale:
-        tags = [RunTag(TAG + "status", status)] + ([RunTag(TAG + "error", error)] if error else [])
-        retrying(client.log_batch, run.info.run_id, tags=tags)
-        retrying(client.set_terminated, run.info.run_id, "KILLED" if status == "interrupted" else "FAILED")
+        own = status_of(run)
+        if own == "running":
+            tags = [RunTag(TAG + "status", status)] + ([RunTag(TAG + "error", error)] if error else [])
+            retrying(client.log_batch, run.info.run_id, tags=tags)
+            own = status
+        retrying(client.set_terminated, run.info.run_id, END.get(own, "FINISHED"))
     return len(stale)
 
 

@@ -515,3 +515,30 @@ def test_eager_trials_run_one_after_another_in_one_worker_process(tmp_path, cach
     runs = tracking.StudyRecord.open(design.tracking_uri(), design.experiment, "reused").runs()
     assert len({run.data.tags["ablate.pid"] for run in runs}) == 1
     assert sorted(run.data.tags["ablate.process_trial"] for run in runs) == ["1", "2", "3"]
+
+
+def test_a_run_left_open_is_closed_on_the_next_launch_whatever_its_tag_says(tmp_path):
+    """A process killed while it closed its run leaves the status tag written and the run RUNNING."""
+    client = tracking.open_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracking.ensure_experiment(client, "stale", tmp_path / "artifacts")
+
+    def child(tag: str | None, closed: bool):
+        tags = {tracking.TAG + "status": tag} if tag else {}
+        run = client.create_run(experiment, tags=tags)
+        if closed:
+            client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    cases = {
+        child(None, False): ("interrupted", "KILLED"),  # no tag: running, then gone
+        child("running", False): ("interrupted", "KILLED"),
+        child("interrupted", False): ("interrupted", "KILLED"),  # killed between tag and close
+        child("failed", False): ("failed", "FAILED"),
+        child("finished", False): ("finished", "FINISHED"),  # a result stays a result
+        child("finished", True): ("finished", "FINISHED"),  # closed already: left alone
+    }
+    runs = [client.get_run(run_id) for run_id in cases]
+    assert tracking.close_stale(client, runs) == 5
+    for run_id, (tag, status) in cases.items():
+        run = client.get_run(run_id)
+        assert (tracking.status_of(run), run.info.status) == (tag, status)
