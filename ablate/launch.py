@@ -11,13 +11,10 @@ The driver never initialises CUDA; trials do, inside their Ray workers.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import math
 import os
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from ablate import tracking
-from ablate.config import RunConfig, from_dict, to_flat_dict
+from ablate.config import RunConfig, from_dict
 from ablate.design import Design, Trial
 from ablate.spec import StudyError
 
@@ -233,125 +230,6 @@ def trial_payload(trial: Trial, design: Design, store: StudyStore) -> dict[str, 
             "flush_seconds": track.flush_seconds,
         },
     }
-
-
-_PROCESS_TRIALS = itertools.count(1)  # trials this worker process has started (Ray reuses workers)
-
-
-def run_trial(config: dict[str, Any]) -> None:
-    """The Ray Tune trainable: one attempt at one trial, recorded in its own MLflow child run."""
-    from ray import tune
-
-    from ablate.train import train
-
-    payload = config["trial"]
-    cfg = from_dict(RunConfig, _on_this_node(payload))
-    attempts = _attempts(payload)
-    if tracking.done_runs(attempts):  # finished meanwhile by a worker of a killed driver
-        tune.report({"status": "skipped", "val_loss": math.nan, "diverged_step": -1})
-        return
-    # which attempt this is, and how many trials its process ran before: a failure that comes with
-    # a reused worker shows it in the run's tags (and in the one-line error of the closing table)
-    context = {TAG + "attempt": str(len(attempts) + 1), TAG + "process_trial": str(next(_PROCESS_TRIALS))}
-    logger = _open_trial_run(payload, cfg, context)
-    try:
-        result = train(cfg, logger)
-    except Exception:
-        logger.finish("failed", {}, tags={TAG + "error": traceback.format_exc()[-tracking.MAX_TAG_CHARS :]})
-        raise
-    except BaseException:
-        logger.finish("interrupted", {})
-        raise
-    if (other := _result_exists(payload)) is not None:  # never two results for one (cell, seed)
-        logger.finish("duplicate", {}, tags={TAG + "duplicate_of": other.info.run_id})
-        tune.report({"status": "skipped", "val_loss": math.nan, "diverged_step": -1})
-        return
-    summary = {**tracking.final_metrics(result.summary), "steps": result.steps, "tokens": result.tokens}
-    tags = {}
-    if result.diverged_step is not None:
-        summary["diverged_step"] = result.diverged_step
-        tags[TAG + "diverged_step"] = str(result.diverged_step)
-    logger.finish(result.status, summary, step=result.steps, tags=tags)
-    val = result.val_loss if result.status == "finished" and result.val_loss is not None else math.nan
-    tune.report({"status": result.status, "val_loss": val, "diverged_step": result.diverged_step or -1})
-
-
-def _on_this_node(payload: dict[str, Any]) -> dict:
-    """The trial's run config, with this node's own `$ABLATE_CACHE` (set where its Ray started) as the
-    data cache when the study names none: each node then prepares and reuses the data on its own disk."""
-    tree, own = payload["tree"], Path(os.environ.get("ABLATE_CACHE") or ".").expanduser()
-    if not (payload.get("node_cache") and own.is_absolute()):  # a relative path names no place on a node
-        return tree
-    return {**tree, "data": {**tree["data"], "cache_dir": str(own.resolve())}}
-
-
-def _result_exists(payload: dict[str, Any]):
-    return tracking.done_runs(_attempts(payload)).get(payload["trial_id"])
-
-
-def _attempts(payload: dict[str, Any]) -> list:
-    """Every run of this trial under the study's parent run so far."""
-    track = payload["tracking"]
-    client = tracking.MlflowClient(track["uri"])
-    return tracking.trial_runs(client, track["experiment_id"], track["parent_run_id"], payload["trial_id"])
-
-
-def _open_trial_run(payload: dict[str, Any], cfg: RunConfig, context: dict[str, str]) -> tracking.TrialLogger:
-    track = payload["tracking"]
-    tags = {
-        **context,
-        TAG + "trial_id": payload["trial_id"],
-        TAG + "cell_id": payload["cell_id"],
-        TAG + "cell": payload["label"],
-        TAG + "seed": str(payload["seed"]),
-        TAG + "config_hash": payload["config_hash"],
-        TAG + "study": payload["study"],
-        TAG + "device": _device_name(cfg),
-        TAG + "gpu_ids": _gpu_ids(cfg),
-        TAG + "host": os.uname().nodename,
-        TAG + "node_id": _node_id(),  # several Ray nodes may share a host
-        TAG + "pid": str(os.getpid()),  # Ray reuses worker processes: same pid, same warm process
-    }
-    client = tracking.MlflowClient(track["uri"])
-    name = f"{payload['label']} seed={payload['seed']}"
-    logger = tracking.TrialLogger.create(client, track["experiment_id"], track["parent_run_id"], name, tags)
-    logger.flush_seconds = track["flush_seconds"]
-    levels = {f"factor.{f}": level for f, level in payload["levels"].items()}
-    logger.log_params(
-        {
-            **levels,
-            "seed": payload["seed"],
-            "trial_id": payload["trial_id"],
-            "cell_id": payload["cell_id"],
-            **to_flat_dict(cfg),
-        }
-    )
-    if track["system_metrics"]:
-        logger.start_system_metrics(track["interval"])
-    return logger
-
-
-def _device_name(cfg: RunConfig) -> str:
-    import torch
-
-    if cfg.train.device == "cpu" or not torch.cuda.is_available():
-        return "cpu"
-    return torch.cuda.get_device_name(0)
-
-
-def _gpu_ids(cfg: RunConfig) -> str:
-    """The physical GPUs Ray gave this trial (comma-separated), or '' on CPU."""
-    import ray
-
-    if cfg.train.device == "cpu":
-        return ""
-    return ",".join(str(i) for i in ray.get_gpu_ids())
-
-
-def _node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _trial_key(trial) -> str:
@@ -636,10 +514,12 @@ def run_tune(
     from ray.tune.schedulers import FIFOScheduler
     from rich.live import Live
 
+    from ablate.trial import TrialTrainable
+
     study = design.study
     payloads = [trial_payload(t, design, store) for t in todo]
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"cpu": study.resources.cpu, "gpu": study.resources.gpu}),
+        tune.with_resources(TrialTrainable, {"cpu": study.resources.cpu, "gpu": study.resources.gpu}),
         param_space={"trial": tune.grid_search(payloads)},
         tune_config=tune.TuneConfig(
             scheduler=FIFOScheduler(),
@@ -652,6 +532,7 @@ def run_tune(
             name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(design.output_dir / "ray"),
             failure_config=tune.FailureConfig(max_failures=study.retries),
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),  # MLflow is the record
             verbose=0,
             callbacks=[progress_callback(progress)],
         ),

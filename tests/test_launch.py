@@ -500,7 +500,8 @@ def test_compiled_trials_get_a_worker_process_each(tmp_path, cache, monkeypatch)
 
 
 def test_eager_trials_run_one_after_another_in_one_worker_process(tmp_path, cache):
-    """Tune hands the next trial to the same worker process (reuse_actors, for trials that do not compile)."""
+    """Tune hands the next trial to the same worker process (TrialTrainable.reset_config), and runs
+    each trial once (a class trainable is checkpointed at its end unless told not to be)."""
     spec = {
         "name": "reused",
         "factors": {"metric": {"levels": ["sdpa", "rbf", "penalty"]}},

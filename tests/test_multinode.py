@@ -336,7 +336,8 @@ def test_a_node_keeps_trial_data_in_its_own_cache_unless_the_study_names_one(
     tmp_path, monkeypatch, study_cache
 ):
     from ablate.design import load_design
-    from ablate.launch import StudyStore, _on_this_node, trial_payload
+    from ablate.launch import StudyStore, trial_payload
+    from ablate.trial import _on_this_node
 
     text = STUDY if not study_cache else STUDY.replace("val_tokens: 2048}", "val_tokens: 2048, cache_dir: c}")
     (tmp_path / "two_nodes.yaml").write_text(text)
