@@ -40,11 +40,8 @@ TAG = "ablate."
 FINAL = "final/"  # a response's metric in a trial's run: final/<response name>
 DESCRIPTION = "mlflow.note.content"  # the tag MLflow shows as a run's description
 DONE = ("finished", "diverged")  # results: never rerun
-END = {
-    "failed": "FAILED",
-    "interrupted": "KILLED",
-    "duplicate": "KILLED",
-}  # MLflow's end status; else FINISHED
+# MLflow's end status of a run by its ablate status; any other status ends FINISHED
+END = {"failed": "FAILED", "interrupted": "KILLED", "duplicate": "KILLED"}
 MAX_PARAM_CHARS, MAX_TAG_CHARS = 6000, 5000
 TRANSIENT = ("database is locked", "database table is locked", "busy", "OperationalError", "disk I/O error")
 

@@ -280,8 +280,9 @@ def cudagraph_trees_for_this_thread() -> None:
 
     The trees keep their managers in thread-local storage, set up at import for the importing thread
     (and copied into autograd's threads). A trial run in another thread (Ray Tune's function trainables
-    ran each trial in a new one; tests do) fails its first replay in torch 2.11 with `assert torch._C._is_key_in_tls(...)` (later releases
-    set the state up themselves). Each trial's thread then gets trees of its own.
+    ran each trial in a new one; tests do) fails its first replay in torch 2.11 with
+    `assert torch._C._is_key_in_tls(...)` (later releases set the state up themselves). Each trial's
+    thread then gets trees of its own.
     """
     from torch._inductor import cudagraph_trees as trees
 

@@ -31,6 +31,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ablate.bench.study import per_gpu_efficiency
+
 
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (or their indices)."""
@@ -99,7 +101,9 @@ def side(summary: dict, alone: dict[str, float]) -> dict:
         "worker processes": summary.get("processes"),
     }
     for mode, rate in alone.items():
-        figures[f"per GPU over one trial alone ({mode})"] = per_gpu / rate
+        figures[f"per GPU over one trial alone ({mode})"] = per_gpu_efficiency(
+            summary["tokens"], summary["wall_s"], gpus, rate
+        )
     for phase, share in (summary.get("slot_share") or {}).items():
         figures[f"slot time: {phase}"] = f"{share:.1%}"
     return figures

@@ -197,11 +197,20 @@ def steady_packed_rate(done: list, tokens: float, phase: dict[str, float], slots
     return (tokens - sum(_first_window_tokens(r) for r in timed)) / (steady_train / slots)
 
 
+def per_gpu_efficiency(tokens: float, wall: float, gpus: int, alone_tokens_per_s: float) -> float:
+    """A study's tokens/s per GPU over one trial's tokens/s alone."""
+    return tokens / wall / max(gpus, 1) / alone_tokens_per_s
+
+
 def efficiency(done: list, baseline: dict, tokens: float, wall: float, gpus: int = 1) -> dict:
     """The study's efficiency against an `--alone` baseline, per GPU the study used (a trial alone has
     one GPU; a study on two that keeps both as busy as one trial alone keeps one has efficiency 1)."""
     ideal = alone_seconds(done, baseline)
-    per_gpu = (ideal / wall if ideal else tokens / wall / baseline["alone_tokens_per_s"]) / max(gpus, 1)
+    per_gpu = (
+        ideal / wall / max(gpus, 1)
+        if ideal
+        else per_gpu_efficiency(tokens, wall, gpus, baseline["alone_tokens_per_s"])
+    )
     return {
         "alone_tokens_per_s": baseline["alone_tokens_per_s"],
         "alone_mode": baseline.get("mode", "the study's settings"),
