@@ -524,7 +524,7 @@ def run_tune(
         tune_config=tune.TuneConfig(
             scheduler=FIFOScheduler(),
             max_concurrent_trials=options.max_concurrent or study.max_concurrent,
-            reuse_actors=reuse_workers(design, todo),
+            reuse_actors=reuse_workers(),
             trial_name_creator=_trial_key,
             trial_dirname_creator=_trial_key,
         ),
@@ -548,23 +548,19 @@ def run_tune(
             progress.console.print()  # the last panel has no newline off a terminal
 
 
-REUSE_WORKERS = "ABLATE_REUSE_WORKERS"  # "1": always reuse worker processes, "0": never; unset: auto
+REUSE_WORKERS = "ABLATE_REUSE_WORKERS"  # "0": a new worker process per trial; unset or "1": reuse
 
 
-def reuse_workers(design: Design, todo: list[Trial]) -> bool:
-    """Whether a Ray worker process may run several of these trials, one after another.
+def reuse_workers() -> bool:
+    """Whether a Ray worker process may run several trials, one after another (Tune's `reuse_actors`).
 
-    Not when a trial compiles. Reused after a compiled trial, worker processes crashed at the start of a
-    later trial (README, "Studies on the fast path": torch 2.11 on H200s); each compiled trial gets a
-    process of its own, and inductor's on-disk caches (`share_compile_caches`) keep its compilation
-    cheap. Other trials share processes, which saves the start of one per trial.
-    `$ABLATE_REUSE_WORKERS` overrides the choice: 1 to reuse (e.g. to measure whether a torch release
-    still crashes), 0 to never reuse.
+    Yes, compiled or not: the next trial skips a process start and its imports, and a compiled one
+    finds its kernels in memory and in inductor's on-disk caches. Trials run in the worker's main
+    thread (`ablate.trial`), where compiled trials share processes without the crashes they had in
+    Tune's function API (README, "Studies on the fast path"). `$ABLATE_REUSE_WORKERS=0` gives every
+    trial a new process instead.
     """
-    forced = os.environ.get(REUSE_WORKERS, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    return not any(from_dict(RunConfig, design.run_tree(t)).train.compile for t in todo)
+    return os.environ.get(REUSE_WORKERS, "").strip() != "0"
 
 
 def summarize(design: Design, store: StudyStore, started: float, skipped: int) -> RunSummary:

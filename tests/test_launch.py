@@ -475,28 +475,16 @@ def test_ray_errors_reach_the_terminal_as_one_short_line(monkeypatch, capsys):
     assert len(line) < RAY_ERROR_CHARS + 80 and "/tmp/ray/session_latest/logs" in line
 
 
-def test_compiled_trials_get_a_worker_process_each(tmp_path, cache, monkeypatch):
-    """Ray reuses worker processes across trials, but not when trials compile (see launch.reuse_workers)."""
+def test_worker_processes_are_reused_unless_the_user_says_not_to(monkeypatch):
+    """Tune's reuse_actors: on by default, compiled trials included; ABLATE_REUSE_WORKERS=0 turns it off."""
     from ablate.launch import reuse_workers
 
-    def design(compile_: bool):
-        fixed = tiny_fixed(cache, 2048)
-        fixed["train"] = {**fixed["train"], "compile": compile_}
-        spec = {
-            "name": f"reuse-{compile_}",
-            "factors": {"metric": {"levels": ["sdpa", "rbf"]}},
-            "seeds": 1,
-            "fixed": fixed,
-        }
-        return load_design(write_study(tmp_path / str(compile_), spec))
-
-    eager, compiled = design(False), design(True)
-    assert reuse_workers(eager, eager.trials)
-    assert not reuse_workers(compiled, compiled.trials)
-    monkeypatch.setenv("ABLATE_REUSE_WORKERS", "1")  # the override, either way
-    assert reuse_workers(compiled, compiled.trials)
+    monkeypatch.delenv("ABLATE_REUSE_WORKERS", raising=False)
+    assert reuse_workers()
+    monkeypatch.setenv("ABLATE_REUSE_WORKERS", "1")
+    assert reuse_workers()
     monkeypatch.setenv("ABLATE_REUSE_WORKERS", "0")
-    assert not reuse_workers(eager, eager.trials)
+    assert not reuse_workers()
 
 
 def test_eager_trials_run_one_after_another_in_one_worker_process(tmp_path, cache):
