@@ -38,6 +38,7 @@ from ablate.responses import TRAIN_LOSS_CURVE, VAL_LOSS_CURVE
 T = TypeVar("T")
 TAG = "ablate."
 FINAL = "final/"  # a response's metric in a trial's run: final/<response name>
+START = "start/"  # a worker process's first trial: epoch seconds at which its start reached each step
 DESCRIPTION = "mlflow.note.content"  # the tag MLflow shows as a run's description
 DONE = ("finished", "diverged")  # results: never rerun
 # MLflow's end status of a run by its ablate status; any other status ends FINISHED

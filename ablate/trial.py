@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from ablate import tracking
 from ablate.config import RunConfig, from_dict, to_flat_dict
 
 TAG = tracking.TAG
+START = tracking.START
 SKIPPED = {"status": "skipped", "val_loss": math.nan, "diverged_step": -1}  # a result recorded elsewhere
+MODULE_IMPORTED = time.time()  # in a worker: when its process had started and Ray had loaded this module
 
 
 class TrialTrainable(tune.Trainable):
@@ -47,8 +50,10 @@ _PROCESS_TRIALS = itertools.count(1)  # trials this worker process has started (
 
 def run(payload: dict[str, Any]) -> dict[str, Any]:
     """One attempt at one trial, recorded in its own MLflow child run; the result Tune receives."""
+    called = time.time()
     from ablate.train import train
 
+    marks = {"module_imported": MODULE_IMPORTED, "trial_called": called, "train_imported": time.time()}
     cfg = from_dict(RunConfig, _on_this_node(payload))
     attempts = _attempts(payload)
     if tracking.done_runs(attempts):  # finished meanwhile by a worker of a killed driver
@@ -57,6 +62,8 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
     # a reused worker shows it in the run's tags (and in the one-line error of the closing table)
     context = {TAG + "attempt": str(len(attempts) + 1), TAG + "process_trial": str(next(_PROCESS_TRIALS))}
     logger = _open_trial_run(payload, cfg, context)
+    if context[TAG + "process_trial"] == "1":  # how this process's start went (ablate.bench.study)
+        logger.log_metrics({f"{START}{name}": at for name, at in marks.items()}, 0)
     try:
         result = train(cfg, logger)
     except Exception:

@@ -126,3 +126,22 @@ def test_one_line_error_is_bounded_and_never_empty():
     assert one_line_error(
         "Traceback (most recent call last):\n  File \"a.py\", line 1, in f\n    g()\nKeyError: 'k'"
     ) == ("KeyError: 'k'")
+
+
+def test_the_wait_before_the_first_trial_adds_up_and_splits_by_the_workers_marks():
+    from ablate.bench.study import before_first_trial
+
+    # (seconds, epoch seconds the phase ended); `ablate run` launched at 100
+    phases = {"store": (1.0, 104.0), "ray_start": (5.0, 109.0), "parent": (2.0, 111.0), "tune": (30.0, 141.0)}
+    marks = {"module_imported": 115.0, "trial_called": 116.5, "train_imported": 121.0}
+    split = before_first_trial(phases, 100.0, 123.0, marks)
+    assert split["process start, imports, checks"] == 3.0
+    assert split["Tune to the worker's trial code (actor process start, Ray and MLflow imports)"] == 4.0
+    assert split["worker: the trial handed over (Tune's setup and step)"] == 1.5
+    assert split["worker: imports of the training code (torch, model, kernels)"] == 4.5
+    assert split["worker: opening the trial's run (config, earlier attempts, device)"] == 2.0
+    assert sum(split.values()) == pytest.approx(23.0)  # the whole wait, from launch to the first run
+    # runs without the marks (older records) keep the wait in Tune in one piece
+    plain = before_first_trial(phases, 100.0, 123.0, {})
+    assert plain["Tune to the first trial's run (actors start, import, open runs)"] == 12.0
+    assert sum(plain.values()) == pytest.approx(23.0)

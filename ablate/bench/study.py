@@ -143,7 +143,7 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         "slot_seconds": slot_seconds,
         "slot_share": {k: round(v / (slots * wall), 3) for k, v in slot_seconds.items()},
         "median_trial_s": trial_seconds[len(trial_seconds) // 2],
-        "before_first_trial_s": before_first_trial(launch, started, min(s for s, _, _ in spans)),
+        "before_first_trial_s": before_first_trial(launch, started, *first_run_start(done)),
         "ray_shutdown_s": launch.get("ray_shutdown", (None, None))[0],
         "trials_per_gpu": per_gpu,
         "max_trials_at_once_per_gpu": peak,
@@ -266,8 +266,26 @@ def launch_phases(record: tracking.StudyRecord) -> dict[str, tuple[float, float]
     return phases
 
 
-def before_first_trial(phases: dict[str, tuple[float, float]], started: float, first: float) -> dict:
-    """Wall seconds from launching `ablate run` to the first trial's run, by phase."""
+def first_run_start(done: list) -> tuple[float, dict[str, float]]:
+    """When the first trial's run opened (epoch seconds), and the marks its worker process's start left
+    on it (`ablate.trial`: module_imported, trial_called, train_imported; none from older runs)."""
+    first = min(done, key=lambda r: r.info.start_time)
+    marks = {
+        key.removeprefix(tracking.START): value
+        for key, value in first.data.metrics.items()
+        if key.startswith(tracking.START)
+    }
+    return first.info.start_time / 1e3, marks
+
+
+def before_first_trial(
+    phases: dict[str, tuple[float, float]],
+    started: float,
+    first: float,
+    marks: dict[str, float] | None = None,
+) -> dict:
+    """Wall seconds from launching `ablate run` to the first trial's run, by phase; with the first trial's
+    worker marks (first_run_start), the wait in Tune is split by what its worker process was doing."""
     if not {"store", "tune"} <= phases.keys():
         return {}
     store_s, store_end = phases["store"]
@@ -281,7 +299,23 @@ def before_first_trial(phases: dict[str, tuple[float, float]], started: float, f
     split["between phases"] = (
         (tune_end - tune_s) - store_end - sum(split[label] for _, label in labels if label in split)
     )
-    split["Tune to the first trial's run (actors start, import, open runs)"] = first - (tune_end - tune_s)
+    tune_started = tune_end - tune_s
+    steps = ("module_imported", "trial_called", "train_imported")
+    if marks and all(tune_started <= marks.get(m, -1) <= first for m in steps):
+        split["Tune to the worker's trial code (actor process start, Ray and MLflow imports)"] = (
+            marks["module_imported"] - tune_started
+        )
+        split["worker: the trial handed over (Tune's setup and step)"] = (
+            marks["trial_called"] - marks["module_imported"]
+        )
+        split["worker: imports of the training code (torch, model, kernels)"] = (
+            marks["train_imported"] - marks["trial_called"]
+        )
+        split["worker: opening the trial's run (config, earlier attempts, device)"] = (
+            first - marks["train_imported"]
+        )
+    else:
+        split["Tune to the first trial's run (actors start, import, open runs)"] = first - tune_started
     return {k: round(v, 2) for k, v in split.items()}
 
 
