@@ -121,9 +121,8 @@ def _attn_fwd(Q, K, V, A, B, O, LSE, KN2, sqb, sqh, sqn, skb, skh, skn, svb, svh
         lo = (n_ctx // BLOCK_N) * BLOCK_N
         hi = n_ctx
     kn2_base = KN2 + bh.to(tl.int64) * n_ctx
-    if (
-        WARP_SPEC
-    ):  # Triton 3.6 warp-specialises a loop only when it is the kernel's one loop: masks throughout
+    # Triton 3.6 warp-specialises a loop only when it is the kernel's one loop: then masks throughout
+    if WARP_SPEC:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
                                    0, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION, True)  # fmt: skip
     else:
@@ -210,7 +209,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
     lse_base = LSE + row_base
     delta_base = DELTA + row_base
     a2 = a * 1.4426950408889634
-    if WARP_SPEC:  # one loop, masked throughout (see _attn_fwd)
+    # one loop, masked throughout (see _attn_fwd); run by the interpreter only, since Triton 3.6 fails to
+    # compile it for sm90 (no _WS_CONFIGS entry)
+    if WARP_SPEC:
         dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
                                          delta_base, off_b, off_h, a2, cols, lo, n_ctx, n_ctx,
                                          BLOCK_M, D_PAD, True, CAUSAL, PRECISION, True)  # fmt: skip
