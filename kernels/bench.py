@@ -1,14 +1,16 @@
 """Benchmark every attention backend against dot-product SDPA (flash and cuDNN) in one run.
 
-    python -m kernels.bench [--out DIR] [--write-table] [--shapes N,D ...] [--warm I/K]
+    python -m kernels.bench [--out DIR] [--write-table] [--shapes N,D ...] [--backends NAME ...] [--warm I/K]
 
 Causal, H = 16, B*N = 64k tokens, N in {1024, 4096, 16384}, D in {64, 128}, bf16 and fp16. For each
 backend: forward and backward median time (triton.testing.do_bench, L2 flushed between runs), TFLOP/s
 (causal: forward 2*B*H*N^2*D, backward 2.5x that) and the peak memory of one forward+backward above the
 inputs. rbf uses a = 2*gamma, b = gamma; penalty a = gamma, b = gamma/2; gamma = 1/sqrt(D). Then the
 O(N) memory check at N = 32768. --write-table stores the fastest rbf backend per shape in
-kernels/autotune_table.json, which the "auto" dispatcher reads. --warm I/K only runs shard I of K once
-(fills the compile caches from a parallel process, no timing).
+kernels/autotune_table.json, which the "auto" dispatcher reads (rows of shapes not run are kept).
+--backends keeps only the named candidates (e.g. sdpa-cudnn triton triton-tma; a name covers its rbf and
+penalty rows). --warm I/K only runs shard I of K once (fills the compile caches from a parallel process,
+no timing).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import dispatch, triton_attn
+from kernels import dispatch, triton_attn, triton_attn_tma
 from kernels.flex import flex_attention_rbf
 from kernels.sdpa_aug import sdpa_aug_attention
 
@@ -61,12 +63,19 @@ def _triton(pre_norm):
     return lambda q, k, v, a, b: triton_attn._attention(q, k, v, a, b, True, pre_norm)
 
 
+def _triton_tma(warp_spec):
+    return lambda q, k, v, a, b: triton_attn_tma._attention(q, k, v, a, b, True, warp_spec)
+
+
 CANDIDATES = [
     Candidate("sdpa-flash", "sdpa", _sdpa(SDPBackend.FLASH_ATTENTION)),
     Candidate("sdpa-cudnn", "sdpa", _sdpa(SDPBackend.CUDNN_ATTENTION)),
     Candidate("triton", "rbf", _triton(True), "triton"),
     Candidate("triton", "penalty", _triton(True)),
     Candidate("triton-loopnorm", "rbf", _triton(False)),
+    Candidate("triton-tma", "rbf", _triton_tma(False), "triton-tma"),
+    Candidate("triton-tma", "penalty", _triton_tma(False)),
+    Candidate("triton-tma-ws", "rbf", _triton_tma(True)),
     Candidate("flex", "rbf", lambda q, k, v, a, b: flex_attention_rbf(q, k, v, a, b, causal=True), "flex"),
     Candidate("sdpa-aug-cudnn", "rbf", _aug(SDPBackend.CUDNN_ATTENTION), "sdpa-aug"),
     Candidate("sdpa-aug-flash", "rbf", _aug(SDPBackend.FLASH_ATTENTION), "sdpa-aug"),
@@ -145,14 +154,14 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def memory_check(d: int) -> list[dict]:
+def memory_check(d: int, candidates: list[Candidate]) -> list[dict]:
     """Peak memory of one forward+backward at N = 32768 (bf16, causal); the reference is not run."""
     n, batch = MEMORY_LENGTH, TOKENS // MEMORY_LENGTH
     auto = Candidate("auto", "rbf", lambda q, k, v, a, b: dispatch.attention(q, k, v, a, b, causal=True))
     (q, k, v), a, b, _ = _inputs(batch, n, d, torch.bfloat16, "rbf")
     chosen = dispatch._choose_backend(q, k, v, a, b, True)
     rows = []
-    for cand in [*(c for c in CANDIDATES if c.geometry in ("sdpa", "rbf")), auto]:
+    for cand in [*(c for c in candidates if c.geometry in ("sdpa", "rbf")), auto]:
         (q, k, v), a, b, do = _inputs(batch, n, d, torch.bfloat16, cand.geometry)
         row = dict(backend=cand.name, geometry=cand.geometry, n_ctx=n, head_dim=d, batch=batch)
         try:
@@ -207,17 +216,34 @@ def _environment() -> dict:
     )
 
 
+def _candidates(names: list[str] | None) -> list[Candidate]:
+    """CANDIDATES, or those with the given names (in CANDIDATES' order); an unknown name is an error."""
+    known = list(dict.fromkeys(c.name for c in CANDIDATES))
+    unknown = sorted(set(names or ()) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {unknown}; choose from {known}")
+    return [c for c in CANDIDATES if names is None or c.name in names]
+
+
 def _tuned_configs() -> list[str]:
     found = []
-    for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
-        for key, config in getattr(triton_attn, name).cache.items():
-            found.append(f"{name} {key[:3]} -> {config}")
+    for module in (triton_attn, triton_attn_tma):
+        for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
+            for key, config in getattr(module, name).cache.items():
+                found.append(f"{module.__name__}.{name} {key[:4]} -> {config}")
     return found
+
+
+def merged_table(old: list[dict], new: list[dict]) -> list[dict]:
+    """The new rows, then the old rows of every (dtype, N, D, causal) this run did not measure."""
+    key = lambda r: (r["dtype"], r["n_ctx"], r["head_dim"], r["causal"])  # noqa: E731
+    measured = {key(r) for r in new}
+    return new + [r for r in old if key(r) not in measured]
 
 
 def warm(shard: int, shards: int, args) -> None:
     memory = [(torch.bfloat16, MEMORY_LENGTH, d) for d in HEAD_DIMS]
-    jobs = [(c, s) for s in [*memory, *_shapes(args)] for c in CANDIDATES][shard::shards]
+    jobs = [(c, s) for s in [*memory, *_shapes(args)] for c in _candidates(args.backends)][shard::shards]
     for cand, (dtype, n, d) in jobs:
         row = measure(cand, TOKENS // n, n, d, dtype, timing=False)
         print("warm", cand.name, cand.geometry, str(dtype)[6:], n, d, row.get("error", "ok"), flush=True)
@@ -230,6 +256,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for bench.csv, bench.json, bench.md")
     parser.add_argument("--write-table", action="store_true", help="update kernels/autotune_table.json")
     parser.add_argument("--shapes", nargs="*", help="restrict to N,D pairs, e.g. 4096,64")
+    parser.add_argument("--backends", nargs="*", help="restrict to these candidates, e.g. sdpa-cudnn triton")
     parser.add_argument("--warm", help="I/K: run shard I of K once without timing (fills compile caches)")
     parser.add_argument("--no-memory", action="store_true", help="skip the N = 32768 memory check")
     args = parser.parse_args()
@@ -240,11 +267,11 @@ def main() -> None:
     if args.warm:
         warm(*map(int, args.warm.split("/")), args)
         return
-    env, rows = _environment(), []
-    memory = [] if args.no_memory else [r for d in HEAD_DIMS for r in memory_check(d)]
+    env, rows, candidates = _environment(), [], _candidates(args.backends)
+    memory = [] if args.no_memory else [r for d in HEAD_DIMS for r in memory_check(d, candidates)]
     print(*map(json.dumps, memory), sep="\n", flush=True)
     for dtype, n, d in _shapes(args):
-        for cand in CANDIDATES:
+        for cand in candidates:
             rows.append(measure(cand, TOKENS // n, n, d, dtype))
             print(json.dumps(rows[-1]), flush=True)
     add_ratios(rows)
@@ -261,7 +288,8 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
     if args.write_table:
-        dispatch.TABLE_PATH.write_text(json.dumps(dict(environment=env, rows=table), indent=1) + "\n")
+        rows = merged_table(dispatch.load_table(), table)
+        dispatch.TABLE_PATH.write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ inputs. "auto" picks, on CUDA, the backend that the benchmark measured fastest f
 regenerates it), then the row's other backends by speed, then the default order; it passes over flex
 when a or b is learned (its backward is slow then). On CPU it picks the reference. Every choice is
 logged once per shape key; a fast backend that fails at run time falls back to the reference with a
-loud warning.
+loud warning. "triton-tma" (the Hopper TMA kernels, sm90+ only) is not in the default order: "auto" takes
+it only where a table row measured it (and skips it, by its predicate, on older GPUs).
 
 b=None means no key-norm term (the sdpa metric): on CUDA, "auto" and "sdpa" then run torch's fused
 scaled_dot_product_attention (cuDNN, flash or memory-efficient; q scaled by a per head) with no device
@@ -31,6 +32,8 @@ from kernels.sdpa_aug import sdpa_attention, sdpa_aug_attention
 
 try:  # triton is a Linux-only dependency
     from kernels.triton_attn import INTERPRET, triton_attention, unsupported_reason
+    from kernels.triton_attn_tma import triton_tma_attention
+    from kernels.triton_attn_tma import unsupported_reason as tma_unsupported_reason
 
     _TRITON_ERROR = None
 except ImportError as err:  # pragma: no cover - depends on the platform
@@ -50,6 +53,7 @@ def _reference(q, k, v, a, b, *, causal):
 BACKENDS: dict[str, AttentionFn] = {
     "reference": _reference,
     "triton": (lambda q, k, v, a, b, *, causal: triton_attention(q, k, v, a, b, causal=causal)),
+    "triton-tma": (lambda q, k, v, a, b, *, causal: triton_tma_attention(q, k, v, a, b, causal=causal)),
     "flex": flex_attention_rbf,
     "sdpa-aug": sdpa_aug_attention,
     "sdpa": sdpa_attention,
@@ -58,6 +62,10 @@ BACKENDS: dict[str, AttentionFn] = {
 
 def _triton_reason(q, k, v, a, b) -> str | None:
     return _TRITON_ERROR or unsupported_reason(q, k, v, a, b)
+
+
+def _triton_tma_reason(q, k, v, a, b) -> str | None:
+    return _TRITON_ERROR or tma_unsupported_reason(q, k, v, a, b)
 
 
 def _flex_reason(q, k, v, a, b) -> str | None:
@@ -70,6 +78,7 @@ def _flex_reason(q, k, v, a, b) -> str | None:
 UNSUPPORTED: dict[str, Callable[..., str | None]] = {
     "reference": lambda *inputs: None,
     "triton": _triton_reason,
+    "triton-tma": _triton_tma_reason,
     "flex": _flex_reason,
     "sdpa-aug": lambda *inputs: None,
     "sdpa": lambda *inputs: None,

@@ -208,6 +208,96 @@ def test_triton_rejects_bad_inputs():
 
 
 # ----------------------------------------------------------------------------------------------------
+# triton-tma (Hopper TMA descriptors) under the interpreter, which runs host and in-kernel descriptors
+
+
+@interpreted_only
+@pytest.mark.parametrize(
+    ("dtype", "N", "D", "causal", "warp_spec"),
+    [
+        (torch.float32, 1, 16, True, False),
+        (torch.float32, 17, 16, True, False),
+        (torch.float32, 45, 64, False, False),
+        (torch.float32, 70, 80, True, False),
+        (torch.float16, 40, 16, True, False),
+        (torch.float32, 17, 16, False, True),  # warp-specialised: in-kernel descriptors, one masked loop
+        (torch.float32, 70, 80, True, True),
+        (torch.float16, 40, 16, True, True),
+    ],
+)
+def test_triton_tma_interpreted(poisoned, dtype, N, D, causal, warp_spec):
+    from kernels.triton_attn_tma import _attention
+
+    def tma(q, k, v, a, b, *, causal):
+        return _attention(q, k, v, a, b, causal, warp_spec)
+
+    q, k, v, a, b, do = make_inputs(2, 2, N, D, dtype)
+    check_backend(tma, q, k, v, a, b, do, causal=causal)
+
+
+@interpreted_only
+def test_triton_tma_interpreted_reads_strided_views_in_place_and_copies_unaligned_ones(poisoned):
+    from kernels.triton_attn_tma import _tma_ready
+
+    B, H, N, D = 2, 3, 20, 16
+    q, k, v, a, b, do = make_inputs(B, H, N, D, torch.float32, grad=False)
+    a, b = a.requires_grad_(), b.requires_grad_()
+    packed = torch.stack([q, k, v], 0).permute(0, 1, 3, 2, 4).contiguous()  # (3, B, N, H, D) like a qkv proj
+    views = [t.transpose(1, 2).requires_grad_() for t in packed.unbind(0)]  # (B, H, N, D), not contiguous
+    assert all(_tma_ready(t) is t for t in views)  # descriptors over the views' own strides
+    check_backend(kernels.BACKENDS["triton-tma"], *views, a, b, do, causal=True)
+    flat = torch.randn(B * H * N * D + 1)
+    unaligned = flat[1:].view(B, H, N, D)  # 4 bytes past a 16-byte boundary: TMA cannot start there
+    assert _tma_ready(unaligned) is not unaligned and _tma_ready(unaligned).data_ptr() % 16 == 0
+    check_backend(
+        kernels.BACKENDS["triton-tma"], unaligned.requires_grad_(), *views[1:], a, b, do, causal=True
+    )
+
+
+@interpreted_only
+def test_triton_tma_interpreted_rejects_rows_that_are_not_16_byte_multiples():
+    q, k, v, a, b, _ = make_inputs(1, 2, 8, 20, torch.float16, grad=False)  # 40-byte rows
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        kernels.attention(q, k, v, a, b, backend="triton-tma")
+    kernels.attention(q, k, v, a, b, backend="triton")  # the pointer kernels take any row
+
+
+@interpreted_only
+def test_triton_tma_interpreted_under_torch_compile_without_graph_breaks():
+    q, k, v, a, b, _ = make_inputs(1, 2, 20, 16, torch.float32)
+
+    def loss(q, k, v, a, b):
+        return kernels.attention(q, k, v, a, b, causal=True, backend="triton-tma").square().sum()
+
+    assert torch._dynamo.explain(loss)(q, k, v, a, b).graph_break_count == 0
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, a, b), (q, k, v, a, b))
+    eager = torch.autograd.grad(loss(q, k, v, a, b), (q, k, v, a, b))
+    for x, y in zip(got, eager, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_triton_tma_says_it_needs_hopper():
+    from kernels.triton_attn_tma import capability_reason
+
+    assert "sm80" in capability_reason((8, 0)) and "'triton'" in capability_reason((8, 9))
+    assert capability_reason((9, 0)) is None and capability_reason((10, 0)) is None
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles for the GPU")
+def test_tma_kernels_compile_for_sm90_to_wgmma_and_tma_copies():
+    # no GPU needed: Triton compiles for a named target (kernels/sm90_compile.py)
+    from kernels import sm90_compile
+
+    with sm90_compile.sm90_target():
+        rows = [sm90_compile.compile_one(kind, 4096, 64, torch.bfloat16, spec, False, True) for kind, spec in
+                [("fwd", (128, 64, 4, 3)), ("dq", (128, 64, 8, 3))]]  # fmt: skip
+    for row in rows:
+        assert "error" not in row, row
+        assert row["wgmma"] > 0 and row["tma_loads"] > 0, row
+
+
+# ----------------------------------------------------------------------------------------------------
 # flex and augmented SDPA (torch's CPU kernels)
 
 
@@ -365,6 +455,25 @@ def test_auto_passes_over_flex_when_a_or_b_is_learned(monkeypatch):
 def test_shipped_table_names_real_backends():
     for row in dispatch.load_table():
         assert row["backend"] in kernels.BACKENDS
+
+
+def test_benchmark_table_update_keeps_rows_of_shapes_not_run():
+    from kernels import bench
+
+    def row(n, backend):
+        return {"dtype": "bfloat16", "n_ctx": n, "head_dim": 64, "causal": True, "backend": backend}
+
+    merged = bench.merged_table([row(256, "flex"), row(4096, "triton")], [row(4096, "triton-tma")])
+    assert merged == [row(4096, "triton-tma"), row(256, "flex")]
+
+
+def test_benchmark_backend_filter_names_the_choices():
+    from kernels import bench
+
+    chosen = {(c.name, c.geometry) for c in bench._candidates(["sdpa-cudnn", "triton-tma"])}
+    assert chosen == {("sdpa-cudnn", "sdpa"), ("triton-tma", "rbf"), ("triton-tma", "penalty")}
+    with pytest.raises(SystemExit, match=r"choose from .*'triton-tma-ws'"):
+        bench._candidates(["triton-tmaa"])
 
 
 @interpreted_only

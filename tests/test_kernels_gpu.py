@@ -64,6 +64,103 @@ def test_triton_other_key_norm_variant(poisoned, case):
     check_backend(other_variant, q, k, v, a, b, do, causal=causal)
 
 
+# ----------------------------------------------------------------------------------------------------
+# triton-tma: the Hopper kernels (sm90+); elsewhere they must say why they cannot run
+
+needs_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs an sm90+ GPU"
+)
+
+
+def _tma(warp_spec):
+    from kernels.triton_attn_tma import _attention
+
+    return lambda q, k, v, a, b, *, causal: _attention(q, k, v, a, b, causal, warp_spec)
+
+
+@needs_hopper
+@pytest.mark.parametrize("warp_spec", [False, True], ids=["pipelined", "warp-specialised"])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=_id)
+def test_triton_tma(poisoned, case, warp_spec):
+    dtype, N, D, causal = case
+    if warp_spec and (dtype == FP32 or D > 128):
+        pytest.skip("warp specialisation has configs for 16-bit inputs and D <= 128 only")
+    q, k, v, a, b, do = make_inputs(2, 3, N, D, dtype, "cuda")
+    check_backend(_tma(warp_spec), q, k, v, a, b, do, causal=causal)
+
+
+def _every_config():
+    """(warp_spec, head dim, {kind: config}): the i-th config of each kernel's list (the shorter lists
+    wrap), so that every config autotuning may pick is checked once; dkdv has no warp-specialised list."""
+    try:
+        from kernels.triton_attn_tma import _GPU_CONFIGS, _WS_CONFIGS
+    except ImportError:  # no triton on this platform: nothing to check
+        return
+    for warp_spec, tables in ((False, _GPU_CONFIGS), (True, _WS_CONFIGS)):
+        for d in (64, 128):
+            lists = {kind: tables[kind][d] for kind in tables}
+            for i in range(max(map(len, lists.values()))):
+                yield pytest.param(warp_spec, d, {kind: specs[i % len(specs)] for kind, specs in lists.items()},
+                                   id=f"{'ws' if warp_spec else 'pipelined'}-D{d}-{i}")  # fmt: skip
+
+
+@needs_hopper
+@pytest.mark.parametrize(("warp_spec", "D", "configs"), _every_config())
+def test_triton_tma_every_config(poisoned, monkeypatch, warp_spec, D, configs):
+    from kernels import triton_attn_tma as tma
+
+    tables = tma._WS_CONFIGS if warp_spec else tma._GPU_CONFIGS
+    for kind, spec in configs.items():
+        monkeypatch.setitem(tables[kind], D, [spec])
+    for kernel in (tma._fwd_kernel, tma._dkdv_kernel, tma._dq_kernel):
+        monkeypatch.setattr(kernel, "cache", {})  # forget earlier picks: each test runs its own config
+    q, k, v, a, b, do = make_inputs(1, 2, 1008, D, BF16, "cuda")  # N % 16 == 0 as in the benchmark; tails
+    check_backend(_tma(warp_spec), q, k, v, a, b, do, causal=True)
+    picked = {name: kernel.best_config for name, kernel in (("fwd", tma._fwd_kernel), ("dq", tma._dq_kernel))}
+    for kind, config in picked.items():
+        assert (
+            config.kwargs["BLOCK_M"],
+            config.kwargs["BLOCK_N"],
+            config.num_warps,
+            config.num_stages,
+        ) == configs[kind]
+
+
+@needs_hopper
+@pytest.mark.parametrize("warp_spec", [False, True], ids=["pipelined", "warp-specialised"])
+def test_triton_tma_is_captured_by_cuda_graphs(warp_spec):
+    q, k, v, a, b, do = make_inputs(2, 3, 512, 64, BF16, "cuda")
+    inputs, attention = (q, k, v, a, b), _tma(warp_spec)
+
+    def step():
+        out = attention(*inputs, causal=True)
+        return (out, *torch.autograd.grad(out, inputs, do))
+
+    side = torch.cuda.Stream()  # warm up (compile, autotune) on a side stream, as torch's docs ask
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        before = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for t, new in zip(inputs, make_inputs(2, 3, 512, 64, BF16, "cuda"), strict=False):
+            t.copy_(new)
+    graph.replay()
+    expected = step()
+    assert not torch.equal(before[0], expected[0])  # the replay saw new inputs
+    for x, y in zip(captured, expected, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_tma_reports_itself_unsupported_before_sm90():
+    q, k, v, a, b, _ = make_inputs(1, 2, 64, 64, BF16, "cuda")
+    reason = kernels.dispatch.UNSUPPORTED["triton-tma"](q, k, v, a, b)
+    assert (reason is None) == (torch.cuda.get_device_capability()[0] >= 9), reason
+
+
 @pytest.mark.parametrize(
     "case", [(BF16, 1000, 64, True), (FP16, 1000, 128, False), (BF16, 300, 80, True)], ids=_id
 )
@@ -130,8 +227,10 @@ def test_flex_stays_fused_past_dynamos_default_recompile_limit(caplog):
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("backend", ["triton", "auto", "auto-b-none"])
+@pytest.mark.parametrize("backend", ["triton", "triton-tma", "auto", "auto-b-none"])
 def test_torch_compile_has_no_graph_breaks(backend, compiler):
+    if backend == "triton-tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("triton-tma needs an sm90+ GPU")
     q, k, v, a, b, _ = make_inputs(2, 4, 256, 64, BF16, "cuda")
     if backend == "auto-b-none":
         backend, b = "auto", None

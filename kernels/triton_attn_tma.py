@@ -1,0 +1,583 @@
+"""Hopper (sm90+) variant of the fused attention in triton_attn.py: the same math, the same key-norm prepass
+and the same deterministic per-row da/db, with the q, k, v and dO tiles moved by the tensor memory
+accelerator (TMA) through tensor descriptors instead of pointer loads.
+
+Why: on an H200 the pointer-based kernels ran at 1.30-1.57x SDPA-cuDNN's forward+backward time (README,
+"Kernel benchmark"). On sm90 a descriptor load lands a tile in shared memory in the swizzled layout that
+wgmma (which tl.dot becomes there) reads, and the software pipeliner overlaps those copies with the
+matmuls across `num_stages` buffers without per-thread address arithmetic. warp_spec=True (the op's
+argument; ABLATE_TMA_WARP_SPEC=1 for the `triton-tma` backend) also asks Triton to warp-specialise the
+forward and dq loops: a producer warp group issues the copies while two consumer groups compute. Triton
+3.6 does that only for a kernel's single loop over descriptors made inside the kernel, with 4 warps, so
+that variant runs one loop with the masks applied throughout and needs triton.set_allocator; its pass
+fails on the dk/dv kernel, which always runs the plain pipeline.
+
+Each descriptor covers one (B, H, N, D) tensor with its own strides (rank 4, block (1, 1, rows, D_PAD)),
+so strided views such as a permuted qkv projection are read in place, and rows past N or columns past D
+read as zero per head: the masks of the pointer kernels are only needed on the scores. TMA needs rows of
+a multiple of 16 bytes (D * itemsize), 16-byte aligned strides and base address; inputs whose strides or
+address are not aligned are copied first (inside the op, so torch.compile sees no data pointers).
+Outputs are written with pointer stores (contiguous, as in triton_attn.py). fp32 inputs run (the tests
+use them) but their ieee dots spill registers heavily: this backend is for bf16 and fp16.
+
+The Triton interpreter (TRITON_INTERPRET=1) runs both kinds of descriptor, so the tests of triton_attn.py
+have counterparts here that run on CPU; `python -m kernels.sm90_compile` compiles every config for sm90
+without a GPU; speed is measured by `python -m kernels.bench --backends triton-tma ...`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import triton_attn as base
+from kernels.triton_attn import _keep
+
+try:  # host descriptors (written against Triton 3.6, the GPU benchmark machine's)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
+
+INTERPRET, AUTOTUNE = base.INTERPRET, base.AUTOTUNE
+# warp specialisation of the main loops: off until a GPU measurement says otherwise
+WARP_SPEC = os.environ.get("ABLATE_TMA_WARP_SPEC", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiles
+
+
+@triton.jit
+def _tiles(t, n_batch, n_heads, n_ctx, sb, sh, sn, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+           D_PAD: tl.constexpr):  # fmt: skip
+    # a host descriptor as it came, or one made here over t's (B, H, N, D) (the warp-specialised path,
+    # see the module's docstring; in-kernel descriptors need triton.set_allocator)
+    if isinstance(t, tl.tensor_descriptor):
+        return t
+    else:
+        return tl.make_tensor_descriptor(t, [n_batch, n_heads, n_ctx, HEAD_DIM], [sb, sh, sn, 1],
+                                         [1, 1, ROWS, D_PAD])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m, lo, hi, n_ctx,
+               BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):  # fmt: skip
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n  # (BN,)
+        k = desc_k.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D_PAD)  # (BN, D), zero past N
+        if MASKED:
+            kn2 = tl.load(kn2_base + cols, mask=cols < n_ctx, other=0.0)
+        else:
+            kn2 = tl.load(kn2_base + cols)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * a2 - (kn2 * b2)[None, :]  # (BM, BN)
+        if MASKED:
+            s = tl.where(_keep(offs_m[:, None], cols[None, :], n_ctx, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = desc_v.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D_PAD)  # (BN, D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, A, B, O, LSE, KN2, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+              n_batch, n_heads, n_ctx, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+              PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):  # fmt: skip
+    # one program: a block of BLOCK_M queries, looping over key blocks; KN2 (B, H, N) from _key_norms.
+    # Q, K, V: host descriptors, or (B, H, N, D) tensors with the strides given (see _tiles)
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // n_heads
+    off_h = bh % n_heads
+    desc_q = _tiles(Q, n_batch, n_heads, n_ctx, sqb, sqh, sqn, BLOCK_M, HEAD_DIM, D_PAD)
+    desc_k = _tiles(K, n_batch, n_heads, n_ctx, skb, skh, skn, BLOCK_N, HEAD_DIM, D_PAD)
+    desc_v = _tiles(V, n_batch, n_heads, n_ctx, svb, svh, svn, BLOCK_N, HEAD_DIM, D_PAD)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_d = tl.arange(0, D_PAD)
+    a2 = tl.load(A + off_h) * 1.4426950408889634
+    b2 = tl.load(B + off_h) * 1.4426950408889634
+    q = desc_q.load([off_b, off_h, start_m * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD)  # (BM, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    if CAUSAL:  # full blocks left of the diagonal, then the diagonal block (masked)
+        lo = start_m * BLOCK_M
+        hi = tl.minimum(lo + BLOCK_M, n_ctx)
+    else:  # full blocks, then the ragged tail (masked)
+        lo = (n_ctx // BLOCK_N) * BLOCK_N
+        hi = n_ctx
+    kn2_base = KN2 + bh.to(tl.int64) * n_ctx
+    # Triton 3.6 warp-specialises a loop only when it is the kernel's one loop: then masks throughout
+    if WARP_SPEC:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                                   0, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION, True)  # fmt: skip
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                                   0, lo, n_ctx, BLOCK_N, D_PAD, False, CAUSAL, PRECISION, False)  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                                   lo, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION, False)  # fmt: skip
+    acc = acc / l_i[:, None]
+    row_ok = offs_m < n_ctx
+    tl.store(LSE + bh.to(tl.int64) * n_ctx + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    o_ptrs = O + off_b.to(tl.int64) * sob + off_h * soh + offs_m[:, None] * son + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------------
+# backward (delta and the key norms come from triton_attn._bwd_preprocess)
+
+
+@triton.jit
+def _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base, delta_base, off_b, off_h,
+                a2, cols, lo, hi, n_ctx, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):  # fmt: skip
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m  # (BM,)
+        q = desc_q.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, D_PAD)  # (BM, D), zero past N
+        if MASKED:  # rows past N: q = dO = 0 and lse = delta = 0, so they add nothing
+            lse = tl.load(lse_base + rows, mask=rows < n_ctx, other=0.0)
+            delta = tl.load(delta_base + rows, mask=rows < n_ctx, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * a2 - key_bias[:, None]  # (BN, BM)
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:
+            pT = tl.where(_keep(rows[None, :], cols[:, None], n_ctx, CAUSAL), pT, 0.0)
+        do = desc_do.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, D_PAD)  # (BM, D)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
+        dsT = pT * (dpT - delta[None, :])
+        dk_acc = tl.dot(dsT.to(q.dtype), q, dk_acc, input_precision=PRECISION)
+        colsum += tl.sum(dsT, 1)
+    return dk_acc, dv, colsum
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, n_batch, n_heads, n_ctx,
+                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):  # fmt: skip
+    # one program: a block of BLOCK_N keys, looping over query blocks. DK, DV contiguous (B, H, N, D).
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    off_b = bh // n_heads
+    off_h = bh % n_heads
+    desc_q = _tiles(Q, n_batch, n_heads, n_ctx, sqb, sqh, sqn, BLOCK_M, HEAD_DIM, D_PAD)
+    desc_k = _tiles(K, n_batch, n_heads, n_ctx, skb, skh, skn, BLOCK_N, HEAD_DIM, D_PAD)
+    desc_v = _tiles(V, n_batch, n_heads, n_ctx, svb, svh, svn, BLOCK_N, HEAD_DIM, D_PAD)
+    desc_do = _tiles(DO, n_batch, n_heads, n_ctx, sdb, sdh, sdn, BLOCK_M, HEAD_DIM, D_PAD)
+    a = tl.load(A + off_h)
+    b = tl.load(B + off_h)
+    cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
+    offs_d = tl.arange(0, D_PAD)
+    row_base = bh.to(tl.int64) * n_ctx
+    k = desc_k.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D_PAD)  # (BN, D)
+    v = desc_v.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D_PAD)  # (BN, D)
+    col_ok = cols < n_ctx
+    kn2 = tl.load(KN2 + row_base + cols, mask=col_ok, other=0.0)  # (BN,)
+    key_bias = kn2 * (b * 1.4426950408889634)
+    dk_acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    colsum = tl.zeros([BLOCK_N], tl.float32)
+    n_even = (n_ctx // BLOCK_M) * BLOCK_M
+    if CAUSAL:  # the diagonal block (masked), full blocks below it, the ragged tail (masked)
+        lo = start_n
+        hi = tl.minimum(start_n + BLOCK_N, n_ctx)
+        tail = tl.maximum(hi, n_even)
+    else:
+        lo = 0
+        hi = 0
+        tail = n_even
+    lse_base = LSE + row_base
+    delta_base = DELTA + row_base
+    a2 = a * 1.4426950408889634
+    # one loop, masked throughout (see _attn_fwd); run by the interpreter only, since Triton 3.6 fails to
+    # compile it for sm90 (no _WS_CONFIGS entry)
+    if WARP_SPEC:
+        dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
+                                         delta_base, off_b, off_h, a2, cols, lo, n_ctx, n_ctx,
+                                         BLOCK_M, D_PAD, True, CAUSAL, PRECISION, True)  # fmt: skip
+    else:
+        dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
+                                         delta_base, off_b, off_h, a2, cols, lo, hi, n_ctx,
+                                         BLOCK_M, D_PAD, True, CAUSAL, PRECISION, False)  # fmt: skip
+        dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
+                                         delta_base, off_b, off_h, a2, cols, hi, n_even, n_ctx,
+                                         BLOCK_M, D_PAD, False, CAUSAL, PRECISION, False)  # fmt: skip
+        dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
+                                         delta_base, off_b, off_h, a2, cols, tail, n_ctx, n_ctx,
+                                         BLOCK_M, D_PAD, True, CAUSAL, PRECISION, False)  # fmt: skip
+    kf = k.to(tl.float32)
+    dk = a * dk_acc - (2.0 * b) * colsum[:, None] * kf
+    tl.store(DA_ROWS + row_base + cols, tl.sum(dk_acc * kf, 1), mask=col_ok)
+    tl.store(DB_ROWS + row_base + cols, -colsum * kn2, mask=col_ok)
+    out = row_base * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+    mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m, lo, hi,
+              n_ctx, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):  # fmt: skip
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n  # (BN,)
+        k = desc_k.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D_PAD)  # (BN, D), zero past N
+        v = desc_v.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D_PAD)  # (BN, D)
+        if MASKED:
+            kn2 = tl.load(kn2_base + cols, mask=cols < n_ctx, other=0.0)
+        else:
+            kn2 = tl.load(kn2_base + cols)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * a2 - (kn2 * b2)[None, :]  # (BM, BN)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(_keep(offs_m[:, None], cols[None, :], n_ctx, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
+        ds = p * (dp - delta[:, None])
+        dq_acc = tl.dot(ds.to(k.dtype), k, dq_acc, input_precision=PRECISION)
+    return dq_acc
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, A, B, LSE, DELTA, KN2, DQ,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, n_batch, n_heads, n_ctx,
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # one program: a block of BLOCK_M queries, looping over key blocks. DQ contiguous (B, H, N, D).
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // n_heads
+    off_h = bh % n_heads
+    desc_q = _tiles(Q, n_batch, n_heads, n_ctx, sqb, sqh, sqn, BLOCK_M, HEAD_DIM, D_PAD)
+    desc_k = _tiles(K, n_batch, n_heads, n_ctx, skb, skh, skn, BLOCK_N, HEAD_DIM, D_PAD)
+    desc_v = _tiles(V, n_batch, n_heads, n_ctx, svb, svh, svn, BLOCK_N, HEAD_DIM, D_PAD)
+    desc_do = _tiles(DO, n_batch, n_heads, n_ctx, sdb, sdh, sdn, BLOCK_M, HEAD_DIM, D_PAD)
+    a = tl.load(A + off_h)
+    b2 = tl.load(B + off_h) * 1.4426950408889634
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < n_ctx
+    row_base = bh.to(tl.int64) * n_ctx
+    q = desc_q.load([off_b, off_h, start_m * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD)  # (BM, D)
+    do = desc_do.load([off_b, off_h, start_m * BLOCK_M, 0]).reshape(BLOCK_M, D_PAD)  # (BM, D)
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    dq_acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    if CAUSAL:
+        lo = start_m * BLOCK_M
+        hi = tl.minimum(lo + BLOCK_M, n_ctx)
+    else:
+        lo = (n_ctx // BLOCK_N) * BLOCK_N
+        hi = n_ctx
+    a2 = a * 1.4426950408889634
+    kn2_base = KN2 + row_base
+    if WARP_SPEC:  # one loop, masked throughout (see _attn_fwd)
+        dq_acc = _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                           0, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION, True)  # fmt: skip
+    else:
+        dq_acc = _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                           0, lo, n_ctx, BLOCK_N, D_PAD, False, CAUSAL, PRECISION, False)  # fmt: skip
+        dq_acc = _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                           lo, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION, False)  # fmt: skip
+    out = row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(
+        DQ + out, (a * dq_acc).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim (16 and 32 use the 64 lists).
+# Every 64 and 128 entry compiles for sm90 with Triton 3.6 (`python -m kernels.sm90_compile`, no GPU
+# needed) with wgmma for every tl.dot, TMA copies in the loops and, at N a multiple of 16, no register
+# spills (a few bytes at other N); the 256 lists are for correctness only (they spill, as triton_attn's do).
+# fwd and dq: BLOCK_M % BLOCK_N == 0; dkdv: BLOCK_N % BLOCK_M == 0 (the causal diagonal is split there).
+# The first config that fits is the one used when autotuning is off.
+
+_GPU_CONFIGS = {
+    "fwd": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
+        256: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 16, 4, 1)],
+    },
+    "dkdv": {
+        64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
+        128: [(64, 64, 8, 2), (16, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)],
+        256: [(32, 64, 4, 1), (16, 32, 4, 1)],
+    },
+    "dq": {
+        64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2)],
+        256: [(64, 32, 4, 1), (32, 16, 4, 1)],
+    },
+}
+# warp-specialised (16-bit inputs only): Triton 3.6 splits a loop into a TMA producer and two consumer warp
+# groups only with num_warps=4, and its pass fails outright on other shapes (on every dkdv tried, so dkdv
+# always runs the plain pipeline). Any change here needs the compile check above.
+_WS_CONFIGS = {
+    "fwd": {64: [(128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3)], 128: [(128, 64, 4, 2), (64, 64, 4, 3)]},
+    "dq": {64: [(64, 64, 4, 3)], 128: [(64, 64, 4, 2)]},
+}
+_INTERPRET_CONFIGS = base._INTERPRET_CONFIGS  # tiny tiles: several blocks, ragged tails, split diagonals
+# per kernel: which descriptors hold query rows (BLOCK_M of them a tile) and which key rows (BLOCK_N)
+_QUERY_SIDE, _KEY_SIDE = ("Q", "DO"), ("K", "V")
+
+
+def _warp_specialised(kind: str, d_pad: int, elem: int, warp_spec: bool) -> bool:
+    """Whether this kernel runs warp-specialised: asked for, and a config list compiled for it (the
+    interpreter runs that code path for every kernel and dtype)."""
+    if INTERPRET:
+        return warp_spec
+    return warp_spec and elem == 2 and max(d_pad, 64) in _WS_CONFIGS.get(kind, {})
+
+
+def _set_block_shapes(nargs) -> None:
+    # host descriptors carry their tile shape, which depends on the config: set it before each launch
+    for name in _QUERY_SIDE + _KEY_SIDE:
+        if isinstance(nargs.get(name), TensorDescriptor):
+            rows = nargs["BLOCK_M"] if name in _QUERY_SIDE else nargs["BLOCK_N"]
+            nargs[name].block_shape = [1, 1, rows, nargs["D_PAD"]]
+
+
+def _make_prune(kind: str, out: str):
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs[:1]
+        d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
+        elem = named_args[out].element_size()
+        tables = _WS_CONFIGS if kwargs.get("WARP_SPEC", named_args.get("WARP_SPEC")) else _GPU_CONFIGS
+        table = tables[kind][max(d_pad, 64)]
+        fits = [
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in table
+            and base._smem_bytes(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, d_pad, elem)
+            <= base._SMEM_LIMIT
+        ]
+        smallest = min(table, key=lambda spec: spec[0] * spec[1])
+        fits = fits or [
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == smallest
+        ]
+        return fits if AUTOTUNE else fits[:1]
+
+    return prune
+
+
+def _tuned(kernel, kind: str, out: str):
+    if INTERPRET:
+        specs = [_INTERPRET_CONFIGS[kind]]
+    else:
+        tables = [*_GPU_CONFIGS[kind].values(), *_WS_CONFIGS.get(kind, {}).values()]
+        specs = list(dict.fromkeys(s for table in tables for s in table))
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
+        for m, n, w, s in specs
+    ]
+    return triton.autotune(
+        configs=configs,
+        key=["n_ctx", "HEAD_DIM", "CAUSAL", "WARP_SPEC"],
+        prune_configs_by={"early_config_prune": _make_prune(kind, out)},
+    )(kernel)
+
+
+_fwd_kernel = _tuned(_attn_fwd, "fwd", "O")
+_dkdv_kernel = _tuned(_attn_bwd_dkdv, "dkdv", "DK")
+_dq_kernel = _tuned(_attn_bwd_dq, "dq", "DQ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers, registered as torch.library custom ops like triton_attn's (opaque to torch.compile)
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """t itself when TMA can read it in place (unit stride in D, other strides positive multiples of 16
+    bytes, 16-byte aligned address), else a contiguous copy."""
+    strides_ok = all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])  # size-1 dims too
+    if t.stride(-1) == 1 and strides_ok and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _tiles_arg(t: torch.Tensor, warp_spec: bool) -> TensorDescriptor | torch.Tensor:
+    """What a kernel's Q, K, V or DO is: a host descriptor over t's (B, H, N, D) and strides (its tile shape
+    set per config by _set_block_shapes), or, warp-specialised, t itself (the kernel makes descriptors)."""
+    if warp_spec:
+        return t
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 1, 1])
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # global memory for descriptors made inside kernels (128 bytes each, per program); a torch allocation,
+    # so it comes from the caching allocator (and from the graph's pool under CUDA-graph capture)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@torch.library.custom_op("ablate::rbf_attention_tma_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    causal: bool,
+    warp_spec: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, D = q.shape
+    dims = base._dims(q)
+    q, k, v = (_tma_ready(t) for t in (q, k, v))
+    o = base._alloc((B, H, N, D), q.dtype, q.device)
+    lse = base._alloc((B, H, N), torch.float32, q.device)  # base-2 log-sum-exp per row
+    kn2 = base._alloc((B, H, N), torch.float32, q.device)
+    block = 16 if INTERPRET else 64
+    base._key_norms[(triton.cdiv(N, block), B * H)](
+        k, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block
+    )
+    warp_spec = _warp_specialised("fwd", dims["D_PAD"], q.element_size(), warp_spec)
+    if warp_spec:
+        triton.set_allocator(_scratch)  # per call: the backward runs in autograd's own thread
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+    _fwd_kernel[grid](
+        *(_tiles_arg(t, warp_spec) for t in (q, k, v)), a, b, o, lse, kn2,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], B, H, N,
+        CAUSAL=causal, WARP_SPEC=warp_spec, **dims,
+    )  # fmt: skip
+    return o, lse
+
+
+@torch.library.custom_op("ablate::rbf_attention_tma_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    warp_spec: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, D = q.shape
+    dims = base._dims(q)
+    do, q, k, v = (_tma_ready(t) for t in (do, q, k, v))
+    delta, kn2 = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # (B, H, N)
+    block = 16 if INTERPRET else 64
+    base._bwd_preprocess[(triton.cdiv(N, block), B * H)](
+        o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N,
+        HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block,
+    )  # fmt: skip
+    dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
+    da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # summed below
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], B, H, N)
+    for kind, kernel, grid_rows, outputs in (
+        ("dkdv", _dkdv_kernel, "BLOCK_N", (dk, dv, da_rows, db_rows)),
+        ("dq", _dq_kernel, "BLOCK_M", (dq,)),
+    ):
+        ws = _warp_specialised(kind, dims["D_PAD"], q.element_size(), warp_spec)
+        if ws:
+            triton.set_allocator(_scratch)  # per call: the backward runs in autograd's own thread
+        tiles = [_tiles_arg(t, ws) for t in (q, k, v, do)]  # per kernel: the pre-hook sets tile shapes
+        grid = lambda meta, rows=grid_rows: (triton.cdiv(N, meta[rows]), B * H)
+        kernel[grid](*tiles, a, b, lse, delta, kn2, *outputs, *strides, CAUSAL=causal, WARP_SPEC=ws, **dims)
+    return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, a, b, causal, warp_spec):
+    return base._fwd_fake(q, k, v, a, b, causal, True)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, a, b, o, lse, causal, warp_spec):
+    return base._bwd_fake(do, q, k, v, a, b, o, lse, causal)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, a, b, causal, warp_spec = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, a, b, o, lse)
+    ctx.causal, ctx.warp_spec = causal, warp_spec
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, a, b, o, lse = ctx.saved_tensors
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    dq, dk, dv, da, db = _bwd_op(do, q, k, v, a, b, o, lse, ctx.causal, ctx.warp_spec)
+    return dq, dk, dv, da, db, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry point
+
+
+def triton_tma_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Fused softmax(a*q.k - b*||k||^2) v on Hopper's TMA. q, k, v: (B, H, N, D), one of fp16/bf16/fp32,
+    16 <= D <= 256 with D * itemsize a multiple of 16 bytes; a, b: (H,). Needs an sm90+ GPU (or
+    TRITON_INTERPRET=1). Returns (B, H, N, D) in q's dtype; differentiable in q, k, v, a and b."""
+    return _attention(q, k, v, a, b, causal, WARP_SPEC)
+
+
+def _attention(q, k, v, a, b, causal: bool, warp_spec: bool) -> torch.Tensor:
+    reason = unsupported_reason(q, k, v, a, b)
+    if reason:
+        raise ValueError(f"triton-tma attention: {reason}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    a32, b32 = a.float().contiguous(), b.float().contiguous()
+    o, _ = _fwd_op(q, k, v, a32, b32, causal, warp_spec)
+    return o
+
+
+def unsupported_reason(q, k, v, a, b) -> str | None:
+    """Why the TMA kernels cannot run these inputs, or None when they can."""
+    reason = base.unsupported_reason(q, k, v, a, b)
+    if reason:
+        return reason
+    if TensorDescriptor is None:
+        return f"this Triton ({triton.__version__}) has no triton.tools.tensor_descriptor (written for 3.6)"
+    row_bytes = q.shape[-1] * q.element_size()
+    if row_bytes % 16:
+        return f"TMA needs rows of a multiple of 16 bytes; head dim {q.shape[-1]} x {q.element_size()} bytes is {row_bytes}"
+    if q.device.type == "cuda":
+        return capability_reason(torch.cuda.get_device_capability(q.device))
+    return None
+
+
+def capability_reason(capability: tuple[int, int]) -> str | None:
+    """Why a GPU of this compute capability cannot run the TMA kernels, or None (sm90 and newer can)."""
+    if capability[0] < 9:
+        return f"TMA needs an sm90+ GPU (Hopper or newer); got sm{capability[0]}{capability[1]}: use backend 'triton'"
+    return None
