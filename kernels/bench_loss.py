@@ -14,7 +14,8 @@ holds them (cast to bf16 inside, as under autocast). For each vocab size:
                      (default: 4096,8 and the shipped 1024,4)
     persistent BV/W/P  schedule "persistent" (model loss "fused-persistent"): the persistent row kernel
                      at BLOCK_V BV, W warps and P programs per SM, one row per --persistent triple; the
-                     first triple once more with the bias added in the row kernel ("b in rows")
+                     first triple once more with the bias added in the row kernel ("b in rows"), and
+                     once with db as G's column sums instead of a column of the dW matmul ("db apart")
     epilogue N       schedule "epilogue" (model loss "fused-epilogue"): the Triton logits matmul with
                      softmax partials at BLOCK_N N (one row per --logits-block-n), then the row kernel
     tiled            kernels.linear_cross_entropy_tiled (linear_ce_tiled.py), no logits in memory
@@ -93,9 +94,11 @@ def candidates(
         knobs = dict(PERSISTENT_BLOCK_V=block_v, PERSISTENT_NUM_WARPS=warps, PROGRAMS_PER_SM=per_sm)
         name = f"persistent {block_v}/{warps}/{per_sm}"
         found[name] = (_fused("persistent"), functools.partial(_knobs, linear_ce, **knobs))
-        if i == 0:
+        if i == 0:  # where the bias and its gradient are computed
             context = functools.partial(_knobs, linear_ce, **knobs, BIAS_IN_MATMUL=False)
             found[f"{name} b in rows"] = (_fused("persistent"), context)
+            context = functools.partial(_knobs, linear_ce, **knobs, DB_IN_DW_MATMUL=False)
+            found[f"{name} db apart"] = (_fused("persistent"), context)
     for block_n in block_ns:
         context = functools.partial(_knobs, logits_matmul, BLOCK_N=block_n)
         found[f"epilogue {block_n}"] = (_fused("epilogue"), context)

@@ -50,6 +50,9 @@ PERSISTENT_BLOCK_V = 64 if INTERPRET else 8192
 PERSISTENT_NUM_WARPS = 16
 PROGRAMS_PER_SM = 2
 BIAS_IN_MATMUL = True  # persistent: add b in cuBLAS's epilogue (False: in the row kernel, as "rows" does)
+# every schedule: db as a column of ones in the dW matmul (N = D + 8: a wider tile's worth of work for 8
+# columns, if cuBLAS tiles N by 128 or 256), or, False, dW alone (N = D) and db as G's column sums
+DB_IN_DW_MATMUL = True
 INTERPRET_PROGRAMS = 3  # the interpreter has no SMs: 3 programs, so each walks several rows
 
 
@@ -241,8 +244,9 @@ def _linear_ce_op(
     if not with_grad:
         return losses.sum(), empty, empty.clone(), empty.clone()
     grad_h = z @ w_pad  # (n, c)
-    if bias is None:
-        return losses.sum(), grad_h, (z.t() @ h)[:v].contiguous(), empty
+    if bias is None or not DB_IN_DW_MATMUL:
+        grad_b = z[:, :v].sum(dim=0) if bias is not None else empty  # float32 sums, h's dtype out
+        return losses.sum(), grad_h, (z.t() @ h)[:v].contiguous(), grad_b
     ones = torch.zeros(n, 8, dtype=h.dtype, device=h.device)  # 8 columns keep the matmul aligned
     ones[:, 0] = 1
     grad_wb = z.t() @ torch.cat((h, ones), dim=1)  # (v_pad, c + 8): [G^T h | G^T 1 | 0...]

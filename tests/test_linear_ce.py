@@ -106,11 +106,12 @@ def test_interpreted_target_out_of_range_is_nan_not_a_stray_read():
 # ----------------------------------------------------------------------------------------------------
 # the fused op's other schedules (kernels/linear_ce.py). Interpreter sizes: "persistent" runs 3 programs
 # that walk the rows in 64-wide tiles; "epilogue" makes Z in 16 x 16 tiles of the logits matmul, so
-# V = 203 and 300 end in ragged tiles. "persistent, b in rows" adds the bias in the row kernel.
+# V = 203 and 300 end in ragged tiles. "persistent-bias-apart" adds the bias in the row kernel and sums
+# db from G instead of the dW matmul.
 
 SCHEDULE_CASES = {
     "persistent": ("persistent", {}),
-    "persistent, b in rows": ("persistent", {"BIAS_IN_MATMUL": False}),
+    "persistent-bias-apart": ("persistent", {"BIAS_IN_MATMUL": False, "DB_IN_DW_MATMUL": False}),
     "epilogue": ("epilogue", {}),
 }
 
@@ -208,6 +209,7 @@ def test_interpreted_bench_loss_rows_compute_the_fused_loss():
         "fused 32/2",
         "persistent 64/2/1",
         "persistent 64/2/1 b in rows",
+        "persistent 64/2/1 db apart",
         "persistent 32/1/2",
         "epilogue 16",
         "epilogue 32",
@@ -405,9 +407,16 @@ def test_compiled_model_with_fused_loss_has_no_graph_breaks_and_matches_plain(fu
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize(("n", "v"), [(4096, 50257), (1000, 3001)])
+@pytest.mark.parametrize(
+    ("n", "v", "bias", "dtype"),  # each dtype with and without a bias, V in ragged tiles
+    [
+        (4096, 50257, True, torch.bfloat16),
+        (4096, 50257, False, torch.float16),
+        (1000, 3001, False, torch.bfloat16),
+        (1000, 3001, True, torch.float16),
+    ],
+    ids=["50257-bias-bf16", "50257-fp16", "3001-bf16", "3001-bias-fp16"],
+)
 def test_schedules_on_cuda_match_float64_and_rows(schedule, n, v, bias, dtype):
     h, w, b, targets = make(n, 256, v, dtype, "cuda", bias=bias, seed=torch.seed() % 2**31)
     loss, grads = fused_with(schedule)(h, w, b, targets)
