@@ -7,6 +7,7 @@ check realistic shapes in bf16 and torch.compile on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -117,31 +118,36 @@ SCHEDULE_CASES = {
 
 
 @pytest.fixture(params=list(SCHEDULE_CASES))
-def schedule(request, monkeypatch):
-    """A schedule of the fused op other than the shipped "rows", with its knobs set for the test."""
+def case(request):
+    return request.param
+
+
+@contextlib.contextmanager
+def knobs_of(case: str):
+    """The fused op's knobs at the case's values for the duration (the shipped ones after); its schedule."""
     from kernels import linear_ce
 
-    name, knobs = SCHEDULE_CASES[request.param]
-    for knob, value in knobs.items():
-        monkeypatch.setattr(linear_ce, knob, value)
-    return name
+    schedule, knobs = SCHEDULE_CASES[case]
+    with pytest.MonkeyPatch.context() as patch:
+        for knob, value in knobs.items():
+            patch.setattr(linear_ce, knob, value)
+        yield schedule
 
 
-def fused_with(schedule):
-    def run(h, w, b, targets):
+def scheduled(case, h, w, b, targets):
+    """Loss and gradients (for an upstream 1.7) of the fused op in this case; `fused` is the shipped path."""
+    with knobs_of(case) as schedule:
         loss = kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule)
         wrt = [t for t in (h, w, b) if t is not None]
         return loss.detach(), torch.autograd.grad(loss * 1.7, wrt)
-
-    return run
 
 
 @interpreted_only
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(("n", "c", "v"), [(37, 16, 203), (5, 24, 300)])
-def test_interpreted_schedules_match_float64_and_rows(schedule, n, c, v, bias):
+def test_interpreted_schedules_match_float64_and_rows(case, n, c, v, bias):
     h, w, b, targets = make(n, c, v, torch.float32, bias=bias, seed=n + v)
-    loss, grads = fused_with(schedule)(h, w, b, targets)
+    loss, grads = scheduled(case, h, w, b, targets)
     ref_loss, ref_grads = reference(h, w, b, targets)
     rows_loss, rows_grads = fused(h, w, b, targets)
     assert abs(loss.item() - ref_loss.item()) < 1e-5 * max(1.0, ref_loss.item())
@@ -154,9 +160,9 @@ def test_interpreted_schedules_match_float64_and_rows(schedule, n, c, v, bias):
 
 
 @interpreted_only
-def test_interpreted_schedules_in_bf16_match_float64_and_rows(exact_bf16_dot, schedule):
+def test_interpreted_schedules_in_bf16_match_float64_and_rows(exact_bf16_dot, case):
     h, w, b, targets = make(33, 32, 300, torch.bfloat16, seed=4)
-    loss, grads = fused_with(schedule)(h, w, b, targets)
+    loss, grads = scheduled(case, h, w, b, targets)
     ref_loss, ref_grads = reference(h, w, b, targets)
     rows_loss, rows_grads = fused(h, w, b, targets)
     loss_tol, grad_tol = TILED_TOLERANCE[torch.bfloat16]
@@ -169,28 +175,30 @@ def test_interpreted_schedules_in_bf16_match_float64_and_rows(exact_bf16_dot, sc
 
 
 @interpreted_only
-def test_interpreted_schedules_without_gradients_and_bad_targets(schedule):
+def test_interpreted_schedules_without_gradients_and_bad_targets(case):
     h, w, b, targets = make(19, 16, 150, torch.float32)
-    with torch.no_grad():
-        no_grad = kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule)
-    assert not no_grad.requires_grad
-    assert abs(no_grad.item() - reference(h, w, b, targets)[0].item()) < 1e-5
-    targets[2], targets[4] = -1, 150
-    assert torch.isnan(kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule))
+    with knobs_of(case) as schedule:
+        with torch.no_grad():
+            no_grad = kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule)
+        assert not no_grad.requires_grad
+        assert abs(no_grad.item() - reference(h, w, b, targets)[0].item()) < 1e-5
+        targets[2], targets[4] = -1, 150
+        assert torch.isnan(kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule))
 
 
 @interpreted_only
-def test_interpreted_schedule_compiles_without_graph_breaks(schedule):
+def test_interpreted_schedule_compiles_without_graph_breaks(case):
     h, w, b, targets = make(9, 16, 50, torch.float32, seed=2)
+    with knobs_of(case) as schedule:
 
-    def step(h, w, b, targets):
-        return kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule) * 1.7
+        def step(h, w, b, targets):
+            return kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule) * 1.7
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # also traces the fake kernel
-    loss = compiled(h, w, b, targets)
-    grads = torch.autograd.grad(loss, (h, w, b))
-    ref_loss, ref_grads = fused_with(schedule)(h, w, b, targets)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # also traces the fake kernel
+        loss = compiled(h, w, b, targets)
+        grads = torch.autograd.grad(loss, (h, w, b))
+    ref_loss, ref_grads = scheduled(case, h, w, b, targets)
     assert abs(loss.item() / 1.7 - ref_loss.item()) < 1e-6
     for got, want in zip(grads, ref_grads, strict=True):
         assert torch.allclose(got, want)
@@ -417,9 +425,9 @@ def test_compiled_model_with_fused_loss_has_no_graph_breaks_and_matches_plain(fu
     ],
     ids=["50257-bias-bf16", "50257-fp16", "3001-bf16", "3001-bias-fp16"],
 )
-def test_schedules_on_cuda_match_float64_and_rows(schedule, n, v, bias, dtype):
+def test_schedules_on_cuda_match_float64_and_rows(case, n, v, bias, dtype):
     h, w, b, targets = make(n, 256, v, dtype, "cuda", bias=bias, seed=torch.seed() % 2**31)
-    loss, grads = fused_with(schedule)(h, w, b, targets)
+    loss, grads = scheduled(case, h, w, b, targets)
     ref_loss, ref_grads = reference(h, w, b, targets)
     rows_loss, rows_grads = fused(h, w, b, targets)
     assert abs(loss.item() - ref_loss.item()) < 1e-3 * ref_loss.item()
@@ -431,27 +439,28 @@ def test_schedules_on_cuda_match_float64_and_rows(schedule, n, v, bias, dtype):
 
 
 @pytest.mark.gpu
-def test_schedules_replay_as_a_cuda_graph(schedule):
+def test_schedules_replay_as_a_cuda_graph(case):
     h, w, b, targets = make(4096, 256, 50257, torch.bfloat16, "cuda", seed=3)
     params = [h, w, b]
 
-    def step():
+    def step(schedule):
         loss = kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule)
         return (loss, *torch.autograd.grad(loss, params))
 
-    step()  # compile and autotune before capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed = step()
-    for seed in (4, 5):  # new inputs in the captured buffers: the replay must compute with them
-        h2, w2, b2, targets2 = make(4096, 256, 50257, torch.bfloat16, "cuda", seed=seed)
-        for buffer, new in zip((h, w, b, targets), (h2, w2, b2, targets2), strict=True):
-            buffer.data.copy_(new)
-        eager = step()
-        graph.replay()
-        torch.cuda.synchronize()
-        for got, want in zip(graphed, eager, strict=True):
-            assert torch.equal(got, want)
+    with knobs_of(case) as schedule:
+        step(schedule)  # compile and autotune before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graphed = step(schedule)
+        for seed in (4, 5):  # new inputs in the captured buffers: the replay must compute with them
+            h2, w2, b2, targets2 = make(4096, 256, 50257, torch.bfloat16, "cuda", seed=seed)
+            for buffer, new in zip((h, w, b, targets), (h2, w2, b2, targets2), strict=True):
+                buffer.data.copy_(new)
+            eager = step(schedule)
+            graph.replay()
+            torch.cuda.synchronize()
+            for got, want in zip(graphed, eager, strict=True):
+                assert torch.equal(got, want)
 
 
 @pytest.mark.gpu
