@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.config import FUSED_LOSSES
 from model.config import LOSSES as MODEL_LOSSES
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -52,7 +53,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     compile: bool = False  # torch.compile the model (GPU)
     cuda_graphs: bool = False  # with compile: replay the forward and backward as CUDA graphs
-    loss: str = "auto"  # auto (the measured fastest; see train._auto_loss) | plain | fused | chunked
+    loss: str = "auto"  # auto (the measured fastest; see train._auto_loss) or one of model.config.LOSSES
     loss_chunks: int = 8  # token chunks of the chunked loss
     diverge_loss: float | None = None  # a train loss above this is divergence; None: 2 * ln(vocab)
     threads: int | None = None  # CPU threads for torch; None: torch's default
@@ -87,7 +88,7 @@ class TrainConfig:
         """The settings here that run only on CUDA, as 'key: value'."""
         needs = {
             "train.device: cuda": self.device == "cuda",
-            "train.loss: fused": self.loss == "fused",
+            f"train.loss: {self.loss}": self.loss in FUSED_LOSSES,
             "train.cuda_graphs: true": self.cuda_graphs,
         }
         return [setting for setting, needed in needs.items() if needed]

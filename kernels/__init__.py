@@ -14,7 +14,7 @@ try:  # triton is a Linux-only dependency
 except ImportError as err:  # pragma: no cover - depends on the platform
     _reason = f"triton is not importable ({err})"
 
-    def linear_cross_entropy(h, weight, bias, targets):
+    def linear_cross_entropy(h, weight, bias, targets, *, schedule="rows"):
         raise ValueError(f"the fused loss needs Triton: {_reason}; use loss 'plain' or 'chunked'")
 
     def linear_cross_entropy_tiled(h, weight, bias, targets):

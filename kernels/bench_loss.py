@@ -1,21 +1,30 @@
 """Benchmark the LM head and its cross-entropy, forward and backward, every way the model can compute it.
 
     python -m kernels.bench_loss [--vocab 8192 50257] [--tokens 16384] [--d-model 256]
-                                 [--row-kernel 4096,8 1024,4] [--out DIR]
+                                 [--row-kernel 4096,8 1024,4] [--persistent 8192,16,2 ...]
+                                 [--logits-block-n 128] [--losses plain,...] [--out DIR]
 
 At the seed size (64 x 256 tokens, d_model 256, with bias): h in bf16, W and b in float32 as the model
 holds them (cast to bf16 inside, as under autocast). For each vocab size:
 
     plain            F.cross_entropy(float32 logits), eager, under bf16 autocast (model loss "plain")
     plain-compiled   the same under torch.compile: the fastest plain version a user can choose
-    fused BV/W       kernels.linear_cross_entropy (linear_ce.py) with the row kernel at BLOCK_V BV and
-                     W warps, one row per --row-kernel pair (default: 4096,8 and the shipped 1024,4)
+    fused BV/W       kernels.linear_cross_entropy (linear_ce.py), schedule "rows" (model loss "fused"),
+                     with the row kernel at BLOCK_V BV and W warps, one row per --row-kernel pair
+                     (default: 4096,8 and the shipped 1024,4)
+    persistent BV/W/P  schedule "persistent" (model loss "fused-persistent"): the persistent row kernel
+                     at BLOCK_V BV, W warps and P programs per SM, one row per --persistent triple; the
+                     first triple once more with the bias added in the row kernel ("b in rows"), and
+                     once with db as G's column sums instead of a column of the dW matmul ("db apart")
+    epilogue N       schedule "epilogue" (model loss "fused-epilogue"): the Triton logits matmul with
+                     softmax partials at BLOCK_N N (one row per --logits-block-n), then the row kernel
     tiled            kernels.linear_cross_entropy_tiled (linear_ce_tiled.py), no logits in memory
 
-Columns: forward (with autograd recording; the fused op computes its gradients here), forward+backward
-(one training step of the loss), both triton.testing.do_bench medians with L2 flushed; the peak memory of
-one forward+backward above the inputs; the loss's difference to plain's; the step's time over
-plain-compiled's. The tiled kernels' autotuned configs are listed after the table.
+--losses picks the families above (default: all). Columns: forward (with autograd recording; the fused op
+computes its gradients here), forward+backward (one training step of the loss), both
+triton.testing.do_bench medians with L2 flushed; the peak memory of one forward+backward above the
+inputs; the loss's difference to plain's; the step's time over plain-compiled's. The autotuned configs
+(tiled kernels, logits matmul) are listed after the table.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -32,7 +42,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import linear_ce, linear_ce_tiled
+from kernels import linear_ce, linear_ce_tiled, logits_matmul
 
 
 def _plain(h, w, b, targets):
@@ -44,30 +54,56 @@ def _plain(h, w, b, targets):
 _plain_compiled = torch.compile(_plain, fullgraph=True)
 
 
+FAMILIES = ("plain", "plain-compiled", "fused", "persistent", "epilogue", "tiled")
+
+
 @contextlib.contextmanager
-def _row_kernel(block_v: int, warps: int):
-    """linear_ce.py's row kernel at another BLOCK_V and warp count (read at each call) for the duration."""
-    shipped = linear_ce.BLOCK_V, linear_ce.NUM_WARPS
-    linear_ce.BLOCK_V, linear_ce.NUM_WARPS = block_v, warps
+def _knobs(module, **values):
+    """The module's knobs (read at each call) at other values for the duration."""
+    shipped = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        linear_ce.BLOCK_V, linear_ce.NUM_WARPS = shipped
+        for name, value in shipped.items():
+            setattr(module, name, value)
 
 
-def candidates(row_kernels: list[tuple[int, int]]) -> dict[str, tuple[Callable, Callable]]:
-    """name -> (loss function, context to run it in)."""
+def _fused(schedule: str) -> Callable:
+    return functools.partial(linear_ce.linear_cross_entropy_triton, schedule=schedule)
+
+
+def candidates(
+    row_kernels: list[tuple[int, ...]],
+    persistent: list[tuple[int, ...]],
+    block_ns: list[int],
+    families: tuple[str, ...] = FAMILIES,
+) -> dict[str, tuple[Callable, Callable]]:
+    """name -> (loss function, context to run it in), for the families asked for."""
     found = {
         "plain": (_plain, contextlib.nullcontext),
         "plain-compiled": (_plain_compiled, contextlib.nullcontext),
     }
     for block_v, warps in row_kernels:
         found[f"fused {block_v}/{warps}"] = (
-            linear_ce.linear_cross_entropy_triton,
-            lambda bv=block_v, w=warps: _row_kernel(bv, w),
+            _fused("rows"),
+            functools.partial(_knobs, linear_ce, BLOCK_V=block_v, NUM_WARPS=warps),
         )
+    for i, (block_v, warps, per_sm) in enumerate(persistent):
+        knobs = dict(PERSISTENT_BLOCK_V=block_v, PERSISTENT_NUM_WARPS=warps, PROGRAMS_PER_SM=per_sm)
+        name = f"persistent {block_v}/{warps}/{per_sm}"
+        found[name] = (_fused("persistent"), functools.partial(_knobs, linear_ce, **knobs))
+        if i == 0:  # where the bias and its gradient are computed
+            context = functools.partial(_knobs, linear_ce, **knobs, BIAS_IN_MATMUL=False)
+            found[f"{name} b in rows"] = (_fused("persistent"), context)
+            context = functools.partial(_knobs, linear_ce, **knobs, DB_IN_DW_MATMUL=False)
+            found[f"{name} db apart"] = (_fused("persistent"), context)
+    for block_n in block_ns:
+        context = functools.partial(_knobs, logits_matmul, BLOCK_N=block_n)
+        found[f"epilogue {block_n}"] = (_fused("epilogue"), context)
     found["tiled"] = (linear_ce_tiled.linear_cross_entropy_tiled, contextlib.nullcontext)
-    return found
+    return {name: v for name, v in found.items() if name.partition(" ")[0] in families}
 
 
 def _inputs(n: int, d: int, v: int):
@@ -134,12 +170,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TUNED = [  # (module, autotuned kernel): the configs they chose are listed after the table
+    (linear_ce_tiled, "_fwd_tuned"),
+    (linear_ce_tiled, "_dh_tuned"),
+    (linear_ce_tiled, "_dw_tuned"),
+    (logits_matmul, "_logits_tuned"),
+]
+
+
 def tuned_configs() -> list[str]:
     found = []
-    for name in ("_fwd_tuned", "_dh_tuned", "_dw_tuned"):
-        for key, config in getattr(linear_ce_tiled, name).cache.items():
+    for module, name in TUNED:
+        for key, config in getattr(module, name).cache.items():
             found.append(f"{name} {key} -> {config}")
     return found
+
+
+def _ints(text: str, count: int) -> tuple[int, ...]:
+    values = tuple(int(x) for x in text.split(","))
+    if len(values) != count:
+        raise SystemExit(f"{text!r}: expected {count} comma-separated integers")
+    return values
 
 
 def main() -> None:
@@ -154,9 +205,25 @@ def main() -> None:
         help="BLOCK_V,WARPS pairs for the fused op's row kernel (shipped: "
         f"{linear_ce.BLOCK_V},{linear_ce.NUM_WARPS})",
     )  # fmt: skip
+    parser.add_argument(
+        "--persistent", nargs="+", default=["8192,16,2", "4096,8,4", "8192,8,2", "16384,16,1"],
+        help="BLOCK_V,WARPS,PROGRAMS_PER_SM triples for the persistent row kernel (default in linear_ce.py: "
+        f"{linear_ce.PERSISTENT_BLOCK_V},{linear_ce.PERSISTENT_NUM_WARPS},{linear_ce.PROGRAMS_PER_SM})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--logits-block-n", type=int, nargs="+", default=[128],
+        help=f"BLOCK_N of the epilogue schedule's logits matmul (default in logits_matmul.py: {logits_matmul.BLOCK_N})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--losses", default=",".join(FAMILIES), help=f"comma-separated, from {list(FAMILIES)}"
+    )
     parser.add_argument("--out", type=Path, help="folder for bench_loss.json and bench_loss.md")
     args = parser.parse_args()
-    row_kernels = [tuple(int(x) for x in pair.split(",")) for pair in args.row_kernel]
+    families = tuple(args.losses.split(","))
+    if unknown := [f for f in families if f not in FAMILIES]:
+        raise SystemExit(f"unknown loss families {unknown}; choose from {list(FAMILIES)}")
+    row_kernels = [_ints(pair, 2) for pair in args.row_kernel]
+    persistent = [_ints(triple, 3) for triple in args.persistent]
     for knob in ("recompile_limit", "cache_size_limit"):  # one plain compile per vocab size
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
@@ -169,7 +236,9 @@ def main() -> None:
     )
     rows = []
     for v in args.vocab:
-        for name, (loss_fn, context) in candidates(row_kernels).items():
+        for name, (loss_fn, context) in candidates(
+            row_kernels, persistent, args.logits_block_n, families
+        ).items():
             rows.append(measure(name, loss_fn, context, args.tokens, args.d_model, v))
             print(json.dumps(rows[-1]), flush=True)
     add_ratios(rows)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import kernels
-from model.config import LOSSES, GPTConfig
+from model.config import FUSED_LOSSES, LOSSES, GPTConfig
 from model.loss import linear_cross_entropy
 from model.positions import make_position
 from model.schedules import Temperature
@@ -102,7 +102,8 @@ class GPT(nn.Module):
         """Logits (B, T, V) without targets; the mean token cross-entropy with them.
 
         loss: "plain" (full logits, F.cross_entropy), "fused" (the head and the loss in one Triton
-        op, kernels.linear_cross_entropy; CUDA only) or "chunked" (pure torch, the head fused
+        op, kernels.linear_cross_entropy; CUDA only; "fused-persistent" and "fused-epilogue" are the
+        same op with other kernel schedules, not yet measured) or "chunked" (pure torch, the head fused
         with the loss over `loss_chunks` token chunks, never holding all logits). Same value each way.
         """
         h = self.hidden(idx)
@@ -112,10 +113,11 @@ class GPT(nn.Module):
         if loss == "plain":
             logits = self.head(h)
             return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
-        if loss == "fused":
+        if loss in FUSED_LOSSES:
             if torch.is_autocast_enabled(h.device.type):
                 h = h.to(torch.get_autocast_dtype(h.device.type))
-            return kernels.linear_cross_entropy(h, self.head.weight, self.head.bias, targets)
+            w, b = self.head.weight, self.head.bias
+            return kernels.linear_cross_entropy(h, w, b, targets, schedule=FUSED_LOSSES[loss])
         if loss == "chunked":
             chunk = -(-h.shape[0] // loss_chunks)
             return linear_cross_entropy(h, self.head.weight, self.head.bias, targets, chunk)

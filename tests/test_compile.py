@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from ablate.config import RunConfig, from_dict
 from ablate.logger import RecordingLogger
 from ablate.train import cudagraph_trees_for_this_thread, release_cudagraph_trees, train
+from model.config import FUSED_LOSSES
 
 # each level of each shipped factor appears at least once
 CELLS = {
@@ -93,16 +94,25 @@ def test_every_cell_compiles_once_without_graph_breaks(cell, tmp_path, dynamo_ba
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", CELLS)
 def test_fast_path_matches_the_plain_step_on_cuda(cell, tmp_path):
+    fast_path_matches_the_plain_step(CELLS[cell], "fused", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", [name for name in FUSED_LOSSES if name != "fused"])
+def test_fused_schedules_match_the_plain_step_on_cuda(loss, tmp_path):
+    """The fused op's unmeasured schedules, in the graphed, compiled training step."""
+    fast_path_matches_the_plain_step(CELLS["penalty-rope-register-separate-lam"], loss, tmp_path)
+
+
+def fast_path_matches_the_plain_step(cell: dict, loss: str, tmp_path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     counters.clear()
     fast_log, plain_log = RecordingLogger(), RecordingLogger()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        fast = train(
-            cell_run(str(tmp_path), CELLS[cell], device="cuda", cuda_graphs=True, loss="fused"), fast_log
-        )
+        fast = train(cell_run(str(tmp_path), cell, device="cuda", cuda_graphs=True, loss=loss), fast_log)
     assert dict(counters["graph_break"]) == {}
-    plain = train(cell_run(str(tmp_path), CELLS[cell], device="cuda", compile=False, loss="plain"), plain_log)
+    plain = train(cell_run(str(tmp_path), cell, device="cuda", compile=False, loss="plain"), plain_log)
     assert fast.status == plain.status == "finished"
     fast_losses = [v for _, v in fast_log.series("train/loss")]
     plain_losses = [v for _, v in plain_log.series("train/loss")]

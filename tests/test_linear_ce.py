@@ -7,6 +7,7 @@ check realistic shapes in bf16 and torch.compile on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 
 import kernels
 from model import GPT, GPTConfig
+from model.config import FUSED_LOSSES
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted_only = pytest.mark.skipif(
@@ -78,19 +80,20 @@ def test_interpreted_without_gradients_gives_the_same_loss():
 
 
 @interpreted_only
-def test_interpreted_model_fused_loss_matches_plain():
+@pytest.mark.parametrize("fused_loss", list(FUSED_LOSSES))
+def test_interpreted_model_fused_loss_matches_plain(fused_loss):
     cfg = GPTConfig(vocab_size=211, n_layers=1, d_model=32, n_heads=2, context=12, metric="rbf", registers=1)
     idx = torch.randint(0, 211, (3, 12), generator=torch.Generator().manual_seed(1))
     out = {}
-    for loss in ("plain", "fused"):
+    for loss in ("plain", fused_loss):
         torch.manual_seed(3)
         model = GPT(cfg)
         value = model(idx, idx.roll(1, dims=1), loss=loss)
         value.backward()
         out[loss] = (value.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    assert abs(out["plain"][0] - out["fused"][0]) < 1e-5
+    assert abs(out["plain"][0] - out[fused_loss][0]) < 1e-5
     for name, grad in out["plain"][1].items():
-        assert rel(out["fused"][1][name], grad.double()) < 1e-4, name
+        assert rel(out[fused_loss][1][name], grad.double()) < 1e-4, name
 
 
 @interpreted_only
@@ -99,6 +102,138 @@ def test_interpreted_target_out_of_range_is_nan_not_a_stray_read():
     targets[2] = -1
     targets[4] = 40
     assert torch.isnan(kernels.linear_cross_entropy(h, w, b, targets))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fused op's other schedules (kernels/linear_ce.py). Interpreter sizes: "persistent" runs 3 programs
+# that walk the rows in 64-wide tiles; "epilogue" makes Z in 16 x 16 tiles of the logits matmul, so
+# V = 203 and 300 end in ragged tiles. "persistent-bias-apart" adds the bias in the row kernel and sums
+# db from G instead of the dW matmul.
+
+SCHEDULE_CASES = {
+    "persistent": ("persistent", {}),
+    "persistent-bias-apart": ("persistent", {"BIAS_IN_MATMUL": False, "DB_IN_DW_MATMUL": False}),
+    "epilogue": ("epilogue", {}),
+}
+
+
+@pytest.fixture(params=list(SCHEDULE_CASES))
+def case(request):
+    return request.param
+
+
+@contextlib.contextmanager
+def knobs_of(case: str):
+    """The fused op's knobs at the case's values for the duration (the shipped ones after); its schedule."""
+    from kernels import linear_ce
+
+    schedule, knobs = SCHEDULE_CASES[case]
+    with pytest.MonkeyPatch.context() as patch:
+        for knob, value in knobs.items():
+            patch.setattr(linear_ce, knob, value)
+        yield schedule
+
+
+def scheduled(case, h, w, b, targets):
+    """Loss and gradients (for an upstream 1.7) of the fused op in this case; `fused` is the shipped path."""
+    with knobs_of(case) as schedule:
+        loss = kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule)
+        wrt = [t for t in (h, w, b) if t is not None]
+        return loss.detach(), torch.autograd.grad(loss * 1.7, wrt)
+
+
+@interpreted_only
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("n", "c", "v"), [(37, 16, 203), (5, 24, 300)])
+def test_interpreted_schedules_match_float64_and_rows(case, n, c, v, bias):
+    h, w, b, targets = make(n, c, v, torch.float32, bias=bias, seed=n + v)
+    loss, grads = scheduled(case, h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    rows_loss, rows_grads = fused(h, w, b, targets)
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * max(1.0, ref_loss.item())
+    assert abs(loss.item() - rows_loss.item()) < 1e-5 * max(1.0, ref_loss.item())
+    assert len(grads) == len(ref_grads) == (3 if bias else 2)
+    for got, want, rows in zip(grads, ref_grads, rows_grads, strict=True):
+        assert got.dtype == torch.float32
+        assert rel(got, want) < 1e-5
+        assert rel(got, rows.double()) < 1e-5
+
+
+@interpreted_only
+def test_interpreted_schedules_in_bf16_match_float64_and_rows(exact_bf16_dot, case):
+    h, w, b, targets = make(33, 32, 300, torch.bfloat16, seed=4)
+    loss, grads = scheduled(case, h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    rows_loss, rows_grads = fused(h, w, b, targets)
+    loss_tol, grad_tol = TILED_TOLERANCE[torch.bfloat16]
+    assert abs(loss.item() - ref_loss.item()) < loss_tol * ref_loss.item()
+    assert abs(loss.item() - rows_loss.item()) < loss_tol * ref_loss.item()
+    for got, want, rows in zip(grads, ref_grads, rows_grads, strict=True):
+        assert got.dtype == torch.bfloat16
+        assert rel(got, want) < grad_tol
+        assert rel(got, rows.double()) < grad_tol
+
+
+@interpreted_only
+def test_interpreted_schedules_without_gradients_and_bad_targets(case):
+    h, w, b, targets = make(19, 16, 150, torch.float32)
+    with knobs_of(case) as schedule:
+        with torch.no_grad():
+            no_grad = kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule)
+        assert not no_grad.requires_grad
+        assert abs(no_grad.item() - reference(h, w, b, targets)[0].item()) < 1e-5
+        targets[2], targets[4] = -1, 150
+        assert torch.isnan(kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule))
+
+
+@interpreted_only
+def test_interpreted_schedule_compiles_without_graph_breaks(case):
+    h, w, b, targets = make(9, 16, 50, torch.float32, seed=2)
+    with knobs_of(case) as schedule:
+
+        def step(h, w, b, targets):
+            return kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule) * 1.7
+
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # also traces the fake kernel
+        loss = compiled(h, w, b, targets)
+        grads = torch.autograd.grad(loss, (h, w, b))
+    ref_loss, ref_grads = scheduled(case, h, w, b, targets)
+    assert abs(loss.item() / 1.7 - ref_loss.item()) < 1e-6
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(got, want)
+
+
+@interpreted_only
+def test_interpreted_bench_loss_rows_compute_the_fused_loss():
+    """Each fused row of `python -m kernels.bench_loss` runs with its knobs and gives the same loss."""
+    from kernels import bench_loss, linear_ce, logits_matmul
+
+    shipped = vars(linear_ce).copy(), vars(logits_matmul).copy()
+    rows = bench_loss.candidates(
+        [(32, 2)], [(64, 2, 1), (32, 1, 2)], [16, 32], ("fused", "persistent", "epilogue")
+    )
+    assert list(rows) == [
+        "fused 32/2",
+        "persistent 64/2/1",
+        "persistent 64/2/1 b in rows",
+        "persistent 64/2/1 db apart",
+        "persistent 32/1/2",
+        "epilogue 16",
+        "epilogue 32",
+    ]
+    h, w, b, targets = make(7, 16, 70, torch.float32, seed=9)
+    ref_loss = reference(h, w, b, targets)[0].item()
+    for name, (loss_fn, context) in rows.items():
+        with context():
+            assert abs(loss_fn(h, w, b, targets).item() - ref_loss) < 1e-5, name
+    assert (vars(linear_ce), vars(logits_matmul)) == shipped  # every knob back at its shipped value
+
+
+def test_unknown_schedule_is_named():
+    h, w, b, targets = make(4, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"schedule='fast'; choose one of .*persistent"):
+        kernels.linear_cross_entropy(h, w, b, targets, schedule="fast")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,7 +355,7 @@ def test_fused_loss_under_the_interpreter():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "38 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    assert "62 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
 
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -254,7 +389,8 @@ def test_bf16_on_cuda_matches_float64(n, v, bias):
 
 
 @pytest.mark.gpu
-def test_compiled_model_with_fused_loss_has_no_graph_breaks_and_matches_plain():
+@pytest.mark.parametrize("fused_loss", list(FUSED_LOSSES))
+def test_compiled_model_with_fused_loss_has_no_graph_breaks_and_matches_plain(fused_loss):
     cfg = GPTConfig(vocab_size=50257, n_layers=2, d_model=256, n_heads=4, context=256, metric="penalty")
     idx = torch.randint(0, 50257, (8, 256), device="cuda")
     targets = idx.roll(1, dims=1)
@@ -265,17 +401,66 @@ def test_compiled_model_with_fused_loss_has_no_graph_breaks_and_matches_plain():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return model(idx, targets, loss=loss)
 
-    assert torch._dynamo.explain(step)("fused").graph_break_count == 0
+    assert torch._dynamo.explain(step)(fused_loss).graph_break_count == 0
     compiled = torch.compile(step, fullgraph=True)
     grads = {}
-    for loss, fn in (("plain", step), ("fused", compiled)):
+    for loss, fn in (("plain", step), (fused_loss, compiled)):
         model.zero_grad(set_to_none=True)
         value = fn(loss)
         value.backward()
         grads[loss] = (value.item(), [p.grad.double() for p in model.parameters()])
-    assert abs(grads["plain"][0] - grads["fused"][0]) < 2e-3 * grads["plain"][0]
-    for got, want in zip(grads["fused"][1], grads["plain"][1], strict=True):
+    assert abs(grads["plain"][0] - grads[fused_loss][0]) < 2e-3 * grads["plain"][0]
+    for got, want in zip(grads[fused_loss][1], grads["plain"][1], strict=True):
         assert rel(got, want) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("n", "v", "bias", "dtype"),  # each dtype with and without a bias, V in ragged tiles
+    [
+        (4096, 50257, True, torch.bfloat16),
+        (4096, 50257, False, torch.float16),
+        (1000, 3001, False, torch.bfloat16),
+        (1000, 3001, True, torch.float16),
+    ],
+    ids=["50257-bias-bf16", "50257-fp16", "3001-bf16", "3001-bias-fp16"],
+)
+def test_schedules_on_cuda_match_float64_and_rows(case, n, v, bias, dtype):
+    h, w, b, targets = make(n, 256, v, dtype, "cuda", bias=bias, seed=torch.seed() % 2**31)
+    loss, grads = scheduled(case, h, w, b, targets)
+    ref_loss, ref_grads = reference(h, w, b, targets)
+    rows_loss, rows_grads = fused(h, w, b, targets)
+    assert abs(loss.item() - ref_loss.item()) < 1e-3 * ref_loss.item()
+    assert abs(loss.item() - rows_loss.item()) < 1e-3 * ref_loss.item()
+    for got, want, rows in zip(grads, ref_grads, rows_grads, strict=True):
+        assert got.dtype == dtype
+        assert rel(got, want) < 1e-2
+        assert rel(got, rows.double()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_schedules_replay_as_a_cuda_graph(case):
+    h, w, b, targets = make(4096, 256, 50257, torch.bfloat16, "cuda", seed=3)
+    params = [h, w, b]
+
+    def step(schedule):
+        loss = kernels.linear_cross_entropy(h, w, b, targets, schedule=schedule)
+        return (loss, *torch.autograd.grad(loss, params))
+
+    with knobs_of(case) as schedule:
+        step(schedule)  # compile and autotune before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graphed = step(schedule)
+        for seed in (4, 5):  # new inputs in the captured buffers: the replay must compute with them
+            h2, w2, b2, targets2 = make(4096, 256, 50257, torch.bfloat16, "cuda", seed=seed)
+            for buffer, new in zip((h, w, b, targets), (h2, w2, b2, targets2), strict=True):
+                buffer.data.copy_(new)
+            eager = step(schedule)
+            graph.replay()
+            torch.cuda.synchronize()
+            for got, want in zip(graphed, eager, strict=True):
+                assert torch.equal(got, want)
 
 
 @pytest.mark.gpu

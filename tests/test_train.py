@@ -183,6 +183,7 @@ def test_train_command_rejects_unknown_key(tmp_path, capsys):
     ("setting", "key"),
     [
         ("loss: fused", "train.loss"),
+        ("loss: fused-persistent", "train.loss"),
         ("device: cuda", "train.device"),
         ("compile: true\n  cuda_graphs: true", "train.cuda_graphs"),
     ],
