@@ -90,23 +90,35 @@ def _ce_rows_kernel(
     m_row = tl.max(m, axis=0)
     lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
 
+    target = _store_row_loss(z_row, bias_ptr, target_ptr, loss_ptr, row, lse, V, HAS_BIAS)
+    if WRITE_GRAD:  # pass 2
+        _write_row_grad(z_row, bias_ptr, lse, target, V, V_pad, HAS_BIAS, BLOCK_V)
+
+
+@triton.jit
+def _store_row_loss(z_row, bias_ptr, target_ptr, loss_ptr, row, lse, V, HAS_BIAS: tl.constexpr):
+    """Store the row's loss lse - z_target (NaN for a target outside [0, V)); return the target."""
     target = tl.load(target_ptr + row)
     in_range = (target >= 0) & (target < V)  # never read outside the row; a bad target gives NaN
     z_target = tl.load(z_row + target, mask=in_range, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z_target += tl.load(bias_ptr + target, mask=in_range, other=0.0).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(in_range, lse - z_target, float("nan")))
+    return target
 
-    if WRITE_GRAD:  # pass 2: G = softmax - onehot over the row; zeros in the padding columns
-        for start in range(0, V_pad, BLOCK_V):
-            cols = start + offsets
-            valid = cols < V
-            z = tl.load(z_row + cols, mask=valid, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                z += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-            g = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
-            g = tl.where(valid, g, 0.0)
-            tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=cols < V_pad)
+
+@triton.jit
+def _write_row_grad(z_row, bias_ptr, lse, target, V, V_pad, HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """G = softmax - onehot over the row, written over its logits; zeros in the padding columns."""
+    offsets = tl.arange(0, BLOCK_V)
+    for start in range(0, V_pad, BLOCK_V):
+        cols = start + offsets
+        valid = cols < V
+        z = tl.load(z_row + cols, mask=valid, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        g = tl.where(valid, tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0), 0.0)
+        tl.store(z_row + cols, g.to(z_row.dtype.element_ty), mask=cols < V_pad)
 
 
 @triton.jit
@@ -150,28 +162,15 @@ def _ce_rows_persistent_kernel(
     BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Rows pid, pid + programs, ...: few programs, so the rows in flight can stay in L2 for the second pass."""
-    offsets = tl.arange(0, BLOCK_V)
     for row in range(tl.program_id(0), N, tl.num_programs(0)):
         z_row = z_ptr + tl.cast(row, tl.int64) * stride_row  # (the interpreter's row is a Python int)
         if FROM_PARTIALS:
             lse = _lse_of_partials(max_ptr, sumexp_ptr, row, N, TILES, BLOCK_T)
         else:
             lse = _lse_of_row(z_row, bias_ptr, V, HAS_BIAS, BLOCK_V)
-        target = tl.load(target_ptr + row)
-        in_range = (target >= 0) & (target < V)  # never read outside the row; a bad target gives NaN
-        z_target = tl.load(z_row + target, mask=in_range, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z_target += tl.load(bias_ptr + target, mask=in_range, other=0.0).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(in_range, lse - z_target, float("nan")))
-        if WRITE_GRAD:  # G = softmax - onehot over the row; zeros in the padding columns
-            for start in range(0, V_pad, BLOCK_V):
-                cols = start + offsets
-                valid = cols < V
-                z = tl.load(z_row + cols, mask=valid, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    z += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-                g = tl.where(valid, tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0), 0.0)
-                tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=cols < V_pad)
+        target = _store_row_loss(z_row, bias_ptr, target_ptr, loss_ptr, row, lse, V, HAS_BIAS)
+        if WRITE_GRAD:
+            _write_row_grad(z_row, bias_ptr, lse, target, V, V_pad, HAS_BIAS, BLOCK_V)
 
 
 def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

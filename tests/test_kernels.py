@@ -262,21 +262,6 @@ def test_triton_tma_interpreted_rejects_rows_that_are_not_16_byte_multiples():
     kernels.attention(q, k, v, a, b, backend="triton")  # the pointer kernels take any row
 
 
-@interpreted_only
-def test_triton_tma_interpreted_under_torch_compile_without_graph_breaks():
-    q, k, v, a, b, _ = make_inputs(1, 2, 20, 16, torch.float32)
-
-    def loss(q, k, v, a, b):
-        return kernels.attention(q, k, v, a, b, causal=True, backend="triton-tma").square().sum()
-
-    assert torch._dynamo.explain(loss)(q, k, v, a, b).graph_break_count == 0
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(q, k, v, a, b), (q, k, v, a, b))
-    eager = torch.autograd.grad(loss(q, k, v, a, b), (q, k, v, a, b))
-    for x, y in zip(got, eager, strict=True):
-        torch.testing.assert_close(x, y)
-
-
 def test_triton_tma_says_it_needs_hopper():
     from kernels.triton_attn_tma import capability_reason
 
@@ -477,11 +462,12 @@ def test_benchmark_backend_filter_names_the_choices():
 
 
 @interpreted_only
-def test_triton_interpreted_under_torch_compile_without_graph_breaks():
+@pytest.mark.parametrize("backend", ["triton", "triton-tma"])
+def test_triton_interpreted_under_torch_compile_without_graph_breaks(backend):
     q, k, v, a, b, _ = make_inputs(1, 2, 20, 16, torch.float32)
 
     def loss(q, k, v, a, b):
-        return kernels.attention(q, k, v, a, b, causal=True, backend="triton").square().sum()
+        return kernels.attention(q, k, v, a, b, causal=True, backend=backend).square().sum()
 
     assert torch._dynamo.explain(loss)(q, k, v, a, b).graph_break_count == 0
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
