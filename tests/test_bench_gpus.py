@@ -42,14 +42,21 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert bench_gpus.visible_gpus() == []
 
 
-def test_fewer_than_two_gpus_or_a_missing_study_is_a_clear_error(tmp_path):
+def test_one_gpu_shows_its_one_side_and_no_ratio():
+    console = Console(record=True, width=200)
+    assert bench_gpus.show(summary(54e6, 300.0, {"0": 54}), None, 1, console, {"fast path": 0.5e6}) is None
+    text = console.export_text()
+    assert "0: 54" in text and "0.36" in text and "GPUs" not in text  # 180k tokens/s over 500k alone
+
+
+def test_no_gpu_or_a_missing_study_is_a_clear_error(tmp_path):
     study = tmp_path / "study.yaml"
     study.write_text("name: x\n")
-    env = {"CUDA_VISIBLE_DEVICES": "0", "PATH": "/usr/bin:/bin"}
-    one = subprocess.run(
+    env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
+    none = subprocess.run(
         [sys.executable, "-m", "ablate.bench.gpus", str(study)], capture_output=True, text=True, env=env
     )
-    assert one.returncode != 0 and "shows 1 GPU(s)" in one.stderr and "Traceback" not in one.stderr
+    assert none.returncode != 0 and "shows no GPU" in none.stderr and "Traceback" not in none.stderr
     missing = subprocess.run(
         [sys.executable, "-m", "ablate.bench.gpus", str(tmp_path / "nope.yaml")],
         capture_output=True,

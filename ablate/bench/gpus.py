@@ -7,7 +7,9 @@ Runs the study through `python -m ablate.bench.study` (that is, `ablate run --fr
 `CUDA_VISIBLE_DEVICES` set to the first GPU, then on every GPU, and prints the two records side by side:
 trials finished, tokens, wall time, the aggregate tokens/s (in all and per GPU), the trials each GPU ran
 and the most it held at once against what the study's per-trial GPU share allows, the wait before the
-first trial, and where the slots' time went; then the ratio of the two aggregate rates.
+first trial, and where the slots' time went; then the ratio of the two aggregate rates. On a host of
+one GPU (or with `CUDA_VISIBLE_DEVICES` naming one) it runs and prints the one-GPU side alone, so that a
+study's efficiency against one trial alone also comes from one command there.
 
 `--warm-tokens N` first runs every cell once for N tokens on every GPU, outside both measurements, so
 that neither side pays for compiling a cell the first time (trials share inductor's on-disk caches).
@@ -110,14 +112,21 @@ def side(summary: dict, alone: dict[str, float]) -> dict:
 
 
 def show(
-    one: dict, every: dict, n_gpus: int, console: Console, alone: dict[str, float] | None = None
-) -> float:
-    """Print the two sides and return the ratio of their aggregate rates."""
-    table = Table(title=f"one GPU against {n_gpus} GPUs")
+    one: dict, every: dict | None, n_gpus: int, console: Console, alone: dict[str, float] | None = None
+) -> float | None:
+    """Print the two sides and return the ratio of their aggregate rates (a host of one GPU: its one
+    side, and no ratio)."""
+    table = Table(title=f"one GPU against {n_gpus} GPUs" if every is not None else "one GPU")
     table.add_column("")
     table.add_column("1 GPU", justify="right")
+    a = side(one, alone or {})
+    if every is None:
+        for key in a:
+            table.add_row(key, _text(a[key]))
+        console.print(table)
+        return None
     table.add_column(f"{n_gpus} GPUs", justify="right")
-    a, b = side(one, alone or {}), side(every, alone or {})
+    b = side(every, alone or {})
     for key in a:
         table.add_row(key, _text(a[key]), _text(b.get(key, "")))
     console.print(table)
@@ -170,8 +179,8 @@ def main() -> None:
     if args.gpu is not None and not 0 < args.gpu <= 1:
         raise SystemExit(f"--gpu {args.gpu}: a per-trial GPU share is in (0, 1]")
     gpus = visible_gpus()
-    if len(gpus) < 2:
-        raise SystemExit(f"this host shows {len(gpus)} GPU(s); the comparison needs two or more")
+    if not gpus:
+        raise SystemExit("this host shows no GPU (nvidia-smi or CUDA_VISIBLE_DEVICES)")
     console = Console()
     record: dict = {"study": str(args.study), "gpus": gpus, "tokens_per_trial": args.tokens}
 
@@ -208,13 +217,15 @@ def main() -> None:
     console.print(f"1 GPU ({gpus[0]}) ...")
     one = measured(bench(args.study, gpus[:1], args, args.tokens), f"GPU {gpus[0]}")
     save(one_gpu=one)
-    console.print(f"{len(gpus)} GPUs ({','.join(gpus)}) ...")
-    every = measured(bench(args.study, gpus, args, args.tokens), f"GPUs {','.join(gpus)}")
-    save(every_gpu=every)
+    every = None
+    if len(gpus) > 1:
+        console.print(f"{len(gpus)} GPUs ({','.join(gpus)}) ...")
+        every = measured(bench(args.study, gpus, args, args.tokens), f"GPUs {','.join(gpus)}")
+        save(every_gpu=every)
     ratio = show(one, every, len(gpus), console, alone)
     allowed = allowed_per_gpu(args.study, args.gpu)
     for name, summary in (("1 GPU", one), (f"{len(gpus)} GPUs", every)):
-        for line in placement_lines(summary, allowed):
+        for line in placement_lines(summary, allowed) if summary is not None else []:
             console.print(f"{name}: {line}")
     save(ratio=ratio, allowed_per_gpu=allowed)
 
