@@ -64,8 +64,22 @@ def start_mps(work: Path) -> dict:
     for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
-    # the daemon took CUDA_VISIBLE_DEVICES; a client's value would be read against the daemon's devices
-    return {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return mps_client_env(env)
+
+
+def mps_client_env(daemon_env: dict) -> dict:
+    """The environment of an MPS client of a daemon started with `daemon_env`.
+
+    The daemon took CUDA_VISIBLE_DEVICES, and a client's value is read against the daemon's devices: a
+    client with the daemon's "1" would ask for a second device that does not exist. Without one, though,
+    torch counts the host's GPUs through NVML (which knows nothing of MPS) and fails on one the daemon
+    does not serve. So a client names the daemon's devices by their position: "0", ..., "k-1".
+    """
+    env = dict(daemon_env)
+    visible = env.pop("CUDA_VISIBLE_DEVICES", None)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i, g in enumerate(visible.split(",")) if g.strip())
+    return env
 
 
 def stop_mps(env: dict) -> None:
