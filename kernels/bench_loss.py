@@ -1,7 +1,7 @@
 """Benchmark the LM head and its cross-entropy, forward and backward, every way the model can compute it.
 
     python -m kernels.bench_loss [--vocab 8192 50257] [--tokens 16384] [--d-model 256]
-                                 [--row-kernel 4096,8 1024,4] [--persistent 8192,16,2 ...]
+                                 [--row-kernel 4096,8 1024,4] [--persistent 4096,8,4 ...]
                                  [--logits-block-n 128] [--losses plain,...] [--out DIR]
 
 At the seed size (64 x 256 tokens, d_model 256, with bias): h in bf16, W and b in float32 as the model
@@ -206,7 +206,7 @@ def main() -> None:
         f"{linear_ce.BLOCK_V},{linear_ce.NUM_WARPS})",
     )  # fmt: skip
     parser.add_argument(
-        "--persistent", nargs="+", default=["8192,16,2", "4096,8,4", "8192,8,2", "16384,16,1"],
+        "--persistent", nargs="+", default=["4096,8,4", "8192,16,2", "8192,8,2", "16384,16,1"],
         help="BLOCK_V,WARPS,PROGRAMS_PER_SM triples for the persistent row kernel (default in linear_ce.py: "
         f"{linear_ce.PERSISTENT_BLOCK_V},{linear_ce.PERSISTENT_NUM_WARPS},{linear_ce.PROGRAMS_PER_SM})",
     )  # fmt: skip

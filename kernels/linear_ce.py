@@ -44,11 +44,12 @@ PAD = 64  # logits row stride (and weight rows) padded to this many columns: ali
 BLOCK_V = 128 if INTERPRET else 1024
 NUM_WARPS = 4
 # "persistent" and "epilogue": the persistent row kernel's tile, warps and programs per SM, read at each call
-# (`python -m kernels.bench_loss --persistent BV,W,P` measures others). Two programs per SM keep
-# 2 x 132 rows of 100 KB (vocab 50257) in flight: 26 MB, within the H200's 50 MB of L2.
-PERSISTENT_BLOCK_V = 64 if INTERPRET else 8192
-PERSISTENT_NUM_WARPS = 16
-PROGRAMS_PER_SM = 2
+# (`python -m kernels.bench_loss --persistent BV,W,P` measures others). On an H200 at 16384 x 256 x 50257
+# (2026-11-30) 4096/8/4 took 4.17 ms against 4.70 for 8192/16/2, 4.30 for 8192/8/2 and 4.67 for
+# 16384/16/1 (and 4.35 for the "rows" schedule); README, "Training throughput".
+PERSISTENT_BLOCK_V = 64 if INTERPRET else 4096
+PERSISTENT_NUM_WARPS = 8
+PROGRAMS_PER_SM = 4
 BIAS_IN_MATMUL = True  # persistent: add b in cuBLAS's epilogue (False: in the row kernel, as "rows" does)
 # every schedule: db as a column of ones in the dW matmul (N = D + 8: a wider tile's worth of work for 8
 # columns, if cuBLAS tiles N by 128 or 256), or, False, dW alone (N = D) and db as G's column sums
