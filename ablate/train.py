@@ -225,6 +225,12 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
     )
 
 
+# Host seconds from a trial's first step to the end of step 1, and of step 3. Compiled, step 1 holds
+# dynamo's trace and inductor's compile (or its cache load) of the forward and backward; with CUDA graphs,
+# steps 2 and 3 warm up and record the graphs. The rest of the first window is plain steps.
+FIRST_STEP_MARKS = {0: "step1_s", 2: "steps1_3_s"}
+
+
 class Window:
     """The steps since the last log line: their losses, kept on the device and read with one sync, and
     where the trial's seconds went (set-up, training, evaluation, logging; the first window, which holds
@@ -239,6 +245,8 @@ class Window:
 
     def add(self, step: int, loss: torch.Tensor) -> None:
         self.losses[step - self.start] = loss.detach()
+        if step in FIRST_STEP_MARKS and not self.rates:  # the first window's parts, host clock, no sync
+            self.timing[FIRST_STEP_MARKS[step]] = time.perf_counter() - self.opened - self.paused_s
 
     def ends_at(self, step: int, total_steps: int) -> bool:
         return step - self.start + 1 == len(self.losses) or step == total_steps - 1

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from ablate.bench.study import alone_seconds, failure_lines, measure_alone, process_gaps
+from ablate.bench.study import alone_seconds, failure_lines, first_window_parts, measure_alone, process_gaps
 
 
 def test_gaps_are_per_process_and_split_by_time():
@@ -145,3 +145,26 @@ def test_the_wait_before_the_first_trial_adds_up_and_splits_by_the_workers_marks
     plain = before_first_trial(phases, 100.0, 123.0, {})
     assert plain["Tune to the first trial's run (actors start, import, open runs)"] == 12.0
     assert sum(plain.values()) == pytest.approx(23.0)
+
+
+def _timed(step1: float, steps1_3: float, first_window: float) -> SimpleNamespace:
+    final = "final/time/"
+    metrics = {
+        final + "step1_s": step1,
+        final + "steps1_3_s": steps1_3,
+        final + "first_window_s": first_window,
+    }
+    return SimpleNamespace(data=SimpleNamespace(metrics=metrics))
+
+
+def test_first_window_parts_are_the_median_trials_step_1_capture_and_other_steps():
+    runs = [_timed(3.0, 4.0, 5.0), _timed(1.0, 1.5, 2.0), _timed(2.0, 3.0, 4.5)]
+    unmarked = SimpleNamespace(data=SimpleNamespace(metrics={"final/time/first_window_s": 9.0}))
+    parts = first_window_parts([*runs, unmarked])  # a trial without the marks (log_every < 3) is left out
+    assert parts == {
+        "step 1 (trace, compile or cache load)": 2.0,
+        "steps 2-3 (graph warm-up, capture)": 1.0,
+        "the window's other steps": 1.0,
+        "trials": 3,
+    }
+    assert first_window_parts([unmarked]) is None

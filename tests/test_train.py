@@ -81,9 +81,11 @@ def test_loss_falls_and_metrics_reported(cache_dir):
     assert log.params["model.metric"] == "sdpa" and log.params["derived.total_steps"] == 30
     assert log.params["derived.loss"] == "plain"  # loss: auto is the plain loss on CPU
     time = {k.removeprefix("time/"): v for k, v in result.summary.items() if k.startswith("time/")}
-    assert set(time) == {"setup_s", "first_window_s", "train_s", "eval_s", "log_s"}
+    assert set(time) == {"setup_s", "first_window_s", "train_s", "eval_s", "log_s", "step1_s", "steps1_3_s"}
     assert all(v >= 0 for v in time.values()) and time["train_s"] > 0 and time["eval_s"] > 0
     assert time["first_window_s"] <= time["train_s"]
+    # the first window's parts: step 1, then steps 1-3, both inside it
+    assert 0 < time["step1_s"] <= time["steps1_3_s"] <= time["first_window_s"]
     # tokens/s counts training time only: evaluation inside a window is taken out of it
     windows = [v for _, v in log.series("tokens_per_s")]
     assert min(windows) > 0 and result.summary["tokens_per_s"] == pytest.approx(sorted(windows[1:])[2])

@@ -106,6 +106,10 @@ def side(summary: dict, alone: dict[str, float]) -> dict:
         figures[f"per GPU over one trial alone ({mode})"] = per_gpu_efficiency(
             summary["tokens"], summary["wall_s"], gpus, rate
         )
+    if parts := summary.get("first_window_parts_s"):
+        figures["first window, median trial: step 1 / steps 2-3 / other steps s"] = " / ".join(
+            f"{v:.2f}" for k, v in parts.items() if k != "trials"
+        )
     for phase, share in (summary.get("slot_share") or {}).items():
         figures[f"slot time: {phase}"] = f"{share:.1%}"
     return figures

@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -152,6 +153,7 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         "processes": len({_process(r) for r in done}),
         "gaps_in_process": process_gaps(attempts),
         "gpus": len(per_gpu),
+        "first_window_parts_s": first_window_parts(done),
         **(efficiency(done, baseline, tokens, wall, len(per_gpu)) if baseline is not None else {}),
     }
 
@@ -185,6 +187,29 @@ def split_slot_seconds(
         "logging in the loop": phase["log_s"],
         "trial_other (MLflow run open/close, imports)": in_trials
         - sum(v for k, v in phase.items() if k != "first_window_s"),  # the first window is in train_s
+    }
+
+
+def first_window_parts(done: list) -> dict[str, float] | None:
+    """The median trial's first window in parts (host seconds; train.FIRST_STEP_MARKS): step 1 (trace
+    and compile, or their caches), steps 2-3 (CUDA-graph warm-up and capture), the window's other steps."""
+    final = tracking.FINAL + "time/"
+    timed = [r.data.metrics for r in done if final + "steps1_3_s" in r.data.metrics]
+    if not timed:
+        return None
+
+    def median(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    return {
+        "step 1 (trace, compile or cache load)": median([m[final + "step1_s"] for m in timed]),
+        "steps 2-3 (graph warm-up, capture)": median(
+            [m[final + "steps1_3_s"] - m[final + "step1_s"] for m in timed]
+        ),
+        "the window's other steps": median(
+            [m[final + "first_window_s"] - m[final + "steps1_3_s"] for m in timed]
+        ),
+        "trials": len(timed),
     }
 
 

@@ -1,0 +1,33 @@
+"""The one-trial throughput table (ablate/bench/throughput.py): ratios, cells and the first window's parts."""
+
+from __future__ import annotations
+
+from ablate.bench.throughput import markdown_table, parse_cells
+
+
+def _row(metric: str, variant: str, tps: float, **extra) -> dict:
+    base = dict(
+        metric=metric, variant=variant, tokens_per_s=tps, mfu=0.2, peak_mem_gb=2.7, first_window_s=19.2
+    )
+    return {**base, "status": "finished", **extra}
+
+
+def test_rows_are_set_against_sdpa_of_the_same_step_and_cell_and_show_the_first_windows_parts():
+    rows = [
+        _row("sdpa", "plain", 1.0e6),
+        _row("sdpa", "fused+graphs", 2.0e6, step1_s=15.0, steps1_3_s=17.5),
+        _row("rbf", "fused+graphs", 1.9e6),
+        _row("rbf", "fused+graphs", 1.5e6, position="susie"),  # no sdpa row with this cell
+    ]
+    lines = markdown_table(rows).splitlines()[2:]
+    assert "| 2.00M | 1.000x | 2.000x |" in lines[1] and "19.2 s (15.0 / 2.5 s) |" in lines[1]
+    assert "| 1.90M | 0.950x | 1.900x |" in lines[2] and lines[2].endswith("| 19.2 s |")
+    assert "| rbf | position=susie | fused+graphs | 1.50M | - | - |" in lines[3]
+
+
+def test_cells_parse_into_model_settings():
+    assert parse_cells("") == [{}]
+    assert parse_cells("position=rope;position=susie,registers=1") == [
+        {"position": "rope"},
+        {"position": "susie", "registers": 1},
+    ]
