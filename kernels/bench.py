@@ -63,8 +63,8 @@ def _triton(pre_norm):
     return lambda q, k, v, a, b: triton_attn._attention(q, k, v, a, b, True, pre_norm)
 
 
-def _triton_tma(warp_spec):
-    return lambda q, k, v, a, b: triton_attn_tma._attention(q, k, v, a, b, True, warp_spec)
+def _triton_tma():
+    return lambda q, k, v, a, b: triton_attn_tma._attention(q, k, v, a, b, True)
 
 
 CANDIDATES = [
@@ -73,9 +73,8 @@ CANDIDATES = [
     Candidate("triton", "rbf", _triton(True), "triton"),
     Candidate("triton", "penalty", _triton(True)),
     Candidate("triton-loopnorm", "rbf", _triton(False)),
-    Candidate("triton-tma", "rbf", _triton_tma(False), "triton-tma"),
-    Candidate("triton-tma", "penalty", _triton_tma(False)),
-    Candidate("triton-tma-ws", "rbf", _triton_tma(True)),
+    Candidate("triton-tma", "rbf", _triton_tma(), "triton-tma"),
+    Candidate("triton-tma", "penalty", _triton_tma()),
     Candidate("flex", "rbf", lambda q, k, v, a, b: flex_attention_rbf(q, k, v, a, b, causal=True), "flex"),
     Candidate("sdpa-aug-cudnn", "rbf", _aug(SDPBackend.CUDNN_ATTENTION), "sdpa-aug"),
     Candidate("sdpa-aug-flash", "rbf", _aug(SDPBackend.FLASH_ATTENTION), "sdpa-aug"),

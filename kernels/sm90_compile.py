@@ -1,14 +1,14 @@
 """Compile the TMA attention kernels (triton_attn_tma.py) for an sm90 GPU on a machine without one.
 
     python -m kernels.sm90_compile [--kinds fwd dkdv dq] [--head-dims 64 128] [--dtypes bfloat16]
-                                   [--warp-spec] [--tails] [--out FILE.jsonl]
+                                   [--tails] [--out FILE.jsonl]
 
 Triton compiles for a named target without a driver: this swaps Triton's active driver for one that only
 names the target (cuda, capability 90), then runs each kernel's `warmup` for every config of its lists
-(_GPU_CONFIGS, and _WS_CONFIGS with --warp-spec) and prints one JSON line per compile: shared memory,
-how many tl.dots became wgmma (`warp_group_dot`) and how many TMA copies the TTGIR holds, whether a loop was
-warp-specialised, and registers and spilled bytes (STACK) read from the cubin with the cuobjdump that
-Triton ships. A failed compile is a line with "error". Speed still needs a GPU (kernels/bench.py).
+(_GPU_CONFIGS) and prints one JSON line per compile: shared memory, how many tl.dots became wgmma
+(`warp_group_dot`) and how many TMA copies the TTGIR holds, and registers and spilled bytes (STACK) read
+from the cubin with the cuobjdump that Triton ships. A failed compile is a line with "error". Speed still
+needs a GPU (kernels/bench.py).
 """
 
 from __future__ import annotations
@@ -72,61 +72,38 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
 
 
-def _arguments(kind: str, n: int, d: int, dtype: torch.dtype, spec: tuple, warp_spec: bool) -> tuple:
+def _arguments(kind: str, n: int, d: int, dtype: torch.dtype, spec: tuple) -> tuple:
     """CPU stand-ins for one launch of `kind` (only dtypes, strides and alignment matter to a compile)."""
     batch, heads = 1, 2
     d_pad = max(16, triton.next_power_of_2(d))
     block_m, block_n = spec[:2]
     q, k, v, do, out = (torch.empty(batch, heads, n, d, dtype=dtype) for _ in range(5))
     rows = lambda: torch.empty(batch, heads, n)  # noqa: E731
-    tiles = [tma._tiles_arg(t, warp_spec) for t in (q, k, v, do)]
+    tiles = [tma._tiles_arg(t) for t in (q, k, v, do)]
     tma._set_block_shapes(
         dict(zip(("Q", "K", "V", "DO"), tiles, strict=True), BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad)
     )
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     scalars = (torch.empty(heads), torch.empty(heads))
     if kind == "fwd":
-        args = (*tiles[:3], *scalars, out, rows(), rows(), *strides, *out.stride()[:3], batch, heads, n)
+        args = (*tiles[:3], *scalars, out, rows(), rows(), *out.stride()[:3], heads, n)
     elif kind == "dkdv":
         outputs = (out, torch.empty_like(out), rows(), rows())
-        args = (
-            *tiles,
-            *scalars,
-            rows(),
-            rows(),
-            rows(),
-            *outputs,
-            *strides,
-            *do.stride()[:3],
-            batch,
-            heads,
-            n,
-        )
+        args = (*tiles, *scalars, rows(), rows(), rows(), *outputs, heads, n)
     else:
-        args = (*tiles, *scalars, rows(), rows(), rows(), out, *strides, *do.stride()[:3], batch, heads, n)
+        args = (*tiles, *scalars, rows(), rows(), rows(), out, heads, n)
     return args, d_pad
 
 
-def compile_one(
-    kind: str, n: int, d: int, dtype: torch.dtype, spec: tuple, warp_spec: bool, causal: bool
-) -> dict:
+def compile_one(kind: str, n: int, d: int, dtype: torch.dtype, spec: tuple, causal: bool) -> dict:
     """Compile one kernel at one config for sm90 and describe the result."""
     kernel = KERNELS[kind]
-    args, d_pad = _arguments(kind, n, d, dtype, spec, warp_spec)
+    args, d_pad = _arguments(kind, n, d, dtype, spec)
     block_m, block_n, warps, stages = spec
-    row = dict(
-        kind=kind,
-        n_ctx=n,
-        head_dim=d,
-        dtype=str(dtype)[6:],
-        config=list(spec),
-        warp_spec=warp_spec,
-        causal=causal,
-    )
+    row = dict(kind=kind, n_ctx=n, head_dim=d, dtype=str(dtype)[6:], config=list(spec), causal=causal)
     try:
         compiled = kernel.warmup(
             *args, HEAD_DIM=d, D_PAD=d_pad, CAUSAL=causal, PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            WARP_SPEC=warp_spec, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, grid=(1,),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, grid=(1,),
         )  # fmt: skip
     except Exception as err:  # a compile that fails is the finding
         return row | dict(error=f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
@@ -136,7 +113,6 @@ def compile_one(
         shared=compiled.metadata.shared,
         wgmma=ttgir.count("ttng.warp_group_dot "),
         tma_loads=ttgir.count("async_tma_copy_global_to_local"),
-        warp_specialized=ttgir.count("ttg.warp_specialize") > 0,
         registers=registers,
         spilled=spilled,
     )
@@ -149,7 +125,6 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="*", default=["fwd", "dkdv", "dq"])
     parser.add_argument("--head-dims", nargs="*", type=int, default=[64, 128])
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16"])
-    parser.add_argument("--warp-spec", action="store_true", help="also the warp-specialised lists")
     parser.add_argument(
         "--tails", action="store_true", help="also N = 1000 (not a multiple of 16) and non-causal"
     )
@@ -168,16 +143,12 @@ def main() -> None:
 
 
 def _jobs(args):
-    """(kind, N, D, dtype, config, warp_spec, causal) for every config of the lists asked for."""
+    """(kind, N, D, dtype, config, causal) for every config of the lists asked for."""
     cases = [(4096, True)] + ([(1000, True), (4096, False)] if args.tails else [])
     for kind, d, dtype in itertools.product(args.kinds, args.head_dims, args.dtypes):
         d_pad = max(64, triton.next_power_of_2(d))
-        lists = [(False, tma._GPU_CONFIGS[kind][d_pad])]
-        if args.warp_spec and d_pad in tma._WS_CONFIGS.get(kind, {}):
-            lists.append((True, tma._WS_CONFIGS[kind][d_pad]))
-        for (warp_spec, specs), (n, causal) in itertools.product(lists, cases):
-            for spec in specs:
-                yield kind, n, d, getattr(torch, dtype), spec, warp_spec, causal
+        for (n, causal), spec in itertools.product(cases, tma._GPU_CONFIGS[kind][d_pad]):
+            yield kind, n, d, getattr(torch, dtype), spec, causal
 
 
 if __name__ == "__main__":

@@ -5,12 +5,11 @@ accelerator (TMA) through tensor descriptors instead of pointer loads.
 Why: on an H200 the pointer-based kernels ran at 1.30-1.57x SDPA-cuDNN's forward+backward time (README,
 "Kernel benchmark"). On sm90 a descriptor load lands a tile in shared memory in the swizzled layout that
 wgmma (which tl.dot becomes there) reads, and the software pipeliner overlaps those copies with the
-matmuls across `num_stages` buffers without per-thread address arithmetic. warp_spec=True (the op's
-argument; ABLATE_TMA_WARP_SPEC=1 for the `triton-tma` backend) also asks Triton to warp-specialise the
-forward and dq loops: a producer warp group issues the copies while two consumer groups compute. Triton
-3.6 does that only for a kernel's single loop over descriptors made inside the kernel, with 4 warps, so
-that variant runs one loop with the masks applied throughout and needs triton.set_allocator; its pass
-fails on the dk/dv kernel, which always runs the plain pipeline.
+matmuls across `num_stages` buffers without per-thread address arithmetic. A variant with warp
+specialisation of the forward and dq loops (a TMA producer warp group, over descriptors made in the
+kernel) was tried and removed: on an H200 with Triton 3.6 (2026-11-30) its benchmark hung for more than 8
+minutes at its first shape (bf16, N 4096, D 64), while these pipelined kernels measured 1.28-1.45x
+SDPA-cuDNN (4-8% faster than `triton`). Git history keeps it; re-add it only with a GPU measurement.
 
 Each descriptor covers one (B, H, N, D) tensor with its own strides (rank 4, block (1, 1, rows, D_PAD)),
 so strided views such as a permuted qkv projection are read in place, and rows past N or columns past D
@@ -20,14 +19,12 @@ address are not aligned are copied first (inside the op, so torch.compile sees n
 Outputs are written with pointer stores (contiguous, as in triton_attn.py). fp32 inputs run (the tests
 use them) but their ieee dots spill registers heavily: this backend is for bf16 and fp16.
 
-The Triton interpreter (TRITON_INTERPRET=1) runs both kinds of descriptor, so the tests of triton_attn.py
+The Triton interpreter (TRITON_INTERPRET=1) runs host descriptors, so the tests of triton_attn.py
 have counterparts here that run on CPU; `python -m kernels.sm90_compile` compiles every config for sm90
 without a GPU; speed is measured by `python -m kernels.bench --backends triton-tma ...`.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -42,24 +39,6 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     TensorDescriptor = None
 
 INTERPRET, AUTOTUNE = base.INTERPRET, base.AUTOTUNE
-# warp specialisation of the main loops: off until a GPU measurement says otherwise
-WARP_SPEC = os.environ.get("ABLATE_TMA_WARP_SPEC", "0") == "1"
-
-
-# ----------------------------------------------------------------------------------------------------
-# tiles
-
-
-@triton.jit
-def _tiles(t, n_batch, n_heads, n_ctx, sb, sh, sn, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-           D_PAD: tl.constexpr):  # fmt: skip
-    # a host descriptor as it came, or one made here over t's (B, H, N, D) (the warp-specialised path,
-    # see the module's docstring; in-kernel descriptors need triton.set_allocator)
-    if isinstance(t, tl.tensor_descriptor):
-        return t
-    else:
-        return tl.make_tensor_descriptor(t, [n_batch, n_heads, n_ctx, HEAD_DIM], [sb, sh, sn, 1],
-                                         [1, 1, ROWS, D_PAD])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,9 +48,9 @@ def _tiles(t, n_batch, n_heads, n_ctx, sb, sh, sn, ROWS: tl.constexpr, HEAD_DIM:
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m, lo, hi, n_ctx,
                BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):  # fmt: skip
+               PRECISION: tl.constexpr):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n  # (BN,)
         k = desc_k.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D_PAD)  # (BN, D), zero past N
@@ -93,19 +72,16 @@ def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, A, B, O, LSE, KN2, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-              n_batch, n_heads, n_ctx, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-              PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn_fwd(Q, K, V, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx, HEAD_DIM: tl.constexpr,
+              D_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr):  # fmt: skip
     # one program: a block of BLOCK_M queries, looping over key blocks; KN2 (B, H, N) from _key_norms.
-    # Q, K, V: host descriptors, or (B, H, N, D) tensors with the strides given (see _tiles)
+    # Q, K, V: host descriptors over (B, H, N, D), tile shapes set per config by _set_block_shapes
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     off_b = bh // n_heads
     off_h = bh % n_heads
-    desc_q = _tiles(Q, n_batch, n_heads, n_ctx, sqb, sqh, sqn, BLOCK_M, HEAD_DIM, D_PAD)
-    desc_k = _tiles(K, n_batch, n_heads, n_ctx, skb, skh, skn, BLOCK_N, HEAD_DIM, D_PAD)
-    desc_v = _tiles(V, n_batch, n_heads, n_ctx, svb, svh, svn, BLOCK_N, HEAD_DIM, D_PAD)
+    desc_q, desc_k, desc_v = Q, K, V
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_d = tl.arange(0, D_PAD)
     a2 = tl.load(A + off_h) * 1.4426950408889634
@@ -121,15 +97,10 @@ def _attn_fwd(Q, K, V, A, B, O, LSE, KN2, sqb, sqh, sqn, skb, skh, skn, svb, svh
         lo = (n_ctx // BLOCK_N) * BLOCK_N
         hi = n_ctx
     kn2_base = KN2 + bh.to(tl.int64) * n_ctx
-    # Triton 3.6 warp-specialises a loop only when it is the kernel's one loop: then masks throughout
-    if WARP_SPEC:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
-                                   0, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION, True)  # fmt: skip
-    else:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
-                                   0, lo, n_ctx, BLOCK_N, D_PAD, False, CAUSAL, PRECISION, False)  # fmt: skip
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
-                                   lo, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION, False)  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                               0, lo, n_ctx, BLOCK_N, D_PAD, False, CAUSAL, PRECISION)  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                               lo, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION)  # fmt: skip
     acc = acc / l_i[:, None]
     row_ok = offs_m < n_ctx
     tl.store(LSE + bh.to(tl.int64) * n_ctx + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
@@ -144,9 +115,9 @@ def _attn_fwd(Q, K, V, A, B, O, LSE, KN2, sqb, sqh, sqn, skb, skh, skn, svb, svh
 @triton.jit
 def _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base, delta_base, off_b, off_h,
                 a2, cols, lo, hi, n_ctx, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):  # fmt: skip
+                CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
-    for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
+    for start_m in tl.range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m  # (BM,)
         q = desc_q.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, D_PAD)  # (BM, D), zero past N
@@ -170,20 +141,16 @@ def _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base, d
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, n_batch, n_heads, n_ctx,
+def _attn_bwd_dkdv(Q, K, V, DO, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                   PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):  # fmt: skip
-    # one program: a block of BLOCK_N keys, looping over query blocks. DK, DV contiguous (B, H, N, D).
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # one program: a block of BLOCK_N keys, looping over query blocks. Q, K, V, DO: host descriptors
+    # (see _attn_fwd). DK, DV contiguous (B, H, N, D).
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     off_b = bh // n_heads
     off_h = bh % n_heads
-    desc_q = _tiles(Q, n_batch, n_heads, n_ctx, sqb, sqh, sqn, BLOCK_M, HEAD_DIM, D_PAD)
-    desc_k = _tiles(K, n_batch, n_heads, n_ctx, skb, skh, skn, BLOCK_N, HEAD_DIM, D_PAD)
-    desc_v = _tiles(V, n_batch, n_heads, n_ctx, svb, svh, svn, BLOCK_N, HEAD_DIM, D_PAD)
-    desc_do = _tiles(DO, n_batch, n_heads, n_ctx, sdb, sdh, sdn, BLOCK_M, HEAD_DIM, D_PAD)
+    desc_q, desc_k, desc_v, desc_do = Q, K, V, DO
     a = tl.load(A + off_h)
     b = tl.load(B + off_h)
     cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
@@ -209,22 +176,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
     lse_base = LSE + row_base
     delta_base = DELTA + row_base
     a2 = a * 1.4426950408889634
-    # one loop, masked throughout (see _attn_fwd); run by the interpreter only, since Triton 3.6 fails to
-    # compile it for sm90 (no _WS_CONFIGS entry)
-    if WARP_SPEC:
-        dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
-                                         delta_base, off_b, off_h, a2, cols, lo, n_ctx, n_ctx,
-                                         BLOCK_M, D_PAD, True, CAUSAL, PRECISION, True)  # fmt: skip
-    else:
-        dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
-                                         delta_base, off_b, off_h, a2, cols, lo, hi, n_ctx,
-                                         BLOCK_M, D_PAD, True, CAUSAL, PRECISION, False)  # fmt: skip
-        dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
-                                         delta_base, off_b, off_h, a2, cols, hi, n_even, n_ctx,
-                                         BLOCK_M, D_PAD, False, CAUSAL, PRECISION, False)  # fmt: skip
-        dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
-                                         delta_base, off_b, off_h, a2, cols, tail, n_ctx, n_ctx,
-                                         BLOCK_M, D_PAD, True, CAUSAL, PRECISION, False)  # fmt: skip
+    dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
+                                     delta_base, off_b, off_h, a2, cols, lo, hi, n_ctx,
+                                     BLOCK_M, D_PAD, True, CAUSAL, PRECISION)  # fmt: skip
+    dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
+                                     delta_base, off_b, off_h, a2, cols, hi, n_even, n_ctx,
+                                     BLOCK_M, D_PAD, False, CAUSAL, PRECISION)  # fmt: skip
+    dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
+                                     delta_base, off_b, off_h, a2, cols, tail, n_ctx, n_ctx,
+                                     BLOCK_M, D_PAD, True, CAUSAL, PRECISION)  # fmt: skip
     kf = k.to(tl.float32)
     dk = a * dk_acc - (2.0 * b) * colsum[:, None] * kf
     tl.store(DA_ROWS + row_base + cols, tl.sum(dk_acc * kf, 1), mask=col_ok)
@@ -238,9 +198,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
 @triton.jit
 def _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m, lo, hi,
               n_ctx, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):  # fmt: skip
+              PRECISION: tl.constexpr):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n  # (BN,)
         k = desc_k.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D_PAD)  # (BN, D), zero past N
@@ -260,19 +220,16 @@ def _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, A, B, LSE, DELTA, KN2, DQ,
-                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, n_batch, n_heads, n_ctx,
+def _attn_bwd_dq(Q, K, V, DO, A, B, LSE, DELTA, KN2, DQ, n_heads, n_ctx,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                 WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    # one program: a block of BLOCK_M queries, looping over key blocks. DQ contiguous (B, H, N, D).
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # one program: a block of BLOCK_M queries, looping over key blocks. Q, K, V, DO: host descriptors
+    # (see _attn_fwd). DQ contiguous (B, H, N, D).
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     off_b = bh // n_heads
     off_h = bh % n_heads
-    desc_q = _tiles(Q, n_batch, n_heads, n_ctx, sqb, sqh, sqn, BLOCK_M, HEAD_DIM, D_PAD)
-    desc_k = _tiles(K, n_batch, n_heads, n_ctx, skb, skh, skn, BLOCK_N, HEAD_DIM, D_PAD)
-    desc_v = _tiles(V, n_batch, n_heads, n_ctx, svb, svh, svn, BLOCK_N, HEAD_DIM, D_PAD)
-    desc_do = _tiles(DO, n_batch, n_heads, n_ctx, sdb, sdh, sdn, BLOCK_M, HEAD_DIM, D_PAD)
+    desc_q, desc_k, desc_v, desc_do = Q, K, V, DO
     a = tl.load(A + off_h)
     b2 = tl.load(B + off_h) * 1.4426950408889634
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
@@ -292,14 +249,10 @@ def _attn_bwd_dq(Q, K, V, DO, A, B, LSE, DELTA, KN2, DQ,
         hi = n_ctx
     a2 = a * 1.4426950408889634
     kn2_base = KN2 + row_base
-    if WARP_SPEC:  # one loop, masked throughout (see _attn_fwd)
-        dq_acc = _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
-                           0, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION, True)  # fmt: skip
-    else:
-        dq_acc = _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
-                           0, lo, n_ctx, BLOCK_N, D_PAD, False, CAUSAL, PRECISION, False)  # fmt: skip
-        dq_acc = _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
-                           lo, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION, False)  # fmt: skip
+    dq_acc = _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                       0, lo, n_ctx, BLOCK_N, D_PAD, False, CAUSAL, PRECISION)  # fmt: skip
+    dq_acc = _dq_inner(dq_acc, q, do, lse, delta, desc_k, desc_v, kn2_base, off_b, off_h, a2, b2, offs_m,
+                       lo, hi, n_ctx, BLOCK_N, D_PAD, True, CAUSAL, PRECISION)  # fmt: skip
     out = row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(
         DQ + out, (a * dq_acc).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -331,24 +284,9 @@ _GPU_CONFIGS = {
         256: [(64, 32, 4, 1), (32, 16, 4, 1)],
     },
 }
-# warp-specialised (16-bit inputs only): Triton 3.6 splits a loop into a TMA producer and two consumer warp
-# groups only with num_warps=4, and its pass fails outright on other shapes (on every dkdv tried, so dkdv
-# always runs the plain pipeline). Any change here needs the compile check above.
-_WS_CONFIGS = {
-    "fwd": {64: [(128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3)], 128: [(128, 64, 4, 2), (64, 64, 4, 3)]},
-    "dq": {64: [(64, 64, 4, 3)], 128: [(64, 64, 4, 2)]},
-}
 _INTERPRET_CONFIGS = base._INTERPRET_CONFIGS  # tiny tiles: several blocks, ragged tails, split diagonals
 # per kernel: which descriptors hold query rows (BLOCK_M of them a tile) and which key rows (BLOCK_N)
 _QUERY_SIDE, _KEY_SIDE = ("Q", "DO"), ("K", "V")
-
-
-def _warp_specialised(kind: str, d_pad: int, elem: int, warp_spec: bool) -> bool:
-    """Whether this kernel runs warp-specialised: asked for, and a config list compiled for it (the
-    interpreter runs that code path for every kernel and dtype)."""
-    if INTERPRET:
-        return warp_spec
-    return warp_spec and elem == 2 and max(d_pad, 64) in _WS_CONFIGS.get(kind, {})
 
 
 def _set_block_shapes(nargs) -> None:
@@ -365,8 +303,7 @@ def _make_prune(kind: str, out: str):
             return configs[:1]
         d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
         elem = named_args[out].element_size()
-        tables = _WS_CONFIGS if kwargs.get("WARP_SPEC", named_args.get("WARP_SPEC")) else _GPU_CONFIGS
-        table = tables[kind][max(d_pad, 64)]
+        table = _GPU_CONFIGS[kind][max(d_pad, 64)]
         fits = [
             c
             for c in configs
@@ -389,15 +326,14 @@ def _tuned(kernel, kind: str, out: str):
     if INTERPRET:
         specs = [_INTERPRET_CONFIGS[kind]]
     else:
-        tables = [*_GPU_CONFIGS[kind].values(), *_WS_CONFIGS.get(kind, {}).values()]
-        specs = list(dict.fromkeys(s for table in tables for s in table))
+        specs = list(dict.fromkeys(s for table in _GPU_CONFIGS[kind].values() for s in table))
     configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
         for m, n, w, s in specs
     ]
     return triton.autotune(
         configs=configs,
-        key=["n_ctx", "HEAD_DIM", "CAUSAL", "WARP_SPEC"],
+        key=["n_ctx", "HEAD_DIM", "CAUSAL"],
         prune_configs_by={"early_config_prune": _make_prune(kind, out)},
     )(kernel)
 
@@ -420,18 +356,10 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _tiles_arg(t: torch.Tensor, warp_spec: bool) -> TensorDescriptor | torch.Tensor:
-    """What a kernel's Q, K, V or DO is: a host descriptor over t's (B, H, N, D) and strides (its tile shape
-    set per config by _set_block_shapes), or, warp-specialised, t itself (the kernel makes descriptors)."""
-    if warp_spec:
-        return t
+def _tiles_arg(t: torch.Tensor) -> TensorDescriptor:
+    """A kernel's Q, K, V or DO: a host descriptor over t's (B, H, N, D) and strides (its tile shape set per
+    config by _set_block_shapes)."""
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 1, 1])
-
-
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    # global memory for descriptors made inside kernels (128 bytes each, per program); a torch allocation,
-    # so it comes from the caching allocator (and from the graph's pool under CUDA-graph capture)
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 @torch.library.custom_op("ablate::rbf_attention_tma_fwd", mutates_args=())
@@ -442,7 +370,6 @@ def _fwd_op(
     a: torch.Tensor,
     b: torch.Tensor,
     causal: bool,
-    warp_spec: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     dims = base._dims(q)
@@ -454,15 +381,10 @@ def _fwd_op(
     base._key_norms[(triton.cdiv(N, block), B * H)](
         k, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block
     )
-    warp_spec = _warp_specialised("fwd", dims["D_PAD"], q.element_size(), warp_spec)
-    if warp_spec:
-        triton.set_allocator(_scratch)  # per call: the backward runs in autograd's own thread
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
     _fwd_kernel[grid](
-        *(_tiles_arg(t, warp_spec) for t in (q, k, v)), a, b, o, lse, kn2,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], B, H, N,
-        CAUSAL=causal, WARP_SPEC=warp_spec, **dims,
-    )  # fmt: skip
+        *(_tiles_arg(t) for t in (q, k, v)), a, b, o, lse, kn2, *o.stride()[:3], H, N, CAUSAL=causal, **dims
+    )
     return o, lse
 
 
@@ -477,7 +399,6 @@ def _bwd_op(
     o: torch.Tensor,
     lse: torch.Tensor,
     causal: bool,
-    warp_spec: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     dims = base._dims(q)
@@ -490,43 +411,39 @@ def _bwd_op(
     )  # fmt: skip
     dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
     da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # summed below
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], B, H, N)
-    for kind, kernel, grid_rows, outputs in (
-        ("dkdv", _dkdv_kernel, "BLOCK_N", (dk, dv, da_rows, db_rows)),
-        ("dq", _dq_kernel, "BLOCK_M", (dq,)),
+    for kernel, grid_rows, outputs in (
+        (_dkdv_kernel, "BLOCK_N", (dk, dv, da_rows, db_rows)),
+        (_dq_kernel, "BLOCK_M", (dq,)),
     ):
-        ws = _warp_specialised(kind, dims["D_PAD"], q.element_size(), warp_spec)
-        if ws:
-            triton.set_allocator(_scratch)  # per call: the backward runs in autograd's own thread
-        tiles = [_tiles_arg(t, ws) for t in (q, k, v, do)]  # per kernel: the pre-hook sets tile shapes
+        tiles = [_tiles_arg(t) for t in (q, k, v, do)]  # per kernel: the pre-hook sets tile shapes
         grid = lambda meta, rows=grid_rows: (triton.cdiv(N, meta[rows]), B * H)
-        kernel[grid](*tiles, a, b, lse, delta, kn2, *outputs, *strides, CAUSAL=causal, WARP_SPEC=ws, **dims)
+        kernel[grid](*tiles, a, b, lse, delta, kn2, *outputs, H, N, CAUSAL=causal, **dims)
     return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, a, b, causal, warp_spec):
+def _fwd_fake(q, k, v, a, b, causal):
     return base._fwd_fake(q, k, v, a, b, causal, True)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, a, b, o, lse, causal, warp_spec):
+def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
     return base._bwd_fake(do, q, k, v, a, b, o, lse, causal)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, a, b, causal, warp_spec = inputs
+    q, k, v, a, b, causal = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, a, b, o, lse)
-    ctx.causal, ctx.warp_spec = causal, warp_spec
+    ctx.causal = causal
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, a, b, o, lse = ctx.saved_tensors
     do = do if do.stride(-1) == 1 else do.contiguous()
-    dq, dk, dv, da, db = _bwd_op(do, q, k, v, a, b, o, lse, ctx.causal, ctx.warp_spec)
-    return dq, dk, dv, da, db, None, None
+    dq, dk, dv, da, db = _bwd_op(do, q, k, v, a, b, o, lse, ctx.causal)
+    return dq, dk, dv, da, db, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -548,16 +465,16 @@ def triton_tma_attention(
     """Fused softmax(a*q.k - b*||k||^2) v on Hopper's TMA. q, k, v: (B, H, N, D), one of fp16/bf16/fp32,
     16 <= D <= 256 with D * itemsize a multiple of 16 bytes; a, b: (H,). Needs an sm90+ GPU (or
     TRITON_INTERPRET=1). Returns (B, H, N, D) in q's dtype; differentiable in q, k, v, a and b."""
-    return _attention(q, k, v, a, b, causal, WARP_SPEC)
+    return _attention(q, k, v, a, b, causal)
 
 
-def _attention(q, k, v, a, b, causal: bool, warp_spec: bool) -> torch.Tensor:
+def _attention(q, k, v, a, b, causal: bool) -> torch.Tensor:
     reason = unsupported_reason(q, k, v, a, b)
     if reason:
         raise ValueError(f"triton-tma attention: {reason}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     a32, b32 = a.float().contiguous(), b.float().contiguous()
-    o, _ = _fwd_op(q, k, v, a32, b32, causal, warp_spec)
+    o, _ = _fwd_op(q, k, v, a32, b32, causal)
     return o
 
 

@@ -208,31 +208,23 @@ def test_triton_rejects_bad_inputs():
 
 
 # ----------------------------------------------------------------------------------------------------
-# triton-tma (Hopper TMA descriptors) under the interpreter, which runs host and in-kernel descriptors
+# triton-tma (Hopper TMA descriptors) under the interpreter, which runs host descriptors
 
 
 @interpreted_only
 @pytest.mark.parametrize(
-    ("dtype", "N", "D", "causal", "warp_spec"),
+    ("dtype", "N", "D", "causal"),
     [
-        (torch.float32, 1, 16, True, False),
-        (torch.float32, 17, 16, True, False),
-        (torch.float32, 45, 64, False, False),
-        (torch.float32, 70, 80, True, False),
-        (torch.float16, 40, 16, True, False),
-        (torch.float32, 17, 16, False, True),  # warp-specialised: in-kernel descriptors, one masked loop
-        (torch.float32, 70, 80, True, True),
-        (torch.float16, 40, 16, True, True),
+        (torch.float32, 1, 16, True),
+        (torch.float32, 17, 16, True),
+        (torch.float32, 45, 64, False),
+        (torch.float32, 70, 80, True),
+        (torch.float16, 40, 16, True),
     ],
 )
-def test_triton_tma_interpreted(poisoned, dtype, N, D, causal, warp_spec):
-    from kernels.triton_attn_tma import _attention
-
-    def tma(q, k, v, a, b, *, causal):
-        return _attention(q, k, v, a, b, causal, warp_spec)
-
+def test_triton_tma_interpreted(poisoned, dtype, N, D, causal):
     q, k, v, a, b, do = make_inputs(2, 2, N, D, dtype)
-    check_backend(tma, q, k, v, a, b, do, causal=causal)
+    check_backend(kernels.BACKENDS["triton-tma"], q, k, v, a, b, do, causal=causal)
 
 
 @interpreted_only
@@ -275,7 +267,7 @@ def test_tma_kernels_compile_for_sm90_to_wgmma_and_tma_copies():
     from kernels import sm90_compile
 
     with sm90_compile.sm90_target():
-        rows = [sm90_compile.compile_one(kind, 4096, 64, torch.bfloat16, spec, False, True) for kind, spec in
+        rows = [sm90_compile.compile_one(kind, 4096, 64, torch.bfloat16, spec, True) for kind, spec in
                 [("fwd", (128, 64, 4, 3)), ("dq", (128, 64, 8, 3))]]  # fmt: skip
     for row in rows:
         assert "error" not in row, row
@@ -457,7 +449,7 @@ def test_benchmark_backend_filter_names_the_choices():
 
     chosen = {(c.name, c.geometry) for c in bench._candidates(["sdpa-cudnn", "triton-tma"])}
     assert chosen == {("sdpa-cudnn", "sdpa"), ("triton-tma", "rbf"), ("triton-tma", "penalty")}
-    with pytest.raises(SystemExit, match=r"choose from .*'triton-tma-ws'"):
+    with pytest.raises(SystemExit, match=r"\['triton-tmaa'\]; choose from .*'triton-tma'"):
         bench._candidates(["triton-tmaa"])
 
 

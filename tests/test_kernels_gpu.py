@@ -72,50 +72,46 @@ needs_hopper = pytest.mark.skipif(
 )
 
 
-def _tma(warp_spec):
+def _tma(q, k, v, a, b, *, causal):
     from kernels.triton_attn_tma import _attention
 
-    return lambda q, k, v, a, b, *, causal: _attention(q, k, v, a, b, causal, warp_spec)
+    return _attention(q, k, v, a, b, causal)
 
 
 @needs_hopper
-@pytest.mark.parametrize("warp_spec", [False, True], ids=["pipelined", "warp-specialised"])
 @pytest.mark.parametrize("case", TRITON_CASES, ids=_id)
-def test_triton_tma(poisoned, case, warp_spec):
+def test_triton_tma(poisoned, case):
     dtype, N, D, causal = case
-    if warp_spec and (dtype == FP32 or D > 128):
-        pytest.skip("warp specialisation has configs for 16-bit inputs and D <= 128 only")
     q, k, v, a, b, do = make_inputs(2, 3, N, D, dtype, "cuda")
-    check_backend(_tma(warp_spec), q, k, v, a, b, do, causal=causal)
+    check_backend(_tma, q, k, v, a, b, do, causal=causal)
 
 
 def _every_config():
-    """(warp_spec, head dim, {kind: config}): the i-th config of each kernel's list (the shorter lists
-    wrap), so that every config autotuning may pick is checked once; dkdv has no warp-specialised list."""
+    """(head dim, {kind: config}): the i-th config of each kernel's list (the shorter lists wrap), so that
+    every config autotuning may pick is checked once."""
     try:
-        from kernels.triton_attn_tma import _GPU_CONFIGS, _WS_CONFIGS
+        from kernels.triton_attn_tma import _GPU_CONFIGS
     except ImportError:  # no triton on this platform: nothing to check
         return
-    for warp_spec, tables in ((False, _GPU_CONFIGS), (True, _WS_CONFIGS)):
-        for d in (64, 128):
-            lists = {kind: tables[kind][d] for kind in tables}
-            for i in range(max(map(len, lists.values()))):
-                yield pytest.param(warp_spec, d, {kind: specs[i % len(specs)] for kind, specs in lists.items()},
-                                   id=f"{'ws' if warp_spec else 'pipelined'}-D{d}-{i}")  # fmt: skip
+    for d in (64, 128):
+        lists = {kind: _GPU_CONFIGS[kind][d] for kind in _GPU_CONFIGS}
+        for i in range(max(map(len, lists.values()))):
+            yield pytest.param(
+                d, {kind: specs[i % len(specs)] for kind, specs in lists.items()}, id=f"D{d}-{i}"
+            )
 
 
 @needs_hopper
-@pytest.mark.parametrize(("warp_spec", "D", "configs"), _every_config())
-def test_triton_tma_every_config(poisoned, monkeypatch, warp_spec, D, configs):
+@pytest.mark.parametrize(("D", "configs"), _every_config())
+def test_triton_tma_every_config(poisoned, monkeypatch, D, configs):
     from kernels import triton_attn_tma as tma
 
-    tables = tma._WS_CONFIGS if warp_spec else tma._GPU_CONFIGS
     for kind, spec in configs.items():
-        monkeypatch.setitem(tables[kind], D, [spec])
+        monkeypatch.setitem(tma._GPU_CONFIGS[kind], D, [spec])
     for kernel in (tma._fwd_kernel, tma._dkdv_kernel, tma._dq_kernel):
         monkeypatch.setattr(kernel, "cache", {})  # forget earlier picks: each test runs its own config
     q, k, v, a, b, do = make_inputs(1, 2, 1008, D, BF16, "cuda")  # N % 16 == 0 as in the benchmark; tails
-    check_backend(_tma(warp_spec), q, k, v, a, b, do, causal=True)
+    check_backend(_tma, q, k, v, a, b, do, causal=True)
     picked = {name: kernel.best_config for name, kernel in (("fwd", tma._fwd_kernel), ("dq", tma._dq_kernel))}
     for kind, config in picked.items():
         assert (
@@ -127,10 +123,9 @@ def test_triton_tma_every_config(poisoned, monkeypatch, warp_spec, D, configs):
 
 
 @needs_hopper
-@pytest.mark.parametrize("warp_spec", [False, True], ids=["pipelined", "warp-specialised"])
-def test_triton_tma_is_captured_by_cuda_graphs(warp_spec):
+def test_triton_tma_is_captured_by_cuda_graphs():
     q, k, v, a, b, do = make_inputs(2, 3, 512, 64, BF16, "cuda")
-    inputs, attention = (q, k, v, a, b), _tma(warp_spec)
+    inputs, attention = (q, k, v, a, b), _tma
 
     def step():
         out = attention(*inputs, causal=True)
