@@ -499,22 +499,26 @@ def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
     return (*grads, torch.empty_like(a), torch.empty_like(b))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, a, b, causal, _ = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, a, b, o, lse)
-    ctx.causal = causal
-    ctx.mark_non_differentiable(lse)
+def register_autograd(fwd_op, bwd_op) -> None:
+    """Differentiate a fused attention op (q, k, v, a, b, causal, *flags) -> (o, lse) through its backward
+    op (do, q, k, v, a, b, o, lse, causal) -> (dq, dk, dv, da, db); triton_attn_tma's ops use it too."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, a, b, causal = inputs[:6]
+        o, lse = output
+        ctx.save_for_backward(q, k, v, a, b, o, lse)
+        ctx.causal, ctx.flags = causal, len(inputs) - 6  # causal and the flags get no gradient
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, do, _dlse):
+        q, k, v, a, b, o, lse = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        return (*bwd_op(do, q, k, v, a, b, o, lse, ctx.causal), None, *[None] * ctx.flags)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, do, _dlse):
-    q, k, v, a, b, o, lse = ctx.saved_tensors
-    do = do if do.stride(-1) == 1 else do.contiguous()
-    dq, dk, dv, da, db = _bwd_op(do, q, k, v, a, b, o, lse, ctx.causal)
-    return dq, dk, dv, da, db, None, None
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_fwd_op, _bwd_op)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -536,13 +540,19 @@ def triton_attention(
 
 
 def _attention(q, k, v, a, b, causal: bool, pre_norm: bool) -> torch.Tensor:
-    reason = unsupported_reason(q, k, v, a, b)
-    if reason:
-        raise ValueError(f"triton attention: {reason}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    a32, b32 = a.float().contiguous(), b.float().contiguous()
-    o, _ = _fwd_op(q, k, v, a32, b32, causal, pre_norm)
+    o, _ = _fwd_op(
+        *checked_inputs("triton", unsupported_reason(q, k, v, a, b), q, k, v, a, b), causal, pre_norm
+    )
     return o
+
+
+def checked_inputs(backend: str, reason: str | None, q, k, v, a, b) -> tuple[torch.Tensor, ...]:
+    """The op's inputs: q, k, v with unit last stride, a and b as contiguous float32; a clear error when
+    `reason` (the backend's unsupported_reason) says the kernels cannot run them."""
+    if reason:
+        raise ValueError(f"{backend} attention: {reason}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return q, k, v, a.float().contiguous(), b.float().contiguous()
 
 
 def unsupported_reason(q, k, v, a, b) -> str | None:

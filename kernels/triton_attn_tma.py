@@ -431,22 +431,7 @@ def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
     return base._bwd_fake(do, q, k, v, a, b, o, lse, causal)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, a, b, causal = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, a, b, o, lse)
-    ctx.causal = causal
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do, _dlse):
-    q, k, v, a, b, o, lse = ctx.saved_tensors
-    do = do if do.stride(-1) == 1 else do.contiguous()
-    dq, dk, dv, da, db = _bwd_op(do, q, k, v, a, b, o, lse, ctx.causal)
-    return dq, dk, dv, da, db, None
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+base.register_autograd(_fwd_op, _bwd_op)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -469,12 +454,9 @@ def triton_tma_attention(
 
 
 def _attention(q, k, v, a, b, causal: bool) -> torch.Tensor:
-    reason = unsupported_reason(q, k, v, a, b)
-    if reason:
-        raise ValueError(f"triton-tma attention: {reason}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    a32, b32 = a.float().contiguous(), b.float().contiguous()
-    o, _ = _fwd_op(q, k, v, a32, b32, causal)
+    o, _ = _fwd_op(
+        *base.checked_inputs("triton-tma", unsupported_reason(q, k, v, a, b), q, k, v, a, b), causal
+    )
     return o
 
 
