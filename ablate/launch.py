@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ablate import tracking
+from ablate import mps, tracking
 from ablate.config import RunConfig, from_dict
 from ablate.design import Design, Trial
 from ablate.spec import StudyError
@@ -96,13 +97,16 @@ def create_study_store(design: Design, store: StudyStore) -> None:
 
 
 def preflight(design: Design, options: LaunchOptions) -> None:
-    """Everything a launch can check before it writes: tracking URI, output folder, GPUs on this machine."""
+    """Everything a launch can check before it writes: tracking URI, output folder, GPUs on this machine
+    (and MPS, for a study that asks for it)."""
     from ablate import preflight as checks
 
     source = str(design.source) if design.source else None
     key = "--tracking-uri" if options.tracking_uri else "tracking.uri"
     checks.check_writable(design.output_dir, "output", source)
     checks.check_tracking_uri(design.tracking_uri(options.tracking_uri), key, source)
+    if design.study.resources.mps:
+        checks.check_mps(options.ray_address, source)
     checks.check_local_gpus(design.study.resources.gpu, options.ray_address, source)
 
 
@@ -140,6 +144,7 @@ def parent_params(design: Design) -> dict[str, Any]:
         "response": study.responses.primary,
         "resources.cpu": study.resources.cpu,
         "resources.gpu": study.resources.gpu,
+        "resources.mps": study.resources.mps,
         "git_sha": env["git_sha"],
         "git_dirty": env["git_dirty"],
         "python": env["python"],
@@ -372,24 +377,25 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
         f"{len(todo)} to run  (tracking: {store.uri})"
     )
     if todo:
-        with clock.phase("ray_start"):
-            started_ray = init_ray(options.ray_address)
-        try:
-            with clock.phase("parent"):
-                check_cluster(design, store.uri)
-                create_study_store(design, store)
-                start_parent(design, store, resume=parent is not None)
-                tracking.close_stale(store.client, runs)  # left running by a driver that was killed
-            with clock.phase("data"):
-                prepare_data(design, todo, console)
-            with clock.phase("tune"):
-                run_tune(design, todo, store, options, Progress(len(design.trials), skipped, console))
-        finally:
-            if started_ray:
-                import ray
+        with mps_daemon(design, console):  # quits after Ray's workers, its clients, have exited
+            with clock.phase("ray_start"):
+                started_ray = init_ray(options.ray_address)
+            try:
+                with clock.phase("parent"):
+                    check_cluster(design, store.uri)
+                    create_study_store(design, store)
+                    start_parent(design, store, resume=parent is not None)
+                    tracking.close_stale(store.client, runs)  # left running by a driver that was killed
+                with clock.phase("data"):
+                    prepare_data(design, todo, console)
+                with clock.phase("tune"):
+                    run_tune(design, todo, store, options, Progress(len(design.trials), skipped, console))
+            finally:
+                if started_ray:
+                    import ray
 
-                with clock.phase("ray_shutdown"):
-                    ray.shutdown()
+                    with clock.phase("ray_shutdown"):
+                        ray.shutdown()
         runs = tracking.child_runs(store.client, store.experiment_id, store.parent_run_id)
         tracking.close_stale(
             store.client, runs, "failed", "the trial's process ended without reporting a result"
@@ -402,6 +408,42 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
         )
     print_summary(design, store, summary, console)
     return summary
+
+
+@contextmanager
+def mps_daemon(design: Design, console: Console):
+    """With `resources.mps`: an NVIDIA MPS control daemon private to this launch, around the local Ray.
+
+    Started before Ray, so that Ray's workers inherit its pipe directory and become its clients. It is
+    started with the driver's CUDA_VISIBLE_DEVICES, the list from which Ray hands each worker GPU ids;
+    the workers inherit that list too (`mps.SERVED`), and each trial renames its ids to the daemon's
+    numbering before torch starts CUDA (`ablate.trial`). Its pipe and log folders are temporary (a
+    socket's path must stay short), and the driver's environment is restored when it quits.
+    """
+    if not design.study.resources.mps:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="ablate-mps-", ignore_cleanup_errors=True) as folder:
+        try:
+            daemon = mps.start_daemon(Path(folder))
+        except RuntimeError as err:
+            source = str(design.source) if design.source else None
+            raise StudyError([("resources.mps", str(err))], source) from None
+        exported = mps.worker_env(daemon)
+        saved = {key: os.environ.get(key) for key in exported}
+        os.environ.update(exported)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            if not mps.stop_daemon(daemon):
+                console.print(
+                    f"warning: the MPS daemon did not answer `quit` within {mps.STOP_TIMEOUT_S:g} s"
+                )
 
 
 def init_ray(address: str | None) -> bool:

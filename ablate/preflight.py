@@ -1,4 +1,5 @@
-"""What `ablate run` checks before it writes anything: the tracking store, the output folder, the GPUs.
+"""What `ablate run` checks before it writes anything: the tracking store, the output folder, the GPUs
+and, for `resources.mps`, NVIDIA MPS.
 
 The run creates its output folder, its SQLite store and its parent run only after these pass, so a
 mistake leaves nothing behind. Each failure is a StudyError naming the key to fix.
@@ -7,12 +8,15 @@ mistake leaves nothing behind. Each failure is a StudyError naming the key to fi
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ablate.config import brief
+from ablate.mps import CONTROL
 from ablate.spec import StudyError
 
 STORES = "sqlite:///PATH, postgresql+psycopg2://USER:PASSWORD@HOST/DB, http(s)://HOST:PORT or file:///PATH"
@@ -104,3 +108,32 @@ def check_local_gpus(asked: float, ray_address: str | None, source: str | None =
     have = local_gpu_count()
     if have is not None and asked > have:
         raise too_few("GPU", asked, have, source, "this machine")
+
+
+def check_mps(ray_address: str | None, source: str | None = None) -> None:
+    """Before starting a local Ray for a study with `resources.mps`: MPS can be started here for its workers.
+
+    The daemon is started on this machine for the Ray this run starts (`ablate.launch.mps_daemon`):
+    workers of a cluster's nodes, or of a Ray this process already runs, would never be its clients.
+    """
+
+    def fail(message: str) -> StudyError:
+        return StudyError([("resources.mps", message)], source)
+
+    if ray_address:
+        raise fail(
+            "mps starts an MPS daemon for the local Ray this run starts, not on a cluster's nodes; drop "
+            f"--ray-address, or set mps: false and run `{CONTROL} -d` on each node before `ray start`"
+        )
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        raise fail(
+            "Ray already runs in this process, and its workers cannot become clients of a daemon started "
+            "now; run the study in a process of its own (`ablate run`)"
+        )
+    if local_gpu_count() == 0:
+        raise fail("mps runs trials on GPUs, under an MPS daemon, but this machine has none; set mps: false")
+    if shutil.which(CONTROL) is None:
+        raise fail(
+            f"mps needs NVIDIA's `{CONTROL}`, which is not on PATH here; install the NVIDIA driver's "
+            "utilities (it ships with them) or set mps: false"
+        )

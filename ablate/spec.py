@@ -12,7 +12,15 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ablate.config import ConfigError, brief, load_yaml
 from ablate.levels import level_name
@@ -146,6 +154,7 @@ class ComparisonSpec(Strict):
 class Resources(Strict):
     cpu: float = Field(default=1.0, gt=0)
     gpu: float = Field(default=0.0, ge=0)
+    mps: bool = False  # run the trials under an NVIDIA MPS daemon, so trials sharing a GPU run side by side
 
     @field_validator("gpu")
     @classmethod
@@ -153,6 +162,16 @@ class Resources(Strict):
         if gpu > 1 and gpu != int(gpu):
             raise ValueError(f"gpu must be a fraction in [0, 1] or a whole number of GPUs, got {gpu}")
         return gpu
+
+    @field_validator("mps")
+    @classmethod
+    def _mps_needs_gpus(cls, mps: bool, info: ValidationInfo) -> bool:
+        if mps and info.data.get("gpu") == 0:
+            raise ValueError(
+                "mps lets trials that share a GPU run side by side, but trials get no GPU; "
+                "set resources.gpu (e.g. 0.25: four trials per GPU) or mps: false"
+            )
+        return mps
 
 
 class Tracking(Strict):

@@ -19,9 +19,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
-from ablate import tracking
+from ablate import mps, tracking
 from ablate.config import RunConfig, from_dict, to_flat_dict
 
 TAG = tracking.TAG
@@ -37,12 +38,28 @@ class TrialTrainable(tune.Trainable):
         self.payload = config["trial"]
 
     def step(self) -> dict[str, Any]:
+        use_mps_numbering()
         return {**run(self.payload), "done": True}
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         """The next trial in this worker process (Tune's `reuse_actors`)."""
         self.payload = new_config["trial"]
         return True
+
+
+def use_mps_numbering() -> None:
+    """Under a study's MPS daemon started on some GPUs (`resources.mps`), name this worker's GPUs as the
+    daemon numbers them, before torch starts CUDA.
+
+    Ray gives a worker ids from the driver's CUDA_VISIBLE_DEVICES (say "3" of "1,3"); the daemon, started
+    with that list, serves those GPUs as devices 0 and 1, and a client's CUDA_VISIBLE_DEVICES counts
+    among them ("1"). Ray's ids, not the variable, are the source, so a reused worker gets the same value.
+    A daemon on every GPU (no `mps.SERVED`) numbers them as Ray does.
+    """
+    served = os.environ.get(mps.SERVED)
+    if served is not None:
+        ids = [str(i) for i in ray.get_gpu_ids()]
+        os.environ["CUDA_VISIBLE_DEVICES"] = mps.client_devices(ids, served)
 
 
 _PROCESS_TRIALS = itertools.count(1)  # trials this worker process has started (Ray reuses workers)

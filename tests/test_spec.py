@@ -189,6 +189,20 @@ CASES = [
     ),
     ("cpu-zero", edit(_set("resources.cpu", 0)), ["resources.cpu:", "greater than 0"]),
     (
+        "mps-not-a-bool",
+        edit(_set("resources", {"gpu": 0.25, "mps": "yes"})),
+        ["resources.mps:", "expected true or false, got 'yes'"],
+    ),
+    (
+        "mps-without-gpu",
+        edit(_set("resources.mps", True)),
+        [
+            "resources.mps:",
+            "trials get no GPU",
+            "set resources.gpu (e.g. 0.25: four trials per GPU) or mps: false",
+        ],
+    ),
+    (
         "cuda-settings-without-gpu",
         edit(_set("fixed.train", {"tokens": 4096, "device": "cuda", "loss": "fused"})),
         ["resources.gpu:", "train.device: cuda, train.loss: fused need a GPU", "set resources.gpu"],
@@ -427,6 +441,46 @@ def test_run_with_a_bad_study_launches_and_writes_nothing(tmp_path, text, fragme
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+MPS_CASES = [  # (id, GPUs here, the control program's path, command-line options, fragments of the error)
+    ("no-gpu", 0, "/usr/bin/nvidia-cuda-mps-control", [], ["this machine has none", "set mps: false"]),
+    ("no-control", 1, None, [], ["`nvidia-cuda-mps-control`, which is not on PATH here", "set mps: false"]),
+    (
+        "cluster",
+        1,
+        "/usr/bin/nvidia-cuda-mps-control",
+        ["--ray-address", "127.0.0.1:9"],
+        ["drop --ray-address"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "control", "options", "fragments"), [c[1:] for c in MPS_CASES], ids=[c[0] for c in MPS_CASES]
+)
+def test_run_with_mps_where_it_cannot_run_launches_and_writes_nothing(
+    tmp_path, monkeypatch, gpus, control, options, fragments
+):
+    import ablate.preflight
+
+    monkeypatch.setattr(ablate.preflight, "local_gpu_count", lambda: gpus)
+    monkeypatch.setattr(ablate.preflight.shutil, "which", lambda name: control)
+    path = write(tmp_path, edit(_set("resources", {"cpu": 1, "gpu": 0.25, "mps": True})))
+    result = CliRunner().invoke(app, ["run", str(path), *options])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    for fragment in ["resources.mps:", *fragments]:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+def test_mps_is_off_unless_asked_for(tmp_path):
+    assert not load_study(write(tmp_path, VALID)).resources.mps
+    for value in (True, False):
+        study = load_study(write(tmp_path, edit(_set("resources", {"gpu": 0.25, "mps": value}))))
+        assert study.resources.mps is value
 
 
 def test_run_checks_a_tracking_uri_given_on_the_command_line(tmp_path):

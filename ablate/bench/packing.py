@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ablate import mps
+
 
 def bench_command(args: argparse.Namespace, out: Path) -> list[str]:
     return [
@@ -54,38 +56,6 @@ def run_copies(args: argparse.Namespace, k: int, work: Path, env: dict) -> list[
     return [json.loads(out.read_text())[0] for out in outs]
 
 
-def start_mps(work: Path) -> dict:
-    """An MPS control daemon private to this command; the environment its clients need."""
-    env = {
-        **os.environ,
-        "CUDA_MPS_PIPE_DIRECTORY": str(work / "mps-pipe"),
-        "CUDA_MPS_LOG_DIRECTORY": str(work / "mps-log"),
-    }
-    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
-        Path(env[key]).mkdir(parents=True, exist_ok=True)
-    subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
-    return mps_client_env(env)
-
-
-def mps_client_env(daemon_env: dict) -> dict:
-    """The environment of an MPS client of a daemon started with `daemon_env`.
-
-    The daemon took CUDA_VISIBLE_DEVICES, and a client's value is read against the daemon's devices: a
-    client with the daemon's "1" would ask for a second device that does not exist. Without one, though,
-    torch counts the host's GPUs through NVML (which knows nothing of MPS) and fails on one the daemon
-    does not serve. So a client names the daemon's devices by their position: "0", ..., "k-1".
-    """
-    env = dict(daemon_env)
-    visible = env.pop("CUDA_VISIBLE_DEVICES", None)
-    if visible is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i, g in enumerate(visible.split(",")) if g.strip())
-    return env
-
-
-def stop_mps(env: dict) -> None:
-    subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=env, check=False)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,13 +73,17 @@ def main() -> None:
     counts = sorted({1, *(int(k) for k in args.processes.split(","))})  # 1: the baseline of every ratio
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = start_mps(work) if args.mps else dict(os.environ)
+        try:
+            daemon = mps.start_daemon(work) if args.mps else None
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from None
+        env = mps.client_env(daemon) if daemon else dict(os.environ)
         try:
             run_copies(args, 1, work, env)  # warm the compile caches
             rows = [(k, run_copies(args, k, work, env)) for k in counts]
         finally:
-            if args.mps:
-                stop_mps(env)
+            if daemon:
+                mps.stop_daemon(daemon)
     label = f"{args.metric} {args.cell} {args.variant}, vocab {args.vocab}, {'MPS' if args.mps else 'no MPS'}"
     print(f"\n{label}\n\n| trials on the GPU | each (tokens/s) | aggregate | vs one |\n|---|---|---|---|")
     one = sum(r["tokens_per_s"] for r in rows[0][1])  # counts start at 1
