@@ -7,7 +7,8 @@ backend: forward and backward median time (triton.testing.do_bench, L2 flushed b
 (causal: forward 2*B*H*N^2*D, backward 2.5x that) and the peak memory of one forward+backward above the
 inputs. rbf uses a = 2*gamma, b = gamma; penalty a = gamma, b = gamma/2; gamma = 1/sqrt(D). Then the
 O(N) memory check at N = 32768. --write-table stores the fastest rbf backend per shape in
-kernels/autotune_table.json, which the "auto" dispatcher reads (rows of shapes not run are kept).
+kernels/autotune_table.json, which the "auto" dispatcher reads (rows of shapes not run are kept; each row
+names the command, GPU and date that measured it).
 --backends keeps only the named candidates (e.g. sdpa-cudnn triton triton-tma; a name covers its rbf and
 penalty rows). --warm I/K only runs shard I of K once (fills the compile caches from a parallel process,
 no timing).
@@ -233,11 +234,24 @@ def _tuned_configs() -> list[str]:
     return found
 
 
+def with_source(rows: list[dict], env: dict) -> list[dict]:
+    """The rows, each saying what measured it (`source`): its own, else the command, GPU and date of `env`."""
+    stamp = f"{env.get('command', '?')} ({env.get('gpu', '?')}, {env.get('date', '?')})"
+    return [{**r, "source": r.get("source") or stamp} for r in rows]
+
+
 def merged_table(old: list[dict], new: list[dict]) -> list[dict]:
     """The new rows, then the old rows of every (dtype, N, D, causal) this run did not measure."""
     key = lambda r: (r["dtype"], r["n_ctx"], r["head_dim"], r["causal"])  # noqa: E731
     measured = {key(r) for r in new}
     return new + [r for r in old if key(r) not in measured]
+
+
+def updated_table(old: dict, new: list[dict], env: dict) -> dict:
+    """The table file after a run measured `new` in `env`: the new rows, then the old file's rows of
+    shapes not run, each naming what measured it (old rows without a source take the old file's)."""
+    kept = with_source(old.get("rows", []), old.get("environment", {}))
+    return dict(environment=env, rows=merged_table(kept, with_source(new, env)))
 
 
 def warm(shard: int, shards: int, args) -> None:
@@ -287,8 +301,8 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
     if args.write_table:
-        rows = merged_table(dispatch.load_table(), table)
-        dispatch.TABLE_PATH.write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
+        old = json.loads(dispatch.TABLE_PATH.read_text()) if dispatch.TABLE_PATH.exists() else {}
+        dispatch.TABLE_PATH.write_text(json.dumps(updated_table(old, table, env), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -444,6 +444,35 @@ def test_benchmark_table_update_keeps_rows_of_shapes_not_run():
     assert merged == [row(4096, "triton-tma"), row(256, "flex")]
 
 
+def test_benchmark_table_update_says_what_measured_each_row():
+    from kernels import bench
+
+    def row(n, backend, **extra):
+        return {"dtype": "bfloat16", "n_ctx": n, "head_dim": 64, "causal": True, "backend": backend, **extra}
+
+    old_env = {"command": "python -m kernels.bench --write-table", "gpu": "NVIDIA H200", "date": "2026-11-29"}
+    new_env = {
+        **old_env,
+        "command": "python -m kernels.bench --write-table --shapes 4096,64",
+        "date": "2026-11-30",
+    }
+    old = {
+        "environment": old_env,
+        "rows": [row(256, "flex", source="bench.throughput"), row(1024, "triton"), row(4096, "triton")],
+    }
+    table = bench.updated_table(old, [row(4096, "triton-tma")], new_env)
+    assert table["environment"] == new_env
+    assert table["rows"] == [
+        row(
+            4096,
+            "triton-tma",
+            source="python -m kernels.bench --write-table --shapes 4096,64 (NVIDIA H200, 2026-11-30)",
+        ),
+        row(256, "flex", source="bench.throughput"),
+        row(1024, "triton", source="python -m kernels.bench --write-table (NVIDIA H200, 2026-11-29)"),
+    ]
+
+
 def test_benchmark_backend_filter_names_the_choices():
     from kernels import bench
 
