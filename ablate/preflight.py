@@ -110,30 +110,34 @@ def check_local_gpus(asked: float, ray_address: str | None, source: str | None =
         raise too_few("GPU", asked, have, source, "this machine")
 
 
-def check_mps(ray_address: str | None, source: str | None = None) -> None:
-    """Before starting a local Ray for a study with `resources.mps`: MPS can be started here for its workers.
+def mps_unavailable(ray_address: str | None) -> tuple[str, str] | None:
+    """Why an MPS daemon that this run starts could not serve its trials here, and what to do; None if
+    it can.
 
     The daemon is started on this machine for the Ray this run starts (`ablate.launch.mps_daemon`):
     workers of a cluster's nodes, or of a Ray this process already runs, would never be its clients.
     """
-
-    def fail(message: str) -> StudyError:
-        return StudyError([("resources.mps", message)], source)
-
     if ray_address:
-        raise fail(
-            "mps starts an MPS daemon for the local Ray this run starts, not on a cluster's nodes; drop "
-            f"--ray-address, or set mps: false and run `{CONTROL} -d` on each node before `ray start`"
+        return (
+            "mps starts an MPS daemon for the local Ray this run starts, not on a cluster's nodes",
+            f"drop --ray-address, or set mps: false and run `{CONTROL} -d` on each node before `ray start`",
         )
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        raise fail(
-            "Ray already runs in this process, and its workers cannot become clients of a daemon started "
-            "now; run the study in a process of its own (`ablate run`)"
+        return (
+            "Ray already runs in this process, and its workers cannot become clients of a daemon started now",
+            "run the study in a process of its own (`ablate run`)",
         )
     if local_gpu_count() == 0:
-        raise fail("mps runs trials on GPUs, under an MPS daemon, but this machine has none; set mps: false")
+        return "mps runs trials on GPUs, under an MPS daemon, but this machine has none", "set mps: false"
     if shutil.which(CONTROL) is None:
-        raise fail(
-            f"mps needs NVIDIA's `{CONTROL}`, which is not on PATH here; install the NVIDIA driver's "
-            "utilities (it ships with them) or set mps: false"
+        return (
+            f"mps needs NVIDIA's `{CONTROL}`, which is not on PATH here",
+            "install the NVIDIA driver's utilities (it ships with them) or set mps: false",
         )
+    return None
+
+
+def check_mps(ray_address: str | None, source: str | None = None) -> None:
+    """Before starting a local Ray for a study with `resources.mps: true`: MPS can serve its trials here."""
+    if (why := mps_unavailable(ray_address)) is not None:
+        raise StudyError([("resources.mps", "; ".join(why))], source)

@@ -2,8 +2,9 @@
 
 Each row is one measurement: the vocabulary, how many trials shared a GPU, the tokens per trial (none for
 one long trial's steady rate, where a trial's fixed costs no longer count) and the aggregate tokens/s
-per GPU, with the command, GPU and date that produced it. A study gets the nearest row, by the same
-log-distance rule as the kernel table: vocabulary, trials per GPU, then tokens per trial.
+per GPU, with the command, GPU and date that produced it, and whether its trials were clients of an
+NVIDIA MPS daemon (`mps`, false where absent). A study gets the nearest row, by the same log-distance rule
+as the kernel table: vocabulary, trials per GPU, tokens per trial, then MPS as the study would run.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class Rate:
         )
         return (
             f"measured {r['tokens_per_s_per_gpu'] / 1e6:.2f}M tokens/s per GPU: {r['what']}; vocab "
-            f"{r['vocab']}, {r['trials_per_gpu']} trial(s) per GPU, {size} ({r['command']}; {r['gpu']}, "
-            f"{r['date']})"
+            f"{r['vocab']}, {r['trials_per_gpu']} trial(s) per GPU{', MPS' if r.get('mps') else ''}, {size} "
+            f"({r['command']}; {r['gpu']}, {r['date']})"
         )
 
 
@@ -38,18 +39,25 @@ def load_rows(path: Path = TABLE_PATH) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-def nearest(vocab: int, trials_per_gpu: float, tokens_per_trial: float, rows: list[dict] | None = None):
-    """The measured rate closest to a study's vocabulary, packing and trial length; None without rows."""
+def nearest(
+    vocab: int,
+    trials_per_gpu: float,
+    tokens_per_trial: float,
+    rows: list[dict] | None = None,
+    mps: bool = False,
+):
+    """The measured rate closest to a study's vocabulary, packing, trial length and MPS; None without rows."""
     rows = load_rows() if rows is None else rows
     if not rows:
         return None
 
-    def distance(row: dict) -> tuple[float, float, float]:
+    def distance(row: dict) -> tuple[float, float, float, bool]:
         length = row["tokens_per_trial"] or LONG_TRIAL
         return (
             abs(math.log(row["vocab"] / vocab)),
             abs(math.log(row["trials_per_gpu"] / trials_per_gpu)),
             abs(math.log(length / tokens_per_trial)),
+            bool(row.get("mps")) != mps,
         )
 
     row = min(rows, key=distance)

@@ -154,7 +154,9 @@ class ComparisonSpec(Strict):
 class Resources(Strict):
     cpu: float = Field(default=1.0, gt=0)
     gpu: float = Field(default=0.0, ge=0)
-    mps: bool = False  # run the trials under an NVIDIA MPS daemon, so trials sharing a GPU run side by side
+    # run the trials as clients of an NVIDIA MPS daemon, so that trials sharing a GPU run side by side;
+    # auto: where they share one (0 < gpu < 1) and this machine can start the daemon (ablate.launch.use_mps)
+    mps: bool | Literal["auto"] = False
 
     @field_validator("gpu")
     @classmethod
@@ -163,10 +165,17 @@ class Resources(Strict):
             raise ValueError(f"gpu must be a fraction in [0, 1] or a whole number of GPUs, got {gpu}")
         return gpu
 
+    @field_validator("mps", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, mps: Any) -> Any:
+        if mps is not True and mps is not False and mps != "auto":
+            raise ValueError(f"expected true, false or auto, got {brief(mps)}")
+        return mps
+
     @field_validator("mps")
     @classmethod
-    def _mps_needs_gpus(cls, mps: bool, info: ValidationInfo) -> bool:
-        if mps and info.data.get("gpu") == 0:
+    def _mps_needs_gpus(cls, mps: bool | str, info: ValidationInfo) -> bool | str:
+        if mps is True and info.data.get("gpu") == 0:
             raise ValueError(
                 "mps lets trials that share a GPU run side by side, but trials get no GPU; "
                 "set resources.gpu (e.g. 0.25: four trials per GPU) or mps: false"

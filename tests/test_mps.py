@@ -80,9 +80,9 @@ def test_a_daemon_that_does_not_start_says_why(tmp_path, monkeypatch):
         mps.start_daemon(tmp_path, {})
 
 
-class MpsStudy:  # as much of a Design as launch.mps_daemon reads
-    def __init__(self, mps: bool):
-        self.study = type("Study", (), {"resources": type("Resources", (), {"mps": mps})()})()
+class MpsStudy:  # as much of a Design as launch.mps_daemon and launch.use_mps read
+    def __init__(self, mps: bool | str = True, gpu: float = 0.25):
+        self.study = type("Study", (), {"resources": type("Resources", (), {"mps": mps, "gpu": gpu})()})()
         self.source = Path("study.yaml")
 
 
@@ -90,7 +90,7 @@ def test_a_study_daemon_is_exported_to_the_workers_and_quits_when_the_study_fail
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", "/somebody/elses")
     monkeypatch.delenv(mps.SERVED, raising=False)
-    with pytest.raises(KeyboardInterrupt), launch.mps_daemon(MpsStudy(True), console=None):
+    with pytest.raises(KeyboardInterrupt), launch.mps_daemon(MpsStudy(), True, console=None):
         inside = dict(os.environ)
         raise KeyboardInterrupt  # Ctrl-C while trials run
     (start, daemon, _), (stop, quit_env, stdin) = commands
@@ -109,15 +109,42 @@ def test_a_study_daemon_is_exported_to_the_workers_and_quits_when_the_study_fail
 
 def test_a_daemon_on_every_gpu_needs_no_renumbering(commands, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    with launch.mps_daemon(MpsStudy(True), console=None):
+    with launch.mps_daemon(MpsStudy(), True, console=None):
         assert mps.SERVED not in os.environ and "CUDA_MPS_PIPE_DIRECTORY" in os.environ
     assert "CUDA_VISIBLE_DEVICES" not in commands[0][1]
 
 
 def test_no_daemon_unless_the_study_asks(commands):
-    with launch.mps_daemon(MpsStudy(False), console=None):
+    with launch.mps_daemon(MpsStudy(False), False, console=None):
         pass
     assert commands == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "gpu", "unavailable", "on", "said"),
+    [
+        (True, 0.25, None, True, ""),
+        (False, 0.25, None, False, ""),
+        ("auto", 0.25, None, True, "MPS: on (trials share GPUs)"),
+        ("auto", 0.25, ("this machine has none", "set mps: false"), False, "MPS: off: this machine has none"),
+        ("auto", 1, None, False, ""),  # one trial per GPU: nothing to share
+        ("auto", 2, None, False, ""),
+    ],
+)
+def test_which_launches_run_under_mps(monkeypatch, setting, gpu, unavailable, on, said):
+    from rich.console import Console
+
+    import ablate.preflight
+
+    asked = []
+    monkeypatch.setattr(
+        ablate.preflight, "mps_unavailable", lambda address: asked.append(address) or unavailable
+    )
+    console = Console(record=True, width=200)
+    options = launch.LaunchOptions(None, None, False, None)
+    assert launch.use_mps(MpsStudy(setting, gpu), options, console) is on
+    assert console.export_text().strip() == said
+    assert asked == ([None] if said else [])  # only auto with shared GPUs looks at the machine
 
 
 def test_a_daemon_that_does_not_start_is_a_study_error(monkeypatch):
@@ -126,7 +153,7 @@ def test_a_daemon_that_does_not_start_is_a_study_error(monkeypatch):
 
     monkeypatch.setattr(mps, "start_daemon", refuse)
     failed = r"resources\.mps: `nvidia-cuda-mps-control -d` failed"
-    with pytest.raises(StudyError, match=failed), launch.mps_daemon(MpsStudy(True), console=None):
+    with pytest.raises(StudyError, match=failed), launch.mps_daemon(MpsStudy(), True, console=None):
         pass
 
 

@@ -24,6 +24,17 @@ def test_nearest_row_by_vocabulary_then_packing_then_trial_length():
     assert rates.nearest(50257, 1, 1e6, []) is None
 
 
+def test_nearest_row_under_mps_when_two_rows_differ_only_in_it():
+    rows = [*ROWS, {**ROWS[3], "mps": True, "tokens_per_s_per_gpu": 5.0}]
+    assert rates.nearest(50257, 4, 500_000_000, rows).tokens_per_s_per_gpu == 4.0
+    assert rates.nearest(50257, 4, 500_000_000, rows, mps=True).tokens_per_s_per_gpu == 5.0
+    assert rates.nearest(50257, 1, 500_000_000, rows, mps=True).tokens_per_s_per_gpu == 3.0  # packing first
+    assert (
+        "trial(s) per GPU, MPS,"
+        in rates.Rate(5.0, {**rows[-1], **{k: "x" for k in ("what", "command", "gpu", "date")}}).describe()
+    )
+
+
 def test_vocabulary_from_the_data_settings():
     assert rates.study_vocab({"source": "random:50257"}) == (50257, False)
     assert rates.study_vocab({"source": "pkg:english-v1", "tokenizer": "bpe:8192"}) == (8192, False)

@@ -191,7 +191,7 @@ CASES = [
     (
         "mps-not-a-bool",
         edit(_set("resources", {"gpu": 0.25, "mps": "yes"})),
-        ["resources.mps:", "expected true or false, got 'yes'"],
+        ["resources.mps:", "expected true, false or auto, got 'yes'"],
     ),
     (
         "mps-without-gpu",
@@ -477,8 +477,8 @@ def test_run_with_mps_where_it_cannot_run_launches_and_writes_nothing(
 
 
 def test_mps_is_off_unless_asked_for(tmp_path):
-    assert not load_study(write(tmp_path, VALID)).resources.mps
-    for value in (True, False):
+    assert load_study(write(tmp_path, VALID)).resources.mps is False
+    for value in (True, False, "auto"):
         study = load_study(write(tmp_path, edit(_set("resources", {"gpu": 0.25, "mps": value}))))
         assert study.resources.mps is value
 
