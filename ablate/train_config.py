@@ -53,6 +53,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
     compile: bool = False  # torch.compile the model (GPU)
     cuda_graphs: bool = False  # with compile: replay the forward and backward as CUDA graphs
+    # with compile: keep the compiled step (dynamo's code, CUDA graphs) for this process's next trials of
+    # the same model, which then skip the trace (train.keep_compiled); off: every trial starts afresh
+    reuse_compiled: bool = False
     loss: str = "auto"  # auto (the measured fastest; see train._auto_loss) or one of model.config.LOSSES
     loss_chunks: int = 8  # token chunks of the chunked loss
     diverge_loss: float | None = None  # a train loss above this is divergence; None: 2 * ln(vocab)
@@ -79,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"loss={self.loss!r}; choose one of {list(LOSSES)}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda_graphs needs compile: true (the graphs are captured by torch.compile)")
+        if self.reuse_compiled and not self.compile:
+            raise ValueError("reuse_compiled needs compile: true (it keeps what torch.compile made)")
         if self.fault is not None:
             kind, _, at = self.fault.partition("@")
             if kind not in ("nan", "raise") or not at.isdigit():

@@ -161,3 +161,92 @@ def test_graphed_trials_in_successive_threads_of_one_process(tmp_path):
     for _ in range(3):  # a reused Ray worker: each trial in a new thread
         config = cell_run(str(tmp_path), cell, device="cuda", cuda_graphs=True, loss="fused")
         assert in_new_thread(lambda config=config: train(config, RecordingLogger()).status) == "finished"
+
+
+# train.reuse_compiled: a process keeps its compiled steps for its next trials of the same model
+
+
+@pytest.fixture
+def fresh_process_state():
+    """No compiled step kept from another test, and none left for the next."""
+    import ablate.train
+
+    ablate.train.forget_compiled(graphs=torch.cuda.is_available())
+    torch._dynamo.reset()
+    yield ablate.train.KEPT
+    ablate.train.forget_compiled(graphs=torch.cuda.is_available())
+
+
+def kept_trial(tmp_path, cell: str, seed: int, *, device: str = "cpu", **settings) -> tuple:
+    """(result, train losses, graphs dynamo captured) of one trial that keeps its compiled step."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cell_run(str(tmp_path), CELLS[cell], device=device, **settings), seed=seed)
+    log = RecordingLogger()
+    counters.clear()
+    result = train(cfg, log)
+    return result, [v for _, v in log.series("train/loss")], counters["stats"]["unique_graphs"]
+
+
+def test_a_kept_step_serves_the_next_trial_of_the_same_model_untraced(
+    tmp_path, dynamo_backend, fresh_process_state
+):
+    _, _, traced = kept_trial(tmp_path, "sdpa-rope", 0, reuse_compiled=True)
+    assert traced == 1
+    result, losses, traced = kept_trial(tmp_path, "sdpa-rope", 1, reuse_compiled=True)
+    assert traced == 0 and result.status == "finished"  # no trace: the kept code ran the new model
+    assert len(fresh_process_state) == 1
+    # the same trial in a process that kept nothing: the same losses (the same code, seed and data)
+    alone, alone_losses, traced = kept_trial(tmp_path, "sdpa-rope", 1)
+    assert traced == 1 and not fresh_process_state  # reuse off: started afresh, kept nothing
+    assert losses == alone_losses and result.val_loss == alone.val_loss
+
+
+def test_kept_steps_of_several_models_serve_each_untraced(tmp_path, dynamo_backend, fresh_process_state):
+    for cell in ("sdpa-rope", "rbf-none-cosine"):
+        assert kept_trial(tmp_path, cell, 0, reuse_compiled=True)[2] == 1
+    for cell in ("sdpa-rope", "rbf-none-cosine"):
+        assert kept_trial(tmp_path, cell, 1, reuse_compiled=True)[2] == 0
+    assert len(fresh_process_state) == 2
+
+
+def test_a_process_starts_afresh_before_it_keeps_too_many(
+    tmp_path, dynamo_backend, fresh_process_state, monkeypatch
+):
+    import ablate.train
+
+    monkeypatch.setattr(ablate.train, "KEEP_AT_MOST", 1)
+    assert kept_trial(tmp_path, "sdpa-rope", 0, reuse_compiled=True)[2] == 1
+    assert kept_trial(tmp_path, "rbf-none-cosine", 0, reuse_compiled=True)[2] == 1
+    assert len(fresh_process_state) == 1
+    assert kept_trial(tmp_path, "sdpa-rope", 1, reuse_compiled=True)[2] == 1  # dropped: traced again
+
+
+def test_a_failed_trial_keeps_nothing(tmp_path, dynamo_backend, fresh_process_state):
+    kept_trial(tmp_path, "sdpa-rope", 0, reuse_compiled=True)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        kept_trial(tmp_path, "sdpa-rope", 1, reuse_compiled=True, fault="raise@3")
+    assert not fresh_process_state
+    assert kept_trial(tmp_path, "sdpa-rope", 2, reuse_compiled=True)[2] == 1
+
+
+def test_reuse_compiled_needs_compile():
+    with pytest.raises(ValueError, match="reuse_compiled needs compile: true"):
+        from_dict(RunConfig, {"train": {"reuse_compiled": True}})
+
+
+@pytest.mark.gpu
+def test_a_kept_fast_path_step_serves_the_next_trial_on_cuda(tmp_path, fresh_process_state):
+    """Inductor, CUDA graphs and the fused loss: the next trial of the same model runs the kept code
+    (no trace; the graphs are recorded again for its parameters) and trains as a trial started afresh."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    fast = {"cuda_graphs": True, "loss": "fused"}
+    kept_trial(tmp_path, "penalty-rope-learnable", 0, device="cuda", reuse_compiled=True, **fast)
+    result, losses, traced = kept_trial(
+        tmp_path, "penalty-rope-learnable", 1, device="cuda", reuse_compiled=True, **fast
+    )
+    assert traced == 0 and result.status == "finished"
+    alone, alone_losses, _ = kept_trial(tmp_path, "penalty-rope-learnable", 1, device="cuda", **fast)
+    assert losses == pytest.approx(alone_losses, rel=1e-3)
+    assert result.val_loss == pytest.approx(alone.val_loss, rel=1e-3)

@@ -6,7 +6,9 @@ context 256, batch 64, vocab 50257, bf16, compiled) for every metric and every v
 `fused` (the LM head and loss as one Triton op, kernels/linear_ce.py), `fused+graphs`, and `chunked`
 (the pure-torch chunked head+loss). `fused-persistent+graphs` and `fused-epilogue+graphs` run the fused
 op with its other schedules (linear_ce.py), not yet measured; they run only when named in --variants.
-Prints steady-state tokens/s, MFU and peak memory as a Markdown table.
+Prints steady-state tokens/s, MFU and peak memory as a Markdown table. `--repeat N` runs each row N times
+in this process (the compile caches warm after the first); with `--reuse-compiled` the repeats also reuse
+the first run's compiled step (`train.reuse_compiled`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ DEFAULT_VARIANTS = ("plain", "graphs", "fused", "fused+graphs", "chunked")  # th
 
 
 def bench_config(
-    metric: str, variant: str, steps: int, backend: str, *, vocab: int = 50257, model: dict | None = None
+    metric: str,
+    variant: str,
+    steps: int,
+    backend: str,
+    *,
+    vocab: int = 50257,
+    model: dict | None = None,
+    reuse_compiled: bool = False,
 ) -> RunConfig:
     tree = {
         # the backend applies to rbf and penalty; sdpa always runs torch's SDPA (the baseline)
@@ -56,6 +65,7 @@ def bench_config(
             "eval_batches": 1,
             "log_every": 20,
             "compile": True,
+            "reuse_compiled": reuse_compiled,
             **VARIANTS[variant],
         },
     }
@@ -104,6 +114,12 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="run each row this often in this process (compile cache warm)"
     )
+    parser.add_argument(
+        "--reuse-compiled",
+        action="store_true",
+        help="keep each row's compiled step for its repeats (train.reuse_compiled): --repeat 2 then shows "
+        "the first window of a trial that reuses it",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     variants, metrics = args.variants.split(","), args.metrics.split(",")
@@ -117,7 +133,15 @@ def main() -> None:
             for metric in metrics:
                 for _ in range(args.repeat):
                     rows.append(
-                        run_one(metric, variant, args.steps, args.backend, vocab=args.vocab, model=cell)
+                        run_one(
+                            metric,
+                            variant,
+                            args.steps,
+                            args.backend,
+                            vocab=args.vocab,
+                            model=cell,
+                            reuse_compiled=args.reuse_compiled,
+                        )
                     )
                     print(json.dumps(rows[-1]), flush=True)
     print(
