@@ -1,5 +1,6 @@
 """The study benchmark's accounting (pure functions; the end-to-end summary is in test_launch.py)."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -168,3 +169,23 @@ def test_first_window_parts_are_the_median_trials_step_1_capture_and_other_steps
         "trials": 3,
     }
     assert first_window_parts([unmarked]) is None
+
+
+def test_a_variant_copy_takes_the_share_budget_mps_and_fixed_settings_asked_for(tmp_path):
+    import shutil
+
+    from ablate.bench.study import variant
+    from ablate.design import load_design
+
+    source = tmp_path / "gpu_scaling.yaml"
+    shutil.copy(Path(__file__).resolve().parents[1] / "studies" / "gpu_scaling.yaml", source)
+    path = variant(source, 1.0, 2097152, "false", ["train.reuse_compiled=true", "optim.lr=0.002"])
+    design = load_design(path)  # a valid study
+    assert design.study.name == "gpu_scaling_gpu1p0_tok2097152_mpsfalse_reuse_compiledtrue_lr0p002"
+    assert design.study.resources.gpu == 1.0 and design.study.resources.mps is False
+    tree = design.run_tree(design.trials[0])
+    assert tree["train"]["tokens"] == 2097152 and tree["train"]["reuse_compiled"] is True
+    assert tree["optim"]["lr"] == 0.002
+    assert variant(source, None, None, "auto").name == "gpu_scaling_mpsauto.yaml"
+    with pytest.raises(SystemExit, match=r"expected SECTION\.KEY=VALUE"):
+        variant(source, None, None, None, ["reuse_compiled=true"])

@@ -1,7 +1,7 @@
 """One GPU against every GPU of this host, for one study, in one command:
 
-    python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--warm-tokens N] [--alone-factors F]
-                                      [--timeout S] [--out F]
+    python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--mps M] [--fixed K=V] [--warm-tokens N]
+                                      [--alone-factors F] [--timeout S] [--out F]
 
 Runs the study through `python -m ablate.bench.study` (that is, `ablate run --fresh`) twice: first with
 `CUDA_VISIBLE_DEVICES` set to the first GPU, then on every GPU, and prints the two records side by side:
@@ -56,6 +56,10 @@ def bench(study: Path, gpus: list[str], args: argparse.Namespace, tokens: int | 
             command += ["--tokens", str(tokens)]
         if args.gpu is not None:
             command += ["--gpu", str(args.gpu)]
+        if args.mps is not None:
+            command += ["--mps", args.mps]
+        for setting in args.fixed:
+            command += ["--fixed", setting]
         if args.timeout is not None and "--alone" not in extra:
             command += ["--timeout", str(args.timeout)]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
@@ -174,6 +178,16 @@ def main() -> None:
         "--alone-factors",
         default=None,
         help="also measure one trial alone per class of these factors' levels (comma-separated)",
+    )
+    parser.add_argument(
+        "--mps", choices=["true", "false", "auto"], default=None, help="resources.mps (default: the study's)"
+    )
+    parser.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a fixed setting for both sides, e.g. train.reuse_compiled=true (repeatable)",
     )
     parser.add_argument("--timeout", type=float, default=None, help="stop each run after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="write what was measured so far (JSON)")

@@ -5,8 +5,9 @@ alone on one of those GPUs). Cells differ in speed, so `--alone` measures one tr
 cells (`--alone-factors`), in this process on GPU 0, with the study's own settings (`--eager`: with
 compilation and CUDA graphs off); the efficiency is then the time the finished trials would take one
 after another, each alone at its class's rate, over the study's wall time times its GPUs.
-Without it, the study is run through `ablate run --fresh` (`--gpu` and `--tokens` run a copy with another
-per-trial GPU fraction or token budget; `--timeout` stops it as Ctrl-C does) and the MLflow record is
+Without it, the study is run through `ablate run --fresh` (`--gpu`, `--tokens`, `--mps` and `--fixed
+SECTION.KEY=VALUE` run a copy with another per-trial GPU fraction, token budget, MPS setting or fixed
+setting; `--timeout` stops it as Ctrl-C does) and the MLflow record is
 summarised: tokens, wall time, slots x wall time split by phase, which GPU each trial ran on, the most
 trials any GPU held at once and how many worker processes ran them. `--baseline` (an `--alone` result)
 adds the efficiency.
@@ -86,8 +87,15 @@ def class_label(factors: list[str], levels: dict[str, str]) -> str:
     return " ".join(f"{f}={levels.get(f, '')}" for f in factors)
 
 
-def variant(study: Path, gpu: float | None, tokens: int | None) -> Path:
-    """A copy of the study with another per-trial GPU fraction and/or token budget (own name and folder)."""
+def variant(
+    study: Path,
+    gpu: float | None,
+    tokens: int | None,
+    mps: str | None = None,
+    fixed: list[str] | None = None,
+) -> Path:
+    """A copy of the study (own name and folder) with another per-trial GPU fraction, token budget, MPS
+    setting (true, false or auto) and/or fixed settings ("train.reuse_compiled=true": a YAML value)."""
     tree = yaml.safe_load(study.read_text())
     if gpu is not None:
         tree["name"] += "_gpu" + str(gpu).replace(".", "p")
@@ -95,6 +103,18 @@ def variant(study: Path, gpu: float | None, tokens: int | None) -> Path:
     if tokens is not None:
         tree["name"] += f"_tok{tokens}"
         tree["fixed"]["train"] = {**tree["fixed"].get("train", {}), "tokens": tokens}
+    if mps is not None:
+        tree["name"] += f"_mps{mps}"
+        tree["resources"] = {**tree.get("resources", {}), "mps": yaml.safe_load(mps)}
+    for setting in fixed or []:
+        key, _, value = setting.partition("=")
+        section, _, name = key.partition(".")
+        if not (section and name and value):
+            raise SystemExit(
+                f"--fixed {setting!r}: expected SECTION.KEY=VALUE, e.g. train.reuse_compiled=true"
+            )
+        tree["name"] += f"_{name}{value}".replace(".", "p")
+        tree["fixed"][section] = {**tree["fixed"].get(section, {}), name: yaml.safe_load(value)}
     tree["tracking"] = {**tree.get("tracking", {}), "experiment": tree["name"]}
     path = study.parent / f"runs/{tree['name']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -406,6 +426,16 @@ def main() -> None:
     parser.add_argument(
         "--baseline", type=Path, default=None, help="an --alone result (JSON): adds the study efficiency"
     )
+    parser.add_argument(
+        "--mps", choices=["true", "false", "auto"], default=None, help="resources.mps (default: the study's)"
+    )
+    parser.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a fixed setting of the copy, e.g. train.reuse_compiled=true (repeatable)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="stop the study after this many seconds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -417,8 +447,8 @@ def main() -> None:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SystemExit(f"--baseline {args.baseline}: not an --alone result ({err})") from None
     study = args.study
-    if args.gpu is not None or args.tokens is not None:
-        study = variant(args.study, args.gpu, args.tokens)
+    if args.gpu is not None or args.tokens is not None or args.mps is not None or args.fixed:
+        study = variant(args.study, args.gpu, args.tokens, args.mps, args.fixed)
     if args.alone:
         factors = args.alone_factors.split(",") if args.alone_factors else None
         result = measure_alone(study, factors, eager=args.eager)
