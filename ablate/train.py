@@ -144,6 +144,7 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
     )
     loss_kind = _loss_kind(device, tc)
     step_model = _compiled(model, tc, kept_key(model.cfg, tc, loss_kind)) if tc.compile else model
+    compiled_before = compile_clock()  # after dynamo's reset, if any: it clears torch's totals
     bound = tc.diverge_loss if tc.diverge_loss is not None else 2.0 * math.log(data.vocab_size)
     flops_per_token, peak = model.flops_per_token(), peak_flops(device)
     logger.log_params(
@@ -223,6 +224,7 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
         **({"mfu": steady * flops_per_token / peak} if peak else {}),
         **{name: final[f"diag/{name}/mean"] for name in DIAGNOSTICS if f"diag/{name}/mean" in final},
         **{f"time/{k}": v for k, v in window.timing.items()},  # where the trial's seconds went
+        **(compile_spent(compiled_before) if tc.compile else {}),
     }
     return TrialResult(
         "finished", total_steps, total_steps * tokens_per_step, final[VAL_LOSS_CURVE], summary=summary
@@ -233,6 +235,39 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
 # dynamo's trace and inductor's compile (or its cache load) of the forward and backward; with CUDA graphs,
 # steps 2 and 3 warm up and record the graphs. The rest of the first window is plain steps.
 FIRST_STEP_MARKS = {0: "step1_s", 2: "steps1_3_s"}
+
+
+# torch's own account of compilation, by phase, as `compile_spent` reports it for one trial: dynamo's
+# handling of the forward frame (its trace plus the backend's compile or cache load), the backend's part of
+# that, and the backward's compile; and the hits and misses of inductor's and AOTAutograd's caches
+COMPILE_PHASES = {
+    "entire_frame_compile": "time/compile_forward_s",
+    "backend_compile": "time/compile_backend_s",
+    "entire_backward_compile": "time/compile_backward_s",
+}
+COMPILE_COUNTS = {
+    ("inductor", "fxgraph_cache_hit"): "compile/fx_cache_hits",
+    ("inductor", "fxgraph_cache_miss"): "compile/fx_cache_misses",
+    ("aot_autograd", "autograd_cache_hit"): "compile/aot_cache_hits",
+    ("aot_autograd", "autograd_cache_miss"): "compile/aot_cache_misses",
+}
+
+
+def compile_clock() -> dict[str, float]:
+    """torch's running totals of compile seconds and cache events in this process (a snapshot)."""
+    from torch._dynamo.utils import calculate_time_spent, counters
+
+    spent = calculate_time_spent()
+    return {
+        **{name: float(spent.get(phase, 0.0)) for phase, name in COMPILE_PHASES.items()},
+        **{name: float(counters[group][event]) for (group, event), name in COMPILE_COUNTS.items()},
+    }
+
+
+def compile_spent(before: dict[str, float]) -> dict[str, float]:
+    """What this trial compiled since `before` (a compile_clock snapshot): seconds by phase, cache events.
+    A kept step (`reuse_compiled`) shows zeros: nothing was traced or loaded."""
+    return {name: max(value - before.get(name, 0.0), 0.0) for name, value in compile_clock().items()}
 
 
 class Window:

@@ -6,7 +6,14 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from ablate.bench.study import alone_seconds, failure_lines, first_window_parts, measure_alone, process_gaps
+from ablate.bench.study import (
+    alone_seconds,
+    compile_parts,
+    failure_lines,
+    first_window_parts,
+    measure_alone,
+    process_gaps,
+)
 
 
 def test_gaps_are_per_process_and_split_by_time():
@@ -189,3 +196,29 @@ def test_a_variant_copy_takes_the_share_budget_mps_and_fixed_settings_asked_for(
     assert variant(source, None, None, "auto").name == "gpu_scaling_mpsauto.yaml"
     with pytest.raises(SystemExit, match=r"expected SECTION\.KEY=VALUE"):
         variant(source, None, None, None, ["reuse_compiled=true"])
+
+
+def test_compile_parts_are_the_median_trials_trace_and_loads_and_every_trials_cache_events():
+    def run(forward, backend, backward, hits):
+        metrics = {
+            "final/time/compile_forward_s": forward,
+            "final/time/compile_backend_s": backend,
+            "final/time/compile_backward_s": backward,
+            "final/compile/fx_cache_hits": hits,
+            "final/compile/aot_cache_misses": 1.0,
+        }
+        return SimpleNamespace(data=SimpleNamespace(metrics=metrics))
+
+    eager = SimpleNamespace(data=SimpleNamespace(metrics={"final/time/first_window_s": 1.0}))
+    parts = compile_parts([run(4.0, 1.0, 0.5, 2.0), run(2.0, 1.5, 0.25, 2.0), run(0.0, 0.0, 0.0, 0.0), eager])
+    assert parts == {
+        "trace s (forward, dynamo)": 0.5,  # medians of 3.0, 0.5 and 0.0 (a kept step traced nothing)
+        "forward compile or load s": 1.0,
+        "backward compile or load s": 0.25,
+        "fx_cache_hits": 4,
+        "fx_cache_misses": 0,
+        "aot_cache_hits": 0,
+        "aot_cache_misses": 3,
+        "trials": 3,
+    }
+    assert compile_parts([eager]) is None

@@ -195,10 +195,12 @@ def test_a_kept_step_serves_the_next_trial_of_the_same_model_untraced(
     assert traced == 1
     result, losses, traced = kept_trial(tmp_path, "sdpa-rope", 1, reuse_compiled=True)
     assert traced == 0 and result.status == "finished"  # no trace: the kept code ran the new model
+    assert result.summary["time/compile_forward_s"] == 0.0  # nor did torch count any compile time
     assert len(fresh_process_state) == 1
     # the same trial in a process that kept nothing: the same losses (the same code, seed and data)
     alone, alone_losses, traced = kept_trial(tmp_path, "sdpa-rope", 1)
     assert traced == 1 and not fresh_process_state  # reuse off: started afresh, kept nothing
+    assert alone.summary["time/compile_forward_s"] > 0  # this trial's own trace, not the process's total
     assert losses == alone_losses and result.val_loss == alone.val_loss
 
 

@@ -114,6 +114,14 @@ def side(summary: dict, alone: dict[str, float]) -> dict:
         figures["first window, median trial: step 1 / steps 2-3 / other steps s"] = " / ".join(
             f"{v:.2f}" for k, v in parts.items() if k != "trials"
         )
+    if compiled := summary.get("compile_parts"):
+        figures["compile, median trial: trace / forward / backward s"] = " / ".join(
+            f"{compiled[k]:.2f}" for k in list(compiled)[:3]
+        )
+        figures["compile caches, all trials: FX hits / misses, AOT hits / misses"] = " / ".join(
+            str(compiled[k])
+            for k in ("fx_cache_hits", "fx_cache_misses", "aot_cache_hits", "aot_cache_misses")
+        )
     for phase, share in (summary.get("slot_share") or {}).items():
         figures[f"slot time: {phase}"] = f"{share:.1%}"
     return figures

@@ -174,6 +174,7 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         "gaps_in_process": process_gaps(attempts),
         "gpus": len(per_gpu),
         "first_window_parts_s": first_window_parts(done),
+        "compile_parts": compile_parts(done),
         **(efficiency(done, baseline, tokens, wall, len(per_gpu)) if baseline is not None else {}),
     }
 
@@ -229,6 +230,34 @@ def first_window_parts(done: list) -> dict[str, float] | None:
         "the window's other steps": median(
             [m[final + "first_window_s"] - m[final + "steps1_3_s"] for m in timed]
         ),
+        "trials": len(timed),
+    }
+
+
+def compile_parts(done: list) -> dict[str, float] | None:
+    """The median trial's compilation by torch's own account (train.compile_spent): dynamo's trace of the
+    forward, the backend's forward compile or cache load, the backward's; and the cache events of all
+    trials (inductor's FX graphs, AOTAutograd's)."""
+    final = tracking.FINAL
+    timed = [r.data.metrics for r in done if final + "time/compile_forward_s" in r.data.metrics]
+    if not timed:
+        return None
+
+    def median(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    def total(name: str) -> int:
+        return int(sum(m.get(final + "compile/" + name, 0.0) for m in timed))
+
+    forward, backend = final + "time/compile_forward_s", final + "time/compile_backend_s"
+    return {
+        "trace s (forward, dynamo)": median([m[forward] - m.get(backend, 0.0) for m in timed]),
+        "forward compile or load s": median([m.get(backend, 0.0) for m in timed]),
+        "backward compile or load s": median([m.get(final + "time/compile_backward_s", 0.0) for m in timed]),
+        **{
+            name: total(name)
+            for name in ("fx_cache_hits", "fx_cache_misses", "aot_cache_hits", "aot_cache_misses")
+        },
         "trials": len(timed),
     }
 

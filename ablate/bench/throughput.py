@@ -86,6 +86,8 @@ def run_one(metric: str, variant: str, steps: int, backend: str, **config) -> di
         # its parts (train.FIRST_STEP_MARKS): step 1 (trace and compile), steps 2-3 (graphs captured)
         "step1_s": result.summary.get("time/step1_s"),
         "steps1_3_s": result.summary.get("time/steps1_3_s"),
+        # torch's account of step 1's compilation (train.compile_spent): forward frame, its backend, backward
+        **{k.removeprefix("time/"): result.summary.get(k) for k in COMPILE_KEYS},
         "status": result.status,
     }
 
@@ -152,9 +154,11 @@ def main() -> None:
         args.out.write_text(json.dumps(rows, indent=2))
 
 
+COMPILE_KEYS = ("time/compile_forward_s", "time/compile_backend_s", "time/compile_backward_s")
 TABLE_KEYS = (
     *("metric", "variant", "tokens_per_s", "mfu", "peak_mem_gb"),
     *("first_window_s", "step1_s", "steps1_3_s", "status"),
+    *(k.removeprefix("time/") for k in COMPILE_KEYS),
 )
 
 
