@@ -11,6 +11,8 @@ The driver never initialises CUDA; trials do, inside their Ray workers.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -367,6 +369,13 @@ def run_study(design: Design, options: LaunchOptions, console: Console | None = 
     started = time.monotonic()
     clock = PhaseClock()
     preflight(design, options)
+    with one_driver(design, options):
+        return _run_study(design, options, console, started, clock)
+
+
+def _run_study(
+    design: Design, options: LaunchOptions, console: Console, started: float, clock: PhaseClock
+) -> RunSummary:
     with clock.phase("store"):
         store, parent, runs = read_study_store(design, options)
     done = tracking.done_runs(runs)
@@ -434,6 +443,41 @@ def use_mps(design: Design, options: LaunchOptions, console: Console) -> bool:
     why = checks.mps_unavailable(options.ray_address)
     console.print(f"MPS: {'on (trials share GPUs)' if why is None else 'off: ' + why[0]}")
     return why is None
+
+
+@contextmanager
+def one_driver(design: Design, options: LaunchOptions):
+    """At most one `ablate run` of a study (its tracking store and experiment) on this machine at a time.
+
+    Two would write one record at once: both resuming the same parent run, or two parents whose trials
+    and timings a reader of "the latest" mixes up. The lock is an advisory file lock in the temporary
+    folder (not in the output folder, which nothing may touch before the checks pass), released when the
+    process ends however it ends; the file names the pid holding it.
+    """
+    key = f"{design.tracking_uri(options.tracking_uri)}\n{design.experiment}"
+    folder = Path(tempfile.gettempdir()) / "ablate-locks"
+    folder.mkdir(exist_ok=True)
+    path = folder / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".lock")
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            source = str(design.source) if design.source else None
+            message = (
+                f"another `ablate run` of this study is running (pid {holder}), writing to "
+                f"{design.tracking_uri(options.tracking_uri)}; wait for it to end, or stop it (Ctrl-C) first"
+            )
+            raise StudyError([("run", message)], source) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -551,3 +551,22 @@ def test_quickstart_ships_the_repository_study_and_keeps_a_users_edits(tmp_path)
     assert result.exit_code == 2
     assert "differs from the shipped quickstart" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart.yaml"]  # nothing run, nothing written
+
+
+def test_a_second_run_of_a_study_on_this_machine_is_refused_while_the_first_runs(tmp_path):
+    import os
+
+    from ablate import launch
+    from ablate.design import load_design
+
+    path = write(tmp_path, VALID)
+    options = launch.LaunchOptions(None, None, False, None)
+    with launch.one_driver(load_design(path), options):  # the first run, still going
+        result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    assert f"another `ablate run` of this study is running (pid {os.getpid()})" in message
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # nothing written
+    with launch.one_driver(load_design(path), options):  # released when the first ended
+        pass
