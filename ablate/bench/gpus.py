@@ -33,7 +33,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ablate.bench.study import per_gpu_efficiency
+from ablate.bench.study import add_copy_options, per_gpu_efficiency
 
 
 def visible_gpus() -> list[str]:
@@ -187,16 +187,7 @@ def main() -> None:
         default=None,
         help="also measure one trial alone per class of these factors' levels (comma-separated)",
     )
-    parser.add_argument(
-        "--mps", choices=["true", "false", "auto"], default=None, help="resources.mps (default: the study's)"
-    )
-    parser.add_argument(
-        "--fixed",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="a fixed setting for both sides, e.g. train.reuse_compiled=true (repeatable)",
-    )
+    add_copy_options(parser)  # --mps, --fixed: for both sides
     parser.add_argument("--timeout", type=float, default=None, help="stop each run after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="write what was measured so far (JSON)")
     args = parser.parse_args()

@@ -87,6 +87,20 @@ def class_label(factors: list[str], levels: dict[str, str]) -> str:
     return " ".join(f"{f}={levels.get(f, '')}" for f in factors)
 
 
+def add_copy_options(parser: argparse.ArgumentParser) -> None:
+    """--mps and --fixed: settings of the study copy that is run (`variant`)."""
+    parser.add_argument(
+        "--mps", choices=["true", "false", "auto"], default=None, help="resources.mps (default: the study's)"
+    )
+    parser.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a fixed setting of the study copy, e.g. train.reuse_compiled=true (repeatable)",
+    )
+
+
 def variant(
     study: Path,
     gpu: float | None,
@@ -455,16 +469,7 @@ def main() -> None:
     parser.add_argument(
         "--baseline", type=Path, default=None, help="an --alone result (JSON): adds the study efficiency"
     )
-    parser.add_argument(
-        "--mps", choices=["true", "false", "auto"], default=None, help="resources.mps (default: the study's)"
-    )
-    parser.add_argument(
-        "--fixed",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="a fixed setting of the copy, e.g. train.reuse_compiled=true (repeatable)",
-    )
+    add_copy_options(parser)
     parser.add_argument("--timeout", type=float, default=None, help="stop the study after this many seconds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
