@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from rich.console import Console
 
 from ablate.bench import gpus as bench_gpus
@@ -81,3 +82,27 @@ def test_each_side_is_set_against_one_trial_alone_per_gpu_and_its_placement_chec
     assert allowed == 4 and bench_gpus.allowed_per_gpu(study, 0.5) == 2
     lines = bench_gpus.placement_lines(every, allowed)
     assert lines[0].endswith("ok") and lines[1].endswith("OVER")
+
+
+def test_further_one_gpu_sides_are_shown_beside_the_first_against_the_same_baseline():
+    console = Console(record=True, width=240)
+    one = summary(54e6, 300.0, {"0": 54})  # 4 per GPU
+    packed_mps = summary(54e6, 250.0, {"0": 54})
+    alone_each = summary(54e6, 400.0, {"0": 54})
+    also = [("1 GPU, gpu=0.25, mps=true", packed_mps), ("1 GPU, gpu=1.0", alone_each)]
+    assert bench_gpus.show(one, None, 1, console, {"fast path": 0.5e6}, also) is None
+    text = console.export_text()
+    assert "1 GPU, gpu=0.25, mps=true" in text and "1 GPU, gpu=1.0" in text
+    assert "0.43" in text and "0.27" in text  # 216k and 135k tokens/s over 500k alone
+    assert "gpu=0.25, mps=true over 1 GPU: 1.20x" in text and "gpu=1.0 over 1 GPU: 0.75x" in text
+
+
+def test_further_sides_are_checked_before_anything_runs():
+    assert bench_gpus.also_sides(["gpu=1", "gpu=0.25,mps=true", "mps=auto"]) == [
+        {"gpu": 1.0, "mps": None},
+        {"gpu": 0.25, "mps": "true"},
+        {"gpu": None, "mps": "auto"},
+    ]
+    for bad in ["gpu=2", "gpu=x", "mps=yes", "tokens=5", ""]:
+        with pytest.raises(SystemExit, match="expected gpu=F"):
+            bench_gpus.also_sides([bad])

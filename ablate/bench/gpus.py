@@ -1,7 +1,7 @@
 """One GPU against every GPU of this host, for one study, in one command:
 
     python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--mps M] [--fixed K=V] [--warm-tokens N]
-                                      [--alone-factors F] [--timeout S] [--out F]
+                                      [--alone-factors F] [--also gpu=F,mps=M ...] [--timeout S] [--out F]
 
 Runs the study through `python -m ablate.bench.study` (that is, `ablate run --fresh`) twice: first with
 `CUDA_VISIBLE_DEVICES` set to the first GPU, then on every GPU, and prints the two records side by side:
@@ -16,7 +16,10 @@ that neither side pays for compiling a cell the first time (trials share inducto
 `--alone-factors F` measures one trial alone per class of cells (the levels of the factors F) on the
 first GPU, with the study's settings (for a study on the fast path, the fastest configuration) and
 eager, and adds each side's efficiency per GPU against both.
-`--out F` is rewritten after each stage, so a run cut short keeps what it measured.
+`--also gpu=F,mps=M` (repeatable) runs the one-GPU side again with another per-trial GPU share or MPS
+setting, after the first and against the same baseline, so that trials per GPU with and without MPS are
+compared in one command. `--out F` is rewritten after each stage, so a run cut short keeps what it
+measured.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ablate.bench.study import add_copy_options, per_gpu_efficiency
+from ablate.bench.study import MPS_SETTINGS, add_copy_options, per_gpu_efficiency
 
 
 def visible_gpus() -> list[str]:
@@ -128,27 +131,54 @@ def side(summary: dict, alone: dict[str, float]) -> dict:
 
 
 def show(
-    one: dict, every: dict | None, n_gpus: int, console: Console, alone: dict[str, float] | None = None
+    one: dict,
+    every: dict | None,
+    n_gpus: int,
+    console: Console,
+    alone: dict[str, float] | None = None,
+    also: list[tuple[str, dict]] | None = None,
 ) -> float | None:
-    """Print the two sides and return the ratio of their aggregate rates (a host of one GPU: its one
-    side, and no ratio)."""
+    """Print the sides (one GPU; each `--also` variant on one GPU; every GPU) and return the ratio of the
+    every-GPU side's aggregate rate to the one-GPU side's (None on a host of one GPU)."""
+    columns = [("1 GPU", one), *(also or []), *([(f"{n_gpus} GPUs", every)] if every is not None else [])]
     table = Table(title=f"one GPU against {n_gpus} GPUs" if every is not None else "one GPU")
     table.add_column("")
-    table.add_column("1 GPU", justify="right")
-    a = side(one, alone or {})
-    if every is None:
-        for key in a:
-            table.add_row(key, _text(a[key]))
-        console.print(table)
-        return None
-    table.add_column(f"{n_gpus} GPUs", justify="right")
-    b = side(every, alone or {})
-    for key in a:
-        table.add_row(key, _text(a[key]), _text(b.get(key, "")))
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    figures = [side(summary, alone or {}) for _, summary in columns]
+    for key in figures[0]:
+        table.add_row(key, *(_text(f.get(key, "")) for f in figures))
     console.print(table)
-    ratio = b["aggregate tokens/s"] / a["aggregate tokens/s"] if a["aggregate tokens/s"] else float("nan")
-    console.print(f"aggregate tokens/s, {n_gpus} GPUs over 1: {ratio:.2f}x")
-    return ratio
+    first = figures[0]["aggregate tokens/s"]
+    for (label, _), f in zip(columns[1:], figures[1:], strict=True):
+        ratio = f["aggregate tokens/s"] / first if first else float("nan")
+        console.print(f"aggregate tokens/s, {label} over 1 GPU: {ratio:.2f}x")
+    if every is None:
+        return None
+    return figures[-1]["aggregate tokens/s"] / first if first else float("nan")
+
+
+def also_sides(specs: list[str]) -> list[dict]:
+    """`--also` specs ("gpu=1", "gpu=0.25,mps=true") as settings of further one-GPU runs; a bad one
+    stops with what is allowed."""
+    sides = []
+    for spec in specs:
+        settings = dict(item.partition("=")[::2] for item in spec.split(",") if item)
+        bad = [k for k in settings if k not in ("gpu", "mps")]
+        gpu, mps = settings.get("gpu"), settings.get("mps")
+        try:
+            share = None if gpu is None else float(gpu)
+        except ValueError:
+            share = -1.0
+        if (
+            bad
+            or not settings
+            or (share is not None and not 0 < share <= 1)
+            or mps not in (None, *MPS_SETTINGS)
+        ):
+            raise SystemExit(f"--also {spec!r}: expected gpu=F (0 < F <= 1) and/or mps=true|false|auto")
+        sides.append({"gpu": share, "mps": mps})
+    return sides
 
 
 def placement_lines(summary: dict, allowed: int) -> list[str]:
@@ -188,6 +218,14 @@ def main() -> None:
         help="also measure one trial alone per class of these factors' levels (comma-separated)",
     )
     add_copy_options(parser)  # --mps, --fixed: for both sides
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="gpu=F,mps=M",
+        help="after the one-GPU side, run it again with these settings, against the same baseline "
+        "(repeatable), e.g. --also gpu=1 --also gpu=0.25,mps=true",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="stop each run after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="write what was measured so far (JSON)")
     args = parser.parse_args()
@@ -195,6 +233,7 @@ def main() -> None:
         raise SystemExit(f"{args.study}: no such study file")
     if args.gpu is not None and not 0 < args.gpu <= 1:
         raise SystemExit(f"--gpu {args.gpu}: a per-trial GPU share is in (0, 1]")
+    also_sides(args.also)  # checked before anything runs
     gpus = visible_gpus()
     if not gpus:
         raise SystemExit("this host shows no GPU (nvidia-smi or CUDA_VISIBLE_DEVICES)")
@@ -234,15 +273,26 @@ def main() -> None:
     console.print(f"1 GPU ({gpus[0]}) ...")
     one = measured(bench(args.study, gpus[:1], args, args.tokens), f"GPU {gpus[0]}")
     save(one_gpu=one)
+    also = []
+    for settings in also_sides(args.also):
+        label = "1 GPU, " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
+        console.print(f"{label} ...")
+        variant = argparse.Namespace(**{**vars(args), **{k: v for k, v in settings.items() if v is not None}})
+        summary = measured(bench(args.study, gpus[:1], variant, args.tokens), label)
+        also.append((label, summary))
+        save(also=[{"side": lab, **s} for lab, s in also])
     every = None
     if len(gpus) > 1:
         console.print(f"{len(gpus)} GPUs ({','.join(gpus)}) ...")
         every = measured(bench(args.study, gpus, args, args.tokens), f"GPUs {','.join(gpus)}")
         save(every_gpu=every)
-    ratio = show(one, every, len(gpus), console, alone)
+    ratio = show(one, every, len(gpus), console, alone, also)
     allowed = allowed_per_gpu(args.study, args.gpu)
-    for name, summary in (("1 GPU", one), (f"{len(gpus)} GPUs", every)):
-        for line in placement_lines(summary, allowed) if summary is not None else []:
+    checked = [("1 GPU", one, allowed), (f"{len(gpus)} GPUs", every, allowed)]
+    for (label, summary), settings in zip(also, also_sides(args.also), strict=True):
+        checked.append((label, summary, allowed_per_gpu(args.study, settings["gpu"] or args.gpu)))
+    for name, summary, most in checked:
+        for line in placement_lines(summary, most) if summary is not None else []:
             console.print(f"{name}: {line}")
     save(ratio=ratio, allowed_per_gpu=allowed)
 

@@ -87,10 +87,13 @@ def class_label(factors: list[str], levels: dict[str, str]) -> str:
     return " ".join(f"{f}={levels.get(f, '')}" for f in factors)
 
 
+MPS_SETTINGS = ("true", "false", "auto")  # resources.mps, as a command line gives it
+
+
 def add_copy_options(parser: argparse.ArgumentParser) -> None:
     """--mps and --fixed: settings of the study copy that is run (`variant`)."""
     parser.add_argument(
-        "--mps", choices=["true", "false", "auto"], default=None, help="resources.mps (default: the study's)"
+        "--mps", choices=MPS_SETTINGS, default=None, help="resources.mps (default: the study's)"
     )
     parser.add_argument(
         "--fixed",
