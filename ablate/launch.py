@@ -386,8 +386,8 @@ def _run_study(
         f"{len(todo)} to run  (tracking: {store.uri})"
     )
     if todo:
-        mps_on = use_mps(design, options, console)
-        with mps_daemon(design, mps_on, console):  # quits after Ray's workers, its clients, have exited
+        # the daemon quits after Ray's workers, its clients, have exited
+        with mps_daemon(design, use_mps(design, options, console), console) as mps_on:
             with clock.phase("ray_start"):
                 started_ray = init_ray(options.ray_address)
             try:
@@ -482,28 +482,34 @@ def one_driver(design: Design, options: LaunchOptions):
 
 @contextmanager
 def mps_daemon(design: Design, on: bool, console: Console):
-    """When `on`: an NVIDIA MPS control daemon private to this launch, around the local Ray.
+    """When `on`: an NVIDIA MPS control daemon private to this launch, around the local Ray; yields
+    whether one runs.
 
     Started before Ray, so that Ray's workers inherit its pipe directory and become its clients. It is
     started with the driver's CUDA_VISIBLE_DEVICES, the list from which Ray hands each worker GPU ids;
     the workers inherit that list too (`mps.SERVED`), and each trial renames its ids to the daemon's
     numbering before torch starts CUDA (`ablate.trial`). Its pipe and log folders are temporary (a
-    socket's path must stay short), and the driver's environment is restored when it quits.
+    socket's path must stay short), and the driver's environment is restored when it quits. A daemon
+    that does not start stops a study that asked for MPS (`true`) and is passed over under `auto`.
     """
     if not on:
-        yield
+        yield False
         return
     with tempfile.TemporaryDirectory(prefix="ablate-mps-", ignore_cleanup_errors=True) as folder:
         try:
             daemon = mps.start_daemon(Path(folder))
         except RuntimeError as err:
+            if design.study.resources.mps == "auto":  # asked for where it can run: the study runs without
+                console.print(f"MPS: off: the daemon did not start ({err})")
+                yield False
+                return
             source = str(design.source) if design.source else None
             raise StudyError([("resources.mps", str(err))], source) from None
         exported = mps.worker_env(daemon)
         saved = {key: os.environ.get(key) for key in exported}
         os.environ.update(exported)
         try:
-            yield
+            yield True
         finally:
             for key, value in saved.items():
                 if value is None:

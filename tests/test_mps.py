@@ -109,14 +109,15 @@ def test_a_study_daemon_is_exported_to_the_workers_and_quits_when_the_study_fail
 
 def test_a_daemon_on_every_gpu_needs_no_renumbering(commands, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    with launch.mps_daemon(MpsStudy(), True, console=None):
+    with launch.mps_daemon(MpsStudy(), True, console=None) as running:
+        assert running is True
         assert mps.SERVED not in os.environ and "CUDA_MPS_PIPE_DIRECTORY" in os.environ
     assert "CUDA_VISIBLE_DEVICES" not in commands[0][1]
 
 
 def test_no_daemon_unless_the_study_asks(commands):
-    with launch.mps_daemon(MpsStudy(False), False, console=None):
-        pass
+    with launch.mps_daemon(MpsStudy(False), False, console=None) as running:
+        assert running is False
     assert commands == []
 
 
@@ -155,6 +156,21 @@ def test_a_daemon_that_does_not_start_is_a_study_error(monkeypatch):
     failed = r"resources\.mps: `nvidia-cuda-mps-control -d` failed"
     with pytest.raises(StudyError, match=failed), launch.mps_daemon(MpsStudy(), True, console=None):
         pass
+
+
+def test_under_auto_a_daemon_that_does_not_start_leaves_the_study_without_mps(monkeypatch):
+    from rich.console import Console
+
+    def refuse(folder):
+        raise RuntimeError("`nvidia-cuda-mps-control -d` failed (exit 1): no")
+
+    monkeypatch.setattr(mps, "start_daemon", refuse)
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    console = Console(record=True, width=200)
+    with launch.mps_daemon(MpsStudy("auto"), True, console=console) as running:
+        assert running is False
+        assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ  # the trials run as plain CUDA processes
+    assert "MPS: off: the daemon did not start (`nvidia-cuda-mps-control -d` failed" in console.export_text()
 
 
 def test_a_trial_renames_rays_gpu_ids_to_the_daemons(monkeypatch):
