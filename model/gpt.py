@@ -103,7 +103,7 @@ class GPT(nn.Module):
 
         loss: "plain" (full logits, F.cross_entropy), "fused" (the head and the loss in one Triton
         op, kernels.linear_cross_entropy; CUDA only; "fused-persistent" and "fused-epilogue" are the
-        same op with other kernel schedules, not yet measured) or "chunked" (pure torch, the head fused
+        same op with other kernel schedules, measured no faster) or "chunked" (pure torch, the head fused
         with the loss over `loss_chunks` token chunks, never holding all logits). Same value each way.
         """
         h = self.hidden(idx)

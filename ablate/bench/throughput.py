@@ -5,7 +5,8 @@ context 256, batch 64, vocab 50257, bf16, compiled) for every metric and every v
 `plain` (compiled, the full logits and F.cross_entropy), `graphs` (the same, replayed as CUDA graphs),
 `fused` (the LM head and loss as one Triton op, kernels/linear_ce.py), `fused+graphs`, and `chunked`
 (the pure-torch chunked head+loss). `fused-persistent+graphs` and `fused-epilogue+graphs` run the fused
-op with its other schedules (linear_ce.py), not yet measured; they run only when named in --variants.
+op with its other schedules (linear_ce.py; on an H200 neither was faster than `fused` in the step, README);
+they run only when named in --variants.
 Prints steady-state tokens/s, MFU and peak memory as a Markdown table. `--repeat N` runs each row N times
 in this process (the compile caches warm after the first); with `--reuse-compiled` the repeats also reuse
 the first run's compiled step (`train.reuse_compiled`).
@@ -35,7 +36,7 @@ VARIANTS = {  # name -> train settings on top of the compiled step
     "fused-persistent+graphs": {"loss": "fused-persistent", "cuda_graphs": True},
     "fused-epilogue+graphs": {"loss": "fused-epilogue", "cuda_graphs": True},
 }
-DEFAULT_VARIANTS = ("plain", "graphs", "fused", "fused+graphs", "chunked")  # the others: not yet measured
+DEFAULT_VARIANTS = ("plain", "graphs", "fused", "fused+graphs", "chunked")  # the others: no faster
 
 
 def bench_config(
