@@ -98,11 +98,11 @@ def test_further_one_gpu_sides_are_shown_beside_the_first_against_the_same_basel
 
 
 def test_further_sides_are_checked_before_anything_runs():
-    assert bench_gpus.also_sides(["gpu=1", "gpu=0.25,mps=true", "mps=auto"]) == [
-        {"gpu": 1.0, "mps": None},
-        {"gpu": 0.25, "mps": "true"},
-        {"gpu": None, "mps": "auto"},
+    assert bench_gpus.also_sides(["gpu=1", "gpu=0.25,mps=true", "mps=auto,train.reuse_compiled=true"]) == [
+        {"gpu": 1.0, "mps": None, "fixed": []},
+        {"gpu": 0.25, "mps": "true", "fixed": []},
+        {"gpu": None, "mps": "auto", "fixed": ["train.reuse_compiled=true"]},
     ]
-    for bad in ["gpu=2", "gpu=x", "mps=yes", "tokens=5", ""]:
+    for bad in ["gpu=2", "gpu=x", "mps=yes", "tokens=5", "", "train.reuse_compiled=", ".x=1"]:
         with pytest.raises(SystemExit, match="expected gpu=F"):
             bench_gpus.also_sides([bad])

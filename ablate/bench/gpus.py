@@ -16,9 +16,9 @@ that neither side pays for compiling a cell the first time (trials share inducto
 `--alone-factors F` measures one trial alone per class of cells (the levels of the factors F) on the
 first GPU, with the study's settings (for a study on the fast path, the fastest configuration) and
 eager, and adds each side's efficiency per GPU against both.
-`--also gpu=F,mps=M` (repeatable) runs the one-GPU side again with another per-trial GPU share or MPS
-setting, after the first and against the same baseline, so that trials per GPU with and without MPS are
-compared in one command. `--out F` is rewritten after each stage, so a run cut short keeps what it
+`--also gpu=F,mps=M,SECTION.KEY=V` (repeatable) runs the one-GPU side again with another per-trial GPU
+share, MPS setting or fixed setting, after the first and against the same baseline, so that trials per
+GPU with and without MPS, or with and without `train.reuse_compiled`, are compared in one command. `--out F` is rewritten after each stage, so a run cut short keeps what it
 measured.
 """
 
@@ -159,12 +159,14 @@ def show(
 
 
 def also_sides(specs: list[str]) -> list[dict]:
-    """`--also` specs ("gpu=1", "gpu=0.25,mps=true") as settings of further one-GPU runs; a bad one
-    stops with what is allowed."""
+    """`--also` specs ("gpu=1", "gpu=0.25,mps=true", "train.reuse_compiled=true") as the settings of
+    further one-GPU runs: gpu, mps and fixed settings (SECTION.KEY=VALUE); a bad one stops with what is
+    allowed."""
     sides = []
     for spec in specs:
         settings = dict(item.partition("=")[::2] for item in spec.split(",") if item)
-        bad = [k for k in settings if k not in ("gpu", "mps")]
+        fixed = [f"{k}={v}" for k, v in settings.items() if "." in k.strip(".") and v]
+        bad = [k for k in settings if k not in ("gpu", "mps") and f"{k}={settings[k]}" not in fixed]
         gpu, mps = settings.get("gpu"), settings.get("mps")
         try:
             share = None if gpu is None else float(gpu)
@@ -176,8 +178,11 @@ def also_sides(specs: list[str]) -> list[dict]:
             or (share is not None and not 0 < share <= 1)
             or mps not in (None, *MPS_SETTINGS)
         ):
-            raise SystemExit(f"--also {spec!r}: expected gpu=F (0 < F <= 1) and/or mps=true|false|auto")
-        sides.append({"gpu": share, "mps": mps})
+            raise SystemExit(
+                f"--also {spec!r}: expected gpu=F (0 < F <= 1), mps=true|false|auto and/or "
+                "SECTION.KEY=VALUE settings, comma-separated"
+            )
+        sides.append({"gpu": share, "mps": mps, "fixed": fixed})
     return sides
 
 
@@ -222,9 +227,9 @@ def main() -> None:
         "--also",
         action="append",
         default=[],
-        metavar="gpu=F,mps=M",
+        metavar="gpu=F,mps=M,SECTION.KEY=V",
         help="after the one-GPU side, run it again with these settings, against the same baseline "
-        "(repeatable), e.g. --also gpu=1 --also gpu=0.25,mps=true",
+        "(repeatable), e.g. --also gpu=1 --also gpu=0.25,mps=true --also train.reuse_compiled=true",
     )
     parser.add_argument("--timeout", type=float, default=None, help="stop each run after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="write what was measured so far (JSON)")
@@ -275,9 +280,13 @@ def main() -> None:
     save(one_gpu=one)
     also = []
     for settings in also_sides(args.also):
-        label = "1 GPU, " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
+        shown = [f"{k}={settings[k]}" for k in ("gpu", "mps") if settings[k] is not None]
+        label = "1 GPU, " + ", ".join(shown + settings["fixed"])
         console.print(f"{label} ...")
-        variant = argparse.Namespace(**{**vars(args), **{k: v for k, v in settings.items() if v is not None}})
+        overrides = {k: settings[k] for k in ("gpu", "mps") if settings[k] is not None}
+        variant = argparse.Namespace(
+            **{**vars(args), **overrides, "fixed": [*args.fixed, *settings["fixed"]]}
+        )
         summary = measured(bench(args.study, gpus[:1], variant, args.tokens), label)
         also.append((label, summary))
         save(also=[{"side": lab, **s} for lab, s in also])
