@@ -196,9 +196,10 @@ def measured_rate(design) -> tuple[float, str] | None:
         return None
     vocab, assumed = rates.study_vocab(tree.get("data", {}))
     tokens = train.tokens
-    # MPS as the launch would decide it on a machine that can start the daemon (resources.mps: auto)
-    mps = design.study.resources.mps is True or (design.study.resources.mps == "auto" and gpu < 1)
-    found = rates.nearest(vocab, 1.0 / gpu if gpu < 1 else 1.0, tokens, mps=mps)
+    # MPS as a launch on a machine that can start the daemon would run it
+    found = rates.nearest(
+        vocab, 1.0 / gpu if gpu < 1 else 1.0, tokens, mps=design.study.resources.asks_for_mps
+    )
     if found is None:
         return None
     what = found.describe() + (f"; vocabulary assumed {vocab}" if assumed else "")

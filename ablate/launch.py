@@ -435,11 +435,9 @@ def use_mps(design: Design, options: LaunchOptions, console: Console) -> bool:
     """
     from ablate import preflight as checks
 
-    setting, gpu = design.study.resources.mps, design.study.resources.gpu
-    if setting != "auto":
-        return setting
-    if not 0 < gpu < 1:
-        return False
+    resources = design.study.resources
+    if resources.mps != "auto" or not resources.asks_for_mps:  # true: checked in preflight
+        return resources.asks_for_mps
     why = checks.mps_unavailable(options.ray_address)
     console.print(f"MPS: {'on (trials share GPUs)' if why is None else 'off: ' + why[0]}")
     return why is None

@@ -165,6 +165,13 @@ class Resources(Strict):
             raise ValueError(f"gpu must be a fraction in [0, 1] or a whole number of GPUs, got {gpu}")
         return gpu
 
+    @property
+    def asks_for_mps(self) -> bool:
+        """Whether trials are to run under MPS where this machine can: `true`, or `auto` with trials that
+        share a GPU (0 < gpu < 1). `ablate.launch.use_mps` decides a launch by it; `ablate plan` prices
+        by it."""
+        return self.mps is True or (self.mps == "auto" and 0 < self.gpu < 1)
+
     @field_validator("mps", mode="before")
     @classmethod
     def _true_false_or_auto(cls, mps: Any) -> Any:

@@ -426,10 +426,8 @@ def keep_compiled(key: tuple) -> None:
     With CUDA graphs, the new parameters' addresses make cudagraph trees record the graphs again (about
     0.07 s), within the same memory pool.
     """
-    if key not in KEPT and len(KEPT) >= KEEP_AT_MOST:
-        start_afresh()
-    if not KEPT:
-        torch._dynamo.reset()  # trials before this one did not keep theirs
+    if not KEPT or (key not in KEPT and len(KEPT) >= KEEP_AT_MOST):
+        start_afresh()  # nothing kept yet (earlier trials released theirs), or no room for one more
     KEPT.add(key)
     for knob in ("recompile_limit", "cache_size_limit"):  # one entry per kept model, with room to spare
         if hasattr(torch._dynamo.config, knob):

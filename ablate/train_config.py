@@ -54,7 +54,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU)
     cuda_graphs: bool = False  # with compile: replay the forward and backward as CUDA graphs
     # with compile: keep the compiled step (dynamo's code, CUDA graphs) for this process's next trials of
-    # the same model, which then skip the trace (train.keep_compiled); off: every trial starts afresh
+    # the same model, which then skip the trace (ablate.train.keep_compiled); off: every trial starts afresh
     reuse_compiled: bool = False
     loss: str = "auto"  # auto (the measured fastest; see train._auto_loss) or one of model.config.LOSSES
     loss_chunks: int = 8  # token chunks of the chunked loss

@@ -82,7 +82,9 @@ def test_a_daemon_that_does_not_start_says_why(tmp_path, monkeypatch):
 
 class MpsStudy:  # as much of a Design as launch.mps_daemon and launch.use_mps read
     def __init__(self, mps: bool | str = True, gpu: float = 0.25):
-        self.study = type("Study", (), {"resources": type("Resources", (), {"mps": mps, "gpu": gpu})()})()
+        from ablate.spec import Resources
+
+        self.study = type("Study", (), {"resources": Resources(mps=mps, gpu=gpu)})()
         self.source = Path("study.yaml")
 
 

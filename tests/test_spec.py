@@ -570,3 +570,22 @@ def test_a_second_run_of_a_study_on_this_machine_is_refused_while_the_first_runs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # nothing written
     with launch.one_driver(load_design(path), options):  # released when the first ended
         pass
+
+
+def test_a_study_asks_for_mps_when_true_or_auto_with_trials_sharing_a_gpu():
+    from ablate.spec import Resources
+
+    asks = {
+        (mps, gpu): Resources(mps=mps, gpu=gpu).asks_for_mps
+        for mps in (True, False, "auto")
+        for gpu in (0.25, 1.0)
+    }
+    assert asks == {
+        (True, 0.25): True,
+        (True, 1.0): True,
+        (False, 0.25): False,
+        (False, 1.0): False,
+        ("auto", 0.25): True,
+        ("auto", 1.0): False,
+    }
+    assert not Resources(mps="auto", gpu=0.0).asks_for_mps

@@ -1,7 +1,8 @@
 """One GPU against every GPU of this host, for one study, in one command:
 
     python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--mps M] [--fixed K=V] [--warm-tokens N]
-                                      [--alone-factors F] [--also gpu=F,mps=M ...] [--timeout S] [--out F]
+                                      [--alone-factors F] [--also gpu=F,mps=M,K=V ...] [--timeout S]
+                                      [--out F]
 
 Runs the study through `python -m ablate.bench.study` (that is, `ablate run --fresh`) twice: first with
 `CUDA_VISIBLE_DEVICES` set to the first GPU, then on every GPU, and prints the two records side by side:
@@ -18,8 +19,8 @@ first GPU, with the study's settings (for a study on the fast path, the fastest 
 eager, and adds each side's efficiency per GPU against both.
 `--also gpu=F,mps=M,SECTION.KEY=V` (repeatable) runs the one-GPU side again with another per-trial GPU
 share, MPS setting or fixed setting, after the first and against the same baseline, so that trials per
-GPU with and without MPS, or with and without `train.reuse_compiled`, are compared in one command. `--out F` is rewritten after each stage, so a run cut short keeps what it
-measured.
+GPU with and without MPS, or with and without `train.reuse_compiled`, are compared in one command.
+`--out F` is rewritten after each stage, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ablate.bench.study import MPS_SETTINGS, add_copy_options, per_gpu_efficiency
+from ablate.bench.study import (
+    CACHE_EVENTS,
+    COMPILE_PARTS,
+    MPS_SETTINGS,
+    add_copy_options,
+    per_gpu_efficiency,
+)
 
 
 def visible_gpus() -> list[str]:
@@ -119,11 +126,10 @@ def side(summary: dict, alone: dict[str, float]) -> dict:
         )
     if compiled := summary.get("compile_parts"):
         figures["compile, median trial: trace / forward / backward s"] = " / ".join(
-            f"{compiled[k]:.2f}" for k in list(compiled)[:3]
+            f"{compiled[k]:.2f}" for k in COMPILE_PARTS
         )
         figures["compile caches, all trials: FX hits / misses, AOT hits / misses"] = " / ".join(
-            str(compiled[k])
-            for k in ("fx_cache_hits", "fx_cache_misses", "aot_cache_hits", "aot_cache_misses")
+            str(compiled[k]) for k in CACHE_EVENTS
         )
     for phase, share in (summary.get("slot_share") or {}).items():
         figures[f"slot time: {phase}"] = f"{share:.1%}"
@@ -238,7 +244,7 @@ def main() -> None:
         raise SystemExit(f"{args.study}: no such study file")
     if args.gpu is not None and not 0 < args.gpu <= 1:
         raise SystemExit(f"--gpu {args.gpu}: a per-trial GPU share is in (0, 1]")
-    also_sides(args.also)  # checked before anything runs
+    sides = also_sides(args.also)  # checked before anything runs
     gpus = visible_gpus()
     if not gpus:
         raise SystemExit("this host shows no GPU (nvidia-smi or CUDA_VISIBLE_DEVICES)")
@@ -279,7 +285,7 @@ def main() -> None:
     one = measured(bench(args.study, gpus[:1], args, args.tokens), f"GPU {gpus[0]}")
     save(one_gpu=one)
     also = []
-    for settings in also_sides(args.also):
+    for settings in sides:
         shown = [f"{k}={settings[k]}" for k in ("gpu", "mps") if settings[k] is not None]
         label = "1 GPU, " + ", ".join(shown + settings["fixed"])
         console.print(f"{label} ...")
@@ -298,7 +304,7 @@ def main() -> None:
     ratio = show(one, every, len(gpus), console, alone, also)
     allowed = allowed_per_gpu(args.study, args.gpu)
     checked = [("1 GPU", one, allowed), (f"{len(gpus)} GPUs", every, allowed)]
-    for (label, summary), settings in zip(also, also_sides(args.also), strict=True):
+    for (label, summary), settings in zip(also, sides, strict=True):
         checked.append((label, summary, allowed_per_gpu(args.study, settings["gpu"] or args.gpu)))
     for name, summary, most in checked:
         for line in placement_lines(summary, most) if summary is not None else []:

@@ -228,6 +228,14 @@ def split_slot_seconds(
     }
 
 
+CACHE_EVENTS = ("fx_cache_hits", "fx_cache_misses", "aot_cache_hits", "aot_cache_misses")  # compile/<name>
+COMPILE_PARTS = ("trace s (forward, dynamo)", "forward compile or load s", "backward compile or load s")
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
 def first_window_parts(done: list) -> dict[str, float] | None:
     """The median trial's first window in parts (host seconds; train.FIRST_STEP_MARKS): step 1 (trace
     and compile, or their caches), steps 2-3 (CUDA-graph warm-up and capture), the window's other steps."""
@@ -235,16 +243,12 @@ def first_window_parts(done: list) -> dict[str, float] | None:
     timed = [r.data.metrics for r in done if final + "steps1_3_s" in r.data.metrics]
     if not timed:
         return None
-
-    def median(values: list[float]) -> float:
-        return round(statistics.median(values), 3)
-
     return {
-        "step 1 (trace, compile or cache load)": median([m[final + "step1_s"] for m in timed]),
-        "steps 2-3 (graph warm-up, capture)": median(
+        "step 1 (trace, compile or cache load)": _median([m[final + "step1_s"] for m in timed]),
+        "steps 2-3 (graph warm-up, capture)": _median(
             [m[final + "steps1_3_s"] - m[final + "step1_s"] for m in timed]
         ),
-        "the window's other steps": median(
+        "the window's other steps": _median(
             [m[final + "first_window_s"] - m[final + "steps1_3_s"] for m in timed]
         ),
         "trials": len(timed),
@@ -259,22 +263,13 @@ def compile_parts(done: list) -> dict[str, float] | None:
     timed = [r.data.metrics for r in done if final + "time/compile_forward_s" in r.data.metrics]
     if not timed:
         return None
-
-    def median(values: list[float]) -> float:
-        return round(statistics.median(values), 3)
-
-    def total(name: str) -> int:
-        return int(sum(m.get(final + "compile/" + name, 0.0) for m in timed))
-
     forward, backend = final + "time/compile_forward_s", final + "time/compile_backend_s"
+    trace, load, backward = COMPILE_PARTS
     return {
-        "trace s (forward, dynamo)": median([m[forward] - m.get(backend, 0.0) for m in timed]),
-        "forward compile or load s": median([m.get(backend, 0.0) for m in timed]),
-        "backward compile or load s": median([m.get(final + "time/compile_backward_s", 0.0) for m in timed]),
-        **{
-            name: total(name)
-            for name in ("fx_cache_hits", "fx_cache_misses", "aot_cache_hits", "aot_cache_misses")
-        },
+        trace: _median([m[forward] - m.get(backend, 0.0) for m in timed]),
+        load: _median([m.get(backend, 0.0) for m in timed]),
+        backward: _median([m.get(final + "time/compile_backward_s", 0.0) for m in timed]),
+        **{name: int(sum(m.get(final + "compile/" + name, 0.0) for m in timed)) for name in CACHE_EVENTS},
         "trials": len(timed),
     }
 
