@@ -124,7 +124,7 @@ def train(
     except BaseException:
         forget_compiled(cfg.train.cuda_graphs)  # nothing of a failed step is kept
         raise
-    if not cfg.train.reuse_compiled:
+    if not cfg.train.keeps_compiled:
         release_trial_state(cfg.train.cuda_graphs)
     return result
 
@@ -385,7 +385,8 @@ def _loss_kind(device: torch.device, tc: TrainConfig) -> str:
 
 def _compiled(model: GPT, tc: TrainConfig, key: tuple):
     """The trial's compiled step: compiled afresh, or (`reuse_compiled`) from what this process kept."""
-    keep_compiled(key) if tc.reuse_compiled else start_afresh()
+    keep_compiled(key) if tc.keeps_compiled else start_afresh()
+    model.prepare_kernels()
     # cuda_graphs: inductor captures the compiled forward and backward as CUDA graphs
     return torch.compile(model, mode="reduce-overhead" if tc.cuda_graphs else None)
 
@@ -393,9 +394,14 @@ def _compiled(model: GPT, tc: TrainConfig, key: tuple):
 # Models whose compiled step this process keeps (`train.reuse_compiled`), by `kept_key`. A process may
 # run many trials (Ray reuses workers). Each kept model is one entry in dynamo's cache of the model's
 # forward; past torch's recompile limit a new one would silently run eager, so the process starts afresh
-# before it keeps more than KEEP_AT_MOST.
+# before it keeps more than KEEP_AT_MOST. With CUDA graphs every trial of a kept model records its graphs
+# again (new parameters), as one more child of the tree's root that each step's lookup walks and that
+# some torch releases count against inductor's re-record limit (past it, a step runs without graphs); so
+# the process also starts afresh after SERVE_AT_MOST trials.
 KEPT: set[tuple] = set()
 KEEP_AT_MOST = 16
+SERVE_AT_MOST = 32
+served = 0  # trials that kept their step since the process last started afresh
 
 
 def kept_key(model_cfg, tc: TrainConfig, loss_kind: str) -> tuple:
@@ -414,7 +420,9 @@ def start_afresh() -> None:
     recompilation of the last, and past torch's recompile limit the step silently runs eager."""
     if KEPT:
         forget_compiled(graphs=True)
+    global served
     torch._dynamo.reset()
+    served = 0
 
 
 def keep_compiled(key: tuple) -> None:
@@ -422,13 +430,16 @@ def keep_compiled(key: tuple) -> None:
 
     A new model object of a kept model's settings passes the guards of that model's compiled forward
     (dynamo inlines nn.Modules and guards on their settings, not their identity), so its first step runs
-    the kept code at once instead of tracing and loading it (4.2 of a 4.7 s first window on an H200).
-    With CUDA graphs, the new parameters' addresses make cudagraph trees record the graphs again (about
-    0.07 s), within the same memory pool.
+    the kept code at once instead of tracing and loading it (on an H200, step 1 took 0.10 s kept against
+    3.89 s afresh, median trial of `studies/worker_reuse.yaml`). With CUDA graphs, the new parameters'
+    addresses make cudagraph trees record the graphs again (about 0.07 s), within the same memory pool.
     """
-    if not KEPT or (key not in KEPT and len(KEPT) >= KEEP_AT_MOST):
-        start_afresh()  # nothing kept yet (earlier trials released theirs), or no room for one more
+    global served
+    full = (key not in KEPT and len(KEPT) >= KEEP_AT_MOST) or served >= SERVE_AT_MOST
+    if not KEPT or full:
+        start_afresh()  # nothing kept yet (earlier trials released theirs), no room, or served enough
     KEPT.add(key)
+    served += 1
     for knob in ("recompile_limit", "cache_size_limit"):  # one entry per kept model, with room to spare
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 2 * KEEP_AT_MOST))

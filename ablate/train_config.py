@@ -54,8 +54,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU)
     cuda_graphs: bool = False  # with compile: replay the forward and backward as CUDA graphs
     # with compile: keep the compiled step (dynamo's code, CUDA graphs) for this process's next trials of
-    # the same model, which then skip the trace (ablate.train.keep_compiled); off: every trial starts afresh
-    reuse_compiled: bool = False
+    # the same model, which then skip the trace (ablate.train.keep_compiled); false: every trial starts
+    # afresh; None (the default): on whenever compile is
+    reuse_compiled: bool | None = None
     loss: str = "auto"  # auto (the measured fastest; see train._auto_loss) or one of model.config.LOSSES
     loss_chunks: int = 8  # token chunks of the chunked loss
     diverge_loss: float | None = None  # a train loss above this is divergence; None: 2 * ln(vocab)
@@ -82,12 +83,17 @@ class TrainConfig:
             raise ValueError(f"loss={self.loss!r}; choose one of {list(LOSSES)}")
         if self.cuda_graphs and not self.compile:
             raise ValueError("cuda_graphs needs compile: true (the graphs are captured by torch.compile)")
-        if self.reuse_compiled and not self.compile:
+        if self.reuse_compiled is True and not self.compile:
             raise ValueError("reuse_compiled needs compile: true (it keeps what torch.compile made)")
         if self.fault is not None:
             kind, _, at = self.fault.partition("@")
             if kind not in ("nan", "raise") or not at.isdigit():
                 raise ValueError(f"fault={self.fault!r}; use 'nan@STEP' or 'raise@STEP'")
+
+    @property
+    def keeps_compiled(self) -> bool:
+        """Whether a trial keeps its compiled step for the process's next trials (`reuse_compiled`)."""
+        return self.compile and self.reuse_compiled is not False
 
     def cuda_only(self) -> list[str]:
         """The settings here that run only on CUDA, as 'key: value'."""

@@ -63,6 +63,7 @@ def cell_run(cache_dir: str, model: dict, *, device: str, steps: int = 12, **tra
             "log_every": 2,
             "device": device,
             "compile": True,
+            "reuse_compiled": False,  # each test's trials start afresh unless it says otherwise
         }
         | train_settings,
     }
@@ -198,7 +199,7 @@ def test_a_kept_step_serves_the_next_trial_of_the_same_model_untraced(
     assert result.summary["time/compile_forward_s"] == 0.0  # nor did torch count any compile time
     assert len(fresh_process_state) == 1
     # the same trial in a process that kept nothing: the same losses (the same code, seed and data)
-    alone, alone_losses, traced = kept_trial(tmp_path, "sdpa-rope", 1)
+    alone, alone_losses, traced = kept_trial(tmp_path, "sdpa-rope", 1, reuse_compiled=False)
     assert traced == 1 and not fresh_process_state  # reuse off: started afresh, kept nothing
     assert alone.summary["time/compile_forward_s"] > 0  # this trial's own trace, not the process's total
     assert losses == alone_losses and result.val_loss == alone.val_loss
@@ -222,6 +223,26 @@ def test_a_process_starts_afresh_before_it_keeps_too_many(
     assert kept_trial(tmp_path, "rbf-none-cosine", 0, reuse_compiled=True)[2] == 1
     assert len(fresh_process_state) == 1
     assert kept_trial(tmp_path, "sdpa-rope", 1, reuse_compiled=True)[2] == 1  # dropped: traced again
+
+
+def test_a_process_starts_afresh_after_serving_enough_trials(
+    tmp_path, dynamo_backend, fresh_process_state, monkeypatch
+):
+    import ablate.train
+
+    monkeypatch.setattr(ablate.train, "SERVE_AT_MOST", 2)
+    traced = [kept_trial(tmp_path, "sdpa-rope", seed, reuse_compiled=True)[2] for seed in range(5)]
+    assert traced == [1, 0, 1, 0, 1]  # each third trial finds the process started afresh
+
+
+def test_compiled_trials_keep_their_step_unless_told_not_to(tmp_path, dynamo_backend, fresh_process_state):
+    default = from_dict(RunConfig, {"train": {"compile": True}}).train
+    assert default.reuse_compiled is None and default.keeps_compiled
+    assert kept_trial(tmp_path, "sdpa-rope", 0, reuse_compiled=None)[2] == 1
+    assert kept_trial(tmp_path, "sdpa-rope", 1, reuse_compiled=None)[2] == 0  # the default kept it
+    assert not from_dict(RunConfig, {}).train.keeps_compiled  # nothing compiled, nothing kept
+    off = from_dict(RunConfig, {"train": {"compile": True, "reuse_compiled": False}}).train
+    assert not off.keeps_compiled
 
 
 def test_a_failed_trial_keeps_nothing(tmp_path, dynamo_backend, fresh_process_state):
@@ -249,6 +270,8 @@ def test_a_kept_fast_path_step_serves_the_next_trial_on_cuda(tmp_path, fresh_pro
         tmp_path, "penalty-rope-learnable", 1, device="cuda", reuse_compiled=True, **fast
     )
     assert traced == 0 and result.status == "finished"
-    alone, alone_losses, _ = kept_trial(tmp_path, "penalty-rope-learnable", 1, device="cuda", **fast)
+    alone, alone_losses, _ = kept_trial(
+        tmp_path, "penalty-rope-learnable", 1, device="cuda", reuse_compiled=False, **fast
+    )
     assert losses == pytest.approx(alone_losses, rel=1e-3)
     assert result.val_loss == pytest.approx(alone.val_loss, rel=1e-3)
