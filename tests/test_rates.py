@@ -50,12 +50,13 @@ def test_every_shipped_row_is_complete():
 
 
 def test_plan_names_the_measurement_it_used():
-    # decomposition.yaml: bpe:8192, one trial per GPU, 25M tokens per trial, CUDA graphs
-    row = rates.nearest(8192, 1, 25_000_000).row
+    # decomposition.yaml: bpe:8192, four trials per GPU under MPS, 25M tokens per trial, CUDA graphs
+    row = rates.nearest(8192, 4, 25_000_000, mps=True).row
     result = CliRunner().invoke(app, ["plan", str(STUDIES / "decomposition.yaml")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert f"{row['tokens_per_s_per_gpu']:,.0f} tokens/s per trial" in text and row["what"] in text
+    per_trial = row["tokens_per_s_per_gpu"] / 4
+    assert f"{per_trial:,.0f} tokens/s per trial" in text and row["what"] in text
     assert "an assumed rate" not in text
 
 
