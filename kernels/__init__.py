@@ -5,7 +5,7 @@
 is the same loss without the logits in memory (linear_ce_tiled.py).
 """
 
-from kernels.dispatch import BACKENDS, attention
+from kernels.dispatch import BACKENDS, attention, prepare
 from kernels.reference import attention_reference
 
 try:  # triton is a Linux-only dependency
@@ -27,4 +27,5 @@ __all__ = [
     "attention_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_tiled",
+    "prepare",
 ]

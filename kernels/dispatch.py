@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.flex import flex_attention_rbf
+from kernels.flex import flex_attention_rbf, prepare_causal_mask
 from kernels.reference import attention_reference, check_shapes
 from kernels.sdpa_aug import sdpa_attention, sdpa_aug_attention
 
@@ -144,6 +144,13 @@ def _log_choice(name: str, q: torch.Tensor, causal: bool, requested: str) -> Non
     if key not in _LOGGED:
         _LOGGED.add(key)
         log.info("attention backend %r (asked %r) for %s %s %s causal=%s", name, requested, *key[2:])
+
+
+def prepare(n: int, device: torch.device) -> None:
+    """Build, outside any torch.compile trace, what the backends keep per sequence length (flex's causal
+    block mask), so that a compiled model finds it ready instead of tracing its construction. The model
+    calls it before it is compiled (GPT.prepare_kernels)."""
+    prepare_causal_mask(n, device)
 
 
 def attention(

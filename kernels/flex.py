@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -33,9 +33,32 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@functools.lru_cache(maxsize=16)
-def _causal_mask(n: int, device: torch.device):
-    return create_block_mask(_causal, None, None, n, n, device=device)
+# Causal block masks by (positions, device), built eagerly and kept for the process. Under torch.compile
+# dynamo takes a ready mask as it is; a mask built inside the trace costs dynamo a trace of
+# create_block_mask's vmap over the mask function at every attention call (1.25 s of a 1.45 s trace of
+# one call on CPU), and the compiled step then rebuilds the mask at every layer of every step. The model
+# builds its mask before it is compiled (`prepare_causal_mask`, called by GPT.prepare_kernels).
+_MASKS: dict[tuple[int, str, int | None], BlockMask] = {}
+
+
+def causal_mask(n: int, device: torch.device) -> BlockMask:
+    """The causal block mask of n positions on `device`: the process's kept one, else a new one (kept
+    unless it was built inside a torch.compile trace, where it is a traced value)."""
+    key = (n, device.type, device.index)
+    mask = _MASKS.get(key)
+    if mask is None:
+        mask = create_block_mask(_causal, None, None, n, n, device=device)
+        if not torch.compiler.is_compiling():
+            _MASKS[key] = mask
+    return mask
+
+
+def prepare_causal_mask(n: int, device: torch.device | str) -> None:
+    """Build and keep the causal block mask of n positions on `device`, outside any trace."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # as a tensor on it names it: cuda:0, not cuda
+        device = torch.device("cuda", torch.cuda.current_device())
+    causal_mask(n, device)
 
 
 def flex_attention_rbf(
@@ -55,7 +78,7 @@ def flex_attention_rbf(
     def score_mod(score, batch, head, q_idx, kv_idx):
         return score * scale[head] - key_bias[batch, head, kv_idx]
 
-    block_mask = _causal_mask(n_ctx, q.device) if causal else None
+    block_mask = causal_mask(n_ctx, q.device) if causal else None
     fused = q.is_cuda and not torch.compiler.is_compiling()
     attend = _compiled_flex() if fused else flex_attention
     return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)

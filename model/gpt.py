@@ -78,6 +78,12 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
 
+    def prepare_kernels(self) -> None:
+        """Build what the attention kernels keep per sequence length, for this model's full context on its
+        device, outside any trace. Call it before torch.compile (ablate.train does): a compiled step then
+        takes flex's causal block mask as it is instead of tracing and rebuilding it."""
+        kernels.prepare(self.cfg.context + self.cfg.registers, self.head.weight.device)
+
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states of the text positions, (B, T, C)."""
         B, T = idx.shape

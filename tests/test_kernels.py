@@ -300,6 +300,36 @@ def test_fused_flex_raises_the_recompile_limit_never_lowers_it():
     assert torch._dynamo.config.recompile_limit == original
 
 
+def test_a_prepared_causal_mask_is_taken_as_it_is_under_compile(monkeypatch):
+    """kernels.prepare builds flex's block mask once, eagerly; a compiled call takes it instead of tracing
+    (and rebuilding) it. A mask met first inside a trace is built there and not kept."""
+    import torch._dynamo
+
+    from kernels import flex
+
+    built, real = [], flex.create_block_mask
+    monkeypatch.setattr(
+        flex, "create_block_mask", lambda *args, **kw: built.append(args[3]) or real(*args, **kw)
+    )
+    monkeypatch.setattr(flex, "_MASKS", {})
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    a, b = torch.full((2,), 0.25), torch.full((2,), 0.1)
+    kernels.prepare(40, "cpu")
+    assert built == [40] and list(flex._MASKS) == [(40, "cpu", None)]
+
+    torch._dynamo.reset()
+    attend = torch.compile(lambda *t: flex.flex_attention_rbf(*t, a, b), backend="eager", fullgraph=True)
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        out = attend(q, k, v)
+        assert built == [40]  # nothing built in the trace or in the call
+        assert torch.allclose(out, attention_reference(q, k, v, a, b, causal=True), atol=1e-5)
+        short = attend(q[:, :, :24], k[:, :, :24], v[:, :, :24])  # a length nobody prepared
+    torch._dynamo.reset()
+    assert 24 in built and (24, "cpu", None) not in flex._MASKS
+    reference = attention_reference(q[:, :, :24], k[:, :, :24], v[:, :, :24], a, b, causal=True)
+    assert torch.allclose(short, reference, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("N", "D", "causal"), [(1, 16, True), (17, 64, True), (40, 80, False)])
 def test_sdpa_aug(dtype, N, D, causal):
