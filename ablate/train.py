@@ -393,14 +393,13 @@ def _compiled(model: GPT, tc: TrainConfig, key: tuple):
 
 # Models whose compiled step this process keeps (`train.reuse_compiled`), by `kept_key`. A process may
 # run many trials (Ray reuses workers). Each kept model is one entry in dynamo's cache of the model's
-# forward; past torch's recompile limit a new one would silently run eager, so the process starts afresh
-# before it keeps more than KEEP_AT_MOST. With CUDA graphs every trial of a kept model records its graphs
-# again (new parameters), as one more child of the tree's root that each step's lookup walks and that
-# some torch releases count against inductor's re-record limit (past it, a step runs without graphs); so
-# the process also starts afresh after SERVE_AT_MOST trials.
+# forward (past torch's recompile limit a new one would silently run eager), and with CUDA graphs a trial
+# whose parameters lie elsewhere than the last one's records the graphs again: one more child of the
+# tree's root, checked at every replay and counted against inductor's re-record limit (torch 2.11; past
+# it, a step runs without graphs). So a process serves at most SERVE_AT_MOST trials from what it kept,
+# then starts afresh: as many as each worker process served when this was measured on an H200.
 KEPT: set[tuple] = set()
-KEEP_AT_MOST = 16
-SERVE_AT_MOST = 32
+SERVE_AT_MOST = 8
 served = 0  # trials that kept their step since the process last started afresh
 
 
@@ -426,7 +425,7 @@ def start_afresh() -> None:
 
 
 def keep_compiled(key: tuple) -> None:
-    """Keep this process's compiled steps for the next trials, making room for this model's first.
+    """Keep this process's compiled steps for its next trials, starting afresh when it has served enough.
 
     A new model object of a kept model's settings passes the guards of that model's compiled forward
     (dynamo inlines nn.Modules and guards on their settings, not their identity), so its first step runs
@@ -435,14 +434,13 @@ def keep_compiled(key: tuple) -> None:
     addresses make cudagraph trees record the graphs again (about 0.07 s), within the same memory pool.
     """
     global served
-    full = (key not in KEPT and len(KEPT) >= KEEP_AT_MOST) or served >= SERVE_AT_MOST
-    if not KEPT or full:
-        start_afresh()  # nothing kept yet (earlier trials released theirs), no room, or served enough
+    if not KEPT or served >= SERVE_AT_MOST:
+        start_afresh()  # nothing kept yet (earlier trials released theirs), or served enough
     KEPT.add(key)
     served += 1
     for knob in ("recompile_limit", "cache_size_limit"):  # one entry per kept model, with room to spare
         if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 2 * KEEP_AT_MOST))
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 2 * SERVE_AT_MOST))
 
 
 def _auto_loss(device: torch.device, tc: TrainConfig) -> str:

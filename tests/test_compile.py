@@ -213,18 +213,6 @@ def test_kept_steps_of_several_models_serve_each_untraced(tmp_path, dynamo_backe
     assert len(fresh_process_state) == 2
 
 
-def test_a_process_starts_afresh_before_it_keeps_too_many(
-    tmp_path, dynamo_backend, fresh_process_state, monkeypatch
-):
-    import ablate.train
-
-    monkeypatch.setattr(ablate.train, "KEEP_AT_MOST", 1)
-    assert kept_trial(tmp_path, "sdpa-rope", 0, reuse_compiled=True)[2] == 1
-    assert kept_trial(tmp_path, "rbf-none-cosine", 0, reuse_compiled=True)[2] == 1
-    assert len(fresh_process_state) == 1
-    assert kept_trial(tmp_path, "sdpa-rope", 1, reuse_compiled=True)[2] == 1  # dropped: traced again
-
-
 def test_a_process_starts_afresh_after_serving_enough_trials(
     tmp_path, dynamo_backend, fresh_process_state, monkeypatch
 ):
@@ -233,6 +221,10 @@ def test_a_process_starts_afresh_after_serving_enough_trials(
     monkeypatch.setattr(ablate.train, "SERVE_AT_MOST", 2)
     traced = [kept_trial(tmp_path, "sdpa-rope", seed, reuse_compiled=True)[2] for seed in range(5)]
     assert traced == [1, 0, 1, 0, 1]  # each third trial finds the process started afresh
+    assert kept_trial(tmp_path, "rbf-none-cosine", 0, reuse_compiled=True)[2] == 1  # a new model
+    assert len(fresh_process_state) == 2
+    assert kept_trial(tmp_path, "sdpa-rope", 5, reuse_compiled=True)[2] == 1  # served 2: afresh again
+    assert len(fresh_process_state) == 1
 
 
 def test_compiled_trials_keep_their_step_unless_told_not_to(tmp_path, dynamo_backend, fresh_process_state):
