@@ -417,9 +417,9 @@ def forget_compiled(graphs: bool) -> None:
 def start_afresh() -> None:
     """Drop what earlier trials compiled in this process: without a reset, each new model is a
     recompilation of the last, and past torch's recompile limit the step silently runs eager."""
+    global served
     if KEPT:
         forget_compiled(graphs=True)
-    global served
     torch._dynamo.reset()
     served = 0
 
