@@ -10,6 +10,13 @@ specialisation of the forward and dq loops (a TMA producer warp group, over desc
 kernel) was tried and removed: on an H200 with Triton 3.6 (2026-11-30) its benchmark hung for more than 8
 minutes at its first shape (bf16, N 4096, D 64), while these pipelined kernels measured 1.28-1.45x
 SDPA-cuDNN (4-8% faster than `triton`). Git history keeps it; re-add it only with a GPU measurement.
+A forward loop rotated by one matmul (issue the next key block's q.k, then this block's softmax: the
+overlap FlashAttention-3 gets within a warp group) buys nothing here: compiled for sm90 (Triton 3.9,
+`kernels.sm90_compile`'s target), the TTGIR waits for that wgmma right after issuing it
+(`warp_group_dot_wait {pendings = 0}`), because Triton keeps a wgmma in flight across iterations only
+when its result feeds the next iteration's dot as the accumulator, as P.V does. Triton's tutorial of the
+same release enables automatic warp specialisation of attention on Blackwell only. That overlap needs
+explicit control of the waits (Triton's Gluon dialect, or CUDA).
 
 Each descriptor covers one (B, H, N, D) tensor with its own strides (rank 4, block (1, 1, rows, D_PAD)),
 so strided views such as a permuted qkv projection are read in place, and rows past N or columns past D
