@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ablate import rates
+
 app = typer.Typer(
     help="Designed ablation studies of attention geometries: Ray Tune trials, MLflow records, attribution.",
     no_args_is_help=True,
@@ -165,9 +167,13 @@ def plan(
         console.print(f"resolution {design.resolution}; aliases:\n  " + "\n  ".join(design.aliases()))
     measured = None if tokens_per_s else measured_rate(design)
     rate = tokens_per_s or (measured[0] if measured else default_rate(design.study.resources))
-    _print_cost(design, trial_hours(design, rate), rate, assumed=tokens_per_s is None and not measured)
+    fixed = measured[2] if measured else None
+    hours = trial_hours(design, rate, fixed.per_trial_s if fixed else 0.0)
+    _print_cost(design, hours, rate, assumed=tokens_per_s is None and not measured, fixed=fixed)
     if measured:
         console.print(f"  rate per trial from {measured[1]}", highlight=False)
+    if fixed:
+        console.print(f"  fixed costs added to that steady rate: {fixed.describe()}", highlight=False)
     effects = Table(title=f"minimum detectable effect (80% power, alpha 0.05, seed sd {seed_sd:g})")
     for column in ("term", "df", "trials", "MDE", "measures"):
         effects.add_column(column)
@@ -181,10 +187,10 @@ def plan(
     console.print(effects)
 
 
-def measured_rate(design) -> tuple[float, str] | None:
-    """One GPU trial's tokens/s from the nearest measured rate (ablate/rates.json) and what it is; None
-    for a CPU study, a study off the fast path (no CUDA graphs) or without a table."""
-    from ablate import rates
+def measured_rate(design) -> tuple[float, str, rates.FixedCosts | None] | None:
+    """One GPU trial's tokens/s from the nearest measured rate (ablate/rates.json), what it is, and the
+    measured fixed costs to add where it is a long trial's steady rate (a study's rate has them); None for
+    a CPU study, a study off the fast path (no CUDA graphs) or without a table."""
     from ablate.config import RunConfig, from_dict
 
     gpu = design.study.resources.gpu
@@ -204,7 +210,7 @@ def measured_rate(design) -> tuple[float, str] | None:
         return None
     what = found.describe() + (f"; vocabulary assumed {vocab}" if assumed else "")
     # a trial trains on one device: a share of a GPU gets that share, more than one GPU no more than one
-    return found.tokens_per_s_per_gpu * min(gpu, 1.0), what
+    return found.tokens_per_s_per_gpu * min(gpu, 1.0), what, rates.fixed_costs() if found.steady else None
 
 
 def default_rate(resources) -> float:
@@ -218,16 +224,28 @@ def _hours(hours: float) -> str:
     return f"{hours:,.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
 
 
-def _print_cost(design, hours: list[float], tokens_per_s: float, assumed: bool = False) -> None:
+def _print_cost(
+    design,
+    hours: list[float],
+    tokens_per_s: float,
+    assumed: bool = False,
+    fixed: rates.FixedCosts | None = None,
+) -> None:
     resources, total = design.study.resources, sum(hours)
+    plus = f" plus {fixed.per_trial_s:g} s fixed per trial" if fixed else ""
     console.print(
         f"{len(design.cells)} cells x {len(design.seeds)} seeds = {len(hours)} trials; "
-        f"{_hours(total)} of trial time at {tokens_per_s:,.0f} tokens/s per trial"
+        f"{_hours(total)} of trial time at {tokens_per_s:,.0f} tokens/s per trial{plus}"
     )
     if assumed:
         console.print("  (an assumed rate; measure one trial and pass --tokens-per-s for a real estimate)")
+    start = (
+        f", and {fixed.start_s:g} s of wall clock per launch before the first trial and after the last"
+        if fixed
+        else ""
+    )
     if resources.gpu > 0:
-        console.print(f"GPU time: {_hours(total * resources.gpu)} ({resources.gpu:g} GPU per trial)")
+        console.print(f"GPU time: {_hours(total * resources.gpu)} ({resources.gpu:g} GPU per trial){start}")
     else:
         console.print(f"CPU time: {_hours(total * resources.cpu)} ({resources.cpu:g} CPU per trial, no GPU)")
     concurrent = design.study.max_concurrent

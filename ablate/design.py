@@ -431,9 +431,10 @@ def detectable_effects(design: Design, seed_sd: float, order: int = 2) -> list[d
     return rows
 
 
-def trial_hours(design: Design, tokens_per_s: float) -> list[float]:
-    """Hours each trial takes at `tokens_per_s` (its token budget from its cell's resolved config)."""
+def trial_hours(design: Design, tokens_per_s: float, fixed_s: float = 0.0) -> list[float]:
+    """Hours each trial takes at `tokens_per_s` (its token budget from its cell's resolved config), plus
+    `fixed_s` seconds of its own besides training."""
     levels = level_settings(design.study)
     trees = (resolve_paths(cell_tree(design.study, c, levels), design.base) for c in design.cells)
     budgets = [from_dict(RunConfig, tree).train.tokens for tree in trees]
-    return [tokens / tokens_per_s / 3600 for _ in design.seeds for tokens in budgets]
+    return [(fixed_s + tokens / tokens_per_s) / 3600 for _ in design.seeds for tokens in budgets]

@@ -5,6 +5,10 @@ one long trial's steady rate, where a trial's fixed costs no longer count) and t
 per GPU, with the command, GPU and date that produced it, and whether its trials were clients of an
 NVIDIA MPS daemon (`mps`, false where absent). A study gets the nearest row, by the same log-distance rule
 as the kernel table: vocabulary, trials per GPU, tokens per trial, then MPS as the study would run.
+
+A study's measured rate includes what its trials spend besides training; a long trial's steady rate does
+not. For those, `fixed_costs` holds what a study was measured to spend per trial (first window, setup,
+run bookkeeping, idle slots) and per launch (before the first trial and after the last).
 """
 
 from __future__ import annotations
@@ -34,9 +38,34 @@ class Rate:
             f"({r['command']}; {r['gpu']}, {r['date']})"
         )
 
+    @property
+    def steady(self) -> bool:
+        """A long trial's steady rate: a trial's fixed costs are not in it."""
+        return self.row["tokens_per_trial"] is None
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    per_trial_s: float  # slot seconds a trial spends besides training and evaluation
+    start_s: float  # wall seconds a launch spends before its first trial and after its last
+    row: dict
+
+    def describe(self) -> str:
+        r = self.row
+        return (
+            f"{self.per_trial_s:g} s per trial and {self.start_s:g} s per launch, measured: {r['what']} "
+            f"({r['command']}; {r['gpu']}, {r['date']})"
+        )
+
 
 def load_rows(path: Path = TABLE_PATH) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def fixed_costs(path: Path = TABLE_PATH) -> FixedCosts | None:
+    """The measured fixed costs of a study on the fast path; None without a table."""
+    row = json.loads(path.read_text()).get("fixed_costs") if path.exists() else None
+    return FixedCosts(float(row["per_trial_s"]), float(row["start_s"]), row) if row else None
 
 
 def nearest(

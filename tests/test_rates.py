@@ -64,3 +64,25 @@ def test_plan_keeps_the_assumed_rate_off_the_fast_path():
     result = CliRunner().invoke(app, ["plan", str(STUDIES / "gpu_short.yaml")])  # eager: no CUDA graphs
     assert result.exit_code == 0, result.output
     assert "an assumed rate" in " ".join(result.output.split())
+
+
+def test_a_steady_rate_gets_the_measured_fixed_costs_and_a_study_rate_does_not():
+    fixed = rates.fixed_costs()
+    assert fixed.per_trial_s > 0 and fixed.start_s > 0
+    steady = CliRunner().invoke(app, ["plan", str(STUDIES / "decomposition.yaml")])  # a steady row
+    text = " ".join(steady.output.split())
+    assert steady.exit_code == 0, steady.output
+    assert f"plus {fixed.per_trial_s:g} s fixed per trial" in text and fixed.row["what"] in text
+    assert f"{fixed.start_s:g} s of wall clock per launch" in text
+    study = CliRunner().invoke(app, ["plan", str(STUDIES / "gpu_scaling.yaml")])  # a study's own rate
+    assert study.exit_code == 0, study.output
+    assert "fixed per trial" not in " ".join(study.output.split())
+
+
+def test_fixed_seconds_are_added_to_every_trial():
+    from ablate.design import load_design, trial_hours
+
+    design = load_design(STUDIES / "decomposition.yaml")
+    bare, fixed = trial_hours(design, 1e6), trial_hours(design, 1e6, fixed_s=36.0)
+    assert len(bare) == len(fixed) == 80
+    assert all(abs(f - b - 0.01) < 1e-12 for b, f in zip(bare, fixed, strict=True))  # 36 s = 0.01 h
