@@ -386,6 +386,10 @@ def _loss_kind(device: torch.device, tc: TrainConfig) -> str:
 def _compiled(model: GPT, tc: TrainConfig, key: tuple):
     """The trial's compiled step: compiled afresh, or (`reuse_compiled`) from what this process kept."""
     keep_compiled(key) if tc.keeps_compiled else start_afresh()
+    if tc.compile_threads:  # 1: no pool from now on; more: the size of the pool the process first starts
+        from torch._inductor import config as inductor_config
+
+        inductor_config.compile_threads = tc.compile_threads
     model.prepare_kernels()
     # cuda_graphs: inductor captures the compiled forward and backward as CUDA graphs
     return torch.compile(model, mode="reduce-overhead" if tc.cuda_graphs else None)

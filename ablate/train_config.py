@@ -57,6 +57,9 @@ class TrainConfig:
     # the same model, which then skip the trace (ablate.train.keep_compiled); false: every trial starts
     # afresh; None (the default): on whenever compile is
     reuse_compiled: bool | None = None
+    # with compile: inductor's compile worker processes in this trial's process (it loads compiled kernels
+    # through them too); None: torch's default, min(32, the CPUs the process may use), in every trial
+    compile_threads: int | None = None
     loss: str = "auto"  # auto (the measured fastest; see train._auto_loss) or one of model.config.LOSSES
     loss_chunks: int = 8  # token chunks of the chunked loss
     diverge_loss: float | None = None  # a train loss above this is divergence; None: 2 * ln(vocab)
@@ -67,7 +70,7 @@ class TrainConfig:
         for name in ("tokens", "batch_size", "eval_every", "log_every", "diagnostics_batch", "loss_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_batches", "threads"):
+        for name in ("eval_batches", "threads", "compile_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
         if self.diverge_loss is not None and not self.diverge_loss > 0:  # NaN fails too
@@ -85,6 +88,8 @@ class TrainConfig:
             raise ValueError("cuda_graphs needs compile: true (the graphs are captured by torch.compile)")
         if self.reuse_compiled is True and not self.compile:
             raise ValueError("reuse_compiled needs compile: true (it keeps what torch.compile made)")
+        if self.compile_threads is not None and not self.compile:
+            raise ValueError("compile_threads needs compile: true (they are torch.compile's workers)")
         if self.fault is not None:
             kind, _, at = self.fault.partition("@")
             if kind not in ("nan", "raise") or not at.isdigit():

@@ -278,6 +278,27 @@ def test_reuse_compiled_needs_compile():
         from_dict(RunConfig, {"train": {"reuse_compiled": True}})
 
 
+def test_compile_threads_sizes_inductors_workers(tmp_path, dynamo_backend, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "compile_threads", 7)  # the process's setting, restored after the test
+    result = train(
+        cell_run(str(tmp_path), CELLS["sdpa-rope"], device="cpu", compile_threads=1), RecordingLogger()
+    )
+    assert result.status == "finished" and inductor.compile_threads == 1
+    default = train(cell_run(str(tmp_path), CELLS["sdpa-rope"], device="cpu"), RecordingLogger())
+    assert (
+        default.status == "finished" and inductor.compile_threads == 1
+    )  # unset: the process's setting stays
+
+
+def test_compile_threads_needs_compile_and_a_count():
+    with pytest.raises(ValueError, match="compile_threads needs compile: true"):
+        from_dict(RunConfig, {"train": {"compile_threads": 4}})
+    with pytest.raises(ValueError, match="compile_threads must be >= 1 or null"):
+        from_dict(RunConfig, {"train": {"compile": True, "compile_threads": 0}})
+
+
 @pytest.mark.gpu
 def test_a_kept_fast_path_step_serves_the_next_trial_on_cuda(tmp_path, fresh_process_state):
     """Inductor, CUDA graphs and the fused loss: the next trial of the same model runs the kept code
