@@ -173,7 +173,9 @@ def plan(
     if measured:
         console.print(f"  rate per trial from {measured[1]}", highlight=False)
     if fixed:
-        console.print(f"  fixed costs added to that steady rate: {fixed.describe()}", highlight=False)
+        console.print(
+            f"  fixed costs (per trial: added above; per launch: beside): {fixed.describe()}", highlight=False
+        )
     effects = Table(title=f"minimum detectable effect (80% power, alpha 0.05, seed sd {seed_sd:g})")
     for column in ("term", "df", "trials", "MDE", "measures"):
         effects.add_column(column)

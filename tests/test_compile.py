@@ -287,9 +287,8 @@ def test_compile_threads_sizes_inductors_workers(tmp_path, dynamo_backend, monke
     )
     assert result.status == "finished" and inductor.compile_threads == 1
     default = train(cell_run(str(tmp_path), CELLS["sdpa-rope"], device="cpu"), RecordingLogger())
-    assert (
-        default.status == "finished" and inductor.compile_threads == 1
-    )  # unset: the process's setting stays
+    # unset: the process's setting stays
+    assert default.status == "finished" and inductor.compile_threads == 1
 
 
 def test_compile_threads_needs_compile_and_a_count():
