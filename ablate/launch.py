@@ -443,19 +443,25 @@ def use_mps(design: Design, options: LaunchOptions, console: Console) -> bool:
     return why is None
 
 
+# Where `one_driver` keeps its locks: one folder per user, the same whatever $TMPDIR says, so that
+# drivers started with different temporary folders (two shells, two batch jobs on one node) see each
+# other. In the temporary folder they did not: two runs of one study wrote its SQLite store at once, and
+# one stopped in MLflow's schema migration with a traceback.
+LOCKS = Path("/tmp") / f"ablate-locks-{os.getuid()}"
+
+
 @contextmanager
 def one_driver(design: Design, options: LaunchOptions):
     """At most one `ablate run` of a study (its tracking store and experiment) on this machine at a time.
 
     Two would write one record at once: both resuming the same parent run, or two parents whose trials
-    and timings a reader of "the latest" mixes up. The lock is an advisory file lock in the temporary
-    folder (not in the output folder, which nothing may touch before the checks pass), released when the
-    process ends however it ends; the file names the pid holding it.
+    and timings a reader of "the latest" mixes up. The lock is an advisory file lock in `LOCKS` (not in
+    the output folder, which nothing may touch before the checks pass), released when the process ends
+    however it ends; the file names the pid holding it.
     """
     key = f"{design.tracking_uri(options.tracking_uri)}\n{design.experiment}"
-    folder = Path(tempfile.gettempdir()) / "ablate-locks"
-    folder.mkdir(exist_ok=True)
-    path = folder / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".lock")
+    LOCKS.mkdir(exist_ok=True)
+    path = LOCKS / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".lock")
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -553,8 +553,12 @@ def test_quickstart_ships_the_repository_study_and_keeps_a_users_edits(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart.yaml"]  # nothing run, nothing written
 
 
-def test_a_second_run_of_a_study_on_this_machine_is_refused_while_the_first_runs(tmp_path):
+@pytest.mark.parametrize("own_tmpdir", [False, True])
+def test_a_second_run_of_a_study_on_this_machine_is_refused_while_the_first_runs(
+    tmp_path, monkeypatch, own_tmpdir
+):
     import os
+    import tempfile
 
     from ablate import launch
     from ablate.design import load_design
@@ -562,6 +566,10 @@ def test_a_second_run_of_a_study_on_this_machine_is_refused_while_the_first_runs
     path = write(tmp_path, VALID)
     options = launch.LaunchOptions(None, None, False, None)
     with launch.one_driver(load_design(path), options):  # the first run, still going
+        if own_tmpdir:  # the second run started where $TMPDIR names another folder (a batch job's own)
+            (tmp_path.parent / "other_tmp").mkdir(exist_ok=True)
+            monkeypatch.setenv("TMPDIR", str(tmp_path.parent / "other_tmp"))
+            monkeypatch.setattr(tempfile, "tempdir", None)  # read $TMPDIR again
         result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 2, result.output
     message = " ".join(result.stderr.split())
