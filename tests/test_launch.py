@@ -535,3 +535,60 @@ def test_a_run_left_open_is_closed_on_the_next_launch_whatever_its_tag_says(tmp_
     for run_id, (tag, status) in cases.items():
         run = client.get_run(run_id)
         assert (tracking.status_of(run), run.info.status) == (tag, status)
+
+
+def _probe_package(root: Path, with_bytecode: bool) -> Path:
+    """A package `probe_pkg` under root, with or without its bytecode beside the source."""
+    import importlib.util
+    import py_compile
+
+    source = root / "probe_pkg" / "__init__.py"
+    source.parent.mkdir(parents=True)
+    source.write_text("VALUE = 1\n")
+    if with_bytecode:  # where this interpreter looks for it
+        py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)), doraise=True)
+    return source
+
+
+def test_workers_keep_bytecode_in_the_compile_cache_where_the_install_keeps_none(tmp_path, monkeypatch):
+    import os
+
+    from ablate.launch import cache_bytecode
+
+    _probe_package(tmp_path / "site", with_bytecode=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # as a container image may set it
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")
+    assert os.environ["PYTHONPYCACHEPREFIX"] == str(tmp_path / "bytecode")
+    assert "PYTHONDONTWRITEBYTECODE" not in os.environ
+
+    # a process started with that environment (as Ray's workers are) writes the bytecode there and only there
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    subprocess.run([sys.executable, "-c", "import probe_pkg"], env=env, check=True)
+    written = [p.relative_to(tmp_path / "bytecode") for p in (tmp_path / "bytecode").rglob("*.pyc")]
+    tail = ("probe_pkg", f"__init__.{sys.implementation.cache_tag}.pyc")
+    assert [p for p in written if p.parts[-2:] == tail], written  # under the source's own path
+    assert not (tmp_path / "site" / "probe_pkg" / "__pycache__").exists()
+
+
+@pytest.mark.parametrize("why", ["bytecode beside the source", "a prefix the user set"])
+def test_bytecode_settings_are_left_alone_where_the_install_has_bytecode_or_the_user_chose(
+    tmp_path, monkeypatch, why
+):
+    import os
+
+    from ablate.launch import cache_bytecode
+
+    _probe_package(tmp_path / "site", with_bytecode=why == "bytecode beside the source")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    if why == "a prefix the user set":
+        monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "theirs"))
+    else:
+        monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")
+    assert os.environ.get("PYTHONPYCACHEPREFIX") == (
+        str(tmp_path / "theirs") if why == "a prefix the user set" else None
+    )
+    assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1"
