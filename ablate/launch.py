@@ -576,6 +576,7 @@ def cache_bytecode(folder: str, probe: str = "torch") -> None:
     (PYTHONPYCACHEPREFIX), and the workers write it there despite PYTHONDONTWRITEBYTECODE, which keeps
     bytecode out of the install, not out of this folder. Whether the install has its bytecode is read
     from `probe`'s package; an install that has it, and a PYTHONPYCACHEPREFIX the user set, are left alone.
+    Like the other caches, this reaches the workers of a Ray started here, which inherit the environment.
     """
     import importlib.util
 
