@@ -58,7 +58,8 @@ class TrainConfig:
     # afresh; None (the default): on whenever compile is
     reuse_compiled: bool | None = None
     # with compile: inductor's compile worker processes in this trial's process (it loads compiled kernels
-    # through them too); None: torch's default, min(32, the CPUs the process may use), in every trial
+    # through them too); None: the process's setting as it is (torch's default, min(32, the CPUs the process
+    # may use), unless an earlier trial in the process set one: it is a process-wide setting)
     compile_threads: int | None = None
     loss: str = "auto"  # auto (the measured fastest; see train._auto_loss) or one of model.config.LOSSES
     loss_chunks: int = 8  # token chunks of the chunked loss
