@@ -28,7 +28,7 @@ import torch
 
 from kernels.flex import flex_attention_rbf, prepare_causal_mask
 from kernels.reference import attention_reference, check_shapes
-from kernels.sdpa_aug import sdpa_attention, sdpa_aug_attention
+from kernels.sdpa_aug import let_compile_caches_keep_sdpa_kernel, sdpa_attention, sdpa_aug_attention
 
 try:  # triton is a Linux-only dependency
     from kernels.triton_attn import INTERPRET, triton_attention, unsupported_reason
@@ -149,8 +149,10 @@ def _log_choice(name: str, q: torch.Tensor, causal: bool, requested: str) -> Non
 def prepare(n: int, device: torch.device) -> None:
     """Build, outside any torch.compile trace, what the backends keep per sequence length (flex's causal
     block mask), so that a compiled model finds it ready instead of tracing its construction. The model
-    calls it before it is compiled (GPT.prepare_kernels)."""
+    calls it before it is compiled (GPT.prepare_kernels). It also lets torch's compile caches keep the
+    graphs that choose SDPA backends (`let_compile_caches_keep_sdpa_kernel`)."""
     prepare_causal_mask(n, device)
+    let_compile_caches_keep_sdpa_kernel()
 
 
 def attention(

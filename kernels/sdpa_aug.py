@@ -19,6 +19,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # tried in this order; the math backend (which materialises N x N) is never allowed here
 AUG_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
+# Under torch.compile, dynamo records `sdpa_kernel` as calls of two private functions of
+# torch.nn.attention whose arguments are the backends' names, constants in the graph and so in its cache
+# key. AOTAutograd's cache refuses private functions it does not know, so without this every compiled
+# step using these backends traced and partitioned its joint graph anew in every process (an H200, torch
+# 2.11, warm caches: the sdpa cell's backend compile took 1.78 s, an rbf cell's cache load 0.24-0.71 s).
+# kernels.prepare, which runs before a model is compiled, lifts that refusal.
+SDPA_KERNEL_CALLS = ("torch.nn.attention._sdpa_kernel", "torch.nn.attention._backend_from_string")
+
+
+def let_compile_caches_keep_sdpa_kernel() -> None:
+    """Mark the calls `sdpa_kernel` leaves in a compiled graph cacheable, keyed by torch's version."""
+    from torch._inductor import config
+
+    marked = getattr(config, "unsafe_marked_cacheable_functions", None)
+    if marked is not None:
+        marked.update(dict.fromkeys(SDPA_KERNEL_CALLS, torch.__version__))
+
 
 def _scaled(q, a):
     """a*q per head, multiplied in float32 and rounded once to q's dtype (a rounded to 16 bits first

@@ -526,3 +526,35 @@ def test_triton_interpreted_under_torch_compile_without_graph_breaks(backend):
     eager = torch.autograd.grad(loss(q, k, v, a, b), (q, k, v, a, b))
     for x, y in zip(got, eager, strict=True):
         torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["unprepared", "prepared"])
+def test_compile_caches_keep_a_graph_that_chooses_sdpa_backends(prepared, tmp_path, monkeypatch):
+    """`sdpa_kernel` inside a compiled step leaves calls of private torch functions in its graph, which
+    AOTAutograd's cache refuses unless kernels.prepare (run before a model is compiled) marked them: a
+    second process, here a second compilation after dynamo's reset, then loads the graph instead of
+    tracing its joint graph again."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config
+    from torch.nn.attention import SDPBackend
+
+    from kernels.sdpa_aug import sdpa_attention
+
+    def step(q, k, v, a):
+        return sdpa_attention(q, k, v, a, None, backends=[SDPBackend.MATH]).square().sum()
+
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    a = torch.full((2,), 0.5)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with config.patch(unsafe_marked_cacheable_functions={}):
+        if prepared:
+            kernels.prepare(16, torch.device("cpu"))
+        counters.clear()
+        for _ in range(2):
+            torch._dynamo.reset()
+            torch.compile(step)(q, k, v, a).backward()
+    aot = dict(counters["aot_autograd"])
+    if prepared:
+        assert aot.get("autograd_cache_hit") == 1 and not aot.get("autograd_cache_bypass")
+    else:
+        assert aot.get("autograd_cache_bypass") == 2 and not aot.get("autograd_cache_hit")
