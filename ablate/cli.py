@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ablate import rates
+from ablate import caches, rates
 
 app = typer.Typer(
     help="Designed ablation studies of attention geometries: Ray Tune trials, MLflow records, attribution.",
@@ -525,6 +525,7 @@ def _write_report(design, study: Path, uri: str, out: Path | None) -> dict[str, 
 
 def main() -> None:
     """Entry point of the `ablate` command."""
+    caches.relaunch_with_cached_bytecode()  # before the subcommand imports torch, Ray and MLflow
     app()
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from ablate import mps, tracking
+from ablate.caches import share_compile_caches
 from ablate.config import RunConfig, from_dict
 from ablate.design import Design, Trial
 from ablate.spec import StudyError
@@ -546,49 +547,6 @@ def init_ray(address: str | None) -> bool:
         logging_level=logging.WARNING,
     )
     return True
-
-
-def share_compile_caches() -> None:
-    """Point every trial's torch.compile caches at one directory on the node (workers inherit it).
-
-    Inductor's FX-graph and AOTAutograd caches and Triton's kernel cache then serve every trial and
-    worker process after the first of each kind of cell, and survive the study: a later study, or the
-    same study resumed, compiles from disk. `$ABLATE_COMPILE_CACHE` (default `$ABLATE_CACHE/compile`,
-    else `~/.cache/ablate/compile`) moves it, e.g. onto a folder that travels with the study. Python's
-    own bytecode goes there too where the install keeps none (`cache_bytecode`).
-    """
-    root = os.environ.get("ABLATE_COMPILE_CACHE") or os.path.join(
-        os.environ.get("ABLATE_CACHE") or os.path.expanduser("~/.cache/ablate"), "compile"
-    )
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(root, "triton"))
-    cache_bytecode(os.path.join(root, "bytecode"))
-
-
-def cache_bytecode(folder: str, probe: str = "torch") -> None:
-    """Let the trials' processes keep Python's compiled bytecode in `folder` where the install keeps none.
-
-    Each Ray worker is a fresh interpreter that imports torch, inductor, Ray and MLflow. Where their
-    bytecode is not cached beside the source (an image built with PYTHONDONTWRITEBYTECODE=1 and no
-    __pycache__, or an install the user cannot write), every worker compiles thousands of modules from
-    source: on an H200 host's image (torch 2.11), importing torch, dynamo, inductor, Ray Tune and MLflow
-    took 22 s a process, and 7 s with the bytecode cached. Python then keeps it under `folder`
-    (PYTHONPYCACHEPREFIX), and the workers write it there despite PYTHONDONTWRITEBYTECODE, which keeps
-    bytecode out of the install, not out of this folder. Whether the install has its bytecode is read
-    from `probe`'s package; an install that has it, and a PYTHONPYCACHEPREFIX the user set, are left alone.
-    Like the other caches, this reaches the workers of a Ray started here, which inherit the environment.
-    """
-    import importlib.util
-
-    if os.environ.get("PYTHONPYCACHEPREFIX"):
-        return
-    spec = importlib.util.find_spec(probe)
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return
-    if os.path.exists(importlib.util.cache_from_source(spec.origin)):
-        return
-    os.environ["PYTHONPYCACHEPREFIX"] = folder
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 RAY_ERROR_CHARS = 200

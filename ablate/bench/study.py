@@ -43,9 +43,9 @@ def measure_alone(study: Path, factors: list[str] | None = None, eager: bool = F
     several times slower than the rest then counts as slow work, not as lost efficiency.
     """
     from ablate.bench.throughput import steady_median
+    from ablate.caches import share_compile_caches
     from ablate.config import RunConfig, from_dict
     from ablate.design import load_design
-    from ablate.launch import share_compile_caches
     from ablate.logger import RecordingLogger
     from ablate.train import train
 

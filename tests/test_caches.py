@@ -1,0 +1,101 @@
+"""Where a study's processes keep what they compile: the compile caches and Python's bytecode, for the
+workers `ablate run` starts and for the `ablate` command itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ablate.caches import cache_bytecode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _probe_package(root: Path, with_bytecode: bool) -> Path:
+    """A package `probe_pkg` under root, with or without its bytecode beside the source."""
+    import importlib.util
+    import py_compile
+
+    source = root / "probe_pkg" / "__init__.py"
+    source.parent.mkdir(parents=True)
+    source.write_text("VALUE = 1\n")
+    if with_bytecode:  # where this interpreter looks for it
+        py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)), doraise=True)
+    return source
+
+
+def test_workers_keep_bytecode_in_the_compile_cache_where_the_install_keeps_none(tmp_path, monkeypatch):
+    _probe_package(tmp_path / "site", with_bytecode=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # as a container image may set it
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")
+    assert os.environ["PYTHONPYCACHEPREFIX"] == str(tmp_path / "bytecode")
+    assert "PYTHONDONTWRITEBYTECODE" not in os.environ
+
+    # a process started with that environment (as Ray's workers are) writes the bytecode there and only there
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    subprocess.run([sys.executable, "-c", "import probe_pkg"], env=env, check=True)
+    written = [p.relative_to(tmp_path / "bytecode") for p in (tmp_path / "bytecode").rglob("*.pyc")]
+    tail = ("probe_pkg", f"__init__.{sys.implementation.cache_tag}.pyc")
+    assert [p for p in written if p.parts[-2:] == tail], written  # under the source's own path
+    assert not (tmp_path / "site" / "probe_pkg" / "__pycache__").exists()
+
+
+@pytest.mark.parametrize("why", ["bytecode beside the source", "a prefix the user set"])
+def test_bytecode_settings_are_left_alone_where_the_install_has_bytecode_or_the_user_chose(
+    tmp_path, monkeypatch, why
+):
+    _probe_package(tmp_path / "site", with_bytecode=why == "bytecode beside the source")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    if why == "a prefix the user set":
+        monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "theirs"))
+    else:
+        monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")
+    assert os.environ.get("PYTHONPYCACHEPREFIX") == (
+        str(tmp_path / "theirs") if why == "a prefix the user set" else None
+    )
+    assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1"
+
+
+@pytest.mark.parametrize("install", ["without bytecode", "with bytecode"])
+def test_the_command_starts_again_with_its_bytecode_cached_where_the_install_keeps_none(tmp_path, install):
+    """The command's own imports read cached bytecode too: where the install keeps none, it replaces itself
+    by the same command line with the prefix set (once); elsewhere it runs on unchanged."""
+    _probe_package(tmp_path / "site", with_bytecode=install == "with bytecode")
+    script = tmp_path / "command.py"
+    script.write_text(
+        "import sys\n"
+        "from ablate.caches import relaunch_with_cached_bytecode\n"
+        "print('started', sys.pycache_prefix, sys.argv[1:], flush=True)\n"
+        "relaunch_with_cached_bytecode(probe='probe_pkg')\n"
+        "print('running', sys.pycache_prefix, flush=True)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPYCACHEPREFIX"}
+    env |= {
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)]),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "ABLATE_COMPILE_CACHE": str(tmp_path / "cc"),
+    }
+    out = subprocess.run(
+        [sys.executable, str(script), "run", "study.yaml"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    prefix = str(tmp_path / "cc" / "bytecode")
+    if install == "without bytecode":
+        assert out == [
+            "started None ['run', 'study.yaml']",
+            f"started {prefix} ['run', 'study.yaml']",
+            f"running {prefix}",
+        ]
+    else:
+        assert out == ["started None ['run', 'study.yaml']", "running None"]
