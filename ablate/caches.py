@@ -67,6 +67,8 @@ def relaunch_with_cached_bytecode(probe: str = "torch") -> None:
     same command line under the new environment (before anything is imported or written), so that the
     command's own imports read the cached bytecode too. Elsewhere it returns and changes nothing.
     """
+    if not sys.executable:  # an embedded interpreter: nothing to start again
+        return
     if cache_bytecode(os.path.join(compile_cache_root(), "bytecode"), probe):
         sys.stdout.flush()
         sys.stderr.flush()
