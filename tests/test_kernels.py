@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -528,6 +529,10 @@ def test_triton_interpreted_under_torch_compile_without_graph_breaks(backend):
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+    reason="inductor's CPU backend needs a C++ compiler",
+)
 @pytest.mark.parametrize("prepared", [False, True], ids=["unprepared", "prepared"])
 def test_compile_caches_keep_a_graph_that_chooses_sdpa_backends(prepared, tmp_path, monkeypatch):
     """`sdpa_kernel` inside a compiled step leaves calls of private torch functions in its graph, which
