@@ -278,17 +278,20 @@ def test_reuse_compiled_needs_compile():
         from_dict(RunConfig, {"train": {"reuse_compiled": True}})
 
 
-def test_compile_threads_sizes_inductors_workers(tmp_path, dynamo_backend, monkeypatch):
+def test_compile_threads_sizes_inductors_workers(tmp_path, dynamo_backend):
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor, "compile_threads", 7)  # the process's setting, restored after the test
-    result = train(
-        cell_run(str(tmp_path), CELLS["sdpa-rope"], device="cpu", compile_threads=1), RecordingLogger()
-    )
-    assert result.status == "finished" and inductor.compile_threads == 1
-    default = train(cell_run(str(tmp_path), CELLS["sdpa-rope"], device="cpu"), RecordingLogger())
-    # unset: the process's setting stays
-    assert default.status == "finished" and inductor.compile_threads == 1
+    # the process's setting, restored after the test by inductor's own patch (pytest's monkeypatch, undone,
+    # deletes a setting from torch's config module, and every later compilation in the process then fails)
+    with inductor.patch(compile_threads=7):
+        result = train(
+            cell_run(str(tmp_path), CELLS["sdpa-rope"], device="cpu", compile_threads=1), RecordingLogger()
+        )
+        assert result.status == "finished" and inductor.compile_threads == 1
+        default = train(cell_run(str(tmp_path), CELLS["sdpa-rope"], device="cpu"), RecordingLogger())
+        # unset: the process's setting stays
+        assert default.status == "finished" and inductor.compile_threads == 1
+    assert hasattr(inductor, "compile_threads")
 
 
 def test_compile_threads_needs_compile_and_a_count():
