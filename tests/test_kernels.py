@@ -530,7 +530,7 @@ def test_triton_interpreted_under_torch_compile_without_graph_breaks(backend):
 
 
 @pytest.mark.skipif(
-    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+    not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")),
     reason="inductor's CPU backend needs a C++ compiler",
 )
 @pytest.mark.parametrize("prepared", [False, True], ids=["unprepared", "prepared"])
