@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ablate import precompiled
 from ablate.config import ConfigError, RunConfig, load_run_config, to_flat_dict
 from ablate.data import PackedData, prepare, train_batches, val_batches
 from ablate.logger import ConsoleLogger, MetricLogger, NullLogger
@@ -225,6 +226,7 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
         **{name: final[f"diag/{name}/mean"] for name in DIAGNOSTICS if f"diag/{name}/mean" in final},
         **{f"time/{k}": v for k, v in window.timing.items()},  # where the trial's seconds went
         **(compile_spent(compiled_before) if tc.compile else {}),
+        **(step_source(step_model) if tc.compile else {}),
     }
     return TrialResult(
         "finished", total_steps, total_steps * tokens_per_step, final[VAL_LOSS_CURVE], summary=summary
@@ -268,6 +270,13 @@ def compile_spent(before: dict[str, float]) -> dict[str, float]:
     """What this trial compiled since `before` (a compile_clock snapshot): seconds by phase, cache events.
     A kept step (`reuse_compiled`) shows zeros: nothing was traced or loaded."""
     return {name: max(value - before.get(name, 0.0), 0.0) for name, value in compile_clock().items()}
+
+
+def step_source(step_model) -> dict[str, float]:
+    """Whether a precompiled step was loaded (1) or traced and saved (0), and the seconds it took."""
+    if not isinstance(step_model, precompiled.PrecompiledStep):
+        return {}
+    return {"compile/step_loaded": float(bool(step_model.loaded)), "time/step_load_s": step_model.load_s}
 
 
 class Window:
@@ -351,6 +360,7 @@ def release_trial_state(graphs: bool) -> None:
     import gc
 
     torch._dynamo.reset()  # drops the compiled frames that keep the trial's model and graphs alive
+    precompiled.forget()
     if graphs:
         release_cudagraph_trees()
     gc.collect()
@@ -391,8 +401,15 @@ def _compiled(model: GPT, tc: TrainConfig, key: tuple):
 
         inductor_config.compile_threads = tc.compile_threads
     model.prepare_kernels()
-    # cuda_graphs: inductor captures the compiled forward and backward as CUDA graphs
-    return torch.compile(model, mode="reduce-overhead" if tc.cuda_graphs else None)
+    mode = "reduce-overhead" if tc.cuda_graphs else None  # inductor captures forward and backward as graphs
+    if tc.precompiles:
+        if precompiled.available():
+            return precompiled.PrecompiledStep(model, mode)
+        if tc.precompile:
+            raise ConfigError(
+                "train.precompile", f"needs torch's aot_compile, which torch {torch.__version__} lacks"
+            )
+    return torch.compile(model, mode=mode)
 
 
 # Models whose compiled step this process keeps (`train.reuse_compiled`), by `kept_key`. A process may
@@ -425,6 +442,7 @@ def start_afresh() -> None:
     if KEPT:
         forget_compiled(graphs=True)
     torch._dynamo.reset()
+    precompiled.forget()
     served = 0
 
 

@@ -57,6 +57,10 @@ class TrainConfig:
     # the same model, which then skip the trace (ablate.train.keep_compiled); false: every trial starts
     # afresh; None (the default): on whenever compile is
     reuse_compiled: bool | None = None
+    # with compile: save the compiled step once per model on this machine (in the compile cache) and load
+    # it in every later trial of that model, which then skips dynamo's trace (ablate.precompiled); None
+    # (the default): on whenever compile is and torch can; false: every trial's first call traces
+    precompile: bool | None = None
     # with compile: inductor's compile worker processes in this trial's process (it loads compiled kernels
     # through them too); None: the process's setting as it is (torch's default, min(32, the CPUs the process
     # may use), unless an earlier trial in the process set one: it is a process-wide setting)
@@ -89,6 +93,8 @@ class TrainConfig:
             raise ValueError("cuda_graphs needs compile: true (the graphs are captured by torch.compile)")
         if self.reuse_compiled is True and not self.compile:
             raise ValueError("reuse_compiled needs compile: true (it keeps what torch.compile made)")
+        if self.precompile is True and not self.compile:
+            raise ValueError("precompile needs compile: true (it saves what torch.compile made)")
         if self.compile_threads is not None and not self.compile:
             raise ValueError("compile_threads needs compile: true (they are torch.compile's workers)")
         if self.fault is not None:
@@ -100,6 +106,11 @@ class TrainConfig:
     def keeps_compiled(self) -> bool:
         """Whether a trial keeps its compiled step for the process's next trials (`reuse_compiled`)."""
         return self.compile and self.reuse_compiled is not False
+
+    @property
+    def precompiles(self) -> bool:
+        """Whether a trial loads (or compiles and saves) its step ahead of time (`precompile`)."""
+        return self.compile and self.precompile is not False
 
     def cuda_only(self) -> list[str]:
         """The settings here that run only on CUDA, as 'key: value'."""

@@ -1,0 +1,210 @@
+"""Precompiled steps: a cell's compiled step is saved once and loaded by its later trials, untraced, with the
+same losses as a trial that traced it; a file is only ever used for the model, call and code it was made for.
+
+On CPU the steps are compiled with AOTAutograd's `aot_eager` backend (quick, and savable as inductor's
+output is); the `gpu` test runs inductor with CUDA graphs and the fused loss.
+"""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import ablate.precompiled as precompiled
+from ablate.logger import RecordingLogger
+from ablate.train import forget_compiled, train
+from model import GPT
+from model.config import GPTConfig
+from tests.test_compile import CELLS, cell_run
+
+
+@pytest.fixture
+def steps(tmp_path, monkeypatch):
+    """A compile cache of the test's own, aot_eager steps, and no step loaded before or after the test.
+    A trial that does not precompile compiles with aot_eager too, so that both run the same code."""
+    monkeypatch.setenv("ABLATE_COMPILE_CACHE", str(tmp_path / "compile"))
+    monkeypatch.setattr(precompiled, "BACKEND", "aot_eager")
+    real = torch.compile
+
+    def compile_aot_eager(model, **kwargs):
+        return real(model, **{"backend": "aot_eager", **kwargs})
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    forget_compiled(graphs=False)
+    yield tmp_path / "compile" / "steps"
+    forget_compiled(graphs=False)
+
+
+def trial(tmp_path, cell: str, seed: int = 0, **settings) -> tuple:
+    """(result, train losses, frames dynamo traced) of one CPU trial with precompiled steps on."""
+    cfg = cell_run(str(tmp_path), CELLS[cell], device="cpu", **{"precompile": True, **settings})
+    log = RecordingLogger()
+    counters.clear()
+    result = train(dataclasses.replace(cfg, seed=seed), log)
+    return result, [v for _, v in log.series("train/loss")], counters["stats"]["unique_graphs"]
+
+
+def test_a_saved_step_serves_the_next_trial_untraced_with_the_same_losses(tmp_path, steps):
+    first, first_losses, traced = trial(tmp_path, "rbf-susie-register-warmup", seed=3)
+    assert traced == 1 and first.summary["compile/step_loaded"] == 0.0  # traced, compiled and saved
+    assert len(list(steps.glob("*.bin"))) == 1
+    loaded, losses, traced = trial(tmp_path, "rbf-susie-register-warmup", seed=3)
+    assert traced == 0 and loaded.summary["compile/step_loaded"] == 1.0  # from the file: no trace
+    assert losses == first_losses and loaded.val_loss == first.val_loss
+    # the trial that traces its model as torch.compile does: the same losses, bit for bit
+    plain, plain_losses, traced = trial(tmp_path, "rbf-susie-register-warmup", seed=3, precompile=False)
+    assert traced == 1 and "compile/step_loaded" not in plain.summary
+    assert plain_losses == losses and plain.val_loss == loaded.val_loss
+
+
+def test_each_model_has_its_own_step(tmp_path, steps):
+    for cell in ("sdpa-rope", "penalty-rope-learnable", "sdpa-rope"):
+        trial(tmp_path, cell)
+    assert len(list(steps.glob("*.bin"))) == 2
+    other_seed, _, traced = trial(tmp_path, "penalty-rope-learnable", seed=1)  # a seed is not a new step
+    assert traced == 0 and other_seed.summary["compile/step_loaded"] == 1.0
+
+
+def test_a_kept_step_is_reused_without_reading_its_file_again(tmp_path, steps):
+    trial(tmp_path, "sdpa-rope", reuse_compiled=True)
+    (path,) = precompiled.LOADED
+    path.unlink()  # the process keeps the step it loaded: its next trial of the cell needs no file
+    result, _, traced = trial(tmp_path, "sdpa-rope", seed=1, reuse_compiled=True)
+    assert traced == 0 and result.summary["compile/step_loaded"] == 1.0 and not path.exists()
+
+
+def test_a_damaged_file_is_compiled_again_and_replaced(tmp_path, steps):
+    _, losses, _ = trial(tmp_path, "sdpa-rope")
+    (path,) = steps.glob("*.bin")
+    path.write_bytes(b"not a step")
+    forget_compiled(graphs=False)
+    with pytest.warns(UserWarning, match="did not load"):
+        again, again_losses, traced = trial(tmp_path, "sdpa-rope")
+    assert traced == 1 and again.summary["compile/step_loaded"] == 0.0 and again_losses == losses
+    assert path.read_bytes() != b"not a step"
+    assert trial(tmp_path, "sdpa-rope")[0].summary["compile/step_loaded"] == 1.0
+
+
+def test_a_model_the_step_refuses_compiles_as_torch_compile_does(tmp_path, steps, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("graph break")
+
+    monkeypatch.setattr(precompiled.PrecompiledStep, "_compile_and_save", refuse)
+    with pytest.warns(UserWarning, match="could not be compiled ahead of time"):
+        result, _, traced = trial(tmp_path, "sdpa-rope")
+    assert result.status == "finished" and traced == 1 and result.summary["compile/step_loaded"] == 0.0
+    assert not list(steps.glob("*.bin"))
+
+
+def test_a_step_is_never_used_for_another_model_call_or_source(monkeypatch):
+    model = GPT(GPTConfig(n_layers=1, d_model=32, n_heads=2, context=16, vocab_size=64))
+    x = torch.zeros(2, 16, dtype=torch.long)
+    key = precompiled.step_key(model, (x, x), {"loss": "plain"}, None, "inductor")
+    assert key == precompiled.step_key(
+        GPT(dataclasses.replace(model.cfg)), (x, x), {"loss": "plain"}, None, "inductor"
+    )  # a new model of the same settings (another seed) uses the same step
+    others = [
+        precompiled.step_key(
+            GPT(dataclasses.replace(model.cfg, metric="rbf")), (x, x), {"loss": "plain"}, None, "inductor"
+        ),
+        precompiled.step_key(model, (x[:1], x[:1]), {"loss": "plain"}, None, "inductor"),
+        precompiled.step_key(model, (x, x), {"loss": "chunked"}, None, "inductor"),
+        precompiled.step_key(model, (x, x), {"loss": "plain"}, "reduce-overhead", "inductor"),
+        precompiled.step_key(model, (x, x), {"loss": "plain"}, None, "aot_eager"),
+    ]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        others.append(precompiled.step_key(model, (x, x), {"loss": "plain"}, None, "inductor"))
+    monkeypatch.setenv("ABLATE_KEY_NORM", "loop")
+    others.append(precompiled.step_key(model, (x, x), {"loss": "plain"}, None, "inductor"))
+    monkeypatch.delenv("ABLATE_KEY_NORM")
+    monkeypatch.setattr(precompiled, "source_digest", lambda: "edited model source")
+    others.append(precompiled.step_key(model, (x, x), {"loss": "plain"}, None, "inductor"))
+    assert len({key, *others}) == len(others) + 1
+
+
+def test_the_source_digest_follows_the_model_and_kernel_files():
+    digest = precompiled.source_digest()
+    assert len(digest) == 64 and digest == precompiled.source_digest()
+    import model
+
+    assert (Path(model.__file__).parent / "gpt.py").exists()  # among the files it reads
+
+
+def test_precompile_needs_compile():
+    from ablate.config import RunConfig, from_dict
+
+    with pytest.raises(ValueError, match="precompile needs compile: true"):
+        from_dict(RunConfig, {"train": {"precompile": True}})
+    assert from_dict(RunConfig, {"train": {"compile": True}}).train.precompiles  # on by default
+    assert not from_dict(RunConfig, {"train": {"compile": True, "precompile": False}}).train.precompiles
+
+
+@pytest.mark.slow
+def test_a_new_process_loads_the_step_another_saved(tmp_path):
+    """What a study's workers do: the first process of a cell saves its step, the next one only loads it."""
+    script = textwrap.dedent(
+        f"""
+        import dataclasses, json, sys
+        import ablate.precompiled as precompiled
+        from ablate.logger import RecordingLogger
+        from ablate.train import train
+        from tests.test_compile import CELLS, cell_run
+        from torch._dynamo.utils import counters
+
+        precompiled.BACKEND = "aot_eager"
+        cfg = cell_run({str(tmp_path)!r}, CELLS["penalty-rope-register-separate-lam"], device="cpu", precompile=True)
+        log = RecordingLogger()
+        result = train(cfg, log)
+        print(json.dumps({{"loaded": result.summary["compile/step_loaded"],
+                           "traced": counters["stats"]["unique_graphs"],
+                           "losses": [v for _, v in log.series("train/loss")]}}))
+        """
+    )
+    env = {**__import__("os").environ, "ABLATE_COMPILE_CACHE": str(tmp_path / "compile")}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).parent.parent,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(__import__("json").loads(done.stdout.strip().splitlines()[-1]))
+    assert (runs[0]["loaded"], runs[0]["traced"]) == (0.0, 1)
+    assert (runs[1]["loaded"], runs[1]["traced"]) == (1.0, 0)
+    assert runs[1]["losses"] == runs[0]["losses"]
+
+
+@pytest.mark.gpu
+def test_a_saved_fast_path_step_trains_as_a_traced_one_on_cuda(tmp_path, monkeypatch):
+    """Inductor, CUDA graphs and the fused loss: the loaded step replays graphs and trains as the traced one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv("ABLATE_COMPILE_CACHE", str(tmp_path / "compile"))
+    forget_compiled(graphs=True)
+    fast = {"device": "cuda", "cuda_graphs": True, "loss": "fused"}
+    runs = []
+    try:
+        for precompile in (True, True, False):
+            cfg = cell_run(str(tmp_path), CELLS["penalty-rope-learnable"], precompile=precompile, **fast)
+            log = RecordingLogger()
+            counters.clear()
+            result = train(cfg, log)
+            runs.append(
+                (result, [v for _, v in log.series("train/loss")], counters["stats"]["unique_graphs"])
+            )
+    finally:
+        forget_compiled(graphs=True)
+    (saved, saved_losses, _), (loaded, losses, traced), (plain, plain_losses, _) = runs
+    assert saved.summary["compile/step_loaded"] == 0.0
+    assert loaded.summary["compile/step_loaded"] == 1.0 and traced == 0
+    assert losses == pytest.approx(plain_losses, rel=1e-3) and losses == pytest.approx(saved_losses, rel=1e-3)
+    assert loaded.val_loss == pytest.approx(plain.val_loss, rel=1e-3)
