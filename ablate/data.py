@@ -40,7 +40,6 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import tokenizers
 from filelock import FileLock, Timeout
@@ -63,7 +62,10 @@ from ablate.data_config import (
     tokenizer_kind,
 )
 
-if TYPE_CHECKING:  # torch loads with the first batch: preparing data needs only numpy
+# torch loads with the first batch (preparing data needs only numpy), and Hugging Face datasets where
+# data is built (0.4 s a process): a trial only maps data prepared before it started
+if TYPE_CHECKING:
+    import datasets
     import torch
 
 FIRST_CHUNK, MAX_CHUNK = 2048, 262_144  # documents per tokenisation chunk (grows geometrically)
@@ -115,10 +117,14 @@ def _story_texts(seed: int, split: str, start: int, stop: int) -> list[str]:
 
 
 def _story_rows(seed: int, split: str, start: int, stop: int) -> datasets.Dataset:
+    import datasets
+
     return datasets.Dataset.from_dict({"text": _story_texts(seed, split, start, stop)})
 
 
 def _mqar_rows(spec: corpora.MQARSpec, length: int, seed: int, split: str, start: int, stop: int):
+    import datasets
+
     ids = corpora.mqar(spec, length, stop - start, seed, split, start=start)  # each ends in eot
     features = datasets.Features({"ids": datasets.List(datasets.Value("uint16"))})
     return datasets.Dataset.from_dict({"ids": ids.tolist()}, features=features)
@@ -137,6 +143,8 @@ def _generated_splits(cfg: DataConfig, seq_len: int) -> tuple[_Split, _Split]:
 
 
 def _load_dataset_dict(cfg: DataConfig, root: Path) -> datasets.DatasetDict:
+    import datasets
+
     if source_kind(cfg.source) == "hf":
         name, _, subset = cfg.source.removeprefix("hf:").partition(":")
         return datasets.load_dataset(name, subset or None, revision=cfg.revision)
@@ -185,6 +193,8 @@ def _dataset_split(
 
 
 def _packaged_splits(cfg: DataConfig, progress: bool) -> tuple[_Split, _Split]:
+    import datasets
+
     docs = packaged.documents(cfg.source, cfg.val_fraction, cfg.corpus_seed)
     _say(progress, f"{cfg.source}: {len(docs.train)} training and {len(docs.val)} validation documents")
     field_ = cfg.text_field  # the configured column name, so tokenising reads these rows as usual
@@ -312,6 +322,8 @@ def _tokenise(split: _Split, codec: _Codec, text_field: str, need: float, first_
     """Tokenise `split` in growing chunks of documents until `need` tokens (inf: all).
 
     Returns (parts, documents read, tokens including each document's eot)."""
+    import datasets
+
     features = datasets.Features({"ids": datasets.List(datasets.Value(str(token_dtype(codec.vocab_size))))})
     parts, total, start, size = [], 0, 0, first_chunk
     while total < need and (split.n_docs is None or start < split.n_docs):
@@ -421,6 +433,8 @@ def _locked(path: Path, progress: bool, what: str) -> Iterator[None]:
 
 @contextmanager
 def _hf_progress_bars(enabled: bool) -> Iterator[None]:
+    import datasets
+
     was_enabled = datasets.is_progress_bar_enabled()
     (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
     try:
@@ -430,6 +444,8 @@ def _hf_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _meta(cfg: DataConfig, seq_len: int, key: str, codec: _Codec, stats: dict) -> dict:
+    import datasets
+
     config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "cache_dir"}
     versions = {
         "datasets": datasets.__version__,

@@ -14,8 +14,9 @@ batch's shapes and dtypes, the call's keyword arguments, autocast, the compile m
 device, torch's and Triton's versions, the environment variables the kernels read, and the source of
 the `model` and `kernels` packages. A change to any of them is a new file, never a stale step.
 
-Where torch has no ahead-of-time compilation, or it refuses a model (a graph break, a backend whose
-output cannot be saved), the trial compiles as `torch.compile` always does, with a warning.
+Where torch refuses a model ahead of time (a graph break, a backend whose output cannot be saved), the
+trial compiles as `torch.compile` always does, with a warning. `train.precompile: true` turns it on
+(ablate.train); a torch without ahead-of-time compilation refuses the setting.
 """
 
 from __future__ import annotations

@@ -405,10 +405,9 @@ def _compiled(model: GPT, tc: TrainConfig, key: tuple):
     if tc.precompiles:
         if precompiled.available():
             return precompiled.PrecompiledStep(model, mode)
-        if tc.precompile:
-            raise ConfigError(
-                "train.precompile", f"needs torch's aot_compile, which torch {torch.__version__} lacks"
-            )
+        raise ConfigError(
+            "train.precompile", f"needs torch's aot_compile, which torch {torch.__version__} lacks"
+        )
     return torch.compile(model, mode=mode)
 
 

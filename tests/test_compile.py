@@ -68,7 +68,6 @@ def cell_run(cache_dir: str, model: dict, *, device: str, steps: int = 12, **tra
             "device": device,
             "compile": True,
             "reuse_compiled": False,  # each test's trials start afresh unless it says otherwise
-            "precompile": False,  # and trace their model (tests/test_precompiled.py loads saved steps)
         }
         | train_settings,
     }

@@ -140,8 +140,8 @@ def test_precompile_needs_compile():
 
     with pytest.raises(ValueError, match="precompile needs compile: true"):
         from_dict(RunConfig, {"train": {"precompile": True}})
-    assert from_dict(RunConfig, {"train": {"compile": True}}).train.precompiles  # on by default
-    assert not from_dict(RunConfig, {"train": {"compile": True, "precompile": False}}).train.precompiles
+    assert not from_dict(RunConfig, {"train": {"compile": True}}).train.precompiles  # off by default
+    assert from_dict(RunConfig, {"train": {"compile": True, "precompile": True}}).train.precompiles
 
 
 @pytest.mark.slow
