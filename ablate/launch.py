@@ -18,6 +18,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from ablate import mps, tracking
 from ablate.caches import share_compile_caches
 from ablate.config import RunConfig, from_dict
 from ablate.design import Design, Trial
+from ablate.preflight import starts_local_ray
 from ablate.spec import StudyError
 
 TAG = tracking.TAG
@@ -100,8 +103,8 @@ def create_study_store(design: Design, store: StudyStore) -> None:
 
 
 def preflight(design: Design, options: LaunchOptions) -> None:
-    """Everything a launch can check before it writes: tracking URI, output folder, GPUs on this machine
-    (and MPS, for a study that asks for it)."""
+    """Everything a launch can check before it writes: tracking URI, output folder, the CPUs and GPUs of
+    this machine for a Ray started here (and MPS, for a study that asks for it)."""
     from ablate import preflight as checks
 
     source = str(design.source) if design.source else None
@@ -110,6 +113,7 @@ def preflight(design: Design, options: LaunchOptions) -> None:
     checks.check_tracking_uri(design.tracking_uri(options.tracking_uri), key, source)
     if design.study.resources.mps is True:
         checks.check_mps(options.ray_address, source)
+    checks.check_local_cpus(design.study.resources.cpu, options.ray_address, source)
     checks.check_local_gpus(design.study.resources.gpu, options.ray_address, source)
 
 
@@ -389,11 +393,9 @@ def _run_study(
     if todo:
         # the daemon quits after Ray's workers, its clients, have exited
         with mps_daemon(design, use_mps(design, options, console), console) as mps_on:
-            with clock.phase("ray_start"):
-                started_ray = init_ray(options.ray_address)
-            try:
+
+            def record() -> None:  # the study's store, parent run and data
                 with clock.phase("parent"):
-                    check_cluster(design, store.uri)
                     create_study_store(design, store)
                     start_parent(design, store, resume=parent is not None)
                     tracking.retrying(  # a tag, not a param: auto may decide otherwise on resume
@@ -405,6 +407,10 @@ def _run_study(
                     tracking.close_stale(store.client, runs)  # left running by a driver that was killed
                 with clock.phase("data"):
                     prepare_data(design, todo, console)
+
+            started_ray = False
+            try:
+                started_ray = start_ray_beside(record, design, store, options, clock)
                 with clock.phase("tune"):
                     run_tune(design, todo, store, options, Progress(len(design.trials), skipped, console))
             finally:
@@ -525,6 +531,37 @@ def mps_daemon(design: Design, on: bool, console: Console):
                 console.print(
                     f"warning: the MPS daemon did not answer `quit` within {mps.STOP_TIMEOUT_S:g} s"
                 )
+
+
+def start_ray_beside(
+    record: Callable[[], None], design: Design, store: StudyStore, options: LaunchOptions, clock: PhaseClock
+) -> bool:
+    """Start (or join) Ray, and `record` the study (store, parent run, data); True if Ray started here.
+
+    A Ray started here takes about 3 s to come up, so the study is recorded meanwhile, in a thread:
+    `preflight` has checked this machine's CPUs and GPUs, which are what that Ray will have. A cluster
+    (`--ray-address`, or a Ray this process runs already) is checked first, then recorded: nothing is
+    written for a study it cannot run. Ray itself starts in the main thread, where it installs its
+    handler of SIGTERM.
+    """
+    beside = starts_local_ray(options.ray_address)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-record") as pool:
+        recorded = pool.submit(record) if beside else None
+        with clock.phase("ray_start"):
+            started = init_ray(options.ray_address)  # on failure, leaving this block waits for the record
+    try:
+        if recorded is not None:
+            recorded.result()
+        check_cluster(design, store.uri)  # for a Ray started here: what preflight checked, as Ray counts it
+        if recorded is None:
+            record()
+    except BaseException:
+        if started:  # the caller learns that Ray started only from the return value
+            import ray
+
+            ray.shutdown()
+        raise
+    return started
 
 
 def init_ray(address: str | None) -> bool:

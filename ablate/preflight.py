@@ -91,6 +91,24 @@ def local_gpu_count() -> int | None:
     return count
 
 
+def local_cpu_count() -> int:
+    """The CPUs a local Ray would see here (its own count: the process's CPU affinity and cgroup limit)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus())
+    except Exception:
+        return os.cpu_count() or 1
+
+
+def starts_local_ray(ray_address: str | None) -> bool:
+    """Whether `ablate run` starts a Ray of its own on this machine (no address, none running here)."""
+    if ray_address:
+        return False
+    ray = sys.modules.get("ray")  # a Ray started by this process already (not imported just to ask)
+    return ray is None or not ray.is_initialized()
+
+
 def too_few(kind: str, asked: float, have: float, source: str | None, where: str) -> StudyError:
     """The error for a trial that asks for more CPUs or GPUs than `where` has (the same every time)."""
     hint = "set resources.gpu: 0 to train on CPU" if kind == "GPU" else "lower resources.cpu"
@@ -99,6 +117,12 @@ def too_few(kind: str, asked: float, have: float, source: str | None, where: str
         f"{hint}, or join a larger cluster with --ray-address"
     )
     return StudyError([(f"resources.{kind.lower()}", message)], source)
+
+
+def check_local_cpus(asked: float, ray_address: str | None, source: str | None = None) -> None:
+    """Before starting a local Ray: a trial that asks for more CPUs than this machine has fails at once."""
+    if starts_local_ray(ray_address) and asked > (have := local_cpu_count()):
+        raise too_few("CPU", asked, have, source, "this machine")
 
 
 def check_local_gpus(asked: float, ray_address: str | None, source: str | None = None) -> None:

@@ -155,6 +155,26 @@ def test_the_wait_before_the_first_trial_adds_up_and_splits_by_the_workers_marks
     assert sum(plain.values()) == pytest.approx(23.0)
 
 
+def test_phases_that_ran_beside_ray_start_count_only_beyond_it():
+    from ablate.bench.study import before_first_trial
+
+    # a local Ray starting (104-109) while the store and parent run (104-106.5) and the data (108-110) are
+    # written beside it
+    phases = {
+        "store": (1.0, 104.0),
+        "ray_start": (5.0, 109.0),
+        "parent": (2.5, 106.5),
+        "data": (2.0, 110.0),
+        "tune": (30.0, 141.0),
+    }
+    split = before_first_trial(phases, 100.0, 123.0, {})
+    assert split["Ray start"] == 5.0
+    assert split["store, parent run, beyond what ran beside it"] == 0.0
+    assert split["data preparation, beyond what ran beside it"] == 1.0
+    assert split["between phases"] == 1.0  # 110 to 111, when Tune began
+    assert sum(split.values()) == pytest.approx(23.0)
+
+
 def _timed(step1: float, steps1_3: float, first_window: float) -> SimpleNamespace:
     final = "final/time/"
     metrics = {

@@ -207,6 +207,8 @@ def test_study_time_breakdown_reads_every_trials_phases(concurrent):
     split = result["before_first_trial_s"]
     assert len(split) == 10 and sum(split.values()) == pytest.approx(first - started, abs=0.06)  # rounding
     assert split["between phases"] >= -0.05
+    # the store and parent run were written while the study's own Ray started
+    assert "store, parent run, beyond what ran beside it" in split and "Ray start" in split
     # the wait in Tune, split by the first trial's worker process (its start/* marks)
     worker = [key for key in split if key.startswith(("Tune to the worker", "worker: "))]
     assert len(worker) == 4 and all(split[key] >= 0 for key in worker)

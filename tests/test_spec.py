@@ -411,10 +411,10 @@ RUN_ONLY = [  # studies that validate but cannot run here: (id, change, fragment
         _set("tracking.uri", "http://127.0.0.1:9"),  # the discard port: nothing listens there
         ["tracking.uri:", "no MLflow server answers at 127.0.0.1:9"],
     ),
-    (  # found by the Ray instance the run starts: still before anything is written
-        "more-cpus-than-ray-has",
+    (  # counted as the Ray that the run would start counts them, before it starts
+        "more-cpus-than-the-machine",
         _set("resources", {"cpu": 4096, "gpu": 0}),
-        ["resources.cpu:", "each trial asks for 4096 CPU but the Ray cluster has", "lower resources.cpu"],
+        ["resources.cpu:", "each trial asks for 4096 CPU but this machine has", "lower resources.cpu"],
     ),
     (
         "more-gpus-than-the-machine",

@@ -377,14 +377,20 @@ def before_first_trial(
     store_s, store_end = phases["store"]
     tune_s, tune_end = phases["tune"]
     split = {"process start, imports, checks": store_end - store_s - started, "MLflow store (read)": store_s}
-    labels = (("ray_start", "Ray start"), ("parent", "store, parent run"), ("data", "data preparation"))
-    for name, label in labels:
-        if name in phases:
-            split[label] = phases[name][0]
+    labels = {"ray_start": "Ray start", "parent": "store, parent run", "data": "data preparation"}
+    # a phase that ran beside one before it in this order (the store, parent run and data while a local
+    # Ray starts) counts only for the seconds that one did not cover
+    covered: list[tuple[float, float]] = []
+    counted = 0.0
+    for name, label in labels.items():
+        if name not in phases:
+            continue
+        seconds, end = phases[name]
+        own = seconds - sum(max(0.0, min(end, b) - max(end - seconds, a)) for a, b in covered)
+        split[label if own >= seconds - 0.005 else f"{label}, beyond what ran beside it"] = own
+        covered, counted = _merged([*covered, (end - seconds, end)]), counted + own
     # the driver's own work between those phases, so that the split adds up to the whole wait
-    split["between phases"] = (
-        (tune_end - tune_s) - store_end - sum(split[label] for _, label in labels if label in split)
-    )
+    split["between phases"] = (tune_end - tune_s) - store_end - counted
     tune_started = tune_end - tune_s
     steps = ("module_imported", "trial_called", "train_imported")
     if marks and all(tune_started <= marks.get(m, -1) <= first for m in steps):
@@ -403,6 +409,17 @@ def before_first_trial(
     else:
         split["Tune to the first trial's run (actors start, import, open runs)"] = first - tune_started
     return {k: round(v, 2) for k, v in split.items()}
+
+
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of time spans, as disjoint spans in order."""
+    out: list[tuple[float, float]] = []
+    for begin, end in sorted(spans):
+        if out and begin <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((begin, end))
+    return out
 
 
 def process_gaps(spans: list[tuple[object, float, float]]) -> dict[str, float | int] | None:
