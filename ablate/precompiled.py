@@ -155,9 +155,14 @@ class PrecompiledStep:
             )
             step = compiled.aot_compile(((self.model, *args), kwargs))
         path.parent.mkdir(parents=True, exist_ok=True)
+        # written beside its place, then renamed: the other processes of a study that start the same cell
+        # at once read a whole file or none (torch 2.11 writes it in place)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         try:
-            step.save_compiled_function(str(path))  # written to a temporary file, then renamed
+            step.save_compiled_function(str(partial))
+            os.replace(partial, path)
         except Exception as err:  # the trial goes on with the step it has; the next one compiles again
+            partial.unlink(missing_ok=True)
             warnings.warn(f"the compiled step could not be saved ({type(err).__name__}: {err})", stacklevel=3)
         return step
 

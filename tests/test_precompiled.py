@@ -52,7 +52,7 @@ def trial(tmp_path, cell: str, seed: int = 0, **settings) -> tuple:
 def test_a_saved_step_serves_the_next_trial_untraced_with_the_same_losses(tmp_path, steps):
     first, first_losses, traced = trial(tmp_path, "rbf-susie-register-warmup", seed=3)
     assert traced == 1 and first.summary["compile/step_loaded"] == 0.0  # traced, compiled and saved
-    assert len(list(steps.glob("*.bin"))) == 1
+    assert len(list(steps.glob("*.bin"))) == 1 and not list(steps.glob("*.partial"))
     loaded, losses, traced = trial(tmp_path, "rbf-susie-register-warmup", seed=3)
     assert traced == 0 and loaded.summary["compile/step_loaded"] == 1.0  # from the file: no trace
     assert losses == first_losses and loaded.val_loss == first.val_loss
@@ -208,3 +208,17 @@ def test_a_saved_fast_path_step_trains_as_a_traced_one_on_cuda(tmp_path, monkeyp
     assert loaded.summary["compile/step_loaded"] == 1.0 and traced == 0
     assert losses == pytest.approx(plain_losses, rel=1e-3) and losses == pytest.approx(saved_losses, rel=1e-3)
     assert loaded.val_loss == pytest.approx(plain.val_loss, rel=1e-3)
+
+
+def test_a_step_that_cannot_be_saved_still_trains_and_leaves_no_file(tmp_path, steps, monkeypatch):
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    def half_written(self, path, external_data=None):
+        Path(path).write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", half_written)
+    with pytest.warns(UserWarning, match="could not be saved"):
+        result, _, traced = trial(tmp_path, "sdpa-rope")
+    assert result.status == "finished" and traced == 1
+    assert not list(steps.iterdir())  # neither the step nor its half-written file
