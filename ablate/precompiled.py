@@ -7,7 +7,8 @@ seed size on an H200, the largest part of a warm trial's first step. torch's ahe
 frame, its guards and the compiled forward and backward in one file; a later trial loads that file and
 calls it with its own model. The model is an argument of the saved step (its parameters are inputs), and
 the guards check that the model, the batch and the loss path are the ones it was traced for: a step
-never runs for a model it was not made for (a failed check raises, it does not retrace).
+never runs for a model it was not made for (a loaded step that fails them at the trial's first call is
+traced again and replaced; a later call that fails them raises, it does not retrace).
 
 A file's name is a digest of everything the trace depends on (`step_key`): the model's settings, the
 batch's shapes and dtypes, the call's keyword arguments, autocast, the compile mode and backend, the
@@ -127,10 +128,11 @@ class PrecompiledStep:
 
     def _obtain(self, args: tuple, kwargs: dict) -> Callable:
         path = steps_dir() / f"{step_key(self.model, args, kwargs, self.mode, self.backend)}.bin"
-        if path in LOADED:
-            self.loaded = True
-            return LOADED[path]
-        step = self._load(path) if path.exists() else None
+        step = LOADED.get(path) or (self._load(path) if path.exists() else None)
+        if step is not None and not step.guard_check(self.model, *args, **kwargs):
+            # something the trace depends on that the key does not name: traced again, and replaced
+            warnings.warn(f"the saved step {path} does not fit this model; compiling it again", stacklevel=3)
+            step = None
         self.loaded = step is not None
         if step is None:
             step = self._compile_and_save(path, args, kwargs)

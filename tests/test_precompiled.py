@@ -90,6 +90,21 @@ def test_a_damaged_file_is_compiled_again_and_replaced(tmp_path, steps):
     assert trial(tmp_path, "sdpa-rope")[0].summary["compile/step_loaded"] == 1.0
 
 
+def test_a_saved_step_whose_guards_refuse_the_model_is_traced_again(tmp_path, steps, monkeypatch):
+    _, losses, _ = trial(tmp_path, "rbf-none-cosine")
+    (path,) = steps.glob("*.bin")
+    forget_compiled(graphs=False)
+    trial(tmp_path, "sdpa-rope")
+    (sdpa,) = (p for p in steps.glob("*.bin") if p != path)
+    sdpa.replace(path)  # a step traced for another model, under this one's name (as a key missing a setting)
+    forget_compiled(graphs=False)
+    with pytest.warns(UserWarning, match="does not fit this model"):
+        again, again_losses, traced = trial(tmp_path, "rbf-none-cosine")
+    assert traced == 1 and again.summary["compile/step_loaded"] == 0.0 and again_losses == losses
+    forget_compiled(graphs=False)
+    assert trial(tmp_path, "rbf-none-cosine")[0].summary["compile/step_loaded"] == 1.0  # it was replaced
+
+
 def test_a_model_the_step_refuses_compiles_as_torch_compile_does(tmp_path, steps, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("graph break")
