@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_compile import CELLS, cell_run
 from torch._dynamo.utils import counters
 
 import ablate.precompiled as precompiled
@@ -20,7 +21,6 @@ from ablate.logger import RecordingLogger
 from ablate.train import forget_compiled, train
 from model import GPT
 from model.config import GPTConfig
-from tests.test_compile import CELLS, cell_run
 
 
 @pytest.fixture
@@ -168,7 +168,8 @@ def test_a_new_process_loads_the_step_another_saved(tmp_path):
         import ablate.precompiled as precompiled
         from ablate.logger import RecordingLogger
         from ablate.train import train
-        from tests.test_compile import CELLS, cell_run
+        sys.path.insert(0, "tests")
+        from test_compile import CELLS, cell_run
         from torch._dynamo.utils import counters
 
         precompiled.BACKEND = "aot_eager"
