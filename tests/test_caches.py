@@ -15,6 +15,18 @@ from ablate.caches import cache_bytecode
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """The test process's environment as it was, after each test. `cache_bytecode` sets variables itself,
+    past pytest's monkeypatch (whose delenv of an unset variable records nothing to undo): left set, the
+    prefix sent every Ray worker that later tests started to compile torch, Ray and MLflow from source
+    into an empty folder (the 12-trial study of tests/test_launch.py took 140 s instead of 50)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _probe_package(root: Path, with_bytecode: bool) -> Path:
     """A package `probe_pkg` under root, with or without its bytecode beside the source."""
     import importlib.util
