@@ -11,9 +11,10 @@ never runs for a model it was not made for (a loaded step that fails them at the
 traced again and replaced; a later call that fails them raises, it does not retrace).
 
 A file's name is a digest of everything the trace depends on (`step_key`): the model's settings, the
-batch's shapes and dtypes, the call's keyword arguments, autocast, the compile mode and backend, the
-device, torch's and Triton's versions, the environment variables the kernels read, and the source of
-the `model` and `kernels` packages. A change to any of them is a new file, never a stale step.
+batch's shapes and dtypes, the call's keyword arguments, autocast and the other global state dynamo
+guards (CPU threads, default dtype, deterministic algorithms), the compile mode and backend, the device,
+torch's and Triton's versions, the environment variables the kernels read, and the source of the
+`model` and `kernels` packages. A change to any of them is a new file, never a stale step.
 
 Where torch refuses a model ahead of time (a graph break, a backend whose output cannot be saved), the
 trial compiles as `torch.compile` always does, with a warning. `train.precompile: true` turns it on
@@ -86,6 +87,9 @@ def step_key(model: torch.nn.Module, args: tuple, kwargs: dict, mode: str | None
         repr([(tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a) for a in args]),
         repr(sorted(kwargs.items())),
         f"autocast={autocast}:{torch.get_autocast_dtype(device.type) if autocast else None}",
+        # torch's global state that dynamo's guards check (a trial's CPU threads follow its resources.cpu)
+        f"threads={torch.get_num_threads()} dtype={torch.get_default_dtype()}",
+        f"deterministic={torch.are_deterministic_algorithms_enabled()}",
         f"mode={mode} backend={backend}",
         device.type,
         torch.cuda.get_device_name(device) if device.type == "cuda" else "",
@@ -131,7 +135,11 @@ class PrecompiledStep:
         step = LOADED.get(path) or (self._load(path) if path.exists() else None)
         if step is not None and not step.guard_check(self.model, *args, **kwargs):
             # something the trace depends on that the key does not name: traced again, and replaced
-            warnings.warn(f"the saved step {path} does not fit this model; compiling it again", stacklevel=3)
+            warnings.warn(
+                f"the saved step {path} does not fit this model ({_failed_guard(step, args, kwargs, self.model)}); "
+                "compiling it again",
+                stacklevel=3,
+            )
             step = None
         self.loaded = step is not None
         if step is None:
@@ -167,6 +175,15 @@ class PrecompiledStep:
             partial.unlink(missing_ok=True)
             warnings.warn(f"the compiled step could not be saved ({type(err).__name__}: {err})", stacklevel=3)
         return step
+
+
+def _failed_guard(step, args: tuple, kwargs: dict, model: torch.nn.Module) -> str:
+    """The first guard of a saved step that refuses this call, as dynamo words it (best effort)."""
+    try:
+        f_locals = step.prepare_f_locals(model, *args, **kwargs)
+        return "; ".join(step._artifacts.guard_manager.check_verbose(f_locals).verbose_code_parts)[:300]
+    except Exception:  # the wording is torch's internals: the refusal stands without it
+        return "a guard refused it"
 
 
 def _aot_compile_enabled():

@@ -135,6 +135,12 @@ def test_a_step_is_never_used_for_another_model_call_or_source(monkeypatch):
     ]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         others.append(precompiled.step_key(model, (x, x), {"loss": "plain"}, None, "inductor"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        others.append(precompiled.step_key(model, (x, x), {"loss": "plain"}, None, "inductor"))
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setenv("ABLATE_KEY_NORM", "loop")
     others.append(precompiled.step_key(model, (x, x), {"loss": "plain"}, None, "inductor"))
     monkeypatch.delenv("ABLATE_KEY_NORM")
@@ -163,7 +169,13 @@ def test_precompile_needs_compile():
 @pytest.mark.slow
 def test_a_new_process_loads_the_step_another_saved(tmp_path, steps):
     """What a study's workers do: the first process of a cell saves its step, the next one only loads it."""
-    saved, losses, traced = trial(tmp_path, "penalty-rope-register-separate-lam")  # this process saves it
+    # both processes train with one CPU thread (torch's thread count is guarded, and earlier tests in this
+    # process may have changed it), as a study's trials share their `resources.cpu`
+    threads = torch.get_num_threads()
+    try:
+        saved, losses, traced = trial(tmp_path, "penalty-rope-register-separate-lam", threads=1)  # saved here
+    finally:
+        torch.set_num_threads(threads)
     assert traced == 1 and saved.summary["compile/step_loaded"] == 0.0
     script = textwrap.dedent(
         f"""
@@ -178,7 +190,7 @@ def test_a_new_process_loads_the_step_another_saved(tmp_path, steps):
         precompiled.BACKEND = "aot_eager"
         cell = CELLS["penalty-rope-register-separate-lam"]
         log = RecordingLogger()
-        result = train(cell_run({str(tmp_path)!r}, cell, device="cpu", precompile=True), log)
+        result = train(cell_run({str(tmp_path)!r}, cell, device="cpu", precompile=True, threads=1), log)
         print(json.dumps({{"loaded": result.summary["compile/step_loaded"],
                            "traced": counters["stats"]["unique_graphs"],
                            "losses": [v for _, v in log.series("train/loss")]}}))
@@ -194,7 +206,7 @@ def test_a_new_process_loads_the_step_another_saved(tmp_path, steps):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     other = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (other["loaded"], other["traced"]) == (1.0, 0)
+    assert (other["loaded"], other["traced"]) == (1.0, 0), done.stderr[-3000:]
     assert other["losses"] == losses
 
 
