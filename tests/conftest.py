@@ -1,7 +1,8 @@
-"""Shared test set-up: `gpu` tests are skipped where CUDA is absent, and each one's garbage is collected
-when it ends."""
+"""Shared test set-up: `gpu` tests are skipped where CUDA is absent, each one's garbage is collected when
+it ends, and each module leaves the process's environment and thread count as it found them."""
 
 import gc
+import os
 
 import pytest
 import torch
@@ -28,3 +29,16 @@ def _collect_gpu_garbage(request):
     if "gpu" in request.keywords and torch.cuda.is_available():
         torch.cuda.synchronize()
         gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _process_state_restored():
+    """Each test module leaves the test process's environment variables and torch's CPU thread count as it
+    found them. Both reach what later modules start: the environment every Ray worker and subprocess (a
+    bytecode prefix left set once made every later worker compile torch from source, doubling CI), the
+    thread count dynamo's guards (a compiled step saved under one count is refused under another)."""
+    environment, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    os.environ.clear()
+    os.environ.update(environment)
+    torch.set_num_threads(threads)
