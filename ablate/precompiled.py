@@ -61,9 +61,13 @@ def source_digest() -> str:
     import kernels
     import model
 
+    return tree_digest([Path(package.__file__).parent for package in (model, kernels)])
+
+
+def tree_digest(roots: list[Path]) -> str:
+    """A digest of the names and contents of the .py and .json files under `roots`."""
     digest = hashlib.sha256()
-    for package in (model, kernels):
-        root = Path(package.__file__).parent
+    for root in roots:
         for path in sorted(root.rglob("*")):
             if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
                 digest.update(str(path.relative_to(root)).encode())

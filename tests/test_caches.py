@@ -15,16 +15,15 @@ from ablate.caches import cache_bytecode
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def environment_restored():
-    """The test process's environment as it was, after each test. `cache_bytecode` sets variables itself,
-    past pytest's monkeypatch (whose delenv of an unset variable records nothing to undo): left set, the
-    prefix sent every Ray worker that later tests started to compile torch, Ray and MLflow from source
-    into an empty folder (the 12-trial study of tests/test_launch.py took 140 s instead of 50)."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+def _unset(monkeypatch, name: str) -> None:
+    """Unset `name` for this test, and have it unset again afterwards even if the code under test sets it.
+
+    `cache_bytecode` sets the prefix itself, and pytest's delenv of an unset variable records nothing to
+    undo: left set, it sent every Ray worker that later tests started to compile torch, Ray and MLflow
+    from source into an empty folder (the 12-trial study of tests/test_launch.py took 140 s instead of 50).
+    Setting it first makes monkeypatch record its absence."""
+    monkeypatch.setenv(name, "")
+    monkeypatch.delenv(name)
 
 
 def _probe_package(root: Path, with_bytecode: bool) -> Path:
@@ -44,7 +43,7 @@ def test_workers_keep_bytecode_in_the_compile_cache_where_the_install_keeps_none
     _probe_package(tmp_path / "site", with_bytecode=False)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # as a container image may set it
-    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    _unset(monkeypatch, "PYTHONPYCACHEPREFIX")
     cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")
     assert os.environ["PYTHONPYCACHEPREFIX"] == str(tmp_path / "bytecode")
     assert "PYTHONDONTWRITEBYTECODE" not in os.environ
@@ -68,7 +67,7 @@ def test_bytecode_settings_are_left_alone_where_the_install_has_bytecode_or_the_
     if why == "a prefix the user set":
         monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "theirs"))
     else:
-        monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+        _unset(monkeypatch, "PYTHONPYCACHEPREFIX")
     cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")
     assert os.environ.get("PYTHONPYCACHEPREFIX") == (
         str(tmp_path / "theirs") if why == "a prefix the user set" else None

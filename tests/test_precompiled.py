@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_compile import CELLS, cell_run
-from torch._dynamo.utils import counters
+from test_compile import kept_trial
 
 import ablate.precompiled as precompiled
-from ablate.logger import RecordingLogger
-from ablate.train import forget_compiled, train
+from ablate.train import forget_compiled
 from model import GPT
 from model.config import GPTConfig
 
@@ -44,11 +42,7 @@ def steps(tmp_path, monkeypatch):
 
 def trial(tmp_path, cell: str, seed: int = 0, **settings) -> tuple:
     """(result, train losses, frames dynamo traced) of one CPU trial with precompiled steps on."""
-    cfg = cell_run(str(tmp_path), CELLS[cell], device="cpu", **{"precompile": True, **settings})
-    log = RecordingLogger()
-    counters.clear()
-    result = train(dataclasses.replace(cfg, seed=seed), log)
-    return result, [v for _, v in log.series("train/loss")], counters["stats"]["unique_graphs"]
+    return kept_trial(tmp_path, cell, seed, **{"precompile": True, **settings})
 
 
 def test_a_saved_step_serves_the_next_trial_untraced_with_the_same_losses(tmp_path, steps):
@@ -149,12 +143,29 @@ def test_a_step_is_never_used_for_another_model_call_or_source(monkeypatch):
     assert len({key, *others}) == len(others) + 1
 
 
-def test_the_source_digest_follows_the_model_and_kernel_files():
-    digest = precompiled.source_digest()
-    assert len(digest) == 64 and digest == precompiled.source_digest()
+def test_the_source_digest_follows_every_edit_of_the_model_and_kernel_files(tmp_path):
+    import shutil
+
+    import kernels
     import model
 
-    assert (Path(model.__file__).parent / "gpt.py").exists()  # among the files it reads
+    copies = []
+    for package in (model, kernels):  # copies of the two packages, to edit
+        copies.append(tmp_path / package.__name__)
+        shutil.copytree(
+            Path(package.__file__).parent, copies[-1], ignore=shutil.ignore_patterns("__pycache__")
+        )
+    digest = precompiled.tree_digest(copies)
+    assert digest == precompiled.source_digest()  # the packages themselves, as the key reads them
+    (copies[1] / "notes.txt").write_text("not code")
+    assert precompiled.tree_digest(copies) == digest
+    for edited in (copies[0] / "gpt.py", copies[1] / "autotune_table.json"):
+        original = edited.read_bytes()
+        edited.write_bytes(original + b"\n")
+        assert precompiled.tree_digest(copies) != digest, edited.name
+        edited.write_bytes(original)
+    (copies[0] / "gpt.py").rename(copies[0] / "gpt2.py")  # a renamed file, same bytes
+    assert precompiled.tree_digest(copies) != digest
 
 
 def test_precompile_needs_compile():
@@ -218,16 +229,11 @@ def test_a_saved_fast_path_step_trains_as_a_traced_one_on_cuda(tmp_path, monkeyp
     monkeypatch.setenv("ABLATE_COMPILE_CACHE", str(tmp_path / "compile"))
     forget_compiled(graphs=True)
     fast = {"device": "cuda", "cuda_graphs": True, "loss": "fused"}
-    runs = []
     try:
-        for precompile in (True, True, False):
-            cfg = cell_run(str(tmp_path), CELLS["penalty-rope-learnable"], precompile=precompile, **fast)
-            log = RecordingLogger()
-            counters.clear()
-            result = train(cfg, log)
-            runs.append(
-                (result, [v for _, v in log.series("train/loss")], counters["stats"]["unique_graphs"])
-            )
+        runs = [
+            kept_trial(tmp_path, "penalty-rope-learnable", 0, precompile=precompile, **fast)
+            for precompile in (True, True, False)
+        ]
     finally:
         forget_compiled(graphs=True)
     (saved, saved_losses, _), (loaded, losses, traced), (plain, plain_losses, _) = runs
