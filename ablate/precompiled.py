@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 import os
 import time
 import warnings
@@ -37,6 +38,8 @@ from typing import Any
 import torch
 
 from ablate.caches import compile_cache_root
+
+log = logging.getLogger(__name__)
 
 # the environment variables that change what the kernels compile to (kernels/*.py read them at import)
 KERNEL_ENVIRONMENT = ("TRITON_INTERPRET", "ABLATE_TRITON_AUTOTUNE", "ABLATE_KEY_NORM")
@@ -153,9 +156,10 @@ class PrecompiledStep:
 
     def _load(self, path: Path) -> Callable | None:
         try:
-            with _graphs_config(self.mode), path.open("rb") as file:
+            with _graphs_config(self.mode), _guard_context(), path.open("rb") as file:
                 return torch.compiler.load_compiled_function(file)
         except Exception as err:  # an unreadable or incompatible file is compiled again and replaced
+            log.debug("loading %s failed", path, exc_info=True)
             warnings.warn(
                 f"the saved step {path} did not load ({type(err).__name__}: {err}); compiling it again",
                 stacklevel=3,
@@ -195,6 +199,20 @@ def _aot_compile_enabled():
     from torch._dynamo import config
 
     return config.patch(enable_aot_compile=True) if hasattr(config, "enable_aot_compile") else nullcontext()
+
+
+def _guard_context():
+    """A tracing context for the guards a saved step's file holds, as they are read back.
+
+    torch 2.11 reads a guard on an imported module (dynamo's `ImportSource`, which a trace of
+    FlexAttention makes: the rbf and penalty cells at the seed size) by installing it into the current
+    trace's context, and without one the load fails ("TracingContext.get() must be called within an
+    ongoing trace"). The guard is read into a context made for the load and dropped with it; the loaded
+    step keeps its own guards.
+    """
+    from torch._guards import TracingContext, tracing
+
+    return tracing(TracingContext(None))
 
 
 def _graphs_config(mode: str | None):

@@ -402,12 +402,13 @@ def _compiled(model: GPT, tc: TrainConfig, key: tuple):
         inductor_config.compile_threads = tc.compile_threads
     model.prepare_kernels()
     mode = "reduce-overhead" if tc.cuda_graphs else None  # inductor captures forward and backward as graphs
-    if tc.precompiles:
+    if tc.precompiles(next(model.parameters()).device.type):
         if precompiled.available():
             return precompiled.PrecompiledStep(model, mode)
-        raise ConfigError(
-            "train.precompile", f"needs torch's aot_compile, which torch {torch.__version__} lacks"
-        )
+        if tc.precompile:  # asked for; by default a torch without it traces every trial
+            raise ConfigError(
+                "train.precompile", f"needs torch's aot_compile, which torch {torch.__version__} lacks"
+            )
     return torch.compile(model, mode=mode)
 
 

@@ -58,9 +58,10 @@ class TrainConfig:
     # afresh; None (the default): on whenever compile is
     reuse_compiled: bool | None = None
     # with compile: save the compiled step once per model on this machine (in the compile cache) and load
-    # it in every later trial of that model, which then skips dynamo's trace (ablate.precompiled). Off by
-    # default until it is measured with CUDA graphs on a GPU (measured on CPU: README)
-    precompile: bool = False
+    # it in every later trial of that model, which then skips dynamo's trace (ablate.precompiled); None
+    # (the default): on whenever compile runs on CUDA (measured there: README, Precompiled steps), off on
+    # CPU, where saving a step costs more than a trace and a run rarely meets its model again
+    precompile: bool | None = None
     # with compile: inductor's compile worker processes in this trial's process (it loads compiled kernels
     # through them too); None: the process's setting as it is (torch's default, min(32, the CPUs the process
     # may use), unless an earlier trial in the process set one: it is a process-wide setting)
@@ -93,7 +94,7 @@ class TrainConfig:
             raise ValueError("cuda_graphs needs compile: true (the graphs are captured by torch.compile)")
         if self.reuse_compiled is True and not self.compile:
             raise ValueError("reuse_compiled needs compile: true (it keeps what torch.compile made)")
-        if self.precompile and not self.compile:
+        if self.precompile is True and not self.compile:
             raise ValueError("precompile needs compile: true (it saves what torch.compile made)")
         if self.compile_threads is not None and not self.compile:
             raise ValueError("compile_threads needs compile: true (they are torch.compile's workers)")
@@ -107,10 +108,9 @@ class TrainConfig:
         """Whether a trial keeps its compiled step for the process's next trials (`reuse_compiled`)."""
         return self.compile and self.reuse_compiled is not False
 
-    @property
-    def precompiles(self) -> bool:
-        """Whether a trial loads (or compiles and saves) its step ahead of time (`precompile`)."""
-        return self.compile and self.precompile
+    def precompiles(self, device_type: str) -> bool:
+        """Whether a trial on this kind of device loads (or compiles and saves) its step ahead of time."""
+        return self.compile and (self.precompile if self.precompile is not None else device_type == "cuda")
 
     def cuda_only(self) -> list[str]:
         """The settings here that run only on CUDA, as 'key: value'."""

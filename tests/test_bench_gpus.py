@@ -106,3 +106,42 @@ def test_further_sides_are_checked_before_anything_runs():
     for bad in ["gpu=2", "gpu=x", "mps=yes", "tokens=5", "", "train.reuse_compiled=", ".x=1"]:
         with pytest.raises(SystemExit, match="expected gpu=F"):
             bench_gpus.also_sides([bad])
+
+
+def test_the_warm_up_runs_each_side_that_fixes_other_settings(tmp_path, monkeypatch):
+    """A side with other fixed settings may compile other code (a precompiled step, not a traced one's
+    graphs): each such side is warmed before anything is measured, a side that differs only in its GPU
+    share is not."""
+    study = tmp_path / "study.yaml"
+    study.write_text("name: x\nresources: {gpu: 0.25}\n")
+    runs = []
+
+    def bench(study_path, gpus, args, tokens, *extra):
+        runs.append((tokens, tuple(args.fixed), extra))
+        return summary(54e6, 300.0, {"0": 54})
+
+    monkeypatch.setattr(bench_gpus, "bench", bench)
+    monkeypatch.setattr(bench_gpus, "visible_gpus", lambda: ["0"])
+    argv = [
+        "gpus",
+        str(study),
+        "--warm-tokens",
+        "1000",
+        "--tokens",
+        "5000",
+        "--fixed",
+        "train.precompile=true",
+    ]
+    argv += ["--also", "train.precompile=false", "--also", "gpu=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_gpus.main()
+    warm = [run for run in runs if run[0] == 1000]
+    assert warm == [
+        (1000, ("train.precompile=true",), ()),
+        (1000, ("train.precompile=true", "train.precompile=false"), ()),
+    ]
+    assert runs[len(warm) :] == [  # then the measured sides, in order
+        (5000, ("train.precompile=true",), ()),
+        (5000, ("train.precompile=true", "train.precompile=false"), ()),
+        (5000, ("train.precompile=true",), ()),
+    ]

@@ -68,6 +68,7 @@ def cell_run(cache_dir: str, model: dict, *, device: str, steps: int = 12, **tra
             "device": device,
             "compile": True,
             "reuse_compiled": False,  # each test's trials start afresh unless it says otherwise
+            "precompile": False,  # and trace their step (on CUDA it is saved by default) unless it says so
         }
         | train_settings,
     }

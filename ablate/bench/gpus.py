@@ -13,7 +13,9 @@ one GPU (or with `CUDA_VISIBLE_DEVICES` naming one) it runs and prints the one-G
 study's efficiency against one trial alone also comes from one command there.
 
 `--warm-tokens N` first runs every cell once for N tokens on every GPU, outside both measurements, so
-that neither side pays for compiling a cell the first time (trials share inductor's on-disk caches).
+that neither side pays for compiling a cell the first time (trials share inductor's on-disk caches); it
+runs again with each `--also` side's fixed settings that differ, so that each side finds its own code
+compiled (`train.precompile` saves a step that a traced trial does not read, and the reverse).
 `--alone-factors F` measures one trial alone per class of cells (the levels of the factors F) on the
 first GPU, with the study's settings (for a study on the fast path, the fastest configuration) and
 eager, and adds each side's efficiency per GPU against both.
@@ -256,11 +258,27 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(record, indent=2))
 
+    variants = []  # the `--also` sides' arguments
+    for settings in sides:
+        overrides = {k: settings[k] for k in ("gpu", "mps") if settings[k] is not None}
+        variants.append(
+            argparse.Namespace(**{**vars(args), **overrides, "fixed": [*args.fixed, *settings["fixed"]]})
+        )
     if args.warm_tokens is not None:
         console.print(
             f"warming the compile caches: every cell for {args.warm_tokens:,} tokens on {len(gpus)} GPUs"
         )
         save(warm=bench(args.study, gpus, args, args.warm_tokens))
+        # a side with other fixed settings may compile other code (e.g. train.precompile): warmed too
+        for variant in variants:
+            if variant.fixed != args.fixed:
+                console.print(f"warming with {', '.join(variant.fixed)} too")
+                save(
+                    warm_also=[
+                        *record.get("warm_also", []),
+                        bench(args.study, gpus, variant, args.warm_tokens),
+                    ]
+                )
     alone: dict[str, float] = {}
     if args.alone_factors:
         for mode, extra in (("fast path", ()), ("eager", ("--eager",))):
@@ -285,14 +303,10 @@ def main() -> None:
     one = measured(bench(args.study, gpus[:1], args, args.tokens), f"GPU {gpus[0]}")
     save(one_gpu=one)
     also = []
-    for settings in sides:
+    for settings, variant in zip(sides, variants, strict=True):
         shown = [f"{k}={settings[k]}" for k in ("gpu", "mps") if settings[k] is not None]
         label = "1 GPU, " + ", ".join(shown + settings["fixed"])
         console.print(f"{label} ...")
-        overrides = {k: settings[k] for k in ("gpu", "mps") if settings[k] is not None}
-        variant = argparse.Namespace(
-            **{**vars(args), **overrides, "fixed": [*args.fixed, *settings["fixed"]]}
-        )
         summary = measured(bench(args.study, gpus[:1], variant, args.tokens), label)
         also.append((label, summary))
         save(also=[{"side": lab, **s} for lab, s in also])

@@ -68,7 +68,15 @@ def measure_alone(study: Path, factors: list[str] | None = None, eager: bool = F
     for i, (key, trial) in enumerate(first.items(), 1):
         tree = design.run_tree(trial)
         if eager:
-            tree = {**tree, "train": {**tree.get("train", {}), "compile": False, "cuda_graphs": False}}
+            tree = {
+                **tree,
+                "train": {
+                    **tree.get("train", {}),
+                    "compile": False,
+                    "cuda_graphs": False,
+                    "precompile": False,
+                },
+            }
         log = RecordingLogger()
         train(from_dict(RunConfig, tree), log)
         rates[key] = steady_median(log, "tokens_per_s")
