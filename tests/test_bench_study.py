@@ -67,6 +67,26 @@ def test_alone_rate_weights_each_class_by_its_trials(tmp_path):
         measure_alone(study, ["gamma_schedule"])
 
 
+def test_the_eager_baseline_drops_the_compiled_settings(tmp_path):
+    """A study that precompiles its steps still gets its eager baseline (precompile needs compile)."""
+    spec = {
+        "name": "eager",
+        "factors": {"metric": {"levels": ["sdpa", "rbf"]}},
+        "seeds": 1,
+        "fixed": {
+            "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context": 32},
+            "data": {"source": "random:300", "val_tokens": 1024, "cache_dir": str(tmp_path / "cache")},
+            "train": {"tokens": 8 * 32 * 6, "batch_size": 8, "log_every": 2, "device": "cpu"}
+            | {"compile": True, "precompile": True},
+        },
+        "resources": {"gpu": 0},
+    }
+    study = tmp_path / "eager.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    result = measure_alone(study, ["metric"], eager=True)
+    assert result["mode"] == "eager" and all(c["tokens_per_s"] > 0 for c in result["by_class"].values())
+
+
 def _run(metric: str, tokens: float):
     return SimpleNamespace(data=SimpleNamespace(params={"factor.metric": metric}, metrics={"tokens": tokens}))
 

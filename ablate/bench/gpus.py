@@ -270,15 +270,12 @@ def main() -> None:
         )
         save(warm=bench(args.study, gpus, args, args.warm_tokens))
         # a side with other fixed settings may compile other code (e.g. train.precompile): warmed too
+        warmed = []
         for variant in variants:
             if variant.fixed != args.fixed:
                 console.print(f"warming with {', '.join(variant.fixed)} too")
-                save(
-                    warm_also=[
-                        *record.get("warm_also", []),
-                        bench(args.study, gpus, variant, args.warm_tokens),
-                    ]
-                )
+                warmed.append(bench(args.study, gpus, variant, args.warm_tokens))
+                save(warm_also=warmed)
     alone: dict[str, float] = {}
     if args.alone_factors:
         for mode, extra in (("fast path", ()), ("eager", ("--eager",))):
