@@ -17,8 +17,9 @@ torch's and Triton's versions, the environment variables the kernels read, and t
 `model` and `kernels` packages. A change to any of them is a new file, never a stale step.
 
 Where torch refuses a model ahead of time (a graph break, a backend whose output cannot be saved), the
-trial compiles as `torch.compile` always does, with a warning. `train.precompile: true` turns it on
-(ablate.train); a torch without ahead-of-time compilation refuses the setting.
+trial compiles as `torch.compile` always does, with a warning. `train.precompile` (ablate.train) turns it
+on or off; by default it is on for compiled runs on CUDA. A torch without ahead-of-time compilation
+traces every trial by default and refuses an explicit `true`.
 """
 
 from __future__ import annotations
