@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 # the environment variables that change what the kernels compile to (kernels/*.py read them at import)
 KERNEL_ENVIRONMENT = ("TRITON_INTERPRET", "ABLATE_TRITON_AUTOTUNE", "ABLATE_KEY_NORM")
-# the backend that compiles a step: inductor, as torch.compile's default (tests use aot_eager, quicker)
+# the backend that compiles a step: inductor, as torch.compile's default (CPU tests use aot_eager where
+# this torch can save its output: quicker)
 BACKEND = "inductor"
 # loaded steps of this process by file, for its next trials of the same cell (`train.reuse_compiled`)
 LOADED: dict[Path, Callable] = {}
