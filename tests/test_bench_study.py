@@ -234,6 +234,11 @@ def test_a_variant_copy_takes_the_share_budget_mps_and_fixed_settings_asked_for(
     assert tree["train"]["tokens"] == 2097152 and tree["train"]["reuse_compiled"] is True
     assert tree["optim"]["lr"] == 0.002
     assert variant(source, None, None, "auto").name == "gpu_scaling_mpsauto.yaml"
+    eight = load_design(variant(source, 0.125, None, None, None, cpu=2))
+    assert eight.study.name == "gpu_scaling_gpu0p125_cpu2"
+    assert (eight.study.resources.gpu, eight.study.resources.cpu) == (0.125, 2)
+    with pytest.raises(SystemExit, match="at least one CPU"):
+        variant(source, None, None, None, None, cpu=0)
     with pytest.raises(SystemExit, match=r"expected SECTION\.KEY=VALUE"):
         variant(source, None, None, None, ["reuse_compiled=true"])
 

@@ -1,8 +1,8 @@
 """One GPU against every GPU of this host, for one study, in one command:
 
-    python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--mps M] [--fixed K=V] [--warm-tokens N]
-                                      [--alone-factors F] [--also gpu=F,mps=M,K=V ...] [--timeout S]
-                                      [--out F]
+    python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--mps M] [--cpu N] [--fixed K=V]
+                                      [--warm-tokens N] [--alone-factors F]
+                                      [--also gpu=F,cpu=N,mps=M,K=V ...] [--timeout S] [--out F]
 
 Runs the study through `python -m ablate.bench.study` (that is, `ablate run --fresh`) twice: first with
 `CUDA_VISIBLE_DEVICES` set to the first GPU, then on every GPU, and prints the two records side by side:
@@ -19,8 +19,8 @@ compiled (`train.precompile` saves a step that a traced trial does not read, and
 `--alone-factors F` measures one trial alone per class of cells (the levels of the factors F) on the
 first GPU, with the study's settings (for a study on the fast path, the fastest configuration) and
 eager, and adds each side's efficiency per GPU against both.
-`--also gpu=F,mps=M,SECTION.KEY=V` (repeatable) runs the one-GPU side again with another per-trial GPU
-share, MPS setting or fixed setting, after the first and against the same baseline, so that trials per
+`--also gpu=F,cpu=N,mps=M,SECTION.KEY=V` (repeatable) runs the one-GPU side again with another per-trial
+GPU share, CPUs per trial, MPS setting or fixed setting, after the first and against the same baseline, so that trials per
 GPU with and without MPS, or with and without `train.reuse_compiled`, are compared in one command.
 `--out F` is rewritten after each stage, so a run cut short keeps what it measured.
 """
@@ -70,6 +70,8 @@ def bench(study: Path, gpus: list[str], args: argparse.Namespace, tokens: int | 
             command += ["--gpu", str(args.gpu)]
         if args.mps is not None:
             command += ["--mps", args.mps]
+        if args.cpu is not None:
+            command += ["--cpu", str(args.cpu)]
         for setting in args.fixed:
             command += ["--fixed", setting]
         if args.timeout is not None and "--alone" not in extra:
@@ -167,30 +169,32 @@ def show(
 
 
 def also_sides(specs: list[str]) -> list[dict]:
-    """`--also` specs ("gpu=1", "gpu=0.25,mps=true", "train.reuse_compiled=true") as the settings of
-    further one-GPU runs: gpu, mps and fixed settings (SECTION.KEY=VALUE); a bad one stops with what is
-    allowed."""
+    """`--also` specs ("gpu=1", "gpu=0.125,cpu=2", "gpu=0.25,mps=true", "train.reuse_compiled=true") as
+    the settings of further one-GPU runs: gpu, cpu, mps and fixed settings (SECTION.KEY=VALUE); a bad
+    one stops with what is allowed."""
     sides = []
     for spec in specs:
         settings = dict(item.partition("=")[::2] for item in spec.split(",") if item)
         fixed = [f"{k}={v}" for k, v in settings.items() if "." in k.strip(".") and v]
-        bad = [k for k in settings if k not in ("gpu", "mps") and f"{k}={settings[k]}" not in fixed]
-        gpu, mps = settings.get("gpu"), settings.get("mps")
+        bad = [k for k in settings if k not in ("gpu", "cpu", "mps") and f"{k}={settings[k]}" not in fixed]
+        gpu, cpu, mps = settings.get("gpu"), settings.get("cpu"), settings.get("mps")
         try:
             share = None if gpu is None else float(gpu)
         except ValueError:
             share = -1.0
+        cpus = int(cpu) if cpu is not None and cpu.isdigit() else (None if cpu is None else 0)
         if (
             bad
             or not settings
             or (share is not None and not 0 < share <= 1)
+            or (cpus is not None and cpus < 1)
             or mps not in (None, *MPS_SETTINGS)
         ):
             raise SystemExit(
-                f"--also {spec!r}: expected gpu=F (0 < F <= 1), mps=true|false|auto and/or "
-                "SECTION.KEY=VALUE settings, comma-separated"
+                f"--also {spec!r}: expected gpu=F (0 < F <= 1), cpu=N (N >= 1), mps=true|false|auto "
+                "and/or SECTION.KEY=VALUE settings, comma-separated"
             )
-        sides.append({"gpu": share, "mps": mps, "fixed": fixed})
+        sides.append({"gpu": share, "cpu": cpus, "mps": mps, "fixed": fixed})
     return sides
 
 
@@ -230,14 +234,14 @@ def main() -> None:
         default=None,
         help="also measure one trial alone per class of these factors' levels (comma-separated)",
     )
-    add_copy_options(parser)  # --mps, --fixed: for both sides
+    add_copy_options(parser)  # --mps, --cpu, --fixed: for both sides
     parser.add_argument(
         "--also",
         action="append",
         default=[],
-        metavar="gpu=F,mps=M,SECTION.KEY=V",
+        metavar="gpu=F,cpu=N,mps=M,SECTION.KEY=V",
         help="after the one-GPU side, run it again with these settings, against the same baseline "
-        "(repeatable), e.g. --also gpu=1 --also gpu=0.25,mps=true --also train.reuse_compiled=true",
+        "(repeatable), e.g. --also gpu=1 --also gpu=0.125,cpu=2 --also train.reuse_compiled=true",
     )
     parser.add_argument("--timeout", type=float, default=None, help="stop each run after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="write what was measured so far (JSON)")
@@ -260,7 +264,7 @@ def main() -> None:
 
     variants = []  # the `--also` sides' arguments
     for settings in sides:
-        overrides = {k: settings[k] for k in ("gpu", "mps") if settings[k] is not None}
+        overrides = {k: settings[k] for k in ("gpu", "cpu", "mps") if settings[k] is not None}
         variants.append(
             argparse.Namespace(**{**vars(args), **overrides, "fixed": [*args.fixed, *settings["fixed"]]})
         )
@@ -301,7 +305,7 @@ def main() -> None:
     save(one_gpu=one)
     also = []
     for settings, variant in zip(sides, variants, strict=True):
-        shown = [f"{k}={settings[k]}" for k in ("gpu", "mps") if settings[k] is not None]
+        shown = [f"{k}={settings[k]}" for k in ("gpu", "cpu", "mps") if settings[k] is not None]
         label = "1 GPU, " + ", ".join(shown + settings["fixed"])
         console.print(f"{label} ...")
         summary = measured(bench(args.study, gpus[:1], variant, args.tokens), label)

@@ -99,9 +99,12 @@ MPS_SETTINGS = ("true", "false", "auto")  # resources.mps, as a command line giv
 
 
 def add_copy_options(parser: argparse.ArgumentParser) -> None:
-    """--mps and --fixed: settings of the study copy that is run (`variant`)."""
+    """--mps, --cpu and --fixed: settings of the study copy that is run (`variant`)."""
     parser.add_argument(
         "--mps", choices=MPS_SETTINGS, default=None, help="resources.mps (default: the study's)"
+    )
+    parser.add_argument(
+        "--cpu", type=int, default=None, help="resources.cpu, CPUs per trial (default: the study's)"
     )
     parser.add_argument(
         "--fixed",
@@ -118,13 +121,20 @@ def variant(
     tokens: int | None,
     mps: str | None = None,
     fixed: list[str] | None = None,
+    cpu: int | None = None,
 ) -> Path:
     """A copy of the study (own name and folder) with another per-trial GPU fraction, token budget, MPS
-    setting (true, false or auto) and/or fixed settings ("train.reuse_compiled=true": a YAML value)."""
+    setting (true, false or auto), CPUs per trial and/or fixed settings ("train.reuse_compiled=true": a
+    YAML value)."""
     tree = yaml.safe_load(study.read_text())
     if gpu is not None:
         tree["name"] += "_gpu" + str(gpu).replace(".", "p")
         tree["resources"] = {**tree.get("resources", {}), "gpu": gpu}
+    if cpu is not None:
+        if cpu < 1:
+            raise SystemExit(f"--cpu {cpu}: a trial needs at least one CPU")
+        tree["name"] += f"_cpu{cpu}"
+        tree["resources"] = {**tree.get("resources", {}), "cpu": cpu}
     if tokens is not None:
         tree["name"] += f"_tok{tokens}"
         tree["fixed"]["train"] = {**tree["fixed"].get("train", {}), "tokens": tokens}
@@ -504,8 +514,8 @@ def main() -> None:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SystemExit(f"--baseline {args.baseline}: not an --alone result ({err})") from None
     study = args.study
-    if args.gpu is not None or args.tokens is not None or args.mps is not None or args.fixed:
-        study = variant(args.study, args.gpu, args.tokens, args.mps, args.fixed)
+    if any(x is not None for x in (args.gpu, args.tokens, args.mps, args.cpu)) or args.fixed:
+        study = variant(args.study, args.gpu, args.tokens, args.mps, args.fixed, args.cpu)
     if args.alone:
         factors = args.alone_factors.split(",") if args.alone_factors else None
         result = measure_alone(study, factors, eager=args.eager)
