@@ -63,6 +63,14 @@ def steps(tmp_path, monkeypatch):
     forget_compiled(graphs=False)
 
 
+def same(values, expected):
+    """Bit for bit under `aot_eager`. Under inductor (torch 2.11) the same cell's trials on several CPU
+    threads differed by 7e-8, relatively, in a loss: there the same step is the same to 1e-6."""
+    if savable_backend() == "aot_eager":
+        return values == expected
+    return values == pytest.approx(expected, rel=1e-6, abs=0)
+
+
 def trial(tmp_path, cell: str, seed: int = 0, **settings) -> tuple:
     """(result, train losses, frames dynamo traced) of one CPU trial with precompiled steps on."""
     return kept_trial(tmp_path, cell, seed, **{"precompile": True, **settings})
@@ -74,11 +82,11 @@ def test_a_saved_step_serves_the_next_trial_untraced_with_the_same_losses(tmp_pa
     assert len(list(steps.glob("*.bin"))) == 1 and not list(steps.glob("*.partial"))
     loaded, losses, traced = trial(tmp_path, "rbf-susie-register-warmup", seed=3)
     assert traced == 0 and loaded.summary["compile/step_loaded"] == 1.0  # from the file: no trace
-    assert losses == first_losses and loaded.val_loss == first.val_loss
-    # the trial that traces its model as torch.compile does: the same losses, bit for bit
+    assert same(losses, first_losses) and same(loaded.val_loss, first.val_loss)
+    # the trial that traces its model as torch.compile does: the same losses (bit for bit on aot_eager)
     plain, plain_losses, traced = trial(tmp_path, "rbf-susie-register-warmup", seed=3, precompile=False)
     assert traced == 1 and "compile/step_loaded" not in plain.summary
-    assert plain_losses == losses and plain.val_loss == loaded.val_loss
+    assert same(plain_losses, losses) and same(plain.val_loss, loaded.val_loss)
 
 
 def test_each_model_has_its_own_step(tmp_path, steps):
@@ -104,7 +112,7 @@ def test_a_damaged_file_is_compiled_again_and_replaced(tmp_path, steps):
     forget_compiled(graphs=False)
     with pytest.warns(UserWarning, match="did not load"):
         again, again_losses, traced = trial(tmp_path, "sdpa-rope")
-    assert traced == 1 and again.summary["compile/step_loaded"] == 0.0 and again_losses == losses
+    assert traced == 1 and again.summary["compile/step_loaded"] == 0.0 and same(again_losses, losses)
     assert path.read_bytes() != b"not a step"  # replaced by the step traced again
 
 
@@ -119,7 +127,7 @@ def test_a_saved_step_whose_guards_refuse_the_model_is_traced_again(tmp_path, st
     forget_compiled(graphs=False)
     with pytest.warns(UserWarning, match="does not fit this model"):
         again, again_losses, traced = trial(tmp_path, "rbf-none-cosine")
-    assert traced == 1 and again.summary["compile/step_loaded"] == 0.0 and again_losses == losses
+    assert traced == 1 and again.summary["compile/step_loaded"] == 0.0 and same(again_losses, losses)
     assert path.read_bytes() != sdpa_step  # replaced by the step traced again
 
 
@@ -278,17 +286,17 @@ def test_a_saved_fast_path_step_trains_as_a_traced_one_on_cuda(tmp_path, monkeyp
 
 
 class FlexAttention(torch.nn.Module):
-    """A projection and FlexAttention: a trace of it guards an imported module (dynamo's ImportSource)."""
+    """Projections and FlexAttention: a trace of it guards an imported module (dynamo's ImportSource)."""
 
     cfg = "flex attention, no grad"
 
     def __init__(self):
         super().__init__()
-        self.proj = torch.nn.Linear(8, 8)
+        # q, k and v from buffers of their own: inductor's CPU flex refuses one buffer for all three
+        self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
 
     def forward(self, x):
-        q = self.proj(x)
-        return flex_attention_rbf(q, q, q, torch.ones(2), torch.full((2,), 0.5))
+        return flex_attention_rbf(self.q(x), self.k(x), self.v(x), torch.ones(2), torch.full((2,), 0.5))
 
 
 def test_a_step_that_guards_an_imported_module_loads(steps):
@@ -298,7 +306,17 @@ def test_a_step_that_guards_an_imported_module_loads(steps):
     model, x = FlexAttention(), torch.randn(1, 2, 16, 8)
     with torch.no_grad():  # FlexAttention has no backward on CPU
         saved = precompiled.PrecompiledStep(model, mode=None)
-        expected = saved(x)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                expected = saved(x)
+            refused = [str(w.message) for w in caught if "compiled ahead of time" in str(w.message)]
+        except Exception as err:  # compiled at its first call instead, and failed there too
+            refused = [f"{type(err).__name__}: {err}"]
+            if savable_backend() != "inductor":
+                raise
+        if refused and savable_backend() == "inductor":  # torch 2.11 saves only inductor's output
+            pytest.skip(f"inductor cannot compile CPU FlexAttention on this machine ({refused[0][:200]})")
         precompiled.forget()
         loaded = precompiled.PrecompiledStep(model, mode=None)
         with warnings.catch_warnings():
