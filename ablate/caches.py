@@ -21,14 +21,21 @@ def compile_cache_root() -> str:
 def share_compile_caches() -> None:
     """Point every trial's torch.compile caches at one directory on the node (workers inherit it).
 
-    Inductor's FX-graph and AOTAutograd caches and Triton's kernel cache then serve every trial and
-    worker process after the first of each kind of cell, and survive the study: a later study, or the
+    Inductor's FX-graph and AOTAutograd caches and Triton's kernel cache (and its autotuning results)
+    then serve every trial and worker process after the first of each kind of cell, and survive the study: a later study, or the
     same study resumed, compiles from disk. `compile_cache_root` says where, e.g. on a folder that travels
     with the study. Python's own bytecode goes there too where the install keeps none (`cache_bytecode`).
     """
     root = compile_cache_root()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(root, "triton"))
+    # Triton's autotuner then keeps each kernel's timings per shape in that cache (keyed by the kernel's
+    # source, the GPU and the configs it tried), and a new process reads its choice instead of timing
+    # every config again. In the 2M-token gpu_scaling study (H200, 2026-11-30) the first trial of each
+    # worker process that ran the Triton attention kernel (rbf, learned gamma) took 1.71 s in step 1
+    # (median), the next cell on that kernel in the same process 0.35 s. `kernels.bench` sets nothing
+    # here, so a kernel benchmark still times every config afresh.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     cache_bytecode(os.path.join(root, "bytecode"))
 
 

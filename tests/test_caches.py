@@ -110,3 +110,30 @@ def test_the_command_starts_again_with_its_bytecode_cached_where_the_install_kee
         ]
     else:
         assert out == ["started None ['run', 'study.yaml']", "running None"]
+
+
+@pytest.mark.parametrize("asked, expected", [(None, "1"), ("0", "0")])
+def test_triton_keeps_its_autotuning_in_the_shared_cache_unless_told_not_to(
+    tmp_path, monkeypatch, asked, expected
+):
+    """A worker reads a kernel's autotuning choice from the cache instead of timing its configs again;
+    a user's TRITON_CACHE_AUTOTUNING stands."""
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    from ablate.caches import share_compile_caches
+
+    monkeypatch.setenv("ABLATE_COMPILE_CACHE", str(tmp_path))
+    for name in (
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+        "TRITON_CACHE_AUTOTUNING",
+        "PYTHONPYCACHEPREFIX",
+    ):
+        _unset(monkeypatch, name)
+    if asked is not None:
+        monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", asked)
+    share_compile_caches()
+    assert os.environ["TRITON_CACHE_AUTOTUNING"] == expected
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
+    assert knobs.autotuning.cache is (expected == "1")  # what Triton's autotuner reads when it is made

@@ -241,3 +241,41 @@ def test_torch_compile_has_no_graph_breaks(backend, compiler):
     eager = torch.autograd.grad(loss(q, k, v, a, b), wrt)
     for x, y in zip(got, eager, strict=True):
         assert ((x.double() - y.double()).norm() / y.double().norm()).item() < TOL[BF16]
+
+
+_AUTOTUNE_ONCE = """
+import json, torch
+from kernels.triton_attn import _dkdv_kernel, _dq_kernel, _fwd_kernel, triton_attention
+q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+a, b = torch.ones(4, device="cuda"), torch.full((4,), 0.5, device="cuda")
+triton_attention(q, k, v, a, b, causal=True).sum().backward()
+torch.cuda.synchronize()
+print(json.dumps([hasattr(kernel, "bench_time") for kernel in (_fwd_kernel, _dkdv_kernel, _dq_kernel)]))
+"""
+
+
+def test_a_new_process_reads_the_autotuning_a_study_cached(tmp_path):
+    """With the caches a study shares (`ablate.caches`), the first process times the Triton kernel's
+    configs and the next reads the choice from disk (it times none)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "TRITON_CACHE_AUTOTUNING": "1"}
+
+    def run() -> list[bool]:
+        done = subprocess.run(
+            [sys.executable, "-c", _AUTOTUNE_ONCE],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert run() == [True, True, True]  # timed every config of the three kernels
+    assert len(list(tmp_path.rglob("*.autotune.json"))) == 3
+    assert run() == [False, False, False]  # read them
