@@ -81,20 +81,24 @@ def peak_flops(device: torch.device) -> float | None:
 def evaluate(
     model: GPT, data: PackedData, cfg: RunConfig, device: torch.device, autocast
 ) -> dict[str, float]:
-    """Token-weighted validation loss over the fixed validation set, plus attention diagnostics."""
+    """Token-weighted validation loss over the fixed validation set, plus attention diagnostics.
+
+    The losses and diagnostics stay on the device until one transfer at the end: each read of a value
+    waits for the GPU, which trials sharing it keep busy."""
     model.eval()
-    total, count, first_x = 0.0, 0, None
+    total, count, first_x = torch.zeros((), dtype=torch.float64, device=device), 0, None
     for i, (x, y) in enumerate(val_batches(data, cfg.train.batch_size, device=device)):
         if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
             break
         first_x = x if first_x is None else first_x
         with autocast:
-            total += model(x, y).item() * y.numel()
+            total += model(x, y).double() * y.numel()
         count += y.numel()
     with autocast:
-        diag = model.diagnostics(first_x[: cfg.train.diagnostics_batch])
+        diag = model.diagnostics(first_x[: cfg.train.diagnostics_batch], as_tensors=True)
     model.train()
-    return {VAL_LOSS_CURVE: total / count, **{f"diag/{k}": v for k, v in diag.items()}}
+    values = torch.stack([total / count, *diag.values()]).tolist()
+    return {VAL_LOSS_CURVE: values[0], **{f"diag/{k}": v for k, v in zip(diag, values[1:], strict=True)}}
 
 
 def _setup(cfg: RunConfig, data: PackedData | None):

@@ -1,5 +1,6 @@
 """One trial trains, evaluates, detects divergence and is reproducible."""
 
+import contextlib
 import dataclasses
 import math
 
@@ -218,3 +219,48 @@ def test_train_command_refuses_gpu_settings_without_a_gpu(tmp_path, capsys, sett
 )
 def test_auto_loss_is_the_measured_fastest_path(device, settings, expected):
     assert _auto_loss(torch.device(device), TrainConfig(**settings)) == expected
+
+
+def test_evaluation_reads_the_device_once_and_gives_the_token_weighted_loss(cache_dir, monkeypatch):
+    """Each read of a GPU value waits for the GPU, which a study's other trials keep busy: evaluation
+    keeps its losses and diagnostics on the device and reads them together, with the values that reading
+    each batch's loss and each statistic on its own gives."""
+    from ablate.data import prepare, val_batches
+    from ablate.train import evaluate
+    from model.diagnostics import summarize_layer
+
+    cfg = tiny_run(cache_dir, model={"metric": "rbf", "registers": 1}, train={"batch_size": 3})
+    data = prepare(cfg.data, cfg.model.context)
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
+    batches = list(val_batches(data, 3, device=torch.device("cpu")))
+    assert len({y.numel() for _, y in batches}) > 1  # a short last batch: the weights matter
+    with torch.no_grad():
+        expected = sum(model(x, y).item() * y.numel() for x, y in batches) / sum(
+            y.numel() for _, y in batches
+        )
+        captures = [{} for _ in model.blocks]
+        for block, cap in zip(model.blocks, captures, strict=True):
+            block.attn.capture = cap
+        model.hidden(batches[0][0][: cfg.train.diagnostics_batch])
+        for block in model.blocks:
+            block.attn.capture = None
+        layer0 = {
+            k: v.item() for k, v in summarize_layer(captures[0]["keys"], captures[0]["probs"], 1).items()
+        }
+
+    reads = []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, _real=real, _name=name: reads.append(_name) or _real(self)
+        )
+    got = evaluate(model, data, cfg, torch.device("cpu"), contextlib.nullcontext())
+    monkeypatch.undo()
+    assert reads == ["tolist"]
+    assert got["val/loss"] == pytest.approx(expected, rel=1e-6)
+    assert {k.removeprefix("diag/").removesuffix("/layer0") for k in got if k.endswith("/layer0")} == set(
+        layer0
+    )
+    for name, value in layer0.items():
+        assert got[f"diag/{name}/layer0"] == pytest.approx(value, rel=1e-6)
