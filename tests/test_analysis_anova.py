@@ -159,3 +159,23 @@ def test_constant_response_is_noted_instead_of_tested():
     analysis = analyze(data, ["a", "b"], "y", secondary=["flat"])
     assert analysis.secondary["flat"].anova.empty
     assert any("'flat' is constant" in note for note in analysis.secondary["flat"].notes)
+
+
+def test_terms_that_are_zero_up_to_rounding_are_not_tested():
+    """A token count to a target that cells share exactly makes terms and their seed interactions zero;
+    computed, they are rounding noise, and noise over noise is any F at all. Here b and a:b are zero up
+    to 1e-8 tokens on 1.2e7 (far below the table's rounding floor): untested, with no sum of squares,
+    while a, whose effect varies by seed, is tested as before."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(4):
+        gain = 275_400.0 + 40_000.0 * s  # a's effect differs by seed: its error is not zero
+        for a in ("x", "z"):
+            for b in ("u", "v"):
+                y = 12_484_800.0 - (gain if a == "z" else 0.0) + rng.uniform(-1e-8, 1e-8)
+                rows.append({"a": a, "b": b, "seed": s, "status": "finished", "y": y})
+    table = term_statistics(fit_anova(pd.DataFrame(rows), ["a", "b"], "y")).set_index("term")
+    for term in ("b", "a:b"):
+        assert np.isnan(table.loc[term, "F"]) and np.isnan(table.loc[term, "p"]), table.loc[term]
+        assert table.loc[term, "sum_sq"] == 0.0
+    assert np.isfinite(table.loc["a", "F"]) and table.loc["a", "p"] < 1e-3

@@ -150,9 +150,25 @@ def _pool_highest_order(table: CellTable, tested: list[tuple[str, ...]]) -> tupl
     )
 
 
+# How many units of float64 rounding, per entry of the cell x seed table, a contrast of it may carry
+NOISE_ULPS = 16
+
+
+def rounding_floor(table: CellTable) -> float:
+    """The mean square that floating-point rounding alone can give a term's contrasts of this table.
+
+    A response that several cells share exactly (a token count to a target, on the evaluation grid) makes
+    some terms and their seed interactions zero, which contrasts compute as noise of ~1e-16 of the data's
+    scale; their ratio is then any number at all, and the numeric library's build decides whether that
+    "F" is significant. Mean squares at or below this floor are zero."""
+    values = np.abs(np.nan_to_num(table.filled))
+    return float(NOISE_ULPS * np.finfo(float).eps * values.max(initial=0.0) * values.size) ** 2
+
+
 def _term_row(table: CellTable, term: tuple[str, ...]) -> dict:
     basis = table.strata[term].basis if term in table.strata else term_basis(table.cells, table.factors, term)
     per_seed = basis @ np.nan_to_num(table.filled)
+    floor = rounding_floor(table)
     mean = per_seed.mean(axis=1)
     k = len(basis)
     if table.error.kind == SPLIT_PLOT:
@@ -165,6 +181,10 @@ def _term_row(table: CellTable, term: tuple[str, ...]) -> dict:
         df_error, ms_error = table.error.df, table.error.mse
         ss = table.n_seeds * float(mean @ mean)
         error = "highest-order interaction"
+    if ss / k <= floor:
+        ss = 0.0  # no effect beyond rounding
+    if ms_error <= floor:
+        ms_error = 0.0  # no error beyond rounding
     tested = df_error > 0 and ms_error > 0  # a noise-free table has no error to test against
     f_value = (ss / k) / ms_error if tested else math.nan
     p = float(stats.f.sf(f_value, k, df_error)) if tested else math.nan
