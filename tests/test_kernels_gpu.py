@@ -277,5 +277,5 @@ def test_a_new_process_reads_the_autotuning_a_study_cached(tmp_path):
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     assert run() == [True, True, True]  # timed every config of the three kernels
-    assert len(list(tmp_path.rglob("*.autotune.json"))) == 3
+    assert len(list(tmp_path.rglob("*.autotune.json"))) >= 3  # one per kernel and shape at least
     assert run() == [False, False, False]  # read them
