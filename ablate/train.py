@@ -95,7 +95,7 @@ def evaluate(
             total += model(x, y).double() * y.numel()
         count += y.numel()
     with autocast:
-        diag = model.diagnostics(first_x[: cfg.train.diagnostics_batch], as_tensors=True)
+        diag = model.diagnostics(first_x[: cfg.train.diagnostics_batch])
     model.train()
     values = torch.stack([total / count, *diag.values()]).tolist()
     return {VAL_LOSS_CURVE: values[0], **{f"diag/{k}": v for k, v in zip(diag, values[1:], strict=True)}}

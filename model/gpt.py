@@ -159,9 +159,9 @@ class GPT(nn.Module):
         return 6.0 * n_matmul + 6.0 * cfg.n_layers * cfg.d_model * t  # causal: half of 12*L*C*T
 
     @torch.no_grad()
-    def diagnostics(self, idx: torch.Tensor, *, as_tensors: bool = False) -> dict:
-        """Per-layer key-norm statistics, attention-sink mass and attention entropy for a batch: floats,
-        or (as_tensors) float64 0-d tensors on the model's device, for the caller to read at once."""
+    def diagnostics(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-layer key-norm statistics, attention-sink mass and attention entropy for a batch, as float64
+        0-d tensors on the model's device (the caller reads them at once: each read waits for the GPU)."""
         from model.diagnostics import summarize_layer
 
         was_training = self.training
@@ -182,6 +182,4 @@ class GPT(nn.Module):
         for name in {key.split("/")[0] for key in stats}:
             layer_values = [v for key, v in stats.items() if key.split("/")[0] == name]
             stats[f"{name}/mean"] = torch.stack(layer_values).mean()
-        if as_tensors:
-            return stats
-        return dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True))
+        return stats

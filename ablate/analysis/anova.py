@@ -93,7 +93,8 @@ def fit_anova(data: pd.DataFrame, factors: Sequence[str], response: str) -> Anov
     if table.n_seeds < 2:
         tested, pooled_note = _pool_highest_order(table, tested)
         notes.append(pooled_note)
-    rows = {":".join(term): _term_row(table, term) for term in tested}
+    floor = rounding_floor(table)
+    rows = {":".join(term): _term_row(table, term, floor) for term in tested}
     fitted, resid, cell_index = table.residuals()
     mse, df_resid = table.additive_error()
     values = data[response].to_numpy()
@@ -165,10 +166,10 @@ def rounding_floor(table: CellTable) -> float:
     return float(NOISE_ULPS * np.finfo(float).eps * values.max(initial=0.0) * values.size) ** 2
 
 
-def _term_row(table: CellTable, term: tuple[str, ...]) -> dict:
+def _term_row(table: CellTable, term: tuple[str, ...], floor: float) -> dict:
+    """A term's df, SS, F and p against its error; mean squares at or below `floor` count as zero."""
     basis = table.strata[term].basis if term in table.strata else term_basis(table.cells, table.factors, term)
     per_seed = basis @ np.nan_to_num(table.filled)
-    floor = rounding_floor(table)
     mean = per_seed.mean(axis=1)
     k = len(basis)
     if table.error.kind == SPLIT_PLOT:

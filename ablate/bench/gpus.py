@@ -20,8 +20,9 @@ compiled (`train.precompile` saves a step that a traced trial does not read, and
 first GPU, with the study's settings (for a study on the fast path, the fastest configuration) and
 eager, and adds each side's efficiency per GPU against both.
 `--also gpu=F,cpu=N,mps=M,SECTION.KEY=V` (repeatable) runs the one-GPU side again with another per-trial
-GPU share, CPUs per trial, MPS setting or fixed setting, after the first and against the same baseline, so that trials per
-GPU with and without MPS, or with and without `train.reuse_compiled`, are compared in one command.
+GPU share, CPUs per trial, MPS setting or fixed setting, after the first and against the same baseline,
+so that trials per GPU with and without MPS, or with and without `train.reuse_compiled`, are compared in
+one command.
 `--out F` is rewritten after each stage, so a run cut short keeps what it measured.
 """
 
@@ -182,7 +183,7 @@ def also_sides(specs: list[str]) -> list[dict]:
             share = None if gpu is None else float(gpu)
         except ValueError:
             share = -1.0
-        cpus = int(cpu) if cpu is not None and cpu.isdigit() else (None if cpu is None else 0)
+        cpus = None if cpu is None else int(cpu) if cpu.isdigit() else 0  # 0: not a count, refused below
         if (
             bad
             or not settings
