@@ -149,3 +149,26 @@ def test_the_warm_up_runs_each_side_that_fixes_other_settings(tmp_path, monkeypa
         (5000, ("train.precompile=true", "train.precompile=false"), ()),
         (5000, ("train.precompile=true",), ()),
     ]
+
+
+def test_trials_alone_take_their_own_budget_and_bad_budgets_stop_before_anything_runs(tmp_path, monkeypatch):
+    study = tmp_path / "study.yaml"
+    study.write_text("name: x\nresources: {gpu: 0.25}\n")
+    runs = []
+
+    def bench(study_path, gpus, args, tokens, *extra):
+        runs.append((tokens, extra[:1]))
+        return {**summary(54e6, 300.0, {"0": 54}), "alone_tokens_per_s": 1e6}
+
+    monkeypatch.setattr(bench_gpus, "bench", bench)
+    monkeypatch.setattr(bench_gpus, "visible_gpus", lambda: ["0"])
+    argv = ["gpus", str(study), "--tokens", "5000", "--alone-factors", "metric", "--alone-tokens", "700"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_gpus.main()
+    assert runs == [(700, ("--alone",)), (700, ("--alone",)), (5000, ())]  # fast path, eager, the study
+    runs.clear()
+    for flag in ("--tokens", "--warm-tokens", "--alone-tokens"):
+        monkeypatch.setattr(sys, "argv", ["gpus", str(study), flag, "0"])
+        with pytest.raises(SystemExit, match=f"{flag} 0: a token budget is at least 1"):
+            bench_gpus.main()
+    assert runs == []

@@ -1,7 +1,7 @@
 """One GPU against every GPU of this host, for one study, in one command:
 
     python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--mps M] [--cpu N] [--fixed K=V]
-                                      [--warm-tokens N] [--alone-factors F]
+                                      [--warm-tokens N] [--alone-factors F] [--alone-tokens N]
                                       [--also gpu=F,cpu=N,mps=M,K=V ...] [--timeout S] [--out F]
 
 Runs the study through `python -m ablate.bench.study` (that is, `ablate run --fresh`) twice: first with
@@ -235,6 +235,12 @@ def main() -> None:
         default=None,
         help="also measure one trial alone per class of these factors' levels (comma-separated)",
     )
+    parser.add_argument(
+        "--alone-tokens",
+        type=int,
+        default=None,
+        help="with --alone-factors: the token budget of each trial alone (default: --tokens)",
+    )
     add_copy_options(parser)  # --mps, --cpu, --fixed: for both sides
     parser.add_argument(
         "--also",
@@ -249,6 +255,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.study.is_file():
         raise SystemExit(f"{args.study}: no such study file")
+    for name in ("tokens", "warm_tokens", "alone_tokens"):
+        budget = getattr(args, name)
+        if budget is not None and budget < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {budget}: a token budget is at least 1")
     if args.gpu is not None and not 0 < args.gpu <= 1:
         raise SystemExit(f"--gpu {args.gpu}: a per-trial GPU share is in (0, 1]")
     sides = also_sides(args.also)  # checked before anything runs
@@ -290,7 +300,7 @@ def main() -> None:
                     args.study,
                     gpus[:1],
                     args,
-                    args.tokens,
+                    args.alone_tokens or args.tokens,
                     "--alone",
                     "--alone-factors",
                     args.alone_factors,
