@@ -216,7 +216,8 @@ def _text(value) -> str:
     return str(value)
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, list[dict]]:
+    """The command line, checked before anything runs; with the `--also` sides parsed."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -261,7 +262,56 @@ def main() -> None:
             raise SystemExit(f"--{name.replace('_', '-')} {budget}: a token budget is at least 1")
     if args.gpu is not None and not 0 < args.gpu <= 1:
         raise SystemExit(f"--gpu {args.gpu}: a per-trial GPU share is in (0, 1]")
-    sides = also_sides(args.also)  # checked before anything runs
+    return args, also_sides(args.also)
+
+
+def side_args(args: argparse.Namespace, settings: dict) -> argparse.Namespace:
+    """The arguments of one `--also` side: the command's, with its share, CPUs, MPS and fixed settings."""
+    overrides = {k: settings[k] for k in ("gpu", "cpu", "mps") if settings[k] is not None}
+    return argparse.Namespace(**{**vars(args), **overrides, "fixed": [*args.fixed, *settings["fixed"]]})
+
+
+def warm_up(args: argparse.Namespace, variants: list, gpus: list[str], console: Console, save) -> None:
+    """Every cell once for --warm-tokens, with the command's settings and each side's that differ."""
+    console.print(
+        f"warming the compile caches: every cell for {args.warm_tokens:,} tokens on {len(gpus)} GPUs"
+    )
+    save(warm=bench(args.study, gpus, args, args.warm_tokens))
+    # a side with other fixed settings may compile other code (e.g. train.precompile): warmed too
+    warmed = []
+    for variant in variants:
+        if variant.fixed != args.fixed:
+            console.print(f"warming with {', '.join(variant.fixed)} too")
+            warmed.append(bench(args.study, gpus, variant, args.warm_tokens))
+            save(warm_also=warmed)
+
+
+def alone_stage(args: argparse.Namespace, gpu: str, console: Console, save) -> dict[str, float]:
+    """One trial alone per class of --alone-factors on `gpu`, fast path then eager: {mode: tokens/s}."""
+    alone: dict[str, float] = {}
+    for mode, extra in (("fast path", ()), ("eager", ("--eager",))):
+        console.print(f"one trial alone per class of {args.alone_factors} ({mode}) on GPU {gpu} ...")
+        try:
+            result = bench(
+                args.study,
+                [gpu],
+                args,
+                args.alone_tokens or args.tokens,
+                "--alone",
+                "--alone-factors",
+                args.alone_factors,
+                *extra,
+            )
+        except SystemExit as err:  # the comparison of the two sides still stands without it
+            console.print(f"[red]{err}[/]; going on without this baseline")
+            continue
+        alone[mode] = result["alone_tokens_per_s"]
+        save(**{f"alone_{mode.replace(' ', '_')}": result})
+    return alone
+
+
+def main() -> None:
+    args, sides = parse_args()
     gpus = visible_gpus()
     if not gpus:
         raise SystemExit("this host shows no GPU (nvidia-smi or CUDA_VISIBLE_DEVICES)")
@@ -273,44 +323,10 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(record, indent=2))
 
-    variants = []  # the `--also` sides' arguments
-    for settings in sides:
-        overrides = {k: settings[k] for k in ("gpu", "cpu", "mps") if settings[k] is not None}
-        variants.append(
-            argparse.Namespace(**{**vars(args), **overrides, "fixed": [*args.fixed, *settings["fixed"]]})
-        )
+    variants = [side_args(args, settings) for settings in sides]
     if args.warm_tokens is not None:
-        console.print(
-            f"warming the compile caches: every cell for {args.warm_tokens:,} tokens on {len(gpus)} GPUs"
-        )
-        save(warm=bench(args.study, gpus, args, args.warm_tokens))
-        # a side with other fixed settings may compile other code (e.g. train.precompile): warmed too
-        warmed = []
-        for variant in variants:
-            if variant.fixed != args.fixed:
-                console.print(f"warming with {', '.join(variant.fixed)} too")
-                warmed.append(bench(args.study, gpus, variant, args.warm_tokens))
-                save(warm_also=warmed)
-    alone: dict[str, float] = {}
-    if args.alone_factors:
-        for mode, extra in (("fast path", ()), ("eager", ("--eager",))):
-            console.print(f"one trial alone per class of {args.alone_factors} ({mode}) on GPU {gpus[0]} ...")
-            try:
-                result = bench(
-                    args.study,
-                    gpus[:1],
-                    args,
-                    args.alone_tokens or args.tokens,
-                    "--alone",
-                    "--alone-factors",
-                    args.alone_factors,
-                    *extra,
-                )
-            except SystemExit as err:  # the comparison of the two sides still stands without it
-                console.print(f"[red]{err}[/]; going on without this baseline")
-                continue
-            alone[mode] = result["alone_tokens_per_s"]
-            save(**{f"alone_{mode.replace(' ', '_')}": result})
+        warm_up(args, variants, gpus, console, save)
+    alone = alone_stage(args, gpus[0], console, save) if args.alone_factors else {}
     console.print(f"1 GPU ({gpus[0]}) ...")
     one = measured(bench(args.study, gpus[:1], args, args.tokens), f"GPU {gpus[0]}")
     save(one_gpu=one)
