@@ -23,8 +23,9 @@ def share_compile_caches() -> None:
 
     Inductor's FX-graph and AOTAutograd caches and Triton's kernel cache (and its autotuning results)
     then serve every trial and worker process after the first of each kind of cell, and survive the
-    study: a later study, or the same study resumed, compiles from disk. `compile_cache_root` says where, e.g. on a folder that travels
-    with the study. Python's own bytecode goes there too where the install keeps none (`cache_bytecode`).
+    study: a later study, or the same study resumed, compiles from disk. `compile_cache_root` says where,
+    e.g. on a folder that travels with the study. Python's own bytecode goes there too where the install
+    keeps none (`cache_bytecode`).
     """
     root = compile_cache_root()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))

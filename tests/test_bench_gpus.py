@@ -171,4 +171,7 @@ def test_trials_alone_take_their_own_budget_and_bad_budgets_stop_before_anything
         monkeypatch.setattr(sys, "argv", ["gpus", str(study), flag, "0"])
         with pytest.raises(SystemExit, match=f"{flag} 0: a token budget is at least 1"):
             bench_gpus.main()
+    monkeypatch.setattr(sys, "argv", ["gpus", str(study), "--alone-tokens", "700"])  # no trials alone
+    with pytest.raises(SystemExit, match="give --alone-factors too"):
+        bench_gpus.main()
     assert runs == []

@@ -260,6 +260,8 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
         budget = getattr(args, name)
         if budget is not None and budget < 1:
             raise SystemExit(f"--{name.replace('_', '-')} {budget}: a token budget is at least 1")
+    if args.alone_tokens is not None and not args.alone_factors:
+        raise SystemExit("--alone-tokens sets the budget of the trials alone: give --alone-factors too")
     if args.gpu is not None and not 0 < args.gpu <= 1:
         raise SystemExit(f"--gpu {args.gpu}: a per-trial GPU share is in (0, 1]")
     return args, also_sides(args.also)
