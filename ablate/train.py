@@ -79,12 +79,14 @@ def peak_flops(device: torch.device) -> float | None:
 
 @torch.no_grad()
 def evaluate(
-    model: GPT, data: PackedData, cfg: RunConfig, device: torch.device, autocast
+    model: GPT, data: PackedData, cfg: RunConfig, device: torch.device, autocast, loss: str = "plain"
 ) -> dict[str, float]:
     """Token-weighted validation loss over the fixed validation set, plus attention diagnostics.
 
-    The losses and diagnostics stay on the device until one transfer at the end: each read of a value
-    waits for the GPU, which trials sharing it keep busy."""
+    `loss` is the training step's loss path: the same value, and on CUDA the fused one's forward (no
+    gradient) never builds the float32 log-softmax of every logit that the plain loss does. The losses
+    and diagnostics stay on the device until one transfer at the end: each read of a value waits for the
+    GPU, which trials sharing it keep busy."""
     model.eval()
     total, count, first_x = torch.zeros((), dtype=torch.float64, device=device), 0, None
     for i, (x, y) in enumerate(val_batches(data, cfg.train.batch_size, device=device)):
@@ -92,7 +94,7 @@ def evaluate(
             break
         first_x = x if first_x is None else first_x
         with autocast:
-            total += model(x, y).double() * y.numel()
+            total += model(x, y, loss=loss, loss_chunks=cfg.train.loss_chunks).double() * y.numel()
         count += y.numel()
     with autocast:
         diag = model.diagnostics(first_x[: cfg.train.diagnostics_batch])
@@ -175,7 +177,7 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
 
         if step > 0 and step % tc.eval_every == 0:
             with window.paused():  # evaluation time is not training time
-                eval_metrics = evaluate(model, data, cfg, device, autocast)
+                eval_metrics = evaluate(model, data, cfg, device, autocast, loss_kind)
                 last_val = eval_metrics[VAL_LOSS_CURVE]
                 logger.log_metrics({**eval_metrics, "tokens": step * tokens_per_step}, step)
 
@@ -218,7 +220,7 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
             window.reopen(step)
 
     t_eval = time.perf_counter()
-    final = evaluate(model, data, cfg, device, autocast)
+    final = evaluate(model, data, cfg, device, autocast, loss_kind)
     logger.log_metrics({**final, "tokens": total_steps * tokens_per_step}, total_steps)
     window.timing["eval_s"] += time.perf_counter() - t_eval
     steady = window.steady_rate()

@@ -97,6 +97,36 @@ def test_interpreted_model_fused_loss_matches_plain(fused_loss):
 
 
 @interpreted_only
+def test_interpreted_evaluation_on_the_fused_path_gives_the_plain_loss(tmp_path, monkeypatch):
+    """Evaluation takes the training step's loss path (no float32 log-softmax of every logit on CUDA);
+    the validation loss is the plain path's."""
+    from ablate.config import RunConfig, from_dict
+    from ablate.data import prepare, val_batches
+    from ablate.train import evaluate
+
+    tree = {
+        "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context": 16, "metric": "rbf"},
+        "data": {"source": "random:97", "val_tokens": 200, "cache_dir": str(tmp_path)},
+        "train": {"batch_size": 3, "device": "cpu"},
+    }
+    cfg = from_dict(RunConfig, tree)
+    data = prepare(cfg.data, cfg.model.context)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**tree["model"], "vocab_size": data.vocab_size}))
+    calls = []
+    fused = kernels.linear_cross_entropy
+    monkeypatch.setattr(kernels, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    got = {
+        loss: evaluate(model, data, cfg, torch.device("cpu"), contextlib.nullcontext(), loss)
+        for loss in ("plain", "fused")
+    }
+    assert len(calls) == len(list(val_batches(data, 3, device=torch.device("cpu"))))  # once a batch
+    assert got["fused"]["val/loss"] == pytest.approx(got["plain"]["val/loss"], rel=1e-5)
+    assert got["fused"] == pytest.approx(got["plain"], rel=1e-5)  # diagnostics too
+    assert model.training  # evaluation hands the model back in training mode
+
+
+@interpreted_only
 def test_interpreted_target_out_of_range_is_nan_not_a_stray_read():
     h, w, b, targets = make(6, 16, 40, torch.float32)
     targets[2] = -1
@@ -355,7 +385,7 @@ def test_fused_loss_under_the_interpreter():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "62 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    assert "63 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
 
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="checks the CPU refusal")
