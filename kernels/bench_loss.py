@@ -162,10 +162,11 @@ def markdown(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['vocab']} | {r['loss_fn']} | {r['error'][:80]} |||||")
             continue
+        diff = f"{r['loss_diff']:+.1e}" if "loss_diff" in r else "-"  # "-": plain or its pair not run
+        ratio = f"{r['x_plain_compiled']:.3f}" if "x_plain_compiled" in r else "-"
         lines.append(
             f"| {r['vocab']} | {r['loss_fn']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-            f"{r['peak_mib']:.0f} | {r.get('loss_diff', float('nan')):+.1e} | "
-            f"{r.get('x_plain_compiled', float('nan')):.3f} |"
+            f"{r['peak_mib']:.0f} | {diff} | {ratio} |"
         )
     return "\n".join(lines)
 

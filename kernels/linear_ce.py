@@ -5,9 +5,11 @@ the bias into the full output, the head's matmul on top of it, a float32 log-sof
 pass and a bias-gradient reduction (profiled on an H200: README, training throughput). Here the forward
 does all of it at once:
 
-    Z = h W^T                    one matmul into a bf16 buffer whose rows are padded to 64 columns
-    lse, loss = row kernel       log-sum-exp of Z + b per row, in float32 (first pass over the row)
-    G = softmax(Z + b) - onehot  written over Z in place by the same kernel (second pass)
+    Z = h W^T + b                one matmul (b in cuBLAS's epilogue) into a bf16 buffer whose rows
+                                 are padded to 64 columns
+    lse, loss = row kernel       log-sum-exp of Z per row, in float32 (first pass over the row)
+    G = softmax(Z) - onehot      written over Z in place by the same kernel (second pass, from the
+                                 row's end, which the first pass read last and L2 likeliest holds)
     dh = G W,  [dW | db] = G^T [h | 1]     two matmuls; the bias gradient rides along as a column of ones
 
 and keeps only dh, dW and db (small) for the backward, which scales them by the incoming gradient.
@@ -16,11 +18,11 @@ G = softmax - onehot.
 
 How Z is made and read is the op's `schedule` (the same math each way; "rows" ships):
 
-    rows        cuBLAS writes Z; one program per row reads it twice (BLOCK_V and NUM_WARPS are
+    rows        cuBLAS writes Z + b (torch.addmm); one program per row reads it twice, with one exp
+                per logit in the first pass (one running maximum per row) (BLOCK_V and NUM_WARPS are
                 the fastest the loss benchmark measured on an H200: README, "Training throughput")
-    persistent  cuBLAS writes Z + b (torch.addmm: the bias in the matmul's epilogue); a few programs per
-                SM each walk many rows, so that the rows in flight fit in L2 and the second pass can read
-                them from there; one exp per logit in the first pass (one running maximum per row)
+    persistent  the same, but a few programs per SM each walk many rows, so that the rows in flight
+                fit in L2 and the second pass can read them from there
     epilogue    a Triton matmul writes Z + b and, per row and vocab tile, the tile's max and sum of exp
                 (logits_matmul.py); the row kernel combines those and reads Z once, to write G
 
@@ -74,25 +76,7 @@ def _ce_rows_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_row
-    offsets = tl.arange(0, BLOCK_V)
-
-    # pass 1: running max and sum of exp per lane (no cross-lane reduction inside the loop), then
-    # combined. A lane that has seen only padding keeps m = -inf and s = 0.
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offsets
-        valid = cols < V
-        z = tl.load(z_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, z)
-        seen = m_new > float("-inf")
-        s = tl.where(seen, s * tl.exp(m - m_new) + tl.exp(z - m_new), 0.0)
-        m = m_new
-    m_row = tl.max(m, axis=0)
-    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
-
+    lse = _lse_of_row(z_row, bias_ptr, V, HAS_BIAS, BLOCK_V)  # pass 1
     target = _store_row_loss(z_row, bias_ptr, target_ptr, loss_ptr, row, lse, V, HAS_BIAS)
     if WRITE_GRAD:  # pass 2
         _write_row_grad(z_row, bias_ptr, lse, target, V, V_pad, HAS_BIAS, BLOCK_V)
@@ -112,10 +96,14 @@ def _store_row_loss(z_row, bias_ptr, target_ptr, loss_ptr, row, lse, V, HAS_BIAS
 
 @triton.jit
 def _write_row_grad(z_row, bias_ptr, lse, target, V, V_pad, HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """G = softmax - onehot over the row, written over its logits; zeros in the padding columns."""
+    """G = softmax - onehot over the row, written over its logits; zeros in the padding columns.
+
+    It walks the row from its end, which the first pass read last: those tiles are the likeliest to be
+    still in L2."""
     offsets = tl.arange(0, BLOCK_V)
-    for start in range(0, V_pad, BLOCK_V):
-        cols = start + offsets
+    tiles = tl.cdiv(V_pad, BLOCK_V)
+    for i in range(tiles):
+        cols = (tiles - 1 - i) * BLOCK_V + offsets
         valid = cols < V
         z = tl.load(z_row + cols, mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -181,22 +169,26 @@ def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _rows(h, w_pad, bias, targets, losses, v, with_grad):
-    """Schedule "rows": Z = h W^T by cuBLAS, then one program per row (b added there)."""
-    z = h @ w_pad.t()  # (n, v_pad)
+    """Schedule "rows": Z = h W^T + b by cuBLAS (b in its epilogue), then one program per row."""
+    z = _logits_with_bias(h, w_pad, bias, v)  # (n, v_pad)
     _ce_rows_kernel[(h.shape[0],)](
-        z, bias if bias is not None else z, targets, losses, z.stride(0), v, z.shape[1],
-        HAS_BIAS=bias is not None, WRITE_GRAD=with_grad, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+        z, z, targets, losses, z.stride(0), v, z.shape[1],
+        HAS_BIAS=False, WRITE_GRAD=with_grad, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
     )  # fmt: skip
     return z
+
+
+def _logits_with_bias(h, w_pad, bias, v):
+    """Z = h W^T (+ b, added by cuBLAS in the matmul's epilogue), (n, v_pad)."""
+    if bias is None:
+        return h @ w_pad.t()
+    return torch.addmm(torch.nn.functional.pad(bias, (0, w_pad.shape[0] - v)), h, w_pad.t())
 
 
 def _persistent(h, w_pad, bias, targets, losses, v, with_grad):
     """Schedule "persistent": Z = h W^T + b by cuBLAS (b in its epilogue), then the persistent row kernel."""
     in_matmul = bias is not None and BIAS_IN_MATMUL
-    if in_matmul:
-        z = torch.addmm(torch.nn.functional.pad(bias, (0, w_pad.shape[0] - v)), h, w_pad.t())
-    else:
-        z = h @ w_pad.t()
+    z = _logits_with_bias(h, w_pad, bias if in_matmul else None, v)
     _persistent_rows(z, None if in_matmul else bias, None, targets, losses, v, with_grad)
     return z
 

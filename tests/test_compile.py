@@ -160,31 +160,28 @@ def test_a_trial_releases_its_cuda_graph_trees_in_its_own_thread():
 
 
 @pytest.mark.gpu
-def test_graphed_trials_in_successive_threads_of_one_process(tmp_path):
-    """Three graphed trials, each in a new thread of one process (as Tune's function trainables ran them).
+def test_graphed_trials_one_after_another_in_one_process(tmp_path):
+    """Three graphed trials of three cells in the main thread of one process, as a reused Ray worker runs
+    them (ablate.trial), and the process then exits normally.
 
-    They run in a process of their own, which leaves without the interpreter's teardown: what such trials
-    leave behind can crash a later garbage collection in another thread, or the process's exit. On an
-    H200 (torch 2.11): with this test and the kept-step test below in one pytest process, the kept test's
-    collection died with a segmentation fault in 1 of 2 runs (it passed 3 of 3 times alone); in a process
-    of their own, all three trials finished and the process then died at exit (signal 11) in 4 of 5 runs.
-    `ablate run` runs every trial in its worker's main thread.
+    Not in new threads: Tune's function API ran each trial in a thread of its own, and there torch 2.11's
+    CUDA graphs crashed reused processes (on an H200, three graphed trials in successive threads of one
+    process died with signal 11, in a trial or at exit, in 5 of 6 runs), which is why `TrialTrainable`
+    runs every trial in its worker's main thread. The trials run in a process of their own so that what
+    they leave behind meets the interpreter's teardown.
     """
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     script = f"""
-import os
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_compile import CELLS, cell_run, in_new_thread
+from test_compile import CELLS, cell_run
 from ablate.logger import RecordingLogger
 from ablate.train import train
 
-for _ in range(3):  # a reused Ray worker: each trial in a new thread
-    config = cell_run({str(tmp_path)!r}, CELLS["rbf-susie-register-warmup"], device="cuda", cuda_graphs=True,
-                      loss="fused")
-    print(in_new_thread(lambda config=config: train(config, RecordingLogger()).status), flush=True)
-os._exit(0)  # skip the interpreter's teardown: see the docstring
+for cell in ("rbf-susie-register-warmup", "sdpa-rope", "penalty-rope-learnable"):
+    config = cell_run({str(tmp_path)!r}, CELLS[cell], device="cuda", cuda_graphs=True, loss="fused")
+    print(train(config, RecordingLogger()).status, flush=True)
 """
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=Path(__file__).parent.parent, capture_output=True, text=True

@@ -550,3 +550,26 @@ def test_tiled_replays_as_a_cuda_graph():
     torch.cuda.synchronize()
     for got, want in zip(grads, eager, strict=True):
         assert torch.equal(got, want)
+
+
+def test_bench_loss_table_leaves_a_ratio_blank_when_its_baseline_did_not_run():
+    from kernels.bench_loss import add_ratios, markdown
+
+    rows = [
+        {"vocab": 64, "loss_fn": "fused 1024/4", "fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "peak_mib": 3, "loss": 4.1}
+    ]
+    add_ratios(rows)
+    assert markdown(rows).splitlines()[-1] == "| 64 | fused 1024/4 | 1.000 | 2.000 | 3 | - | - |"
+    rows += [
+        {"vocab": 64, "loss_fn": "plain", "fwd_ms": 2.0, "fwd_bwd_ms": 4.0, "peak_mib": 9, "loss": 4.0},
+        {
+            "vocab": 64,
+            "loss_fn": "plain-compiled",
+            "fwd_ms": 1.0,
+            "fwd_bwd_ms": 2.5,
+            "peak_mib": 9,
+            "loss": 4.0,
+        },
+    ]
+    add_ratios(rows)
+    assert markdown(rows).splitlines()[2] == "| 64 | fused 1024/4 | 1.000 | 2.000 | 3 | +1.0e-01 | 0.800 |"
