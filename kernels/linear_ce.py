@@ -63,23 +63,21 @@ INTERPRET_PROGRAMS = 3  # the interpreter has no SMs: 3 programs, so each walks 
 
 @triton.jit
 def _ce_rows_kernel(
-    z_ptr,  # (M, V_pad) logits in, gradient out (when WRITE_GRAD)
-    bias_ptr,  # (V,) or a dummy
+    z_ptr,  # (M, V_pad) logits with their bias in, gradient out (when WRITE_GRAD)
     target_ptr,  # (M,) int64
     loss_ptr,  # (M,) float32
     stride_row,
     V,
     V_pad,
-    HAS_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_row
-    lse = _lse_of_row(z_row, bias_ptr, V, HAS_BIAS, BLOCK_V)  # pass 1
-    target = _store_row_loss(z_row, bias_ptr, target_ptr, loss_ptr, row, lse, V, HAS_BIAS)
+    lse = _lse_of_row(z_row, z_ptr, V, False, BLOCK_V)  # pass 1 (no bias pointer: b is in Z)
+    target = _store_row_loss(z_row, z_ptr, target_ptr, loss_ptr, row, lse, V, False)
     if WRITE_GRAD:  # pass 2
-        _write_row_grad(z_row, bias_ptr, lse, target, V, V_pad, HAS_BIAS, BLOCK_V)
+        _write_row_grad(z_row, z_ptr, lse, target, V, V_pad, False, BLOCK_V)
 
 
 @triton.jit
@@ -172,8 +170,8 @@ def _rows(h, w_pad, bias, targets, losses, v, with_grad):
     """Schedule "rows": Z = h W^T + b by cuBLAS (b in its epilogue), then one program per row."""
     z = _logits_with_bias(h, w_pad, bias, v)  # (n, v_pad)
     _ce_rows_kernel[(h.shape[0],)](
-        z, z, targets, losses, z.stride(0), v, z.shape[1],
-        HAS_BIAS=False, WRITE_GRAD=with_grad, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+        z, targets, losses, z.stride(0), v, z.shape[1], WRITE_GRAD=with_grad, BLOCK_V=BLOCK_V,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return z
 
