@@ -2,7 +2,8 @@
 
     python -m kernels.bench_loss [--vocab 8192 50257] [--tokens 16384] [--d-model 256]
                                  [--row-kernel 4096,8 1024,4] [--persistent 4096,8,4 ...]
-                                 [--logits-block-n 128] [--losses plain,...] [--out DIR]
+                                 [--logits-block-n 128] [--losses plain,...] [--row-passes]
+                                 [--out DIR]
 
 At the seed size (64 x 256 tokens, d_model 256, with bias): h in bf16, W and b in float32 as the model
 holds them (cast to bf16 inside, as under autocast). For each vocab size:
@@ -19,6 +20,12 @@ holds them (cast to bf16 inside, as under autocast). For each vocab size:
     epilogue N       schedule "epilogue" (model loss "fused-epilogue"): the Triton logits matmul with
                      softmax partials at BLOCK_N N (one row per --logits-block-n), then the row kernel
     tiled            kernels.linear_cross_entropy_tiled (linear_ce_tiled.py), no logits in memory
+
+`--row-passes` times instead the row kernels alone, over a logits buffer already written (random bf16,
+tokens x vocab padded to 64): the rows kernel at each --row-kernel pair and the persistent one at each
+--persistent triple, each as one training step runs it (loss and G written over the buffer), beside an
+in-place `mul_` over the same buffer, which reads and writes each byte once: the floor a row pass that
+reads the logits once could reach.
 
 --losses picks the families above (default: all). Columns: forward (with autograd recording; the fused op
 computes its gradients here), forward+backward (one training step of the loss), both
@@ -142,6 +149,64 @@ def measure(name: str, loss_fn: Callable, context: Callable, n: int, d: int, v: 
     return row
 
 
+def row_pass_candidates(
+    row_kernels: list[tuple[int, ...]], persistent: list[tuple[int, ...]]
+) -> dict[str, tuple[Callable, Callable]]:
+    """name -> (row pass over (z, targets, losses, v), context to run it in); "floor" first."""
+    found = {"floor: in-place mul_": (lambda z, targets, losses, v: z.mul_(1.0), contextlib.nullcontext)}
+    for block_v, warps in row_kernels:
+        context = functools.partial(_knobs, linear_ce, BLOCK_V=block_v, NUM_WARPS=warps)
+        found[f"rows {block_v}/{warps}"] = (_rows_pass, context)
+    for block_v, warps, per_sm in persistent:
+        knobs = dict(PERSISTENT_BLOCK_V=block_v, PERSISTENT_NUM_WARPS=warps, PROGRAMS_PER_SM=per_sm)
+        found[f"persistent {block_v}/{warps}/{per_sm}"] = (
+            _persistent_pass,
+            functools.partial(_knobs, linear_ce, **knobs),
+        )
+    return found
+
+
+def _rows_pass(z, targets, losses, v):
+    linear_ce._row_pass(z, targets, losses, v, with_grad=True)
+
+
+def _persistent_pass(z, targets, losses, v):
+    linear_ce._persistent_rows(z, None, None, targets, losses, v, with_grad=True)
+
+
+def measure_row_pass(
+    name: str, pass_fn: Callable, context: Callable, n: int, v: int, *, device="cuda", bench=None
+) -> dict:
+    """Milliseconds of one row pass over a fresh copy of the same random logits (the copy's time taken
+    out), as a median of `bench` (triton.testing.do_bench)."""
+    bench = bench or functools.partial(triton.testing.do_bench, return_mode="median")
+    gen = torch.Generator(device=device).manual_seed(v)
+    v_pad = triton.cdiv(v, linear_ce.PAD) * linear_ce.PAD
+    logits = (torch.randn(n, v_pad, device=device, generator=gen) * 2).bfloat16()
+    targets = torch.randint(0, v, (n,), device=device, generator=gen)
+    z, losses = logits.clone(), torch.empty(n, dtype=torch.float32, device=device)
+    row = dict(row_pass=name, tokens=n, vocab=v)
+    try:
+        with context():
+            with_pass = bench(lambda: (z.copy_(logits), pass_fn(z, targets, losses, v)))
+        row["ms"] = with_pass - bench(lambda: z.copy_(logits))
+    except Exception as err:  # a config that cannot run is a result, not a crash
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    return row
+
+
+def row_pass_markdown(rows: list[dict]) -> str:
+    floors = {r["vocab"]: r["ms"] for r in rows if r["row_pass"].startswith("floor") and "ms" in r}
+    lines = ["| vocab | row pass | ms | x floor |", "|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['vocab']} | {r['row_pass']} | {r['error'][:80]} | |")
+            continue
+        ratio = f"{r['ms'] / floors[r['vocab']]:.2f}" if r["vocab"] in floors else "-"
+        lines.append(f"| {r['vocab']} | {r['row_pass']} | {r['ms']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def add_ratios(rows: list[dict]) -> None:
     """Loss difference to plain and step time over plain-compiled, at the same vocab size."""
     by = {(r["vocab"], r["loss_fn"]): r for r in rows}
@@ -218,6 +283,9 @@ def main() -> None:
     parser.add_argument(
         "--losses", default=",".join(FAMILIES), help=f"comma-separated, from {list(FAMILIES)}"
     )
+    parser.add_argument(
+        "--row-passes", action="store_true", help="time the row kernels alone over written logits"
+    )
     parser.add_argument("--out", type=Path, help="folder for bench_loss.json and bench_loss.md")
     args = parser.parse_args()
     families = tuple(args.losses.split(","))
@@ -237,13 +305,21 @@ def main() -> None:
     )
     rows = []
     for v in args.vocab:
+        if args.row_passes:
+            for name, (pass_fn, context) in row_pass_candidates(row_kernels, persistent).items():
+                rows.append(measure_row_pass(name, pass_fn, context, args.tokens, v))
+                print(json.dumps(rows[-1]), flush=True)
+            continue
         for name, (loss_fn, context) in candidates(
             row_kernels, persistent, args.logits_block_n, families
         ).items():
             rows.append(measure(name, loss_fn, context, args.tokens, args.d_model, v))
             print(json.dumps(rows[-1]), flush=True)
-    add_ratios(rows)
-    text = "\n".join([json.dumps(env), "", markdown(rows), "", *tuned_configs()])
+    if args.row_passes:
+        text = "\n".join([json.dumps(env), "", row_pass_markdown(rows)])
+    else:
+        add_ratios(rows)
+        text = "\n".join([json.dumps(env), "", markdown(rows), "", *tuned_configs()])
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -169,11 +169,16 @@ def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def _rows(h, w_pad, bias, targets, losses, v, with_grad):
     """Schedule "rows": Z = h W^T + b by cuBLAS (b in its epilogue), then one program per row."""
     z = _logits_with_bias(h, w_pad, bias, v)  # (n, v_pad)
-    _ce_rows_kernel[(h.shape[0],)](
+    _row_pass(z, targets, losses, v, with_grad)
+    return z
+
+
+def _row_pass(z, targets, losses, v, with_grad) -> None:
+    """The rows schedule's kernel over logits Z (bias included): losses, and G over Z when with_grad."""
+    _ce_rows_kernel[(z.shape[0],)](
         z, targets, losses, z.stride(0), v, z.shape[1], WRITE_GRAD=with_grad, BLOCK_V=BLOCK_V,
         num_warps=NUM_WARPS,
     )  # fmt: skip
-    return z
 
 
 def _logits_with_bias(h, w_pad, bias, v):
