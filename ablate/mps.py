@@ -18,6 +18,7 @@ from pathlib import Path
 CONTROL = "nvidia-cuda-mps-control"
 PIPE = "CUDA_MPS_PIPE_DIRECTORY"  # the daemon's and its clients': where they meet
 LOG = "CUDA_MPS_LOG_DIRECTORY"  # the daemon's and its servers' logs
+THREADS = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"  # a client's share of the multiprocessors, read at CUDA's start
 SERVED = "ABLATE_MPS_DEVICES"  # a study daemon's CUDA_VISIBLE_DEVICES, for its trials; unset: every GPU
 STOP_TIMEOUT_S = 60.0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -73,8 +74,31 @@ def bench_config(
     return from_dict(RunConfig, tree)
 
 
+class ClockedLogger(RecordingLogger):
+    """A RecordingLogger that also notes the wall-clock time at which each training window was logged
+    (right after the window's one sync), so that copies run at once (`ablate.bench.packing`) can be
+    compared over the seconds in which all of them trained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window_ends: list[float] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        super().log_metrics(metrics, step)
+        if "tokens_per_s" in metrics:
+            self.window_ends.append(time.time())
+
+
+def steady_windows(log: ClockedLogger) -> list[list[float]]:
+    """[start, end, tokens/s] of each logging window after the first two (those `steady_median` takes);
+    a window starts when the one before it was logged."""
+    rates = [v for _, v in log.series("tokens_per_s")]
+    ends = log.window_ends
+    return [[ends[i - 1], ends[i], rates[i]] for i in range(2, len(rates))]
+
+
 def run_one(metric: str, variant: str, steps: int, backend: str, **config) -> dict:
-    log = RecordingLogger()
+    log = ClockedLogger()
     result = train(bench_config(metric, variant, steps, backend, **config), log)
     return {
         "metric": metric,
@@ -90,6 +114,7 @@ def run_one(metric: str, variant: str, steps: int, backend: str, **config) -> di
         # torch's account of step 1's compilation (train.compile_spent): forward frame, its backend, backward
         **{k.removeprefix("time/"): result.summary.get(k) for k in COMPILE_KEYS},
         "status": result.status,
+        "windows": steady_windows(log),  # wall clock: for copies run at once (ablate.bench.packing)
     }
 
 
@@ -158,7 +183,7 @@ def main() -> None:
 COMPILE_KEYS = ("time/compile_forward_s", "time/compile_backend_s", "time/compile_backward_s")
 TABLE_KEYS = (
     *("metric", "variant", "tokens_per_s", "mfu", "peak_mem_gb"),
-    *("first_window_s", "step1_s", "steps1_3_s", "status"),
+    *("first_window_s", "step1_s", "steps1_3_s", "status", "windows"),
     *(k.removeprefix("time/") for k in COMPILE_KEYS),
 )
 
