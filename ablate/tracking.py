@@ -488,6 +488,10 @@ class StudyRecord:
     def parent_metric_history(self, key: str) -> list:
         return retrying(self.client.get_metric_history, self.parent_run_id, key)
 
+    def metric_history(self, run, key: str) -> list:
+        """Every value a run logged under `key` (MLflow Metrics: value, timestamp in ms, step)."""
+        return retrying(self.client.get_metric_history, run.info.run_id, key)
+
     def tables(
         self, factors: list[str], responses: list[str], *, curves: bool = True
     ) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -188,6 +188,10 @@ def test_study_time_breakdown_reads_every_trials_phases(concurrent):
     steady = seconds["training (steady)"] / result["slots"]
     expected = (result["tokens"] - first_windows) / steady
     assert result["steady_packed_tokens_per_s"] == pytest.approx(expected)
+    # the trials' own token lines, by how many trained at once: at least one did, and not more than ran
+    at_once = result["training_at_once"]
+    assert at_once and max(at_once) <= result["slots"] and all(v["seconds"] > 0 for v in at_once.values())
+    assert all(v["tokens_per_s"] > 0 for k, v in at_once.items() if k > 0)
     # with a baseline per metric, the efficiency charges each finished trial at its metric's alone rate
     rates = {"sdpa": 4000.0, "rbf": 2000.0, "penalty": 1000.0}
     baseline = {

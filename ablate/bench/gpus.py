@@ -138,6 +138,12 @@ def side(summary: dict, alone: dict[str, float]) -> dict:
         )
     for phase, share in (summary.get("slot_share") or {}).items():
         figures[f"slot time: {phase}"] = f"{share:.1%}"
+    if at_once := summary.get("training_at_once"):
+        total = sum(v["seconds"] for v in at_once.values()) or 1.0
+        for k, v in sorted(at_once.items(), key=lambda kv: -int(kv[0])):  # JSON keys are text
+            figures[f"{k} training at once: share of the time, tokens/s per GPU"] = (
+                f"{v['seconds'] / total:.1%}, {v['tokens_per_s'] / 1e6:.2f}M"
+            )
     return figures
 
 
@@ -157,7 +163,9 @@ def show(
     for label, _ in columns:
         table.add_column(label, justify="right")
     figures = [side(summary, alone or {}) for _, summary in columns]
-    for key in figures[0]:
+    for key in dict.fromkeys(
+        k for f in figures for k in f
+    ):  # every side's rows, the first side's order first
         table.add_row(key, *(_text(f.get(key, "")) for f in figures))
     console.print(table)
     first = figures[0]["aggregate tokens/s"]

@@ -195,6 +195,7 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall,
         "steady_packed_tokens_per_s": steady_packed_rate(done, tokens, phase, slots),
+        "training_at_once": training_at_once(token_series(record, done)),
         "slots": slots,
         "slot_seconds": slot_seconds,
         "slot_share": {k: round(v / (slots * wall), 3) for k, v in slot_seconds.items()},
@@ -304,6 +305,49 @@ def steady_packed_rate(done: list, tokens: float, phase: dict[str, float], slots
         return None
     timed = [r for r in done if tracking.FINAL + "time/train_s" in r.data.metrics]
     return (tokens - sum(_first_window_tokens(r) for r in timed)) / (steady_train / slots)
+
+
+def token_series(record: tracking.StudyRecord, done: list) -> dict[str, list[list[tuple[float, float]]]]:
+    """Per GPU (the trials' gpu_ids tag), per trial: (epoch seconds, tokens trained so far) at each line
+    that logged its tokens (every training window, and each evaluation)."""
+    series: dict[str, list[list[tuple[float, float]]]] = {}
+    for run in done:
+        points = sorted((m.timestamp / 1e3, m.value) for m in record.metric_history(run, "tokens"))
+        series.setdefault(tracking.tag(run, "gpu_ids", "") or "", []).append(points)
+    return series
+
+
+def training_at_once(series: dict[str, list[list[tuple[float, float]]]]) -> dict[int, dict[str, float]]:
+    """How many trials were training at once on a GPU, and how fast that GPU trained then.
+
+    series: `token_series`. A trial trains between two of its lines whose tokens differ, at the rate
+    between them; it does not before its first line (its first window: compilation, graph capture,
+    warm-up) nor across an evaluation. For each k, the GPU-seconds (summed over GPUs) in which k trials
+    trained on a GPU, from the first line on it to its last, and that GPU's tokens/s then: if one
+    trial alone fills the GPU, the rate at k = 1, 2, 3 matches the rate at k = 4, and a lower one says
+    what the other trials' first windows and evaluations cost those that train beside them.
+    """
+    seconds: dict[int, float] = {}
+    tokens: dict[int, float] = {}
+    for trials in series.values():
+        events = []  # (time, change in trials training, change in tokens/s)
+        for points in trials:
+            for (t0, n0), (t1, n1) in itertools.pairwise(points):
+                if n1 > n0 and t1 > t0:
+                    rate = (n1 - n0) / (t1 - t0)
+                    events += [(t0, 1, rate), (t1, -1, -rate)]
+        events.sort(key=lambda e: (e[0], e[1]))  # at one instant, ends before starts
+        training, rate = 0, 0.0
+        for (t, step, change), (t_next, _, _) in itertools.pairwise(events):
+            training = training + step
+            rate = rate + change if training else 0.0  # no drift left where none trains
+            if t_next > t:
+                seconds[training] = seconds.get(training, 0.0) + (t_next - t)
+                tokens[training] = tokens.get(training, 0.0) + max(rate, 0.0) * (t_next - t)
+    return {
+        k: {"seconds": round(seconds[k], 3), "tokens_per_s": tokens[k] / seconds[k] if seconds[k] else 0.0}
+        for k in sorted(seconds)
+    }
 
 
 def per_gpu_efficiency(tokens: float, wall: float, gpus: int, alone_tokens_per_s: float) -> float:
