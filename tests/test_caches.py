@@ -57,25 +57,33 @@ def test_workers_keep_bytecode_in_the_compile_cache_where_the_install_keeps_none
     assert not (tmp_path / "site" / "probe_pkg" / "__pycache__").exists()
 
 
-@pytest.mark.parametrize("why", ["bytecode beside the source", "a prefix the user set"])
-def test_bytecode_settings_are_left_alone_where_the_install_has_bytecode_or_the_user_chose(
-    tmp_path, monkeypatch, why
-):
-    _probe_package(tmp_path / "site", with_bytecode=why == "bytecode beside the source")
+def test_bytecode_settings_are_left_alone_where_the_install_has_bytecode(tmp_path, monkeypatch):
+    _probe_package(tmp_path / "site", with_bytecode=True)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
-    if why == "a prefix the user set":
-        monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "theirs"))
-    else:
-        _unset(monkeypatch, "PYTHONPYCACHEPREFIX")
-    cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")
-    assert os.environ.get("PYTHONPYCACHEPREFIX") == (
-        str(tmp_path / "theirs") if why == "a prefix the user set" else None
-    )
+    _unset(monkeypatch, "PYTHONPYCACHEPREFIX")
+    assert not cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")
+    assert "PYTHONPYCACHEPREFIX" not in os.environ
     assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1"
 
 
-@pytest.mark.parametrize("install", ["without bytecode", "with bytecode"])
+def test_a_prefix_the_user_set_is_kept_and_written(tmp_path, monkeypatch):
+    """PYTHONDONTWRITEBYTECODE (an image's) beside the user's own prefix would leave that folder empty and
+    every worker compiling its imports from source: the prefix stays, the ban on writing goes."""
+    _probe_package(tmp_path / "site", with_bytecode=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "theirs"))
+    assert cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")
+    assert os.environ["PYTHONPYCACHEPREFIX"] == str(tmp_path / "theirs")
+    assert "PYTHONDONTWRITEBYTECODE" not in os.environ
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    subprocess.run([sys.executable, "-c", "import probe_pkg"], env=env, check=True)
+    assert list((tmp_path / "theirs").rglob("*.pyc")) and not (tmp_path / "bytecode").exists()
+    assert not cache_bytecode(str(tmp_path / "bytecode"), probe="probe_pkg")  # nothing left to change
+
+
+@pytest.mark.parametrize("install", ["without bytecode", "with bytecode", "their prefix"])
 def test_the_command_starts_again_with_its_bytecode_cached_where_the_install_keeps_none(tmp_path, install):
     """The command's own imports read cached bytecode too: where the install keeps none, it replaces itself
     by the same command line with the prefix set (once); elsewhere it runs on unchanged."""
@@ -89,6 +97,8 @@ def test_the_command_starts_again_with_its_bytecode_cached_where_the_install_kee
         "print('running', sys.pycache_prefix, flush=True)\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPYCACHEPREFIX"}
+    if install == "their prefix":  # the install keeps none; the user named a folder for it
+        env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "theirs")
     env |= {
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)]),
         "PYTHONDONTWRITEBYTECODE": "1",
@@ -107,6 +117,13 @@ def test_the_command_starts_again_with_its_bytecode_cached_where_the_install_kee
             "started None ['run', 'study.yaml']",
             f"started {prefix} ['run', 'study.yaml']",
             f"running {prefix}",
+        ]
+    elif install == "their prefix":  # started again once, to write there; the folder stays theirs
+        theirs = str(tmp_path / "theirs")
+        assert out == [
+            f"started {theirs} ['run', 'study.yaml']",
+            f"started {theirs} ['run', 'study.yaml']",
+            f"running {theirs}",
         ]
     else:
         assert out == ["started None ['run', 'study.yaml']", "running None"]
