@@ -272,12 +272,11 @@ def test_compile_parts_are_the_median_trials_trace_and_loads_and_every_trials_ca
 def test_training_at_once_splits_a_gpus_time_by_how_many_trials_trained_and_their_rate():
     from ablate.bench.study import training_at_once
 
-    # GPU "0": a trains 0-10 s at 100 tokens/s; b's first line at 4 s, it trains 4-8 s at 50 tokens/s,
-    # then evaluates 8-9 s (tokens unchanged) and trains 9-12 s at 50 tokens/s
-    a = [(0.0, 100.0), (10.0, 1100.0)]
-    b = [(4.0, 20.0), (8.0, 220.0), (9.0, 220.0), (12.0, 370.0)]
-    # GPU "1": one trial, two lines 2 s apart: 2 s of one trial at 10 tokens/s
-    c = [(0.0, 0.0), (2.0, 20.0)]
+    # GPU "0": a trains 0-10 s at 100 tokens/s; b trains 4-8 s and 9-12 s at 50 tokens/s (evaluating
+    # between); GPU "1": c trains 0-2 s at 10 tokens/s
+    a = [(0.0, 10.0, 100.0)]
+    b = [(4.0, 8.0, 50.0), (9.0, 12.0, 50.0)]
+    c = [(0.0, 2.0, 10.0)]
     got = training_at_once({"0": [a, b], "1": [c]})
     assert got[2]["seconds"] == pytest.approx(4.0 + 1.0)  # 4-8 s and 9-10 s
     assert got[2]["tokens_per_s"] == pytest.approx(150.0)
@@ -285,8 +284,27 @@ def test_training_at_once_splits_a_gpus_time_by_how_many_trials_trained_and_thei
     # tokens over GPU-seconds: a's 4 s and 1 s at 100, b's 2 s at 50, c's 2 s at 10
     assert got[1]["tokens_per_s"] == pytest.approx((500 + 100 + 20) / 9.0)
     assert 0 not in got  # a trained throughout
-    # a gap in which neither trains: k = 0, at rate 0
-    gap = training_at_once({"0": [[(0.0, 0.0), (1.0, 10.0), (3.0, 10.0), (4.0, 20.0)]]})
+    gap = training_at_once({"0": [[(0.0, 1.0, 10.0), (3.0, 4.0, 10.0)]]})  # none trains 1-3 s
     assert gap[0] == {"seconds": pytest.approx(2.0), "tokens_per_s": 0.0}
     assert gap[1]["tokens_per_s"] == pytest.approx(10.0)
-    assert training_at_once({"0": [[(5.0, 10.0)]]}) == {}  # one line: no training measured
+    assert training_at_once({"0": [[]]}) == {}  # no window after the first: nothing measured
+
+
+def test_training_spans_place_each_window_after_the_first_as_its_training_time_ending_at_its_line():
+    from types import SimpleNamespace
+
+    from ablate.bench.study import training_spans
+
+    def metric(value, ms, step):
+        return SimpleNamespace(value=value, timestamp=ms, step=step)
+
+    # windows of 100 tokens logged at 1, 2 and 4 s (an evaluation at 2.5-3 s: its line logs tokens, no
+    # rate), each window at 100 tokens/s of training; the first window (compilation) is left out
+    history = {
+        "tokens": [metric(100, 1000, 9), metric(200, 2000, 19), metric(200, 3000, 20), metric(300, 4000, 29)],
+        "tokens_per_s": [metric(50, 1000, 9), metric(100, 2000, 19), metric(100, 4000, 29)],
+    }
+    record = SimpleNamespace(metric_history=lambda run, key: history[key])
+    run = SimpleNamespace(data=SimpleNamespace(tags={"ablate.gpu_ids": "0"}))
+    spans = training_spans(record, [run])
+    assert spans == {"0": [[(1.0, 2.0, 100.0), (3.0, 4.0, 100.0)]]}  # the evaluation is the gap at 2-3 s

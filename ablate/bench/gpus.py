@@ -163,9 +163,8 @@ def show(
     for label, _ in columns:
         table.add_column(label, justify="right")
     figures = [side(summary, alone or {}) for _, summary in columns]
-    for key in dict.fromkeys(
-        k for f in figures for k in f
-    ):  # every side's rows, the first side's order first
+    keys = dict.fromkeys(k for f in figures for k in f)  # every side's rows, the first side's order first
+    for key in keys:
         table.add_row(key, *(_text(f.get(key, "")) for f in figures))
     console.print(table)
     first = figures[0]["aggregate tokens/s"]

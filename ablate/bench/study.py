@@ -195,7 +195,7 @@ def summarize(study: Path, started: float, ended: float, baseline: dict | None =
         "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall,
         "steady_packed_tokens_per_s": steady_packed_rate(done, tokens, phase, slots),
-        "training_at_once": training_at_once(token_series(record, done)),
+        "training_at_once": training_at_once(training_spans(record, done)),
         "slots": slots,
         "slot_seconds": slot_seconds,
         "slot_share": {k: round(v / (slots * wall), 3) for k, v in slot_seconds.items()},
@@ -307,35 +307,47 @@ def steady_packed_rate(done: list, tokens: float, phase: dict[str, float], slots
     return (tokens - sum(_first_window_tokens(r) for r in timed)) / (steady_train / slots)
 
 
-def token_series(record: tracking.StudyRecord, done: list) -> dict[str, list[list[tuple[float, float]]]]:
-    """Per GPU (the trials' gpu_ids tag), per trial: (epoch seconds, tokens trained so far) at each line
-    that logged its tokens (every training window, and each evaluation)."""
-    series: dict[str, list[list[tuple[float, float]]]] = {}
+def training_spans(
+    record: tracking.StudyRecord, done: list
+) -> dict[str, list[list[tuple[float, float, float]]]]:
+    """Per GPU (the trials' gpu_ids tag), per trial: (start, end, tokens/s) of each training window after
+    its first (which holds compilation, graph capture and warm-up), in epoch seconds.
+
+    A window's line holds its tokens/s, measured over its training time alone (an evaluation inside it is
+    paused out), and the tokens so far; the window is placed as that many seconds of training ending at
+    its line, so an evaluation shows as a gap before it."""
+    spans: dict[str, list[list[tuple[float, float, float]]]] = {}
     for run in done:
-        points = sorted((m.timestamp / 1e3, m.value) for m in record.metric_history(run, "tokens"))
-        series.setdefault(tracking.tag(run, "gpu_ids", "") or "", []).append(points)
-    return series
+        rates = {(m.step, m.timestamp): m.value for m in record.metric_history(run, "tokens_per_s")}
+        lines = sorted(  # the training windows' lines: an evaluation's line logs tokens but no rate
+            (m.timestamp / 1e3, m.value, rates[m.step, m.timestamp])
+            for m in record.metric_history(run, "tokens")
+            if (m.step, m.timestamp) in rates
+        )
+        own = [
+            (max(t0, t1 - (n1 - n0) / rate), t1, rate)
+            for (t0, n0, _), (t1, n1, rate) in itertools.pairwise(lines)
+            if n1 > n0 and rate > 0
+        ]
+        spans.setdefault(tracking.tag(run, "gpu_ids", "") or "", []).append(own)
+    return spans
 
 
-def training_at_once(series: dict[str, list[list[tuple[float, float]]]]) -> dict[int, dict[str, float]]:
+def training_at_once(spans: dict[str, list[list[tuple[float, float, float]]]]) -> dict[int, dict[str, float]]:
     """How many trials were training at once on a GPU, and how fast that GPU trained then.
 
-    series: `token_series`. A trial trains between two of its lines whose tokens differ, at the rate
-    between them; it does not before its first line (its first window: compilation, graph capture,
-    warm-up) nor across an evaluation. For each k, the GPU-seconds (summed over GPUs) in which k trials
-    trained on a GPU, from the first line on it to its last, and that GPU's tokens/s then: if one
-    trial alone fills the GPU, the rate at k = 1, 2, 3 matches the rate at k = 4, and a lower one says
-    what the other trials' first windows and evaluations cost those that train beside them.
+    spans: `training_spans`. For each k, the GPU-seconds (summed over GPUs) in which k trials trained on a
+    GPU, from its first span's start to its last span's end, and that GPU's tokens/s then: if one trial
+    alone fills the GPU, the rate at k = 1, 2, 3 matches the rate at k = 4, and a lower one says what the
+    other trials' first windows, evaluations and set-up cost those that train beside them. k = 0 is the
+    time in which none trained.
     """
     seconds: dict[int, float] = {}
     tokens: dict[int, float] = {}
-    for trials in series.values():
-        events = []  # (time, change in trials training, change in tokens/s)
-        for points in trials:
-            for (t0, n0), (t1, n1) in itertools.pairwise(points):
-                if n1 > n0 and t1 > t0:
-                    rate = (n1 - n0) / (t1 - t0)
-                    events += [(t0, 1, rate), (t1, -1, -rate)]
+    for trials in spans.values():
+        events = [
+            (t, sign, sign * rate) for own in trials for s, e, rate in own for t, sign in ((s, 1), (e, -1))
+        ]
         events.sort(key=lambda e: (e[0], e[1]))  # at one instant, ends before starts
         training, rate = 0, 0.0
         for (t, step, change), (t_next, _, _) in itertools.pairwise(events):
