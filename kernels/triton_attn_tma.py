@@ -428,9 +428,9 @@ def _backward(do, q, k, v, a, b, o, lse, causal: bool, atomic_dq: bool):
     )  # fmt: skip
     dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(2))
     da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # summed below
-    dq_acc = torch.zeros(
-        (B, H, N, dims["D_PAD"]) if atomic_dq else (1,), dtype=torch.float32, device=q.device
-    )
+    # the dq accumulator; without atomic_dq the kernel never touches it, and any float32 tensor will do
+    shape = (B, H, N, dims["D_PAD"])
+    dq_acc = torch.zeros(shape, dtype=torch.float32, device=q.device) if atomic_dq else da_rows
     tiles = [_tiles_arg(t) for t in (q, k, v, do)]  # per kernel: the pre-hook sets tile shapes
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)
     dkdv = _dkdv_atomic_kernel if atomic_dq else _dkdv_kernel

@@ -356,10 +356,7 @@ def training_at_once(spans: dict[str, list[list[tuple[float, float, float]]]]) -
             if t_next > t:
                 seconds[training] = seconds.get(training, 0.0) + (t_next - t)
                 tokens[training] = tokens.get(training, 0.0) + max(rate, 0.0) * (t_next - t)
-    return {
-        k: {"seconds": round(seconds[k], 3), "tokens_per_s": tokens[k] / seconds[k] if seconds[k] else 0.0}
-        for k in sorted(seconds)
-    }
+    return {k: {"seconds": seconds[k], "tokens_per_s": tokens[k] / seconds[k]} for k in sorted(seconds)}
 
 
 def per_gpu_efficiency(tokens: float, wall: float, gpus: int, alone_tokens_per_s: float) -> float:
