@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ablate.bench.throughput import markdown_table, parse_cells
+from ablate.bench.throughput import ProfilingLogger, kernel_table, markdown_table, parse_cells
 
 
 def _row(metric: str, variant: str, tps: float, **extra) -> dict:
@@ -31,3 +31,23 @@ def test_cells_parse_into_model_settings():
         {"position": "rope"},
         {"position": "susie", "registers": 1},
     ]
+
+
+def test_kernel_table_ranks_kernels_per_step_and_sums_the_rest():
+    row = _row("sdpa", "fused+graphs", 2.6e6, profile_steps=20)
+    row["kernels"] = {"gemm_a": 20_000.0, "row_pass": 40_000.0, "adam": 4_000.0, "norm": 2_000.0}
+    lines = kernel_table(row, 2).splitlines()
+    assert lines[0].startswith("sdpa fused+graphs: 3.300 ms of GPU kernels a step (20 steps profiled, 4")
+    assert lines[4] == "| `row_pass` | 2.000 | 60.6% |"
+    assert lines[5] == "| `gemm_a` | 1.000 | 30.3% |"
+    assert lines[6] == "| 2 others | 0.300 | 9.1% |"
+    assert "kernels" not in markdown_table([row])  # the profile stays out of the throughput table
+
+
+def test_profiling_logger_profiles_exactly_the_fourth_window():
+    log = ProfilingLogger(activity="CPU")  # this machine may have no GPU
+    for window in range(1, 6):
+        log.log_metrics({"tokens_per_s": 1.0}, 20 * window - 1)
+        log.log_metrics({"val_loss": 1.0}, 20 * window - 1)  # an evaluation log starts and stops nothing
+        assert (log.profiler is not None) == (window == 3)
+    assert (log.first_step, log.steps) == (59, 20)

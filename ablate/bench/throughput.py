@@ -9,7 +9,8 @@ op with its other schedules (linear_ce.py; on an H200 neither was faster than `f
 they run only when named in --variants.
 Prints steady-state tokens/s, MFU and peak memory as a Markdown table. `--repeat N` runs each row N times
 in this process (the compile caches warm after the first); with `--reuse-compiled` the repeats also reuse
-the first run's compiled step (`train.reuse_compiled`).
+the first run's compiled step (`train.reuse_compiled`). `--profile N` also profiles each row's fourth logging
+window (steady steps) with `torch.profiler` and prints its N costliest GPU kernels per step.
 """
 
 from __future__ import annotations
@@ -89,6 +90,63 @@ class ClockedLogger(RecordingLogger):
             self.window_ends.append(time.time())
 
 
+class ProfilingLogger(ClockedLogger):
+    """A ClockedLogger that profiles the GPU over one steady logging window: `torch.profiler` starts when
+    window `start` is logged and stops when the next one is (each log comes right after the window's one
+    sync, so the profile holds exactly that window's steps and no compilation or warm-up)."""
+
+    def __init__(self, start: int = 3, activity: str = "CUDA") -> None:
+        super().__init__()
+        self.start, self.activity = start, getattr(torch.profiler.ProfilerActivity, activity)
+        self.profiler: torch.profiler.profile | None = None
+        self.kernels: dict[str, float] = {}  # kernel name -> GPU microseconds over the window
+        self.first_step, self.steps = 0, 0  # the step logged before the window, and the window's steps
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        super().log_metrics(metrics, step)
+        if "tokens_per_s" not in metrics:
+            return
+        windows = len(self.window_ends)
+        if windows == self.start:
+            self.profiler = torch.profiler.profile(activities=[self.activity])
+            self.profiler.__enter__()
+            self.first_step = step
+        elif windows == self.start + 1 and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.steps = step - self.first_step
+            self.kernels = kernel_times(self.profiler)
+            self.profiler = None
+
+
+def kernel_times(profiler: torch.profiler.profile) -> dict[str, float]:
+    """GPU microseconds per kernel name over a profile (every launch of the name summed)."""
+    totals: dict[str, float] = {}
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time
+    return totals
+
+
+def kernel_table(row: dict, top: int) -> str:
+    """The `top` costliest kernels of a profiled row, in ms per step, with the rest summed."""
+    steps, kernels = row["profile_steps"], row["kernels"]
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
+    total = sum(kernels.values())
+    lines = [
+        f"{row['metric']} {row['variant']}: {total / steps / 1e3:.3f} ms of GPU kernels a step "
+        f"({steps} steps profiled, {len(kernels)} kernel names)",
+        "",
+        "| kernel | ms a step | share |",
+        "|---|---|---|",
+    ]
+    for name, us in ranked[:top]:
+        lines.append(f"| `{name[:90]}` | {us / steps / 1e3:.3f} | {us / total:.1%} |")
+    rest = sum(us for _, us in ranked[top:])
+    if rest:
+        lines.append(f"| {len(ranked) - top} others | {rest / steps / 1e3:.3f} | {rest / total:.1%} |")
+    return "\n".join(lines)
+
+
 def steady_windows(log: ClockedLogger) -> list[list[float]]:
     """[start, end, tokens/s] of each logging window after the first two (those `steady_median` takes);
     a window starts when the one before it was logged."""
@@ -97,9 +155,10 @@ def steady_windows(log: ClockedLogger) -> list[list[float]]:
     return [[ends[i - 1], ends[i], rates[i]] for i in range(2, len(rates))]
 
 
-def run_one(metric: str, variant: str, steps: int, backend: str, **config) -> dict:
-    log = ClockedLogger()
+def run_one(metric: str, variant: str, steps: int, backend: str, *, profile: bool = False, **config) -> dict:
+    log = ProfilingLogger() if profile else ClockedLogger()
     result = train(bench_config(metric, variant, steps, backend, **config), log)
+    profiled = {"profile_steps": log.steps, "kernels": log.kernels} if profile else {}
     return {
         "metric": metric,
         "variant": variant,
@@ -115,6 +174,7 @@ def run_one(metric: str, variant: str, steps: int, backend: str, **config) -> di
         **{k.removeprefix("time/"): result.summary.get(k) for k in COMPILE_KEYS},
         "status": result.status,
         "windows": steady_windows(log),  # wall clock: for copies run at once (ablate.bench.packing)
+        **profiled,
     }
 
 
@@ -148,8 +208,17 @@ def main() -> None:
         help="keep each row's compiled step for its repeats (train.reuse_compiled): --repeat 2 then shows "
         "the first window of a trial that reuses it",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile each row's fourth logging window and print its N costliest GPU kernels a step",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
+    if args.profile and args.steps < 5 * 20:
+        raise SystemExit("--profile needs --steps >= 100: it profiles the fourth 20-step logging window")
     variants, metrics = args.variants.split(","), args.metrics.split(",")
     if unknown := [v for v in variants if v not in VARIANTS]:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
@@ -169,13 +238,17 @@ def main() -> None:
                             vocab=args.vocab,
                             model=cell,
                             reuse_compiled=args.reuse_compiled,
+                            profile=args.profile > 0,
                         )
                     )
-                    print(json.dumps(rows[-1]), flush=True)
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "kernels"}), flush=True)
     print(
         f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} steps, backend {args.backend}\n"
     )
     print(markdown_table(rows))
+    for row in rows if args.profile else ():
+        if row["profile_steps"]:
+            print("\n" + kernel_table(row, args.profile))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 
@@ -183,7 +256,7 @@ def main() -> None:
 COMPILE_KEYS = ("time/compile_forward_s", "time/compile_backend_s", "time/compile_backward_s")
 TABLE_KEYS = (
     *("metric", "variant", "tokens_per_s", "mfu", "peak_mem_gb"),
-    *("first_window_s", "step1_s", "steps1_3_s", "status", "windows"),
+    *("first_window_s", "step1_s", "steps1_3_s", "status", "windows", "profile_steps", "kernels"),
     *(k.removeprefix("time/") for k in COMPILE_KEYS),
 )
 
