@@ -64,8 +64,8 @@ def _triton(pre_norm):
     return lambda q, k, v, a, b: triton_attn._attention(q, k, v, a, b, True, pre_norm)
 
 
-def _triton_tma(atomic_dq: bool = False):
-    return lambda q, k, v, a, b: triton_attn_tma._attention(q, k, v, a, b, True, atomic_dq)
+def _triton_tma():
+    return lambda q, k, v, a, b: triton_attn_tma._attention(q, k, v, a, b, True)
 
 
 CANDIDATES = [
@@ -76,9 +76,6 @@ CANDIDATES = [
     Candidate("triton-loopnorm", "rbf", _triton(False)),
     Candidate("triton-tma", "rbf", _triton_tma(), "triton-tma"),
     Candidate("triton-tma", "penalty", _triton_tma()),
-    # the one-kernel backward (dq added atomically into float32): not a dispatcher backend until measured
-    Candidate("triton-tma-atomic", "rbf", _triton_tma(atomic_dq=True)),
-    Candidate("triton-tma-atomic", "penalty", _triton_tma(atomic_dq=True)),
     Candidate("flex", "rbf", lambda q, k, v, a, b: flex_attention_rbf(q, k, v, a, b, causal=True), "flex"),
     Candidate("sdpa-aug-cudnn", "rbf", _aug(SDPBackend.CUDNN_ATTENTION), "sdpa-aug"),
     Candidate("sdpa-aug-flash", "rbf", _aug(SDPBackend.FLASH_ATTENTION), "sdpa-aug"),
@@ -231,9 +228,7 @@ def _candidates(names: list[str] | None) -> list[Candidate]:
 def _tuned_configs() -> list[str]:
     found = []
     for module in (triton_attn, triton_attn_tma):
-        for name in ("_fwd_kernel", "_dkdv_kernel", "_dkdv_atomic_kernel", "_dq_kernel"):
-            if not hasattr(module, name):  # the one-kernel backward is triton_attn_tma's alone
-                continue
+        for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
             for key, config in getattr(module, name).cache.items():
                 found.append(f"{module.__name__}.{name} {key[:4]} -> {config}")
     return found

@@ -29,13 +29,7 @@ from triton.backends.compiler import GPUTarget
 
 from kernels import triton_attn_tma as tma
 
-KERNELS = {
-    "fwd": tma._attn_fwd,
-    "dkdv": tma._attn_bwd_dkdv,
-    "dkdv-atomic": tma._attn_bwd_dkdv,
-    "dq": tma._attn_bwd_dq,
-}
-CONFIG_LISTS = {"dkdv-atomic": "dkdv"}  # the one-kernel backward (dq added atomically) tries dkdv's configs
+KERNELS = {"fwd": tma._attn_fwd, "dkdv": tma._attn_bwd_dkdv, "dq": tma._attn_bwd_dq}
 
 
 class _TargetOnlyDriver:
@@ -92,8 +86,8 @@ def _arguments(kind: str, n: int, d: int, dtype: torch.dtype, spec: tuple) -> tu
     scalars = (torch.empty(heads), torch.empty(heads))
     if kind == "fwd":
         args = (*tiles[:3], *scalars, out, rows(), rows(), *out.stride()[:3], heads, n)
-    elif kind in ("dkdv", "dkdv-atomic"):
-        outputs = (out, torch.empty_like(out), rows(), rows(), torch.empty(batch, heads, n, d_pad))
+    elif kind == "dkdv":
+        outputs = (out, torch.empty_like(out), rows(), rows())
         args = (*tiles, *scalars, rows(), rows(), rows(), *outputs, heads, n)
     else:
         args = (*tiles, *scalars, rows(), rows(), rows(), out, heads, n)
@@ -106,11 +100,10 @@ def compile_one(kind: str, n: int, d: int, dtype: torch.dtype, spec: tuple, caus
     args, d_pad = _arguments(kind, n, d, dtype, spec)
     block_m, block_n, warps, stages = spec
     row = dict(kind=kind, n_ctx=n, head_dim=d, dtype=str(dtype)[6:], config=list(spec), causal=causal)
-    flags = {"ATOMIC_DQ": kind == "dkdv-atomic"} if kind.startswith("dkdv") else {}
     try:
         compiled = kernel.warmup(
             *args, HEAD_DIM=d, D_PAD=d_pad, CAUSAL=causal, PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, grid=(1,), **flags,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, grid=(1,),
         )  # fmt: skip
     except Exception as err:  # a compile that fails is the finding
         return row | dict(error=f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
@@ -129,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kinds", nargs="*", default=["fwd", "dkdv", "dq"], help=f"from {list(KERNELS)}")
+    parser.add_argument("--kinds", nargs="*", default=["fwd", "dkdv", "dq"])
     parser.add_argument("--head-dims", nargs="*", type=int, default=[64, 128])
     parser.add_argument("--dtypes", nargs="*", default=["bfloat16"])
     parser.add_argument(
@@ -154,9 +147,7 @@ def _jobs(args):
     cases = [(4096, True)] + ([(1000, True), (4096, False)] if args.tails else [])
     for kind, d, dtype in itertools.product(args.kinds, args.head_dims, args.dtypes):
         d_pad = max(64, triton.next_power_of_2(d))
-        for (n, causal), spec in itertools.product(
-            cases, tma._GPU_CONFIGS[CONFIG_LISTS.get(kind, kind)][d_pad]
-        ):
+        for (n, causal), spec in itertools.product(cases, tma._GPU_CONFIGS[kind][d_pad]):
             yield kind, n, d, getattr(torch, dtype), spec, causal
 
 

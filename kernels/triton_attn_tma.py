@@ -26,13 +26,6 @@ address are not aligned are copied first (inside the op, so torch.compile sees n
 Outputs are written with pointer stores (contiguous, as in triton_attn.py). fp32 inputs run (the tests
 use them) but their ieee dots spill registers heavily: this backend is for bf16 and fp16.
 
-The backward runs two kernels, as triton_attn.py's does: dk/dv per key block (4 matmuls a pair of tiles)
-and dq per query block (3, recomputing S and dP). `atomic_dq=True` runs one instead: each key block also
-adds its dS k into a float32 (B, H, N, D_PAD) accumulator with atomic adds (5 matmuls a pair, the
-FlashAttention-2 schedule). It costs that buffer (256 MiB at B 2, H 16, N 32768, D 64, where this
-backend's peak is 536 MiB) and dq's bitwise reproducibility (the adds' order varies); `kernels.bench`
-measures it as "triton-tma-atomic", and no dispatcher backend runs it.
-
 The Triton interpreter (TRITON_INTERPRET=1) runs host descriptors, so the tests of triton_attn.py
 have counterparts here that run on CPU; `python -m kernels.sm90_compile` compiles every config for sm90
 without a GPU; speed is measured by `python -m kernels.bench --backends triton-tma ...`.
@@ -127,12 +120,10 @@ def _attn_fwd(Q, K, V, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx, HEAD_DI
 
 
 @triton.jit
-def _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base, delta_base, dq_base, off_b,
-                off_h, a2, cols, lo, hi, n_ctx, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr):  # fmt: skip
+def _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base, delta_base, off_b, off_h,
+                a2, cols, lo, hi, n_ctx, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
     for start_m in tl.range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m  # (BM,)
@@ -151,24 +142,17 @@ def _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base, d
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
         dsT = pT * (dpT - delta[None, :])
-        ds = dsT.to(q.dtype)
-        dk_acc = tl.dot(ds, q, dk_acc, input_precision=PRECISION)
+        dk_acc = tl.dot(dsT.to(q.dtype), q, dk_acc, input_precision=PRECISION)
         colsum += tl.sum(dsT, 1)
-        if ATOMIC_DQ:  # this key block's share of dS k, added into the float32 (N, D_PAD) accumulator
-            dq = tl.dot(tl.trans(ds), k, input_precision=PRECISION)  # (BM, D)
-            tl.atomic_add(dq_base + rows[:, None] * D_PAD + offs_d[None, :], dq, mask=(rows < n_ctx)[:, None],
-                          sem="relaxed")  # fmt: skip
     return dk_acc, dv, colsum
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, DQ_ACC, n_heads, n_ctx,
+def _attn_bwd_dkdv(Q, K, V, DO, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                   PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):  # fmt: skip
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     # one program: a block of BLOCK_N keys, looping over query blocks. Q, K, V, DO: host descriptors
-    # (see _attn_fwd). DK, DV contiguous (B, H, N, D). With ATOMIC_DQ, DQ_ACC (B, H, N, D_PAD) float32
-    # (zeros) gathers dS k from every key block, and no dq kernel runs.
+    # (see _attn_fwd). DK, DV contiguous (B, H, N, D).
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     off_b = bh // n_heads
@@ -198,17 +182,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
         tail = n_even
     lse_base = LSE + row_base
     delta_base = DELTA + row_base
-    dq_base = DQ_ACC + row_base * D_PAD
     a2 = a * 1.4426950408889634
     dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
-                                     delta_base, dq_base, off_b, off_h, a2, cols, lo, hi, n_ctx,
-                                     BLOCK_M, D_PAD, True, CAUSAL, PRECISION, ATOMIC_DQ)  # fmt: skip
+                                     delta_base, off_b, off_h, a2, cols, lo, hi, n_ctx,
+                                     BLOCK_M, D_PAD, True, CAUSAL, PRECISION)  # fmt: skip
     dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
-                                     delta_base, dq_base, off_b, off_h, a2, cols, hi, n_even, n_ctx,
-                                     BLOCK_M, D_PAD, False, CAUSAL, PRECISION, ATOMIC_DQ)  # fmt: skip
+                                     delta_base, off_b, off_h, a2, cols, hi, n_even, n_ctx,
+                                     BLOCK_M, D_PAD, False, CAUSAL, PRECISION)  # fmt: skip
     dk_acc, dv, colsum = _dkdv_inner(dk_acc, dv, colsum, k, v, key_bias, desc_q, desc_do, lse_base,
-                                     delta_base, dq_base, off_b, off_h, a2, cols, tail, n_ctx, n_ctx,
-                                     BLOCK_M, D_PAD, True, CAUSAL, PRECISION, ATOMIC_DQ)  # fmt: skip
+                                     delta_base, off_b, off_h, a2, cols, tail, n_ctx, n_ctx,
+                                     BLOCK_M, D_PAD, True, CAUSAL, PRECISION)  # fmt: skip
     kf = k.to(tl.float32)
     dk = a * dk_acc - (2.0 * b) * colsum[:, None] * kf
     tl.store(DA_ROWS + row_base + cols, tl.sum(dk_acc * kf, 1), mask=col_ok)
@@ -346,7 +329,7 @@ def _make_prune(kind: str, out: str):
     return prune
 
 
-def _tuned(kernel, kind: str, out: str, reset: tuple[str, ...] = ()):
+def _tuned(kernel, kind: str, out: str):
     if INTERPRET:
         specs = [_INTERPRET_CONFIGS[kind]]
     else:
@@ -359,13 +342,11 @@ def _tuned(kernel, kind: str, out: str, reset: tuple[str, ...] = ()):
         configs=configs,
         key=["n_ctx", "HEAD_DIM", "CAUSAL"],
         prune_configs_by={"early_config_prune": _make_prune(kind, out)},
-        reset_to_zero=list(reset),  # accumulators: zeroed before each config is timed, and before the run
     )(kernel)
 
 
 _fwd_kernel = _tuned(_attn_fwd, "fwd", "O")
 _dkdv_kernel = _tuned(_attn_bwd_dkdv, "dkdv", "DK")
-_dkdv_atomic_kernel = _tuned(_attn_bwd_dkdv, "dkdv", "DK", reset=("DQ_ACC",))  # tuned apart: its own best
 _dq_kernel = _tuned(_attn_bwd_dq, "dq", "DQ")
 
 
@@ -388,7 +369,8 @@ def _tiles_arg(t: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 1, 1])
 
 
-def _forward(
+@torch.library.custom_op("ablate::rbf_attention_tma_fwd", mutates_args=())
+def _fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -413,10 +395,18 @@ def _forward(
     return o, lse
 
 
-def _backward(do, q, k, v, a, b, o, lse, causal: bool, atomic_dq: bool):
-    """(dq, dk, dv, da, db). atomic_dq: one kernel, whose key blocks add dS k into a float32 (B, H, N,
-    D_PAD) accumulator (5 matmuls per pair of tiles, and that buffer: 256 MiB at B 2, H 16, N 32768,
-    D 64), instead of a dq kernel that recomputes S and dP (7 matmuls per pair, no buffer)."""
+@torch.library.custom_op("ablate::rbf_attention_tma_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     dims = base._dims(q)
     do, q, k, v = (_tma_ready(t) for t in (do, q, k, v))
@@ -426,52 +416,29 @@ def _backward(do, q, k, v, a, b, o, lse, causal: bool, atomic_dq: bool):
         o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N,
         HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block,
     )  # fmt: skip
-    dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(2))
+    dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
     da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # summed below
-    # the dq accumulator; without atomic_dq the kernel never touches it, and any float32 tensor will do
-    shape = (B, H, N, dims["D_PAD"])
-    dq_acc = torch.zeros(shape, dtype=torch.float32, device=q.device) if atomic_dq else da_rows
-    tiles = [_tiles_arg(t) for t in (q, k, v, do)]  # per kernel: the pre-hook sets tile shapes
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)
-    dkdv = _dkdv_atomic_kernel if atomic_dq else _dkdv_kernel
-    dkdv[grid](*tiles, a, b, lse, delta, kn2, dk, dv, da_rows, db_rows, dq_acc, H, N, CAUSAL=causal,
-               ATOMIC_DQ=atomic_dq, **dims)  # fmt: skip
-    if atomic_dq:
-        dq = dq_acc.mul_(a.float().view(1, H, 1, 1))[..., :D].to(q.dtype)  # dq = a dS k
-    else:
-        dq = base._alloc((B, H, N, D), q.dtype, q.device)
-        tiles = [_tiles_arg(t) for t in (q, k, v, do)]
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-        _dq_kernel[grid](*tiles, a, b, lse, delta, kn2, dq, H, N, CAUSAL=causal, **dims)
+    for kernel, grid_rows, outputs in (
+        (_dkdv_kernel, "BLOCK_N", (dk, dv, da_rows, db_rows)),
+        (_dq_kernel, "BLOCK_M", (dq,)),
+    ):
+        tiles = [_tiles_arg(t) for t in (q, k, v, do)]  # per kernel: the pre-hook sets tile shapes
+        grid = lambda meta, rows=grid_rows: (triton.cdiv(N, meta[rows]), B * H)
+        kernel[grid](*tiles, a, b, lse, delta, kn2, *outputs, H, N, CAUSAL=causal, **dims)
     return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))
 
 
+@_fwd_op.register_fake
 def _fwd_fake(q, k, v, a, b, causal):
     return base._fwd_fake(q, k, v, a, b, causal, True)
 
 
+@_bwd_op.register_fake
 def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
     return base._bwd_fake(do, q, k, v, a, b, o, lse, causal)
 
 
-def _ops(name: str, atomic_dq: bool):
-    """The forward and backward custom ops of one backward schedule, with fake shapes and autograd."""
-    fwd = torch.library.custom_op(f"ablate::{name}_fwd", mutates_args=())(_forward)
-
-    def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
-                 b: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        return _backward(do, q, k, v, a, b, o, lse, causal, atomic_dq)
-
-    bwd = torch.library.custom_op(f"ablate::{name}_bwd", mutates_args=())(backward)
-    fwd.register_fake(_fwd_fake)
-    bwd.register_fake(_bwd_fake)
-    base.register_autograd(fwd, bwd)
-    return fwd, bwd
-
-
-_fwd_op, _bwd_op = _ops("rbf_attention_tma", atomic_dq=False)
-_fwd_atomic_op, _bwd_atomic_op = _ops("rbf_attention_tma_atomic", atomic_dq=True)
+base.register_autograd(_fwd_op, _bwd_op)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -486,19 +453,17 @@ def triton_tma_attention(
     b: torch.Tensor,
     *,
     causal: bool = True,
-    atomic_dq: bool = False,
 ) -> torch.Tensor:
     """Fused softmax(a*q.k - b*||k||^2) v on Hopper's TMA. q, k, v: (B, H, N, D), one of fp16/bf16/fp32,
     16 <= D <= 256 with D * itemsize a multiple of 16 bytes; a, b: (H,). Needs an sm90+ GPU (or
-    TRITON_INTERPRET=1). Returns (B, H, N, D) in q's dtype; differentiable in q, k, v, a and b.
-    atomic_dq: the one-kernel backward (`_backward`), measured by `kernels.bench` as "triton-tma-atomic";
-    its float32 dq accumulator makes its dq depend on the order of the atomic adds."""
-    return _attention(q, k, v, a, b, causal, atomic_dq)
+    TRITON_INTERPRET=1). Returns (B, H, N, D) in q's dtype; differentiable in q, k, v, a and b."""
+    return _attention(q, k, v, a, b, causal)
 
 
-def _attention(q, k, v, a, b, causal: bool, atomic_dq: bool = False) -> torch.Tensor:
-    inputs = base.checked_inputs("triton-tma", unsupported_reason(q, k, v, a, b), q, k, v, a, b)
-    o, _ = (_fwd_atomic_op if atomic_dq else _fwd_op)(*inputs, causal)
+def _attention(q, k, v, a, b, causal: bool) -> torch.Tensor:
+    o, _ = _fwd_op(
+        *base.checked_inputs("triton-tma", unsupported_reason(q, k, v, a, b), q, k, v, a, b), causal
+    )
     return o
 
 

@@ -229,24 +229,6 @@ def test_triton_tma_interpreted(poisoned, dtype, N, D, causal):
 
 
 @interpreted_only
-@pytest.mark.parametrize(
-    ("dtype", "N", "D", "causal"),
-    [(torch.float32, 1, 16, True), (torch.float32, 45, 64, False), (torch.float32, 70, 80, True),
-     (torch.float16, 40, 16, True)],
-)  # fmt: skip
-def test_triton_tma_one_kernel_backward_interpreted(poisoned, dtype, N, D, causal):
-    """dq added atomically by the key blocks (ragged tails, the split causal diagonal, a padded head dim)
-    matches float64 math as the dq kernel does."""
-    from kernels.triton_attn_tma import triton_tma_attention
-
-    def atomic(q, k, v, a, b, *, causal):
-        return triton_tma_attention(q, k, v, a, b, causal=causal, atomic_dq=True)
-
-    q, k, v, a, b, do = make_inputs(2, 2, N, D, dtype)
-    check_backend(atomic, q, k, v, a, b, do, causal=causal)
-
-
-@interpreted_only
 def test_triton_tma_interpreted_reads_strided_views_in_place_and_copies_unaligned_ones(poisoned):
     from kernels.triton_attn_tma import _tma_ready
 
@@ -287,7 +269,7 @@ def test_tma_kernels_compile_for_sm90_to_wgmma_and_tma_copies():
 
     with sm90_compile.sm90_target():
         rows = [sm90_compile.compile_one(kind, 4096, 64, torch.bfloat16, spec, True) for kind, spec in
-                [("fwd", (128, 64, 4, 3)), ("dq", (128, 64, 8, 3)), ("dkdv-atomic", (64, 128, 8, 3))]]  # fmt: skip
+                [("fwd", (128, 64, 4, 3)), ("dq", (128, 64, 8, 3))]]  # fmt: skip
     for row in rows:
         assert "error" not in row, row
         assert row["wgmma"] > 0 and row["tma_loads"] > 0, row

@@ -86,22 +86,6 @@ def test_triton_tma(poisoned, case):
     check_backend(_tma, q, k, v, a, b, do, causal=causal)
 
 
-def _tma_atomic(q, k, v, a, b, *, causal):
-    from kernels.triton_attn_tma import _attention
-
-    return _attention(q, k, v, a, b, causal, atomic_dq=True)
-
-
-@needs_hopper
-@pytest.mark.parametrize("case", TRITON_CASES, ids=_id)
-def test_triton_tma_one_kernel_backward(poisoned, case):
-    """dq added atomically by the key blocks, autotuned over dkdv's configs (each config timed from a
-    zeroed accumulator), matches float64 math as the dq kernel does."""
-    dtype, N, D, causal = case
-    q, k, v, a, b, do = make_inputs(2, 3, N, D, dtype, "cuda")
-    check_backend(_tma_atomic, q, k, v, a, b, do, causal=causal)
-
-
 def _every_config():
     """(head dim, {kind: config}): the i-th config of each kernel's list (the shorter lists wrap), so that
     every config autotuning may pick is checked once."""
