@@ -51,3 +51,16 @@ def test_profiling_logger_profiles_exactly_the_fourth_window():
         log.log_metrics({"val_loss": 1.0}, 20 * window - 1)  # an evaluation log starts and stops nothing
         assert (log.profiler is not None) == (window == 3)
     assert (log.first_step, log.steps) == (59, 20)
+
+
+def test_a_run_that_ends_inside_the_profiled_window_leaves_no_profiler_running():
+    log = ProfilingLogger(activity="CPU")
+    for window in range(1, 4):
+        log.log_metrics({"tokens_per_s": 1.0}, 20 * window - 1)
+    assert log.profiler is not None
+    log.close()
+    assert log.profiler is None and log.steps == 0 and log.kernels == {}
+    again = ProfilingLogger(activity="CPU")  # a next row can profile
+    for window in range(1, 5):
+        again.log_metrics({"tokens_per_s": 1.0}, 20 * window - 1)
+    assert again.steps == 20

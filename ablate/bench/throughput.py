@@ -117,6 +117,12 @@ class ProfilingLogger(ClockedLogger):
             self.kernels = kernel_times(self.profiler)
             self.profiler = None
 
+    def close(self) -> None:
+        """Stop a profile that a run ended inside (one that diverged or failed), keeping nothing of it."""
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
+
 
 def kernel_times(profiler: torch.profiler.profile) -> dict[str, float]:
     """GPU microseconds per kernel name over a profile (every launch of the name summed)."""
@@ -157,7 +163,11 @@ def steady_windows(log: ClockedLogger) -> list[list[float]]:
 
 def run_one(metric: str, variant: str, steps: int, backend: str, *, profile: bool = False, **config) -> dict:
     log = ProfilingLogger() if profile else ClockedLogger()
-    result = train(bench_config(metric, variant, steps, backend, **config), log)
+    try:
+        result = train(bench_config(metric, variant, steps, backend, **config), log)
+    finally:
+        if profile:
+            log.close()
     profiled = {"profile_steps": log.steps, "kernels": log.kernels} if profile else {}
     return {
         "metric": metric,
