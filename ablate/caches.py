@@ -60,6 +60,8 @@ def cache_bytecode(folder: str, probe: str = "torch") -> bool:
     spec = importlib.util.find_spec(probe)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return False
+    # the install's own bytecode, beside its source: not importlib's cache_from_source, which follows a
+    # prefix this process already runs under
     folder_of_source, name = os.path.split(spec.origin)
     beside = os.path.join(folder_of_source, "__pycache__", f"{name[:-3]}.{sys.implementation.cache_tag}.pyc")
     if os.path.exists(beside):

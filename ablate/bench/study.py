@@ -337,9 +337,10 @@ def training_at_once(spans: dict[str, list[list[tuple[float, float, float]]]]) -
     """How many trials were training at once on a GPU, and how fast that GPU trained then.
 
     spans: `training_spans`. For each k, the GPU-seconds (summed over GPUs) in which k trials trained on a
-    GPU, from its first span's start to its last span's end, and that GPU's tokens/s then: if one trial
-    alone fills the GPU, the rate at k = 1, 2, 3 matches the rate at k = 4, and a lower one says what the
-    other trials' first windows, evaluations and set-up cost those that train beside them. k = 0 is the
+    GPU, from its first span's start to its last span's end, and that GPU's tokens/s then. If one trial
+    alone fills the GPU, the rate at k = 1, 2, 3 matches the rate at k = 4; a lower one mixes what the
+    other trials' first windows, evaluations and set-up cost those that train beside them with which
+    cells happened to train then (first windows are not spans, though their steps train). k = 0 is the
     time in which none trained.
     """
     seconds: dict[int, float] = {}
