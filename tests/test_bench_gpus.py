@@ -167,11 +167,16 @@ def test_trials_alone_take_their_own_budget_and_bad_budgets_stop_before_anything
     bench_gpus.main()
     assert runs == [(700, ("--alone",)), (700, ("--alone",)), (5000, ())]  # fast path, eager, the study
     runs.clear()
+    monkeypatch.setattr(sys, "argv", [*argv, "--no-alone-eager"])
+    bench_gpus.main()
+    assert runs == [(700, ("--alone",)), (5000, ())]  # no eager trials alone
+    runs.clear()
     for flag in ("--tokens", "--warm-tokens", "--alone-tokens"):
         monkeypatch.setattr(sys, "argv", ["gpus", str(study), flag, "0"])
         with pytest.raises(SystemExit, match=f"{flag} 0: a token budget is at least 1"):
             bench_gpus.main()
-    monkeypatch.setattr(sys, "argv", ["gpus", str(study), "--alone-tokens", "700"])  # no trials alone
-    with pytest.raises(SystemExit, match="give --alone-factors too"):
-        bench_gpus.main()
+    for flag in ("--alone-tokens=700", "--no-alone-eager"):  # no trials alone to set
+        monkeypatch.setattr(sys, "argv", ["gpus", str(study), flag])
+        with pytest.raises(SystemExit, match="give --alone-factors too"):
+            bench_gpus.main()
     assert runs == []

@@ -2,6 +2,7 @@
 
     python -m ablate.bench.gpus STUDY [--tokens N] [--gpu F] [--mps M] [--cpu N] [--fixed K=V]
                                       [--warm-tokens N] [--alone-factors F] [--alone-tokens N]
+                                      [--no-alone-eager]
                                       [--also gpu=F,cpu=N,mps=M,K=V ...] [--timeout S] [--out F]
 
 Runs the study through `python -m ablate.bench.study` (that is, `ablate run --fresh`) twice: first with
@@ -18,7 +19,8 @@ runs again with each `--also` side's fixed settings that differ, so that each si
 compiled (`train.precompile` saves a step that a traced trial does not read, and the reverse).
 `--alone-factors F` measures one trial alone per class of cells (the levels of the factors F) on the
 first GPU, with the study's settings (for a study on the fast path, the fastest configuration) and
-eager, and adds each side's efficiency per GPU against both.
+eager, and adds each side's efficiency per GPU against both; `--no-alone-eager` leaves the eager one
+out (with every factor a class, an eager trial per cell costs more than the study).
 `--also gpu=F,cpu=N,mps=M,SECTION.KEY=V` (repeatable) runs the one-GPU side again with another per-trial
 GPU share, CPUs per trial, MPS setting or fixed setting, after the first and against the same baseline,
 so that trials per GPU with and without MPS, or with and without `train.reuse_compiled`, are compared in
@@ -249,6 +251,12 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
         default=None,
         help="with --alone-factors: the token budget of each trial alone (default: --tokens)",
     )
+    parser.add_argument(
+        "--alone-eager",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --alone-factors: also measure each class alone eager (default: yes)",
+    )
     add_copy_options(parser)  # --mps, --cpu, --fixed: for both sides
     parser.add_argument(
         "--also",
@@ -269,6 +277,8 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
             raise SystemExit(f"--{name.replace('_', '-')} {budget}: a token budget is at least 1")
     if args.alone_tokens is not None and not args.alone_factors:
         raise SystemExit("--alone-tokens sets the budget of the trials alone: give --alone-factors too")
+    if not args.alone_eager and not args.alone_factors:
+        raise SystemExit("--no-alone-eager leaves out the eager trials alone: give --alone-factors too")
     if args.gpu is not None and not 0 < args.gpu <= 1:
         raise SystemExit(f"--gpu {args.gpu}: a per-trial GPU share is in (0, 1]")
     return args, also_sides(args.also)
@@ -298,7 +308,8 @@ def warm_up(args: argparse.Namespace, variants: list, gpus: list[str], console: 
 def alone_stage(args: argparse.Namespace, gpu: str, console: Console, save) -> dict[str, float]:
     """One trial alone per class of --alone-factors on `gpu`, fast path then eager: {mode: tokens/s}."""
     alone: dict[str, float] = {}
-    for mode, extra in (("fast path", ()), ("eager", ("--eager",))):
+    modes = (("fast path", ()), ("eager", ("--eager",)))
+    for mode, extra in modes if args.alone_eager else modes[:1]:
         console.print(f"one trial alone per class of {args.alone_factors} ({mode}) on GPU {gpu} ...")
         try:
             result = bench(

@@ -64,8 +64,9 @@ def measure_alone(study: Path, factors: list[str] | None = None, eager: bool = F
         key = class_label(names, trial.cell.levels)
         first.setdefault(key, trial)
         trials[key] = trials.get(key, 0) + 1
-    rates = {}
+    rates, seconds = {}, {}
     for i, (key, trial) in enumerate(first.items(), 1):
+        started = time.perf_counter()
         tree = design.run_tree(trial)
         if eager:
             tree = {
@@ -80,13 +81,16 @@ def measure_alone(study: Path, factors: list[str] | None = None, eager: bool = F
         log = RecordingLogger()
         train(from_dict(RunConfig, tree), log)
         rates[key] = steady_median(log, "tokens_per_s")
+        seconds[key] = time.perf_counter() - started
         print(f"alone {i}/{len(first)}: {trial.cell.label}  {rates[key]:,.0f} tokens/s", file=sys.stderr)
     alone = sum(trials.values()) / sum(n / rates[key] for key, n in trials.items())
     return {
         "alone_tokens_per_s": alone,
         "mode": "eager" if eager else "the study's settings",
         "factors": names,
-        "by_class": {key: {"tokens_per_s": rates[key], "trials": trials[key]} for key in rates},
+        "by_class": {
+            key: {"tokens_per_s": rates[key], "trials": trials[key], "seconds": seconds[key]} for key in rates
+        },
     }
 
 
