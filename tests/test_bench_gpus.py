@@ -180,3 +180,21 @@ def test_trials_alone_take_their_own_budget_and_bad_budgets_stop_before_anything
         with pytest.raises(SystemExit, match="give --alone-factors too"):
             bench_gpus.main()
     assert runs == []
+
+
+def test_the_classes_alone_are_shown_slowest_first_the_rest_summed_up():
+    rates = {f"metric=m{i}": {"tokens_per_s": 1e6 + i * 1e4, "trials": 2} for i in range(20)}
+    rates["metric=slow"] = {"tokens_per_s": 5e5, "trials": 3}
+    console = Console(record=True, width=200)
+    console.print(bench_gpus.slowest_classes(rates, "fast path", 9.9e5))
+    text = console.export_text()
+    lines = [line for line in text.splitlines() if "metric=" in line or "more" in line]
+    assert "metric=slow" in lines[0] and "500,000" in lines[0] and "0.420" in lines[0]  # 5e5 / 1.19e6
+    assert len(lines) == bench_gpus.SLOWEST_SHOWN + 1
+    assert "11 more" in lines[-1] and "22" in lines[-1] and "1,090,000-1,190,000" in lines[-1]
+    assert "990,000" in text  # the harmonic mean, in the title
+    few = {k: rates[k] for k in list(rates)[:3]}
+    console = Console(record=True, width=200)
+    console.print(bench_gpus.slowest_classes(few, "eager", 1e6))
+    text = console.export_text()
+    assert "more" not in text and text.count("metric=") == 3

@@ -327,7 +327,34 @@ def alone_stage(args: argparse.Namespace, gpu: str, console: Console, save) -> d
             continue
         alone[mode] = result["alone_tokens_per_s"]
         save(**{f"alone_{mode.replace(' ', '_')}": result})
+        if by_class := result.get("by_class"):
+            console.print(slowest_classes(by_class, mode, alone[mode]))
     return alone
+
+
+SLOWEST_SHOWN = 10
+
+
+def slowest_classes(by_class: dict[str, dict], mode: str, harmonic: float) -> Table:
+    """The classes alone, slowest first (the SLOWEST_SHOWN slowest of many), each against the fastest:
+    a cell much slower than its kind (a backend that loses at one length, say) shows at the top."""
+    ranked = sorted(by_class.items(), key=lambda kv: kv[1]["tokens_per_s"])
+    fastest = ranked[-1][1]["tokens_per_s"]
+    shown = ranked if len(ranked) <= SLOWEST_SHOWN + 2 else ranked[:SLOWEST_SHOWN]
+    table = Table(
+        title=f"one trial alone ({mode}), slowest first; study's harmonic mean {harmonic:,.0f} tokens/s"
+    )
+    for column in ("class", "trials", "tokens/s", "x fastest"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for key, row in shown:
+        rate = row["tokens_per_s"]
+        table.add_row(key, str(row["trials"]), f"{rate:,.0f}", f"{rate / fastest:.3f}")
+    if rest := ranked[len(shown) :]:
+        low, high = rest[0][1]["tokens_per_s"], rest[-1][1]["tokens_per_s"]
+        table.add_row(
+            f"{len(rest)} more", str(sum(r["trials"] for _, r in rest)), f"{low:,.0f}-{high:,.0f}", ""
+        )
+    return table
 
 
 def main() -> None:
