@@ -75,6 +75,9 @@ def bench_config(
     return from_dict(RunConfig, tree)
 
 
+WARM_WINDOWS = 2  # logging windows that hold compilation, graph capture and warm-up, left out of rates
+
+
 class ClockedLogger(RecordingLogger):
     """A RecordingLogger that also notes the wall-clock time at which each training window was logged
     (right after the window's one sync), so that copies run at once (`ablate.bench.packing`) can be
@@ -154,11 +157,11 @@ def kernel_table(row: dict, top: int) -> str:
 
 
 def steady_windows(log: ClockedLogger) -> list[list[float]]:
-    """[start, end, tokens/s] of each logging window after the first two (those `steady_median` takes);
-    a window starts when the one before it was logged."""
+    """[start, end, tokens/s] of each logging window after the first WARM_WINDOWS (those `steady_median`
+    takes); a window starts when the one before it was logged."""
     rates = [v for _, v in log.series("tokens_per_s")]
     ends = log.window_ends
-    return [[ends[i - 1], ends[i], rates[i]] for i in range(2, len(rates))]
+    return [[ends[i - 1], ends[i], rates[i]] for i in range(WARM_WINDOWS, len(rates))]
 
 
 def run_one(metric: str, variant: str, steps: int, backend: str, *, profile: bool = False, **config) -> dict:
@@ -189,8 +192,8 @@ def run_one(metric: str, variant: str, steps: int, backend: str, *, profile: boo
 
 
 def steady_median(log: RecordingLogger, key: str) -> float:
-    """Median over the logging windows after the first two (which include compilation)."""
-    values = sorted(v for _, v in log.series(key)[2:])
+    """Median over the logging windows after the first WARM_WINDOWS (which include compilation)."""
+    values = sorted(v for _, v in log.series(key)[WARM_WINDOWS:])
     return values[len(values) // 2]
 
 
