@@ -99,15 +99,16 @@ def test_further_one_gpu_sides_are_shown_beside_the_first_against_the_same_basel
 
 def test_further_sides_are_checked_before_anything_runs():
     assert bench_gpus.also_sides(
-        ["gpu=1", "gpu=0.25,mps=true", "mps=auto,train.reuse_compiled=true", "gpu=0.125,cpu=2"]
+        ["gpu=1", "gpu=0.25,mps=true", "mps=auto,train.reuse_compiled=true", "gpu=0.125,cpu=2", "cpu=2.5"]
     ) == [
         {"gpu": 1.0, "cpu": None, "mps": None, "fixed": []},
         {"gpu": 0.25, "cpu": None, "mps": "true", "fixed": []},
         {"gpu": None, "cpu": None, "mps": "auto", "fixed": ["train.reuse_compiled=true"]},
         {"gpu": 0.125, "cpu": 2, "mps": None, "fixed": []},
+        {"gpu": None, "cpu": 2.5, "mps": None, "fixed": []},  # a share of CPUs, as resources.cpu takes
     ]
     bad_specs = ["gpu=2", "gpu=x", "mps=yes", "tokens=5", "", "train.reuse_compiled=", ".x=1"]
-    for bad in [*bad_specs, "cpu=0", "cpu=-1", "cpu=two", "cpu=1.5"]:
+    for bad in [*bad_specs, "cpu=0", "cpu=-1", "cpu=two", "cpu=", "cpu=nan"]:
         with pytest.raises(SystemExit, match="expected gpu=F"):
             bench_gpus.also_sides([bad])
 

@@ -1,5 +1,6 @@
 """The study benchmark's accounting (pure functions; the end-to-end summary is in test_launch.py)."""
 
+import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import yaml
 from ablate.bench.study import (
     alone_seconds,
     compile_parts,
+    cpus_per_trial,
     failure_lines,
     first_window_parts,
     measure_alone,
@@ -237,10 +239,20 @@ def test_a_variant_copy_takes_the_share_budget_mps_and_fixed_settings_asked_for(
     eight = load_design(variant(source, 0.125, None, None, None, cpu=2))
     assert eight.study.name == "gpu_scaling_gpu0p125_cpu2"
     assert (eight.study.resources.gpu, eight.study.resources.cpu) == (0.125, 2)
-    with pytest.raises(SystemExit, match="at least one CPU"):
+    six = load_design(variant(source, 0.1666, None, None, None, cpu=2.5))  # Ray shares CPUs, as the study may
+    assert six.study.name == "gpu_scaling_gpu0p1666_cpu2p5" and six.study.resources.cpu == 2.5
+    with pytest.raises(SystemExit, match="share of CPUs above 0"):
         variant(source, None, None, None, None, cpu=0)
     with pytest.raises(SystemExit, match=r"expected SECTION\.KEY=VALUE"):
         variant(source, None, None, None, ["reuse_compiled=true"])
+
+
+def test_cpus_per_trial_are_a_number_above_zero_as_resources_cpu_takes_them():
+    assert cpus_per_trial("4") == 4 and isinstance(cpus_per_trial("4.0"), int)
+    assert cpus_per_trial("2.5") == 2.5
+    for bad in ["0", "-1", "two", "", "nan", "inf"]:
+        with pytest.raises(argparse.ArgumentTypeError, match="a number above 0"):
+            cpus_per_trial(bad)
 
 
 def test_compile_parts_are_the_median_trials_trace_and_loads_and_every_trials_cache_events():

@@ -47,6 +47,7 @@ from ablate.bench.study import (
     COMPILE_PARTS,
     MPS_SETTINGS,
     add_copy_options,
+    cpus_per_trial,
     per_gpu_efficiency,
 )
 
@@ -192,16 +193,19 @@ def also_sides(specs: list[str]) -> list[dict]:
             share = None if gpu is None else float(gpu)
         except ValueError:
             share = -1.0
-        cpus = None if cpu is None else int(cpu) if cpu.isdigit() else 0  # 0: not a count, refused below
+        try:
+            cpus = None if cpu is None else cpus_per_trial(cpu)
+        except argparse.ArgumentTypeError:
+            cpus = 0  # refused below
         if (
             bad
             or not settings
             or (share is not None and not 0 < share <= 1)
-            or (cpus is not None and cpus < 1)
+            or cpus == 0
             or mps not in (None, *MPS_SETTINGS)
         ):
             raise SystemExit(
-                f"--also {spec!r}: expected gpu=F (0 < F <= 1), cpu=N (N >= 1), mps=true|false|auto "
+                f"--also {spec!r}: expected gpu=F (0 < F <= 1), cpu=N (N > 0), mps=true|false|auto "
                 "and/or SECTION.KEY=VALUE settings, comma-separated"
             )
         sides.append({"gpu": share, "cpu": cpus, "mps": mps, "fixed": fixed})

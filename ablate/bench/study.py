@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import signal
 import statistics
 import subprocess
@@ -102,13 +103,27 @@ def class_label(factors: list[str], levels: dict[str, str]) -> str:
 MPS_SETTINGS = ("true", "false", "auto")  # resources.mps, as a command line gives it
 
 
+def cpus_per_trial(text: str) -> int | float:
+    """A trial's CPUs as `resources.cpu` takes them: a number above 0 (Ray shares CPUs, so 2.5 is one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: CPUs per trial are a number above 0, e.g. 2 or 2.5")
+    return int(value) if value.is_integer() else value
+
+
 def add_copy_options(parser: argparse.ArgumentParser) -> None:
     """--mps, --cpu and --fixed: settings of the study copy that is run (`variant`)."""
     parser.add_argument(
         "--mps", choices=MPS_SETTINGS, default=None, help="resources.mps (default: the study's)"
     )
     parser.add_argument(
-        "--cpu", type=int, default=None, help="resources.cpu, CPUs per trial (default: the study's)"
+        "--cpu",
+        type=cpus_per_trial,
+        default=None,
+        help="resources.cpu, CPUs per trial (default: the study's)",
     )
     parser.add_argument(
         "--fixed",
@@ -125,7 +140,7 @@ def variant(
     tokens: int | None,
     mps: str | None = None,
     fixed: list[str] | None = None,
-    cpu: int | None = None,
+    cpu: float | None = None,
 ) -> Path:
     """A copy of the study (own name and folder) with another per-trial GPU fraction, token budget, MPS
     setting (true, false or auto), CPUs per trial and/or fixed settings ("train.reuse_compiled=true": a
@@ -135,9 +150,9 @@ def variant(
         tree["name"] += "_gpu" + str(gpu).replace(".", "p")
         tree["resources"] = {**tree.get("resources", {}), "gpu": gpu}
     if cpu is not None:
-        if cpu < 1:
-            raise SystemExit(f"--cpu {cpu}: a trial needs at least one CPU")
-        tree["name"] += f"_cpu{cpu}"
+        if not cpu > 0:
+            raise SystemExit(f"--cpu {cpu}: a trial needs a share of CPUs above 0")
+        tree["name"] += "_cpu" + str(cpu).replace(".", "p")
         tree["resources"] = {**tree.get("resources", {}), "cpu": cpu}
     if tokens is not None:
         tree["name"] += f"_tok{tokens}"
