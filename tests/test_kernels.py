@@ -269,7 +269,7 @@ def test_tma_kernels_compile_for_sm90_to_wgmma_and_tma_copies():
 
     with sm90_compile.sm90_target():
         rows = [sm90_compile.compile_one(kind, 4096, 64, torch.bfloat16, spec, True) for kind, spec in
-                [("fwd", (128, 64, 4, 3)), ("dq", (128, 64, 8, 3))]]  # fmt: skip
+                [("fwd", (128, 64, 4, 3)), ("dkdv", (64, 128, 8, 3)), ("dq", (128, 64, 8, 3))]]  # fmt: skip
     for row in rows:
         assert "error" not in row, row
         assert row["wgmma"] > 0 and row["tma_loads"] > 0, row
