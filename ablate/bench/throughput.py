@@ -7,6 +7,11 @@ context 256, batch 64, vocab 50257, bf16, compiled) for every metric and every v
 (the pure-torch chunked head+loss). `fused-persistent+graphs` and `fused-epilogue+graphs` run the fused
 op with its other schedules (linear_ce.py; on an H200 neither was faster than `fused` in the step, README);
 they run only when named in --variants.
+`--backend` names one or several attention backends (comma-separated) for rbf and penalty; sdpa runs once per
+cell, so every ratio to it comes from the same command. `--write-table` (one variant, named backends) then writes
+each attention length's row of kernels/autotune_table.json (the sequence length plus registers: 256 and 257 at the
+seed size) from the mean tokens/s of each backend's rbf and penalty rows at that length, so that `auto` picks the
+fastest backend measured in a training step there.
 Prints steady-state tokens/s, MFU and peak memory as a Markdown table. `--repeat N` runs each row N times
 in this process (the compile caches warm after the first); with `--reuse-compiled` the repeats also reuse
 the first run's compiled step (`train.reuse_compiled`). `--profile N` also profiles each row's fourth logging
@@ -16,7 +21,10 @@ window (steady steps) with `torch.profiler` and prints its N costliest GPU kerne
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -166,8 +174,9 @@ def steady_windows(log: ClockedLogger) -> list[list[float]]:
 
 def run_one(metric: str, variant: str, steps: int, backend: str, *, profile: bool = False, **config) -> dict:
     log = ProfilingLogger() if profile else ClockedLogger()
+    cfg = bench_config(metric, variant, steps, backend, **config)
     try:
-        result = train(bench_config(metric, variant, steps, backend, **config), log)
+        result = train(cfg, log)
     finally:
         if profile:
             log.close()
@@ -175,6 +184,9 @@ def run_one(metric: str, variant: str, steps: int, backend: str, *, profile: boo
     return {
         "metric": metric,
         "variant": variant,
+        "backend": cfg.model.attn_backend if metric != "sdpa" else "sdpa",
+        "attn_len": cfg.model.context + cfg.model.registers,  # the attention's length (registers included)
+        "head_dim": cfg.model.d_model // cfg.model.n_heads,
         **{k: v for k, v in (config.get("model") or {}).items()},
         "tokens_per_s": steady_median(log, "tokens_per_s"),
         "mfu": steady_median(log, "mfu"),
@@ -200,7 +212,11 @@ def steady_median(log: RecordingLogger, key: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="attention backend(s) of rbf and penalty, comma-separated (sdpa runs once per cell)",
+    )
     parser.add_argument(
         "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {list(VARIANTS)}"
     )
@@ -229,25 +245,30 @@ def main() -> None:
         help="profile each row's fourth logging window and print its N costliest GPU kernels a step",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument(
+        "--write-table",
+        action="store_true",
+        help="write each attention length's row of kernels/autotune_table.json from the rbf and penalty "
+        "rows (one variant; --backend names the backends compared)",
+    )
     args = parser.parse_args()
-    if args.profile and args.steps < 5 * 20:
-        raise SystemExit("--profile needs --steps >= 100: it profiles the fourth 20-step logging window")
-    variants, metrics = args.variants.split(","), args.metrics.split(",")
-    if unknown := [v for v in variants if v not in VARIANTS]:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    variants, metrics, backends = args.variants.split(","), args.metrics.split(","), args.backend.split(",")
+    problems = check_arguments(args, variants, metrics, backends)
+    if problems:
+        raise SystemExit("; ".join(problems))
     if not torch.cuda.is_available():
         raise SystemExit("ablate.bench.throughput measures GPU throughput; no CUDA device is available")
     rows = []
     for variant in variants:
         for cell in parse_cells(args.cells):
-            for metric in metrics:
+            for metric, backend in runs(metrics, backends):
                 for _ in range(args.repeat):
                     rows.append(
                         run_one(
                             metric,
                             variant,
                             args.steps,
-                            args.backend,
+                            backend,
                             vocab=args.vocab,
                             model=cell,
                             reuse_compiled=args.reuse_compiled,
@@ -264,11 +285,94 @@ def main() -> None:
             print("\n" + kernel_table(row, args.profile))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
+    if args.write_table:
+        write_table(rows, environment())
+
+
+def check_arguments(
+    args: argparse.Namespace, variants: list[str], metrics: list[str], backends: list[str]
+) -> list[str]:
+    """What is wrong with the command line (nothing has run yet)."""
+    from kernels import BACKENDS
+
+    problems = []
+    if args.profile and args.steps < 5 * 20:
+        problems.append("--profile needs --steps >= 100: it profiles the fourth 20-step logging window")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        problems.append(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    choices = ["auto", *(name for name in BACKENDS if name != "sdpa")]  # sdpa has no key-norm term
+    if unknown := [b for b in backends if b not in choices]:
+        problems.append(f"unknown backend(s) {unknown} for rbf and penalty; choose from {choices}")
+    if args.write_table:
+        if len(variants) != 1:
+            problems.append("--write-table compares backends in one step variant: give one --variants")
+        if "auto" in backends:
+            problems.append("--write-table records named backends: leave auto out of --backend")
+        if not {"rbf", "penalty"} & set(metrics):
+            problems.append("--write-table needs rbf or penalty in --metrics (sdpa has no backend choice)")
+    return problems
+
+
+def runs(metrics: list[str], backends: list[str]) -> list[tuple[str, str]]:
+    """(metric, backend) of each row of a cell: sdpa once (torch's SDPA whatever the backend), every other
+    metric on each backend."""
+    return [(m, b) for m in metrics for b in (backends[:1] if m == "sdpa" else backends)]
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """One kernels/autotune_table.json row per attention length of the rbf and penalty rows: each backend's
+    mean tokens/s over that length's rows (every cell and metric it ran), the fastest as the pick."""
+    by_length: dict[tuple[int, int], dict[str, list[float]]] = {}
+    for row in rows:
+        if row["metric"] != "sdpa" and row.get("status") == "finished":
+            rates = by_length.setdefault((row["attn_len"], row["head_dim"]), {})
+            rates.setdefault(row["backend"], []).append(row["tokens_per_s"])
+    out = []
+    for (length, head_dim), rates in sorted(by_length.items()):
+        means = {name: round(statistics.fmean(values)) for name, values in rates.items()}
+        best = max(means, key=means.get)
+        out.append(
+            dict(
+                dtype="bfloat16",
+                n_ctx=length,
+                head_dim=head_dim,
+                causal=True,
+                backend=best,
+                tokens_per_s=means,
+            )
+        )
+    return out
+
+
+def environment() -> dict:
+    return dict(
+        gpu=torch.cuda.get_device_name(),
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        command="python -m ablate.bench.throughput " + " ".join(sys.argv[1:]),
+    )
+
+
+def write_table(rows: list[dict], env: dict, path: Path | None = None) -> list[dict]:
+    """Replace the rows of the measured lengths in the autotune table (the others stay); the new rows."""
+    from kernels import dispatch
+    from kernels.bench import updated_table
+
+    path = path or dispatch.TABLE_PATH
+    stamp = f"{env['command']}: a training step's tokens/s, bf16 autocast ({env['gpu']}, {env['date']})"
+    new = [{**r, "source": stamp} for r in table_rows(rows)]
+    old = json.loads(path.read_text()) if path.exists() else {}
+    table = updated_table(old, new, {**old.get("environment", {})})
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    print(
+        f"wrote {len(new)} row(s) of {path}: " + ", ".join(f"N {r['n_ctx']} -> {r['backend']}" for r in new)
+    )
+    return new
 
 
 COMPILE_KEYS = ("time/compile_forward_s", "time/compile_backend_s", "time/compile_backward_s")
 TABLE_KEYS = (
-    *("metric", "variant", "tokens_per_s", "mfu", "peak_mem_gb"),
+    *("metric", "variant", "backend", "attn_len", "head_dim", "tokens_per_s", "mfu", "peak_mem_gb"),
     *("first_window_s", "step1_s", "steps1_3_s", "status", "windows", "profile_steps", "kernels"),
     *(k.removeprefix("time/") for k in COMPILE_KEYS),
 )
@@ -301,9 +405,9 @@ def _first_steps(row: dict) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """One line per (variant, metric); ratios against sdpa with the same variant and with `plain`."""
     lines = [
-        "| metric | cell | step | tokens/s | vs sdpa, same step | vs plain sdpa | MFU | peak memory "
+        "| metric | backend | cell | step | tokens/s | vs sdpa, same step | vs plain sdpa | MFU | peak memory "
         "| first window (step 1 / steps 2-3) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row: dict) -> str:
@@ -321,7 +425,7 @@ def markdown_table(rows: list[dict]) -> str:
     for row in rows:
         tps = row["tokens_per_s"]
         lines.append(
-            f"| {row['metric']} | {cell(row)} | {row['variant']} | {tps / 1e6:.2f}M | "
+            f"| {row['metric']} | {row.get('backend', '-')} | {cell(row)} | {row['variant']} | {tps / 1e6:.2f}M | "
             f"{ratio(tps, base(row['variant'], row))} | {ratio(tps, base('plain', row))} | {row['mfu']:.1%} | "
             f"{row['peak_mem_gb']:.1f} GB | {row['first_window_s']:.1f} s{_first_steps(row)} |"
         )
