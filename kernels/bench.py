@@ -205,14 +205,15 @@ def _shapes(args) -> list[tuple]:
     return shapes
 
 
-def _environment() -> dict:
+def environment(module: str = "kernels.bench") -> dict:
+    """What a measurement ran on, and the command (`python -m <module>` and this process's arguments)."""
     return dict(
         gpu=torch.cuda.get_device_name(),
         date=datetime.date.today().isoformat(),
         torch=torch.__version__,
         triton=triton.__version__,
         cudnn=torch.backends.cudnn.version(),
-        command="python -m kernels.bench " + " ".join(sys.argv[1:]),
+        command=f"python -m {module} " + " ".join(sys.argv[1:]),
     )
 
 
@@ -280,7 +281,7 @@ def main() -> None:
     if args.warm:
         warm(*map(int, args.warm.split("/")), args)
         return
-    env, rows, candidates = _environment(), [], _candidates(args.backends)
+    env, rows, candidates = environment(), [], _candidates(args.backends)
     memory = [] if args.no_memory else [r for d in HEAD_DIMS for r in memory_check(d, candidates)]
     print(*map(json.dumps, memory), sep="\n", flush=True)
     for dtype, n, d in _shapes(args):

@@ -21,10 +21,8 @@ window (steady steps) with `torch.profiler` and prints its N costliest GPU kerne
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -286,7 +284,9 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
     if args.write_table:
-        write_table(rows, environment())
+        from kernels.bench import environment
+
+        write_table(rows, environment("ablate.bench.throughput"))
 
 
 def check_arguments(
@@ -342,15 +342,6 @@ def table_rows(rows: list[dict]) -> list[dict]:
             )
         )
     return out
-
-
-def environment() -> dict:
-    return dict(
-        gpu=torch.cuda.get_device_name(),
-        date=datetime.date.today().isoformat(),
-        torch=torch.__version__,
-        command="python -m ablate.bench.throughput " + " ".join(sys.argv[1:]),
-    )
 
 
 def write_table(rows: list[dict], env: dict, path: Path | None = None) -> list[dict]:
