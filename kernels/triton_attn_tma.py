@@ -33,9 +33,12 @@ without a GPU; speed is measured by `python -m kernels.bench --backends triton-t
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 from kernels import triton_attn as base
 from kernels.triton_attn import _keep
@@ -329,6 +332,42 @@ def _make_prune(kind: str, out: str):
     return prune
 
 
+class _Autotuner(Autotuner):
+    """Triton's autotuner, with its on-disk cache of timings kept on for configs that set the tile shapes.
+
+    A study's workers share that cache (`TRITON_CACHE_AUTOTUNING=1` under `ablate.caches`), so that a
+    kernel is timed once per shape and every process then launches the same tile. Triton skips the cache
+    for configs that carry a pre-launch hook, since it cannot store a function (`check_disk_cache`, the
+    same in Triton 3.6 and 3.9). Here the hook only copies BLOCK_M and BLOCK_N, which the stored config
+    keeps, into the descriptors: the cache is read and written through copies of the configs without it,
+    and the choice is mapped back to the config that carries it. Without this each worker process timed
+    every config of the three kernels at each new length, inside its first trial and while other trials
+    trained, and could pick another tile (and so another rounding) than its neighbours.
+    """
+
+    def check_disk_cache(self, tuning_key, configs, bench_fn):
+        hooked = {_unhooked(config): config for config in configs}
+
+        def bench_and_unhook():
+            bench_fn()  # Triton's: times the hooked configs, keeps the fastest in self.cache
+            self.configs_timings = {_unhooked(c): timing for c, timing in self.configs_timings.items()}
+
+        found = super().check_disk_cache(tuning_key, list(hooked), bench_and_unhook)
+        if found:  # Triton rebuilt the stored config, without the hook: launch the one that has it
+            chosen = hooked.get(self.cache[tuning_key])
+            if chosen is None:  # not one of these configs (cannot happen while the key names them all)
+                bench_fn()
+                return False
+            self.cache[tuning_key] = chosen
+        return found
+
+
+def _unhooked(config: triton.Config) -> triton.Config:
+    bare = copy.copy(config)
+    bare.pre_hook = None
+    return bare
+
+
 def _tuned(kernel, kind: str, out: str):
     if INTERPRET:
         specs = [_INTERPRET_CONFIGS[kind]]
@@ -338,11 +377,15 @@ def _tuned(kernel, kind: str, out: str):
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
         for m, n, w, s in specs
     ]
-    return triton.autotune(
-        configs=configs,
+    return _Autotuner(
+        kernel,
+        kernel.arg_names,
+        configs,
         key=["n_ctx", "HEAD_DIM", "CAUSAL"],
+        reset_to_zero=None,
+        restore_value=None,
         prune_configs_by={"early_config_prune": _make_prune(kind, out)},
-    )(kernel)
+    )
 
 
 _fwd_kernel = _tuned(_attn_fwd, "fwd", "O")

@@ -228,6 +228,72 @@ def test_triton_tma_interpreted(poisoned, dtype, N, D, causal):
     check_backend(kernels.BACKENDS["triton-tma"], q, k, v, a, b, do, causal=causal)
 
 
+@pytest.mark.skipif(
+    INTERPRETED, reason="the interpreter wraps kernels, and Triton's disk cache needs a JITFunction"
+)
+def test_triton_tma_autotuning_is_cached_on_disk_and_launches_the_config_with_its_hook(tmp_path, monkeypatch):
+    """Triton's on-disk autotune cache skips configs with a pre-launch hook; the TMA kernels' configs set
+    their tile shapes in one, so `_Autotuner` stores them without it and launches the hooked one it chose.
+    Triton's own `check_disk_cache` runs here; only the GPU target it hashes is stubbed."""
+    import types
+
+    import triton
+    import triton.compiler.compiler
+    from triton.runtime import autotuner
+
+    from kernels import triton_attn_tma as tma
+
+    assert all(isinstance(k, tma._Autotuner) for k in (tma._fwd_kernel, tma._dkdv_kernel, tma._dq_kernel))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    target = types.SimpleNamespace(get_current_target=lambda: "sm90 (stub)")
+    monkeypatch.setattr(autotuner, "driver", types.SimpleNamespace(active=target))
+    monkeypatch.setattr(
+        triton.compiler.compiler, "make_backend", lambda _: types.SimpleNamespace(hash=lambda: "x")
+    )
+    fn = tma._attn_fwd
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2, pre_hook=tma._set_block_shapes)
+        for m, n, w in ((128, 64, 8), (64, 64, 4), (64, 32, 4))
+    ]
+    key = (256, 64, True, "torch.bfloat16")
+
+    def tuner(cls):
+        return cls(
+            fn,
+            fn.arg_names,
+            configs,
+            key=["n_ctx", "HEAD_DIM", "CAUSAL"],
+            reset_to_zero=None,
+            restore_value=None,
+        )
+
+    def timed(t):  # what Triton's benchmark closure leaves behind: every config's timing, the fastest chosen
+        def bench():
+            t.configs_timings = {c: [ms, ms, ms] for c, ms in zip(configs, (0.3, 0.1, 0.2), strict=True)}
+            t.cache[key] = configs[1]
+
+        return bench
+
+    def never():
+        raise AssertionError("timed the configs again")
+
+    plain = tuner(autotuner.Autotuner)
+    assert plain.check_disk_cache(key, configs, timed(plain)) is False
+    assert not list(tmp_path.rglob("*.autotune.json"))  # Triton alone stores nothing for hooked configs
+
+    first = tuner(tma._Autotuner)
+    assert first.check_disk_cache(key, configs, timed(first)) is False
+    assert first.cache[key] is configs[1]
+    [stored] = tmp_path.rglob("*.autotune.json")
+    assert '"pre_hook": null' in stored.read_text() and '"BLOCK_M": 128' in stored.read_text()
+
+    second = tuner(tma._Autotuner)  # another process: reads the choice, and launches it with its hook
+    assert second.check_disk_cache(key, configs, never) is True
+    assert second.cache[key] is configs[1] and second.cache[key].pre_hook is tma._set_block_shapes
+    other = (257, 64, True, "torch.bfloat16")  # another length is timed afresh
+    assert second.check_disk_cache(other, configs, timed(second)) is False
+
+
 @interpreted_only
 def test_triton_tma_interpreted_reads_strided_views_in_place_and_copies_unaligned_ones(poisoned):
     from kernels.triton_attn_tma import _tma_ready

@@ -248,18 +248,22 @@ def test_torch_compile_has_no_graph_breaks(backend, compiler):
 
 _AUTOTUNE_ONCE = """
 import json, torch
-from kernels.triton_attn import _dkdv_kernel, _dq_kernel, _fwd_kernel, triton_attention
+from kernels.{module} import _dkdv_kernel, _dq_kernel, _fwd_kernel, {function}
 q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 a, b = torch.ones(4, device="cuda"), torch.full((4,), 0.5, device="cuda")
-triton_attention(q, k, v, a, b, causal=True).sum().backward()
+{function}(q, k, v, a, b, causal=True).sum().backward()
 torch.cuda.synchronize()
 print(json.dumps([hasattr(kernel, "bench_time") for kernel in (_fwd_kernel, _dkdv_kernel, _dq_kernel)]))
 """
 
 
-def test_a_new_process_reads_the_autotuning_a_study_cached(tmp_path):
+@pytest.mark.parametrize(
+    ("module", "function"), [("triton_attn", "triton_attention"), ("triton_attn_tma", "triton_tma_attention")]
+)
+def test_a_new_process_reads_the_autotuning_a_study_cached(tmp_path, module, function):
     """With the caches a study shares (`ablate.caches`), the first process times the Triton kernel's
-    configs and the next reads the choice from disk (it times none)."""
+    configs and the next reads the choice from disk (it times none). The TMA kernels' configs carry a
+    pre-launch hook, which Triton's cache alone would skip (`triton_attn_tma._Autotuner`)."""
     import json
     import os
     import subprocess
@@ -270,7 +274,7 @@ def test_a_new_process_reads_the_autotuning_a_study_cached(tmp_path):
 
     def run() -> list[bool]:
         done = subprocess.run(
-            [sys.executable, "-c", _AUTOTUNE_ONCE],
+            [sys.executable, "-c", _AUTOTUNE_ONCE.format(module=module, function=function)],
             env=env,
             capture_output=True,
             text=True,
