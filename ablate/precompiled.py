@@ -221,11 +221,13 @@ def _graphs_config(mode: str | None):
     """Inductor's settings under which a saved step is loaded: CUDA graphs as the compile mode asked.
 
     AOTAutograd wraps a loaded graph in CUDA graphs by inductor's `triton.cudagraphs` at load time, which
-    `mode="reduce-overhead"` sets only inside its own compilation.
+    the modes that set it ("reduce-overhead", "max-autotune") set only inside their own compilation.
     """
+    import torch._inductor
     from torch._inductor import config
 
-    return config.patch({"triton.cudagraphs": mode == "reduce-overhead"})
+    options = torch._inductor.list_mode_options(mode) if mode else {}
+    return config.patch({"triton.cudagraphs": bool(options.get("triton.cudagraphs"))})
 
 
 def forget() -> None:

@@ -407,7 +407,7 @@ def _compiled(model: GPT, tc: TrainConfig, key: tuple):
 
         inductor_config.compile_threads = tc.compile_threads
     model.prepare_kernels()
-    mode = "reduce-overhead" if tc.cuda_graphs else None  # inductor captures forward and backward as graphs
+    mode = tc.compile_mode  # with cuda_graphs, inductor captures forward and backward as graphs
     if tc.precompiles(next(model.parameters()).device.type):
         if precompiled.available():
             return precompiled.PrecompiledStep(model, mode)
@@ -432,7 +432,7 @@ served = 0  # trials that kept their step since the process last started afresh
 
 def kept_key(model_cfg, tc: TrainConfig, loss_kind: str) -> tuple:
     """What the compiled step depends on: the model's settings, the batch and the loss path."""
-    return (repr(model_cfg), tc.batch_size, tc.device, tc.cuda_graphs, loss_kind, tc.loss_chunks)
+    return (repr(model_cfg), tc.batch_size, tc.device, tc.compile_mode, loss_kind, tc.loss_chunks)
 
 
 def forget_compiled(graphs: bool) -> None:

@@ -66,6 +66,11 @@ class TrainConfig:
     # through them too); None: the process's setting as it is (torch's default, min(32, the CPUs the process
     # may use), unless an earlier trial in the process set one: it is a process-wide setting)
     compile_threads: int | None = None
+    # with compile: inductor's max-autotune, which times its Triton matmul templates (with the following
+    # pointwise ops fused into their epilogues) against cuBLAS for each matmul shape at the first compile
+    # and keeps the choice in its on-disk caches; with cuda_graphs too, mode "max-autotune", else
+    # "max-autotune-no-cudagraphs"
+    max_autotune: bool = False
     loss: str = "auto"  # auto (the measured fastest; see train._auto_loss) or one of model.config.LOSSES
     loss_chunks: int = 8  # token chunks of the chunked loss
     diverge_loss: float | None = None  # a train loss above this is divergence; None: 2 * ln(vocab)
@@ -98,6 +103,8 @@ class TrainConfig:
             raise ValueError("precompile needs compile: true (it saves what torch.compile made)")
         if self.compile_threads is not None and not self.compile:
             raise ValueError("compile_threads needs compile: true (they are torch.compile's workers)")
+        if self.max_autotune and not self.compile:
+            raise ValueError("max_autotune needs compile: true (it is a torch.compile mode)")
         if self.fault is not None:
             kind, _, at = self.fault.partition("@")
             if kind not in ("nan", "raise") or not at.isdigit():
@@ -107,6 +114,13 @@ class TrainConfig:
     def keeps_compiled(self) -> bool:
         """Whether a trial keeps its compiled step for the process's next trials (`reuse_compiled`)."""
         return self.compile and self.reuse_compiled is not False
+
+    @property
+    def compile_mode(self) -> str | None:
+        """torch.compile's mode for these settings (None: its default)."""
+        if self.max_autotune:
+            return "max-autotune" if self.cuda_graphs else "max-autotune-no-cudagraphs"
+        return "reduce-overhead" if self.cuda_graphs else None
 
     def precompiles(self, device_type: str) -> bool:
         """Whether a trial on this kind of device loads (or compiles and saves) its step ahead of time."""

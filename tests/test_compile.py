@@ -110,13 +110,20 @@ def test_fused_schedules_match_the_plain_step_on_cuda(loss, tmp_path):
     fast_path_matches_the_plain_step(CELLS["penalty-rope-register-separate-lam"], loss, tmp_path)
 
 
-def fast_path_matches_the_plain_step(cell: dict, loss: str, tmp_path) -> None:
+@pytest.mark.gpu
+def test_max_autotune_fast_path_matches_the_plain_step_on_cuda(tmp_path):
+    """Inductor's max-autotune (its Triton matmul templates, timed against cuBLAS) in the graphed step."""
+    fast_path_matches_the_plain_step(CELLS["rbf-susie-register-warmup"], "fused", tmp_path, max_autotune=True)
+
+
+def fast_path_matches_the_plain_step(cell: dict, loss: str, tmp_path, **settings) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     counters.clear()
     fast_log, plain_log = RecordingLogger(), RecordingLogger()
+    fast_run = cell_run(str(tmp_path), cell, device="cuda", cuda_graphs=True, loss=loss, **settings)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        fast = train(cell_run(str(tmp_path), cell, device="cuda", cuda_graphs=True, loss=loss), fast_log)
+        fast = train(fast_run, fast_log)
     assert dict(counters["graph_break"]) == {}
     plain = train(cell_run(str(tmp_path), cell, device="cuda", compile=False, loss="plain"), plain_log)
     assert fast.status == plain.status == "finished"
@@ -290,6 +297,28 @@ def test_compile_threads_sizes_inductors_workers(tmp_path, dynamo_backend):
         # unset: the process's setting stays
         assert default.status == "finished" and inductor.compile_threads == 1
     assert hasattr(inductor, "compile_threads")
+
+
+def test_max_autotune_is_a_compile_mode_with_or_without_graphs(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="max_autotune needs compile: true"):
+        from_dict(RunConfig, {"train": {"max_autotune": True}})
+
+    def mode(**settings):
+        return from_dict(RunConfig, {"train": {"compile": True, **settings}}).train.compile_mode
+
+    assert mode() is None and mode(cuda_graphs=True) == "reduce-overhead"
+    assert mode(max_autotune=True) == "max-autotune-no-cudagraphs"
+    assert mode(max_autotune=True, cuda_graphs=True) == "max-autotune"
+    asked = []
+    real = torch.compile
+
+    def record(model, **kwargs):  # the mode the trial asks for, compiled by dynamo's eager backend
+        asked.append(kwargs.pop("mode", None))
+        return real(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", record)
+    run = cell_run(str(tmp_path), CELLS["sdpa-rope"], device="cpu", steps=2, max_autotune=True)
+    assert train(run, RecordingLogger()).status == "finished" and asked == ["max-autotune-no-cudagraphs"]
 
 
 def test_compile_threads_needs_compile_and_a_count():

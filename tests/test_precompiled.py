@@ -199,6 +199,19 @@ def test_the_source_digest_follows_every_edit_of_the_model_and_kernel_files(tmp_
     assert precompiled.tree_digest(copies) != digest
 
 
+def test_a_saved_step_loads_with_cuda_graphs_where_its_compile_mode_records_them():
+    from torch._inductor import config
+
+    for mode, graphs in [
+        ("reduce-overhead", True),
+        ("max-autotune", True),
+        ("max-autotune-no-cudagraphs", False),
+        (None, False),
+    ]:
+        with precompiled._graphs_config(mode):
+            assert config.triton.cudagraphs is graphs, mode
+
+
 def test_precompile_needs_compile_and_is_on_by_default_on_cuda():
     from ablate.config import RunConfig, from_dict
 

@@ -74,9 +74,12 @@ def measure_alone(study: Path, factors: list[str] | None = None, eager: bool = F
                 **tree,
                 "train": {
                     **tree.get("train", {}),
-                    "compile": False,
+                    "compile": False,  # and nothing that needs it
                     "cuda_graphs": False,
                     "precompile": False,
+                    "reuse_compiled": None,
+                    "compile_threads": None,
+                    "max_autotune": False,
                 },
             }
         log = RecordingLogger()

@@ -43,6 +43,7 @@ VARIANTS = {  # name -> train settings on top of the compiled step
     "chunked": {"loss": "chunked", "loss_chunks": 8},
     "fused-persistent+graphs": {"loss": "fused-persistent", "cuda_graphs": True},
     "fused-epilogue+graphs": {"loss": "fused-epilogue", "cuda_graphs": True},
+    "fused+graphs+max-autotune": {"loss": "fused", "cuda_graphs": True, "max_autotune": True},
 }
 DEFAULT_VARIANTS = ("plain", "graphs", "fused", "fused+graphs", "chunked")  # the others: no faster
 
