@@ -115,14 +115,15 @@ def test_further_sides_are_checked_before_anything_runs():
 
 def test_the_warm_up_runs_each_side_that_fixes_other_settings(tmp_path, monkeypatch):
     """A side with other fixed settings may compile other code (a precompiled step, not a traced one's
-    graphs): each such side is warmed before anything is measured, a side that differs only in its GPU
-    share is not."""
+    graphs), and one with other CPUs per trial saves other steps (torch's thread count is in their
+    names): each such side is warmed once before anything is measured, a side that differs only in its
+    GPU share is not."""
     study = tmp_path / "study.yaml"
     study.write_text("name: x\nresources: {gpu: 0.25}\n")
     runs = []
 
     def bench(study_path, gpus, args, tokens, *extra):
-        runs.append((tokens, tuple(args.fixed), extra))
+        runs.append((tokens, tuple(args.fixed), args.cpu, extra))
         return summary(54e6, 300.0, {"0": 54})
 
     monkeypatch.setattr(bench_gpus, "bench", bench)
@@ -137,18 +138,22 @@ def test_the_warm_up_runs_each_side_that_fixes_other_settings(tmp_path, monkeypa
         "--fixed",
         "train.precompile=true",
     ]
-    argv += ["--also", "train.precompile=false", "--also", "gpu=1"]
+    argv += ["--also", "train.precompile=false", "--also", "gpu=1", "--also", "gpu=0.125,cpu=2"]
+    argv += ["--also", "gpu=0.2,cpu=2"]
     monkeypatch.setattr(sys, "argv", argv)
     bench_gpus.main()
     warm = [run for run in runs if run[0] == 1000]
     assert warm == [
-        (1000, ("train.precompile=true",), ()),
-        (1000, ("train.precompile=true", "train.precompile=false"), ()),
+        (1000, ("train.precompile=true",), None, ()),
+        (1000, ("train.precompile=true", "train.precompile=false"), None, ()),
+        (1000, ("train.precompile=true",), 2, ()),  # once for both sides of 2 CPUs
     ]
     assert runs[len(warm) :] == [  # then the measured sides, in order
-        (5000, ("train.precompile=true",), ()),
-        (5000, ("train.precompile=true", "train.precompile=false"), ()),
-        (5000, ("train.precompile=true",), ()),
+        (5000, ("train.precompile=true",), None, ()),
+        (5000, ("train.precompile=true", "train.precompile=false"), None, ()),
+        (5000, ("train.precompile=true",), None, ()),
+        (5000, ("train.precompile=true",), 2, ()),
+        (5000, ("train.precompile=true",), 2, ()),
     ]
 
 

@@ -15,8 +15,9 @@ study's efficiency against one trial alone also comes from one command there.
 
 `--warm-tokens N` first runs every cell once for N tokens on every GPU, outside both measurements, so
 that neither side pays for compiling a cell the first time (trials share inductor's on-disk caches); it
-runs again with each `--also` side's fixed settings that differ, so that each side finds its own code
-compiled (`train.precompile` saves a step that a traced trial does not read, and the reverse).
+runs again with each `--also` side's fixed settings or CPUs per trial that differ, so that each side finds
+its own code compiled (`train.precompile` saves a step that a traced trial does not read, and the reverse;
+the CPUs set torch's thread count, which a saved step's name includes).
 `--alone-factors F` measures one trial alone per class of cells (the levels of the factors F) on the
 first GPU, with the study's settings (for a study on the fast path, the fastest configuration) and
 eager, and adds each side's efficiency per GPU against both; `--no-alone-eager` leaves the eager one
@@ -300,11 +301,15 @@ def warm_up(args: argparse.Namespace, variants: list, gpus: list[str], console: 
         f"warming the compile caches: every cell for {args.warm_tokens:,} tokens on {len(gpus)} GPUs"
     )
     save(warm=bench(args.study, gpus, args, args.warm_tokens))
-    # a side with other fixed settings may compile other code (e.g. train.precompile): warmed too
-    warmed = []
+    # a side with other fixed settings may compile other code (e.g. train.precompile), and one with other
+    # CPUs per trial runs other torch threads, which dynamo guards and a saved step's name includes
+    # (ablate.precompiled.step_key): without its own warm-up it would trace every cell. Warmed too
+    warmed, compiles = [], {(tuple(args.fixed), args.cpu)}
     for variant in variants:
-        if variant.fixed != args.fixed:
-            console.print(f"warming with {', '.join(variant.fixed)} too")
+        if (tuple(variant.fixed), variant.cpu) not in compiles:
+            compiles.add((tuple(variant.fixed), variant.cpu))
+            what = [*variant.fixed, *([f"cpu={variant.cpu:g}"] if variant.cpu != args.cpu else [])]
+            console.print(f"warming with {', '.join(what)} too")
             warmed.append(bench(args.study, gpus, variant, args.warm_tokens))
             save(warm_also=warmed)
 
