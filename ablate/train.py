@@ -167,6 +167,7 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
     )
     batches = train_batches(data, tc.batch_size, seed=cfg.resolved_data_seed, device=device)
     window = Window(tc.log_every, device, entered)
+    learned = model.learned_temperatures()
     last_val, nan_at, raise_at = None, tc.fault_at("nan"), tc.fault_at("raise")
 
     for step in range(total_steps):
@@ -197,7 +198,9 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
         window.add(step, loss)
 
         if window.ends_at(step, total_steps):
-            losses = window.read(step)  # one sync per window
+            temperatures = model.temperatures()  # (L, H) each, on the device
+            # one wait for the GPU per window: the losses, the gradient norm and the temperatures together
+            losses, (norm, *values) = window.read(step, [grad_norm, *temperatures.values()])
             bad = [i for i, v in enumerate(losses) if not math.isfinite(v) or v > bound]
             if bad:
                 at = window.start + bad[0]
@@ -207,10 +210,12 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
             metrics = {
                 TRAIN_LOSS_CURVE: losses[-1],
                 "lr": lr,
-                "grad_norm": grad_norm.item(),
+                "grad_norm": norm[0],
                 "tokens_per_s": tps,
                 "tokens": (step + 1) * tokens_per_step,
-                **_temperature_metrics(model),
+                **_temperature_metrics(
+                    dict(zip(temperatures, values, strict=True)), learned, cfg.model.n_heads
+                ),
             }
             if peak:
                 metrics["mfu"] = tps * flops_per_token / peak
@@ -305,8 +310,15 @@ class Window:
     def ends_at(self, step: int, total_steps: int) -> bool:
         return step - self.start + 1 == len(self.losses) or step == total_steps - 1
 
-    def read(self, step: int) -> list[float]:
-        return self.losses[: step - self.start + 1].tolist()
+    def read(self, step: int, extras: list[torch.Tensor] = ()) -> tuple[list[float], list[list[float]]]:
+        """The window's losses, and each of `extras` flattened, in one transfer from the device."""
+        n = step - self.start + 1
+        flat = torch.cat([self.losses[:n], *(t.detach().float().reshape(-1) for t in extras)]).tolist()
+        parts, at = [], n
+        for t in extras:
+            parts.append(flat[at : at + t.numel()])
+            at += t.numel()
+        return flat[:n], parts
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -482,14 +494,14 @@ def _auto_loss(device: torch.device, tc: TrainConfig) -> str:
     return "fused" if tc.cuda_graphs or not tc.compile else "plain"
 
 
-def _temperature_metrics(model: GPT) -> dict[str, float]:
-    """Mean gamma (and lambda); per layer and head where they are learned or follow a learned gamma."""
-    learned, out = model.learned_temperatures(), {}
-    for name, values in model.temperatures().items():  # (L, H)
-        out[f"{name}/mean"] = values.mean().item()
+def _temperature_metrics(values: dict[str, list[float]], learned: set[str], heads: int) -> dict[str, float]:
+    """Mean gamma (and lambda); per layer and head where they are learned or follow a learned gamma.
+    `values`: each of the model's temperatures (L, H), read from the device and flattened layer-major."""
+    out = {}
+    for name, flat in values.items():
+        out[f"{name}/mean"] = math.fsum(flat) / len(flat)
         if name in learned:
-            for layer, row in enumerate(values.tolist()):
-                out.update({f"{name}/layer{layer}/head{h}": v for h, v in enumerate(row)})
+            out.update({f"{name}/layer{i // heads}/head{i % heads}": v for i, v in enumerate(flat)})
     return out
 
 

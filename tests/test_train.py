@@ -136,6 +136,48 @@ def test_learnable_gamma_is_reported_per_head(cache_dir):
     assert log.series("lam/layer0/head0")
 
 
+def test_a_window_reads_the_device_once(cache_dir, monkeypatch):
+    """Each read of a tensor's values waits for the GPU (and, with other trials on it, for their kernels
+    too): a logging window reads its losses, gradient norm and temperatures in one transfer."""
+    import inspect
+
+    import ablate.train as train_module
+
+    reads, real_tolist, real_item = [], torch.Tensor.tolist, torch.Tensor.item
+
+    def counted(real):
+        def read(tensor):
+            caller = inspect.stack(context=0)[1]
+            if caller.filename == train_module.__file__ and caller.function in ("_train", "read"):
+                reads.append(caller.function)
+            return real(tensor)
+
+        return read
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted(real_tolist))
+    monkeypatch.setattr(torch.Tensor, "item", counted(real_item))
+    log = RecordingLogger()
+    model = {"metric": "penalty", "gamma_schedule": "learnable", "lam_schedule": "learnable"}
+    assert train(tiny_run(cache_dir, model=model), log).status == "finished"
+    windows = log.series("train/loss")
+    assert len(windows) == 6 and reads == ["read"] * len(windows)
+    for _, metrics in log.history:  # the per-head values and their mean, from that one transfer
+        if "gamma/layer0/head1" in metrics:
+            for name in ("gamma", "lam"):
+                heads = [metrics[f"{name}/layer0/head{h}"] for h in range(2)]
+                assert metrics[f"{name}/mean"] == pytest.approx(sum(heads) / 2)
+
+
+def test_temperature_metrics_name_each_layer_and_head():
+    from ablate.train import _temperature_metrics
+
+    values = {"gamma": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "lam": [0.5] * 6}  # 2 layers x 3 heads, layer-major
+    out = _temperature_metrics(values, {"gamma"}, heads=3)
+    assert out["gamma/mean"] == 3.5 and out["lam/mean"] == 0.5
+    assert out["gamma/layer1/head0"] == 4.0 and out["gamma/layer0/head2"] == 3.0
+    assert not any(k.startswith("lam/layer") for k in out)  # lambda is not learned here
+
+
 def test_exploding_configuration_is_reported_as_diverged(cache_dir):
     cfg = tiny_run(cache_dir, optim={"lr": 50.0, "warmup_steps": 0, "grad_clip": None})
     result = train(cfg)
