@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,9 +213,7 @@ def _train(cfg: RunConfig, logger: MetricLogger, data: PackedData | None) -> Tri
                 "grad_norm": norm[0],
                 "tokens_per_s": tps,
                 "tokens": (step + 1) * tokens_per_step,
-                **_temperature_metrics(
-                    dict(zip(temperatures, values, strict=True)), learned, cfg.model.n_heads
-                ),
+                **_temperature_metrics(temperatures, values, learned),
             }
             if peak:
                 metrics["mfu"] = tps * flops_per_token / peak
@@ -310,7 +308,7 @@ class Window:
     def ends_at(self, step: int, total_steps: int) -> bool:
         return step - self.start + 1 == len(self.losses) or step == total_steps - 1
 
-    def read(self, step: int, extras: list[torch.Tensor] = ()) -> tuple[list[float], list[list[float]]]:
+    def read(self, step: int, extras: Sequence[torch.Tensor] = ()) -> tuple[list[float], list[list[float]]]:
         """The window's losses, and each of `extras` flattened, in one transfer from the device."""
         n = step - self.start + 1
         flat = torch.cat([self.losses[:n], *(t.detach().float().reshape(-1) for t in extras)]).tolist()
@@ -494,11 +492,14 @@ def _auto_loss(device: torch.device, tc: TrainConfig) -> str:
     return "fused" if tc.cuda_graphs or not tc.compile else "plain"
 
 
-def _temperature_metrics(values: dict[str, list[float]], learned: set[str], heads: int) -> dict[str, float]:
+def _temperature_metrics(
+    temperatures: dict[str, torch.Tensor], values: list[list[float]], learned: set[str]
+) -> dict[str, float]:
     """Mean gamma (and lambda); per layer and head where they are learned or follow a learned gamma.
-    `values`: each of the model's temperatures (L, H), read from the device and flattened layer-major."""
+    `values`: each of `temperatures` (L, H), as read from the device and flattened layer-major."""
     out = {}
-    for name, flat in values.items():
+    for (name, tensor), flat in zip(temperatures.items(), values, strict=True):
+        heads = tensor.shape[-1]
         out[f"{name}/mean"] = math.fsum(flat) / len(flat)
         if name in learned:
             out.update({f"{name}/layer{i // heads}/head{i % heads}": v for i, v in enumerate(flat)})

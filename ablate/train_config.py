@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from model.config import FUSED_LOSSES
 from model.config import LOSSES as MODEL_LOSSES
@@ -10,6 +11,8 @@ from model.config import LOSSES as MODEL_LOSSES
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOSSES = ("auto", *MODEL_LOSSES)  # auto: see train._auto_loss
+# TrainConfig's settings that need compile: true (its validation refuses them without it)
+COMPILE_ONLY = ("cuda_graphs", "reuse_compiled", "precompile", "compile_threads", "max_autotune")
 
 
 @dataclass(kw_only=True)
@@ -140,3 +143,9 @@ class TrainConfig:
         if self.fault is None or not self.fault.startswith(kind + "@"):
             return None
         return int(self.fault.partition("@")[2])
+
+
+def uncompiled() -> dict[str, Any]:
+    """`train` settings that make a run eager: compile off, and each setting that needs it at its default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return {"compile": False, **{name: defaults[name] for name in COMPILE_ONLY}}

@@ -299,6 +299,20 @@ def test_compile_threads_sizes_inductors_workers(tmp_path, dynamo_backend):
     assert hasattr(inductor, "compile_threads")
 
 
+def test_every_compile_only_setting_is_refused_without_compile_and_reset_by_uncompiled():
+    """`uncompiled()` (an eager baseline's settings) names each setting the validation ties to compile."""
+    from ablate.train_config import COMPILE_ONLY, uncompiled
+
+    set_values = {"cuda_graphs": True, "reuse_compiled": True, "precompile": True, "compile_threads": 2}
+    set_values["max_autotune"] = True
+    assert set(set_values) == set(COMPILE_ONLY)
+    for name, value in set_values.items():
+        with pytest.raises(ValueError, match=f"{name} needs compile: true"):
+            from_dict(RunConfig, {"train": {name: value}})
+    train_settings = {"compile": True, **set_values}
+    assert from_dict(RunConfig, {"train": {**train_settings, **uncompiled()}}).train.compile is False
+
+
 def test_max_autotune_is_a_compile_mode_with_or_without_graphs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="max_autotune needs compile: true"):
         from_dict(RunConfig, {"train": {"max_autotune": True}})

@@ -171,8 +171,9 @@ def test_a_window_reads_the_device_once(cache_dir, monkeypatch):
 def test_temperature_metrics_name_each_layer_and_head():
     from ablate.train import _temperature_metrics
 
-    values = {"gamma": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "lam": [0.5] * 6}  # 2 layers x 3 heads, layer-major
-    out = _temperature_metrics(values, {"gamma"}, heads=3)
+    temperatures = {"gamma": torch.empty(2, 3), "lam": torch.empty(2, 3)}  # 2 layers x 3 heads
+    values = [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.5] * 6]  # as read from the device, layer-major
+    out = _temperature_metrics(temperatures, values, {"gamma"})
     assert out["gamma/mean"] == 3.5 and out["lam/mean"] == 0.5
     assert out["gamma/layer1/head0"] == 4.0 and out["gamma/layer0/head2"] == 3.0
     assert not any(k.startswith("lam/layer") for k in out)  # lambda is not learned here

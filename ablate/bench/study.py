@@ -49,6 +49,7 @@ def measure_alone(study: Path, factors: list[str] | None = None, eager: bool = F
     from ablate.design import load_design
     from ablate.logger import RecordingLogger
     from ablate.train import train
+    from ablate.train_config import uncompiled
 
     share_compile_caches()  # the caches a study's trials use: a cell compiled by the study loads from disk
 
@@ -72,15 +73,7 @@ def measure_alone(study: Path, factors: list[str] | None = None, eager: bool = F
         if eager:
             tree = {
                 **tree,
-                "train": {
-                    **tree.get("train", {}),
-                    "compile": False,  # and nothing that needs it
-                    "cuda_graphs": False,
-                    "precompile": False,
-                    "reuse_compiled": None,
-                    "compile_threads": None,
-                    "max_autotune": False,
-                },
+                "train": {**tree.get("train", {}), **uncompiled()},
             }
         log = RecordingLogger()
         train(from_dict(RunConfig, tree), log)
