@@ -43,8 +43,9 @@ retries: 0
 tracking: {experiment: server_smoke, system_metrics: false, flush_seconds: 0}
 """
 TRIALS = 4  # 2 levels x 2 seeds
-# A trial trains ~8 s here (1024 steps): far longer than the ~3 s a Ray worker outlives a killed driver,
-# so the trial that is training at the kill is really cut short (and must be rerun on resume).
+# A trial trains ~8 s here (1024 steps): usually longer than a Ray worker outlives a killed driver, so the
+# trial training at the kill is mostly cut short (and rerun on resume); on a busy machine its worker may
+# finish it first, which the test accepts (the trial is then kept, as any finished one).
 PG_USER, PG_PASSWORD, PG_DATABASE = "ablate", "ablate-test", "mlflow"
 
 
@@ -155,12 +156,14 @@ def _has_user(name: str) -> bool:
 class StudyRun:
     study: Path
     env: dict[str, str]
-    finished_at_kill: dict[str, str]  # trial id -> run id of the trials finished when the driver died
-    running_at_kill: dict[str, str]  # trial id -> run id of the trials it left half-done
+    finished_at_kill: dict[
+        str, str
+    ]  # trial id -> run id of the trials finished once the killed tree was gone
+    training_at_kill: dict[str, str]  # trial id -> run id of the trials seen training just before the kill
     logs: str
 
     def __str__(self) -> str:
-        return f"at the kill: finished {self.finished_at_kill}, running {self.running_at_kill}\n{self.logs}"
+        return f"at the kill: finished {self.finished_at_kill}, training {self.training_at_kill}\n{self.logs}"
 
 
 def child_runs(client, experiment_id: str, parent_id: str) -> list:
@@ -225,7 +228,7 @@ def study_run(services, tmp_path_factory) -> StudyRun:
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_until_mid_study(client, driver, first_log)
+        training = _wait_until_mid_study(client, driver, first_log)
         started = descendants(driver.pid)
         driver.send_signal(signal.SIGKILL)
         driver.wait(30)
@@ -236,21 +239,22 @@ def study_run(services, tmp_path_factory) -> StudyRun:
         _wait_for_exit(started, timeout=30)
     finally:
         stop(driver)  # the test's own clean-up: nothing of the first run may race the resume
-    finished, running = trial_runs(client, "finished"), trial_runs(client, "running")
+    finished = trial_runs(client, "finished")
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     logs = f"first run:\n{first_log.read_text()}\nresumed run:\n{second.stdout}\n{second.stderr}"
     assert second.returncode == 0, logs
-    return StudyRun(study, env, finished, running, logs)
+    return StudyRun(study, env, finished, training, logs)
 
 
-def _wait_until_mid_study(client, driver: subprocess.Popen, log: Path) -> None:
-    """Until one trial has finished and the next one is training (it has logged a metric)."""
+def _wait_until_mid_study(client, driver: subprocess.Popen, log: Path) -> dict[str, str]:
+    """Until one trial has finished and the next one is training (it has logged a metric); those."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if trial_runs(client, "finished"):
-            running = trial_runs(client, "running").values()
-            if any(client.get_run(run_id).data.metrics for run_id in running):
-                return
+            running = trial_runs(client, "running")
+            training = {t: run_id for t, run_id in running.items() if client.get_run(run_id).data.metrics}
+            if training:
+                return training
         if driver.poll() is not None:
             pytest.fail(f"the driver exited ({driver.returncode}) before the kill:\n{log.read_text()}")
         time.sleep(0.2)
@@ -294,12 +298,17 @@ def test_run_on_server_records_one_finished_child_per_trial_after_a_kill(service
     assert not [r for r in children if r.info.status == "RUNNING"], f"a child run was left running; {record}"
 
     # the kill came between the first result and the last; the resume ran only what was not finished
-    assert 1 <= len(study_run.finished_at_kill) < TRIALS and study_run.running_at_kill, record
+    assert 1 <= len(study_run.finished_at_kill) < TRIALS and study_run.training_at_kill, record
     now = trial_runs(client, "finished")
     for trial_id, run_id in study_run.finished_at_kill.items():
-        assert now[trial_id] == run_id, f"trial {trial_id} finished before the kill but was run again"
-    for trial_id, run_id in study_run.running_at_kill.items():
-        assert client.get_run(run_id).data.tags["ablate.status"] == "interrupted"
+        assert now[trial_id] == run_id, f"trial {trial_id} finished before the resume but was run again"
+    # a trial training at the kill is cut short, unless its worker, orphaned by the driver, finished it
+    # before it noticed (how long that takes depends on the machine's load): then it is kept
+    for trial_id, run_id in study_run.training_at_kill.items():
+        if trial_id in study_run.finished_at_kill:
+            assert study_run.finished_at_kill[trial_id] == run_id, record
+            continue
+        assert client.get_run(run_id).data.tags["ablate.status"] == "interrupted", record
         assert now[trial_id] != run_id, f"trial {trial_id} was not run again after the kill"
 
     for run in finished:
