@@ -157,6 +157,26 @@ def test_the_warm_up_runs_each_side_that_fixes_other_settings(tmp_path, monkeypa
     ]
 
 
+def test_a_side_asking_for_the_studys_own_cpus_is_not_warmed_again(tmp_path, monkeypatch):
+    """`cpu=4` against a study whose trials already get 4 CPUs runs the same torch threads, so the same
+    saved steps: it needs no warm-up of its own (the CPUs are compared as the study resolves them)."""
+    study = tmp_path / "study.yaml"
+    study.write_text("name: x\nresources: {gpu: 0.25, cpu: 4}\n")
+    runs = []
+
+    def bench(study_path, gpus, args, tokens, *extra):
+        runs.append((tokens, args.cpu))
+        return summary(54e6, 300.0, {"0": 54})
+
+    monkeypatch.setattr(bench_gpus, "bench", bench)
+    monkeypatch.setattr(bench_gpus, "visible_gpus", lambda: ["0"])
+    argv = ["gpus", str(study), "--warm-tokens", "1000", "--tokens", "5000"]
+    argv += ["--also", "gpu=0.125,cpu=4", "--also", "gpu=0.125,cpu=2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_gpus.main()
+    assert [run for run in runs if run[0] == 1000] == [(1000, None), (1000, 2)]
+
+
 def test_trials_alone_take_their_own_budget_and_bad_budgets_stop_before_anything_runs(tmp_path, monkeypatch):
     study = tmp_path / "study.yaml"
     study.write_text("name: x\nresources: {gpu: 0.25}\n")

@@ -99,13 +99,16 @@ def measured(summary: dict, where: str) -> dict:
     return summary
 
 
-def allowed_per_gpu(study: Path, gpu: float | None) -> int:
-    """The most trials a GPU may hold at once under the study's (or --gpu's) per-trial GPU share."""
+def study_resource(study: Path, name: str, default: float) -> float:
+    """One of the study file's `resources` (what a run without --gpu or --cpu asks for)."""
     import yaml
 
-    share = (
-        gpu if gpu is not None else (yaml.safe_load(study.read_text()).get("resources") or {}).get("gpu", 1)
-    )
+    return (yaml.safe_load(study.read_text()).get("resources") or {}).get(name, default)
+
+
+def allowed_per_gpu(study: Path, gpu: float | None) -> int:
+    """The most trials a GPU may hold at once under the study's (or --gpu's) per-trial GPU share."""
+    share = gpu if gpu is not None else study_resource(study, "gpu", 1)
     return math.floor(1 / share + 1e-9) if share else 0
 
 
@@ -304,11 +307,17 @@ def warm_up(args: argparse.Namespace, variants: list, gpus: list[str], console: 
     # a side with other fixed settings may compile other code (e.g. train.precompile), and one with other
     # CPUs per trial runs other torch threads, which dynamo guards and a saved step's name includes
     # (ablate.precompiled.step_key): without its own warm-up it would trace every cell. Warmed too
-    warmed, compiles = [], {(tuple(args.fixed), args.cpu)}
+    study_cpu = float(study_resource(args.study, "cpu", 1.0))
+
+    def compiled_with(side: argparse.Namespace) -> tuple[tuple[str, ...], float]:
+        return tuple(side.fixed), float(side.cpu) if side.cpu is not None else study_cpu
+
+    warmed, compiles = [], {compiled_with(args)}
     for variant in variants:
-        if (tuple(variant.fixed), variant.cpu) not in compiles:
-            compiles.add((tuple(variant.fixed), variant.cpu))
-            what = [*variant.fixed, *([f"cpu={variant.cpu:g}"] if variant.cpu != args.cpu else [])]
+        if compiled_with(variant) not in compiles:
+            compiles.add(compiled_with(variant))
+            cpu = compiled_with(variant)[1]
+            what = [*variant.fixed, *([f"cpu={cpu:g}"] if cpu != compiled_with(args)[1] else [])]
             console.print(f"warming with {', '.join(what)} too")
             warmed.append(bench(args.study, gpus, variant, args.warm_tokens))
             save(warm_also=warmed)
