@@ -208,6 +208,39 @@ def test_trials_alone_take_their_own_budget_and_bad_budgets_stop_before_anything
     assert runs == []
 
 
+def test_without_the_one_gpu_side_every_gpu_is_set_against_the_trials_alone(tmp_path, monkeypatch, capsys):
+    """--no-one-gpu: a study too long to run twice is measured on every GPU only, still against the
+    trials alone of the same command; it needs several GPUs and no further one-GPU side."""
+    study = tmp_path / "study.yaml"
+    study.write_text("name: x\nresources: {gpu: 0.25}\n")
+    runs = []
+
+    def bench(study_path, gpus, args, tokens, *extra):
+        runs.append((tuple(gpus), extra[:1]))
+        return {**summary(54e6, 160.0, {"0": 27, "1": 27}), "alone_tokens_per_s": 0.5e6}
+
+    monkeypatch.setattr(bench_gpus, "bench", bench)
+    monkeypatch.setattr(bench_gpus, "visible_gpus", lambda: ["0", "1"])
+    argv = ["gpus", str(study), "--no-one-gpu", "--alone-factors", "metric", "--no-alone-eager"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_gpus.main()
+    assert runs == [(("0",), ("--alone",)), (("0", "1"), ())]  # the trials alone, then every GPU
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "2 GPUs" in text and "0.34" in text and "1 GPU" not in text
+    )  # 169k tokens/s per GPU over 500k alone
+    runs.clear()
+    for gpus, extra, error in (
+        (["0"], [], "this host shows 1"),
+        (["0", "1"], ["--also", "gpu=1"], "--also runs further one-GPU sides"),
+    ):
+        monkeypatch.setattr(bench_gpus, "visible_gpus", lambda gpus=gpus: gpus)
+        monkeypatch.setattr(sys, "argv", [*argv, *extra])
+        with pytest.raises(SystemExit, match=error):
+            bench_gpus.main()
+    assert runs == []
+
+
 def test_the_classes_alone_are_shown_slowest_first_the_rest_summed_up():
     rates = {f"metric=m{i}": {"tokens_per_s": 1e6 + i * 1e4, "trials": 2} for i in range(20)}
     rates["metric=slow"] = {"tokens_per_s": 5e5, "trials": 3}

@@ -26,6 +26,9 @@ out (with every factor a class, an eager trial per cell costs more than the stud
 GPU share, CPUs per trial, MPS setting or fixed setting, after the first and against the same baseline,
 so that trials per GPU with and without MPS, or with and without `train.reuse_compiled`, are compared in
 one command.
+`--no-one-gpu` leaves the one-GPU side out on a host of several GPUs and measures every GPU against the
+trials alone only: for a study too long to run twice in one sitting (the per-GPU efficiency still comes
+from one command).
 `--out F` is rewritten after each stage, so a run cut short keeps what it measured.
 """
 
@@ -155,7 +158,7 @@ def side(summary: dict, alone: dict[str, float]) -> dict:
 
 
 def show(
-    one: dict,
+    one: dict | None,
     every: dict | None,
     n_gpus: int,
     console: Console,
@@ -163,9 +166,14 @@ def show(
     also: list[tuple[str, dict]] | None = None,
 ) -> float | None:
     """Print the sides (one GPU; each `--also` variant on one GPU; every GPU) and return the ratio of the
-    every-GPU side's aggregate rate to the one-GPU side's (None on a host of one GPU)."""
-    columns = [("1 GPU", one), *(also or []), *([(f"{n_gpus} GPUs", every)] if every is not None else [])]
-    table = Table(title=f"one GPU against {n_gpus} GPUs" if every is not None else "one GPU")
+    every-GPU side's aggregate rate to the one-GPU side's (None without one of the two)."""
+    columns = [
+        *([("1 GPU", one)] if one is not None else []),
+        *(also or []),
+        *([(f"{n_gpus} GPUs", every)] if every is not None else []),
+    ]
+    title = {(True, True): f"one GPU against {n_gpus} GPUs", (True, False): "one GPU"}
+    table = Table(title=title.get((one is not None, every is not None), f"{n_gpus} GPUs"))
     table.add_column("")
     for label, _ in columns:
         table.add_column(label, justify="right")
@@ -174,6 +182,8 @@ def show(
     for key in keys:
         table.add_row(key, *(_text(f.get(key, "")) for f in figures))
     console.print(table)
+    if one is None:
+        return None
     first = figures[0]["aggregate tokens/s"]
     for (label, _), f in zip(columns[1:], figures[1:], strict=True):
         ratio = f["aggregate tokens/s"] / first if first else float("nan")
@@ -274,6 +284,12 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
         help="after the one-GPU side, run it again with these settings, against the same baseline "
         "(repeatable), e.g. --also gpu=1 --also gpu=0.125,cpu=2 --also train.reuse_compiled=true",
     )
+    parser.add_argument(
+        "--one-gpu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the one-GPU side (default: yes); --no-one-gpu: every GPU only, on a host of several",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="stop each run after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="write what was measured so far (JSON)")
     args = parser.parse_args()
@@ -287,6 +303,8 @@ def parse_args() -> tuple[argparse.Namespace, list[dict]]:
         raise SystemExit("--alone-tokens sets the budget of the trials alone: give --alone-factors too")
     if not args.alone_eager and not args.alone_factors:
         raise SystemExit("--no-alone-eager leaves out the eager trials alone: give --alone-factors too")
+    if not args.one_gpu and args.also:
+        raise SystemExit("--also runs further one-GPU sides: leave out --no-one-gpu, or --also")
     if args.gpu is not None and not 0 < args.gpu <= 1:
         raise SystemExit(f"--gpu {args.gpu}: a per-trial GPU share is in (0, 1]")
     return args, also_sides(args.also)
@@ -380,6 +398,8 @@ def main() -> None:
     gpus = visible_gpus()
     if not gpus:
         raise SystemExit("this host shows no GPU (nvidia-smi or CUDA_VISIBLE_DEVICES)")
+    if not args.one_gpu and len(gpus) < 2:
+        raise SystemExit(f"--no-one-gpu measures every GPU only, and this host shows {len(gpus)}")
     console = Console()
     record: dict = {"study": str(args.study), "gpus": gpus, "tokens_per_trial": args.tokens}
 
@@ -392,9 +412,11 @@ def main() -> None:
     if args.warm_tokens is not None:
         warm_up(args, variants, gpus, console, save)
     alone = alone_stage(args, gpus[0], console, save) if args.alone_factors else {}
-    console.print(f"1 GPU ({gpus[0]}) ...")
-    one = measured(bench(args.study, gpus[:1], args, args.tokens), f"GPU {gpus[0]}")
-    save(one_gpu=one)
+    one = None
+    if args.one_gpu:
+        console.print(f"1 GPU ({gpus[0]}) ...")
+        one = measured(bench(args.study, gpus[:1], args, args.tokens), f"GPU {gpus[0]}")
+        save(one_gpu=one)
     also = []
     for settings, variant in zip(sides, variants, strict=True):
         shown = [f"{k}={settings[k]}" for k in ("gpu", "cpu", "mps") if settings[k] is not None]
