@@ -364,6 +364,7 @@ _GPU_CONFIGS = {
 # tiny tiles for the CPU interpreter: several blocks, ragged tails and split diagonals at small N
 _INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 _SMEM_LIMIT = 200 * 1024
+TUNING_KEY = ["n_ctx", "HEAD_DIM", "CAUSAL"]  # autotuned per sequence length, head size and causality
 
 
 def _smem_bytes(kind: str, bm: int, bn: int, stages: int, d_pad: int, elem: int) -> int:
@@ -400,7 +401,7 @@ def _tuned(kernel, kind: str):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in specs]
     return triton.autotune(
         configs=configs,
-        key=["n_ctx", "HEAD_DIM", "CAUSAL"],
+        key=TUNING_KEY,
         prune_configs_by={"early_config_prune": _make_prune(kind)},
     )(kernel)
 

@@ -381,7 +381,7 @@ def _tuned(kernel, kind: str, out: str):
         kernel,
         kernel.arg_names,
         configs,
-        key=["n_ctx", "HEAD_DIM", "CAUSAL"],
+        key=base.TUNING_KEY,
         reset_to_zero=None,
         restore_value=None,
         prune_configs_by={"early_config_prune": _make_prune(kind, out)},

@@ -262,7 +262,7 @@ def test_triton_tma_autotuning_is_cached_on_disk_and_launches_the_config_with_it
             fn,
             fn.arg_names,
             configs,
-            key=["n_ctx", "HEAD_DIM", "CAUSAL"],
+            key=tma.base.TUNING_KEY,
             reset_to_zero=None,
             restore_value=None,
         )

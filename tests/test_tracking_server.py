@@ -156,9 +156,8 @@ def _has_user(name: str) -> bool:
 class StudyRun:
     study: Path
     env: dict[str, str]
-    finished_at_kill: dict[
-        str, str
-    ]  # trial id -> run id of the trials finished once the killed tree was gone
+    # trial id -> run id of the trials finished once the killed tree was gone
+    finished_at_kill: dict[str, str]
     training_at_kill: dict[str, str]  # trial id -> run id of the trials seen training just before the kill
     logs: str
 

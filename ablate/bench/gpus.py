@@ -172,8 +172,10 @@ def show(
         *(also or []),
         *([(f"{n_gpus} GPUs", every)] if every is not None else []),
     ]
-    title = {(True, True): f"one GPU against {n_gpus} GPUs", (True, False): "one GPU"}
-    table = Table(title=title.get((one is not None, every is not None), f"{n_gpus} GPUs"))
+    title = (
+        "one GPU" if every is None else f"{n_gpus} GPUs" if one is None else f"one GPU against {n_gpus} GPUs"
+    )
+    table = Table(title=title)
     table.add_column("")
     for label, _ in columns:
         table.add_column(label, justify="right")
@@ -330,12 +332,12 @@ def warm_up(args: argparse.Namespace, variants: list, gpus: list[str], console: 
     def compiled_with(side: argparse.Namespace) -> tuple[tuple[str, ...], float]:
         return tuple(side.fixed), float(side.cpu) if side.cpu is not None else study_cpu
 
-    warmed, compiles = [], {compiled_with(args)}
+    first = compiled_with(args)
+    warmed, compiles = [], {first}
     for variant in variants:
-        if compiled_with(variant) not in compiles:
-            compiles.add(compiled_with(variant))
-            cpu = compiled_with(variant)[1]
-            what = [*variant.fixed, *([f"cpu={cpu:g}"] if cpu != compiled_with(args)[1] else [])]
+        if (key := compiled_with(variant)) not in compiles:
+            compiles.add(key)
+            what = [*variant.fixed, *([f"cpu={key[1]:g}"] if key[1] != first[1] else [])]
             console.print(f"warming with {', '.join(what)} too")
             warmed.append(bench(args.study, gpus, variant, args.warm_tokens))
             save(warm_also=warmed)
