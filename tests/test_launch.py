@@ -485,6 +485,27 @@ def test_ray_errors_reach_the_terminal_as_one_short_line(monkeypatch, capsys):
     assert len(line) < RAY_ERROR_CHARS + 80 and "/tmp/ray/session_latest/logs" in line
 
 
+def test_a_local_ray_starts_no_idle_workers_and_a_joined_cluster_keeps_its_settings(monkeypatch):
+    """Ray's idle workers for the first driver are off where a study starts its own Ray, in a fresh copy of
+    the setting each time (Ray adds the session's spill folder to the dict it is given); a cluster joined
+    with --ray-address is passed no system settings, which Ray refuses for a running cluster."""
+    import ray
+
+    from ablate import launch
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(launch, "share_compile_caches", lambda: None)  # no Ray here: nothing to point
+    monkeypatch.setattr(launch, "_brief_ray_errors", lambda: None)
+    assert launch.init_ray(None) and launch.init_ray(None) and launch.init_ray("auto")
+    first, second, joined = calls
+    assert first["address"] == "local" and first["_system_config"] == {"prestart_worker_first_driver": False}
+    first["_system_config"]["object_spilling_config"] = "a session's folder"  # what ray.init does
+    assert second["_system_config"] == {"prestart_worker_first_driver": False}
+    assert joined["address"] == "auto" and "_system_config" not in joined
+
+
 def test_worker_processes_are_reused_unless_the_user_says_not_to(monkeypatch):
     """Tune's reuse_actors: on by default, compiled trials included; ABLATE_REUSE_WORKERS=0 turns it off."""
     from ablate.launch import reuse_workers
