@@ -80,6 +80,9 @@ def test_each_side_is_set_against_one_trial_alone_per_gpu_and_its_placement_chec
     study.write_text("name: s\nresources: {gpu: 0.25}\n")
     allowed = bench_gpus.allowed_per_gpu(study, None)
     assert allowed == 4 and bench_gpus.allowed_per_gpu(study, 0.5) == 2
+    cpu_only = tmp_path / "c.yaml"  # no resources.gpu: the spec's default, no GPU share at all
+    cpu_only.write_text("name: c\nresources: {cpu: 2}\n")
+    assert bench_gpus.allowed_per_gpu(cpu_only, None) == 0
     lines = bench_gpus.placement_lines(every, allowed)
     assert lines[0].endswith("ok") and lines[1].endswith("OVER")
 

@@ -102,16 +102,19 @@ def measured(summary: dict, where: str) -> dict:
     return summary
 
 
-def study_resource(study: Path, name: str, default: float) -> float:
-    """One of the study file's `resources` (what a run without --gpu or --cpu asks for)."""
+def study_resources(study: Path):
+    """The study file's `resources`, with the study spec's defaults (what a run without --gpu or --cpu
+    asks for)."""
     import yaml
 
-    return (yaml.safe_load(study.read_text()).get("resources") or {}).get(name, default)
+    from ablate.spec import Resources
+
+    return Resources.model_validate(yaml.safe_load(study.read_text()).get("resources") or {})
 
 
 def allowed_per_gpu(study: Path, gpu: float | None) -> int:
     """The most trials a GPU may hold at once under the study's (or --gpu's) per-trial GPU share."""
-    share = gpu if gpu is not None else study_resource(study, "gpu", 1)
+    share = gpu if gpu is not None else study_resources(study).gpu
     return math.floor(1 / share + 1e-9) if share else 0
 
 
@@ -327,7 +330,7 @@ def warm_up(args: argparse.Namespace, variants: list, gpus: list[str], console: 
     # a side with other fixed settings may compile other code (e.g. train.precompile), and one with other
     # CPUs per trial runs other torch threads, which dynamo guards and a saved step's name includes
     # (ablate.precompiled.step_key): without its own warm-up it would trace every cell. Warmed too
-    study_cpu = float(study_resource(args.study, "cpu", 1.0))
+    study_cpu = study_resources(args.study).cpu
 
     def compiled_with(side: argparse.Namespace) -> tuple[tuple[str, ...], float]:
         return tuple(side.fixed), float(side.cpu) if side.cpu is not None else study_cpu
