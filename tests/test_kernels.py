@@ -341,6 +341,27 @@ def test_tma_kernels_compile_for_sm90_to_wgmma_and_tma_copies():
         assert row["wgmma"] > 0 and row["tma_loads"] > 0, row
 
 
+@pytest.mark.skipif(INTERPRETED, reason="compiles for the GPU")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gluon_forward_compiles_for_sm90_into_warp_specialised_partitions(head_dim):
+    # the ping-pong forward (kernels/gluon_attn.py): two consumer warp groups and a loader warp (padded
+    # to a warp group), registers reallocated per partition, asynchronous wgmma, no spills
+    from kernels import gluon_attn, sm90_compile
+
+    if gluon_attn.IMPORT_ERROR:
+        pytest.skip(gluon_attn.IMPORT_ERROR)
+    q, k, v, o = (torch.empty(1, 2, 1024, head_dim, dtype=torch.bfloat16) for _ in range(4))
+    rows = [torch.empty(1, 2, 1024) for _ in range(2)]
+    args, meta, _ = gluon_attn.launch_args(q, k, v, torch.empty(2), torch.empty(2), o, *rows, True,
+                                           gluon_attn.CONFIGS[head_dim][0])  # fmt: skip
+    with sm90_compile.sm90_target():
+        compiled = gluon_attn._attn_fwd.warmup(*args, **meta, grid=(1,))
+    gluon_attn._attn_fwd.device_caches.clear()  # its binder holds the sm90-only target
+    _, spilled = sm90_compile._resources(compiled.asm["cubin"])
+    assert compiled.metadata.num_warps == 12 and spilled == 0
+    assert "setmaxnreg" in compiled.asm["ptx"] and "isAsync = true" in compiled.asm["ttgir"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # flex and augmented SDPA (torch's CPU kernels)
 
