@@ -28,7 +28,6 @@ async_load.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -290,28 +289,22 @@ def _check() -> bool:
     return ok
 
 
-def _bench_shape(n: int, d: int, heads: int = 16) -> str:
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _bench_shape(n: int, d: int) -> str:
+    # kernels.bench's shapes, rbf inputs and SDPA-cuDNN runner: causal forward ms and TFLOP/s
+    from torch.nn.attention import SDPBackend
     from triton.testing import do_bench
 
-    from kernels import triton_attn_tma
+    from kernels import bench, triton_attn_tma
 
-    batch = 65536 // n
-    q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    gamma = 1 / math.sqrt(d)
-    a = torch.full((heads,), 2 * gamma, device="cuda")
-    b = torch.full((heads,), gamma, device="cuda")
-
-    def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    t_cudnn = do_bench(cudnn)
+    batch = bench.TOKENS // n
+    (q, k, v), a, b, _ = bench._inputs(batch, n, d, torch.bfloat16, "rbf")
+    q, k, v = (t.detach() for t in (q, k, v))
+    cudnn = bench._sdpa(SDPBackend.CUDNN_ATTENTION)
+    t_cudnn = do_bench(lambda: cudnn(q, k, v, a, b))
     t_tma = do_bench(lambda: triton_attn_tma._fwd_op(q, k, v, a, b, True))
     t_ws = {c: do_bench(lambda c=c: forward(q, k, v, a, b, True, c)) for c in CONFIGS[d]}
     best = min(t_ws.values())
-    flops = 2 * batch * heads * n * n * d
+    flops = 2 * batch * bench.HEADS * n * n * d
     return (
         f"bench bf16 N {n} D {d}: cudnn {t_cudnn:.3f} ({flops / t_cudnn / 1e9:.0f}) "
         f"tma {t_tma:.3f} ({flops / t_tma / 1e9:.0f}) ws "
