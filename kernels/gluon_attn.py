@@ -53,10 +53,21 @@ from kernels import triton_attn as base
 
 LOG2E = 1.4426950408889634  # scores live in base 2
 
-# (BLOCK_M per consumer, BLOCK_N, STAGES, CONSUMER_REGS, LOADER_REGS) per head dim, as benchmarked
+# per kernel and head dim, as benchmarked; the first is the default. fwd: (query rows per consumer, key tile,
+# STAGES, CONSUMER_REGS, LOADER_REGS); dkdv: (query tile, keys per consumer, ...); dq: as fwd
 CONFIGS = {
-    64: [(64, 128, 3, 232, 24), (64, 128, 2, 240, 24), (64, 128, 4, 240, 24)],
-    128: [(64, 128, 2, 232, 24), (64, 128, 2, 240, 24)],
+    "fwd": {
+        64: [(64, 128, 3, 232, 24), (64, 128, 2, 240, 24), (64, 128, 4, 240, 24)],
+        128: [(64, 128, 2, 232, 24), (64, 128, 2, 240, 24)],
+    },
+    "dkdv": {
+        64: [(64, 64, 2, 240, 24), (64, 64, 3, 240, 24), (32, 64, 3, 240, 24)],
+        128: [(32, 64, 2, 240, 24), (32, 64, 3, 240, 24), (64, 64, 2, 240, 24)],
+    },
+    "dq": {
+        64: [(64, 64, 3, 240, 24), (64, 128, 2, 240, 24), (64, 64, 2, 240, 24)],
+        128: [(64, 64, 2, 240, 24), (64, 64, 3, 240, 24)],
+    },
 }
 
 if IMPORT_ERROR is None:
@@ -167,17 +178,18 @@ if IMPORT_ERROR is None:
         gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(rows_out < n_ctx, 1))
 
     @gluon.jit
-    def _loader(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, row0, n_tiles, STAGES: gl.constexpr):
-        # one warp: K and V tiles into the ring, each stage once both consumers have released it (the
-        # first pass waits on the phase before a fresh barrier's, which has completed)
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
+    def _loader(desc_a, desc_b, a_smem, b_smem, a_ready, b_ready, empty, row0, n_tiles, STAGES: gl.constexpr):
+        # one warp: tile t of two tensors (k and v, or q and dO) from row row0 + t * rows into stage t % STAGES
+        # of the ring, once both consumers have released that stage (the first pass waits on the phase
+        # before a fresh barrier's, which has completed)
+        ROWS: gl.constexpr = a_smem.shape[1]
         for t in range(n_tiles):
             s = t % STAGES
             mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes)
-            _tma_load(desc_k, [row0 + t * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
-            mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
-            _tma_load(desc_v, [row0 + t * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+            mbarrier.expect(a_ready.index(s), desc_a.block_type.nbytes)
+            _tma_load(desc_a, [row0 + t * ROWS, 0], a_ready.index(s), a_smem.index(s))
+            mbarrier.expect(b_ready.index(s), desc_b.block_type.nbytes)
+            _tma_load(desc_b, [row0 + t * ROWS, 0], b_ready.index(s), b_smem.index(s))
 
     @gluon.jit
     def _attn_fwd(desc_q, desc_k, desc_v, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
@@ -200,20 +212,7 @@ if IMPORT_ERROR is None:
         q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
-        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(q_bars.index(i), count=1)
-            mbarrier.init(turns.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        fence_async_shared()
-        mbarrier.arrive(turns.index(0))  # the first consumer takes the first turn
+        q_bars, turns, k_ready, v_ready, empty = _barriers(STAGES)
         gl.warp_specialize(
             [
                 (_consumer, (desc_q, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready, empty,
@@ -229,6 +228,319 @@ if IMPORT_ERROR is None:
             [CONSUMER_REGS, LOADER_REGS],
         )  # fmt: skip
 
+    # ------------------------------------------------------------------------------------------------
+    # backward: dk/dv (two consumers own 64 keys each, the loader brings q and dO tiles) and dq (two
+    # consumers own 64 query rows each, the loader brings k and v tiles, as in the forward). Each consumer
+    # issues this tile's two score-side matmuls and the previous tile's two (or one) accumulating ones,
+    # hands the turn over, waits for the first two only and runs the element-wise part while the
+    # accumulating matmuls (which read the previous tile's P and dS from registers) are still in flight.
+
+    @gluon.jit
+    def _dkdv_consumer(desc_k, desc_v, k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, empty,
+                       my_turn, other_turn, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx,
+                       k_start, m_lo, n_tiles, bh, CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        W: gl.constexpr = gl.num_warps()
+        KEYS: gl.constexpr = k_smem.shape[0]
+        D: gl.constexpr = k_smem.shape[1]
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        dtype: gl.constexpr = k_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BLOCK_M, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, D, 16]
+        )
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        keys_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        keys_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        off_h = bh % n_heads
+        row0 = bh * n_ctx
+        a = gl.load(A + off_h)
+        b = gl.load(B + off_h)
+        a2 = a * _LOG2E
+        mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+        _tma_load(desc_k, [row0 + k_start, 0], kv_bar, k_smem)
+        _tma_load(desc_v, [row0 + k_start, 0], kv_bar, v_smem)
+        base = bh.to(gl.int64) * n_ctx
+        cols = k_start + gl.arange(0, KEYS, layout=keys_s)
+        kn2 = gl.load(KN2 + base + cols, mask=cols < n_ctx, other=0.0)
+        key_bias = gl.expand_dims(kn2 * (b * _LOG2E), 1)
+        offs_m = gl.arange(0, BLOCK_M, layout=rows_s)
+        if CAUSAL:  # query tiles that start below this row cross the diagonal (rows past N are masked too)
+            mask_below = k_start + KEYS
+        else:
+            mask_below = 0
+        s_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
+        dk = gl.zeros([KEYS, D], gl.float32, o_layout)
+        dv = gl.zeros([KEYS, D], gl.float32, o_layout)
+        colsum = gl.zeros([KEYS], gl.float32, keys_s)
+        mbarrier.wait(kv_bar, 0)
+
+        mbarrier.wait(my_turn, 0)
+        mbarrier.wait(q_ready.index(0), 0)
+        s_tok = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(0), 0)
+        dp_tok = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(other_turn)
+        s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
+        p, ds, colsum = _dkdv_elementwise(s, dp, 0, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m,
+                                          cols, mask_below, n_ctx, CAUSAL, op_layout, dtype)  # fmt: skip
+        for j in range(1, n_tiles):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(my_turn, j & 1)
+            mbarrier.wait(q_ready.index(stage), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)  # fmt: skip
+            mbarrier.wait(do_ready.index(stage), (j // STAGES) & 1)
+            dp_tok = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)  # fmt: skip
+            dv_tok = warpgroup_mma(p, do_smem.index(prev), dv, is_async=True)
+            dk_tok = warpgroup_mma(ds, q_smem.index(prev), dk, is_async=True)
+            mbarrier.arrive(other_turn)
+            s, dp = warpgroup_mma_wait(2, deps=(s_tok, dp_tok))
+            p_next, ds_next, colsum = _dkdv_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA,
+                                                        base, m_lo, offs_m, cols, mask_below, n_ctx, CAUSAL,
+                                                        op_layout, dtype)  # fmt: skip
+            dv, dk, p, ds = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p, ds))
+            mbarrier.arrive(empty.index(prev))
+            p = p_next
+            ds = ds_next
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(my_turn, n_tiles & 1)
+        dv_tok = warpgroup_mma(p, do_smem.index(last), dv, is_async=True)
+        dk_tok = warpgroup_mma(ds, q_smem.index(last), dk, is_async=True)
+        mbarrier.arrive(other_turn)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+        mbarrier.arrive(empty.index(last))
+
+        # dk = a dk_acc - 2 b colsum k, da_j = k_j . dk_acc_j, db_j = -colsum_j ||k_j||^2
+        kf = k_smem.load(o_layout).to(gl.float32)
+        colsum_o = gl.expand_dims(gl.convert_layout(colsum, keys_o), 1)
+        keys = k_start + gl.arange(0, KEYS, layout=keys_o)
+        key_ok = keys < n_ctx
+        gl.store(DA_ROWS + base + keys, gl.sum(dk * kf, 1), mask=key_ok)
+        gl.store(DB_ROWS + base + cols, -colsum * kn2, mask=cols < n_ctx)
+        dk = a * dk - (2.0 * b) * colsum_o * kf
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        out = (base + gl.expand_dims(keys, 1)) * D + gl.expand_dims(offs_d, 0)
+        gl.store(DK + out, dk.to(dtype), mask=gl.expand_dims(key_ok, 1))
+        gl.store(DV + out, dv.to(dtype), mask=gl.expand_dims(key_ok, 1))
+
+    @gluon.jit
+    def _dkdv_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m, cols,
+                          mask_below, n_ctx, CAUSAL: gl.constexpr, op_layout: gl.constexpr,
+                          dtype: gl.constexpr):  # fmt: skip
+        # query tile j's transposed scores and dP (KEYS, BLOCK_M) -> P^T and dS^T in the register layout
+        # of the accumulating matmuls' A operand, and the running column sums of dS^T
+        BLOCK_M: gl.constexpr = offs_m.shape[0]
+        start_m = m_lo + j * BLOCK_M
+        rows = start_m + offs_m
+        lse = gl.load(LSE + base + rows, mask=rows < n_ctx, other=0.0)
+        delta = gl.load(DELTA + base + rows, mask=rows < n_ctx, other=0.0)
+        p = gl.exp2(s * a2 - key_bias - gl.expand_dims(lse, 0))
+        if (start_m < mask_below) | (start_m + BLOCK_M > n_ctx):
+            keep = gl.expand_dims(rows, 0) < n_ctx
+            if CAUSAL:
+                keep = keep & (gl.expand_dims(rows, 0) >= gl.expand_dims(cols, 1))
+            p = gl.where(keep, p, 0.0)
+        ds = p * (dp - gl.expand_dims(delta, 0))
+        colsum += gl.sum(ds, 1)
+        return gl.convert_layout(p.to(dtype), op_layout), gl.convert_layout(ds.to(dtype), op_layout), colsum
+
+    @gluon.jit
+    def _dq_consumer(desc_q, desc_do, q_smem, do_smem, qdo_bar, k_smem, v_smem, k_ready, v_ready, empty,
+                     my_turn, other_turn, A, B, LSE, DELTA, KN2, DQ, n_heads, n_ctx, q_start, n_tiles, bh,
+                     CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        # one warp group: dq of the 64 query rows from q_start, over the key tiles the loader brings
+        W: gl.constexpr = gl.num_warps()
+        BLOCK_M: gl.constexpr = q_smem.shape[0]
+        D: gl.constexpr = q_smem.shape[1]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, D, 16]
+        )
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        off_h = bh % n_heads
+        row0 = bh * n_ctx
+        a = gl.load(A + off_h)
+        a2 = a * _LOG2E
+        b2 = gl.load(B + off_h) * _LOG2E
+        if CAUSAL:
+            mask_from = q_start
+        else:
+            mask_from = n_ctx
+        mbarrier.expect(qdo_bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes)
+        _tma_load(desc_q, [row0 + q_start, 0], qdo_bar, q_smem)
+        _tma_load(desc_do, [row0 + q_start, 0], qdo_bar, do_smem)
+        base = bh.to(gl.int64) * n_ctx
+        rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
+        lse = gl.expand_dims(gl.load(LSE + base + rows, mask=rows < n_ctx, other=0.0), 1)
+        delta = gl.expand_dims(gl.load(DELTA + base + rows, mask=rows < n_ctx, other=0.0), 1)
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        dq = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+        mbarrier.wait(qdo_bar, 0)
+
+        mbarrier.wait(my_turn, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(0), 0)
+        dp_tok = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(other_turn)
+        kn2 = gl.load(KN2 + base + offs_n, mask=offs_n < n_ctx, other=0.0)
+        s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
+        ds = _dq_elementwise(s, dp, kn2, 0, rows, offs_n, lse, delta, a2, b2, mask_from, n_ctx, CAUSAL,
+                             op_layout, dtype)  # fmt: skip
+        for j in range(1, n_tiles):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(my_turn, j & 1)
+            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)  # fmt: skip
+            mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
+            dp_tok = warpgroup_mma(do_smem, v_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)  # fmt: skip
+            dq_tok = warpgroup_mma(ds, k_smem.index(prev), dq, is_async=True)
+            mbarrier.arrive(other_turn)
+            cols = j * BLOCK_N + offs_n
+            kn2 = gl.load(KN2 + base + cols, mask=cols < n_ctx, other=0.0)
+            s, dp = warpgroup_mma_wait(1, deps=(s_tok, dp_tok))
+            ds_next = _dq_elementwise(s, dp, kn2, j * BLOCK_N, rows, offs_n, lse, delta, a2, b2, mask_from,
+                                      n_ctx, CAUSAL, op_layout, dtype)  # fmt: skip
+            dq, ds = warpgroup_mma_wait(0, deps=(dq_tok, ds))
+            mbarrier.arrive(empty.index(prev))
+            ds = ds_next
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(my_turn, n_tiles & 1)
+        dq_tok = warpgroup_mma(ds, k_smem.index(last), dq, is_async=True)
+        mbarrier.arrive(other_turn)
+        dq = warpgroup_mma_wait(0, deps=(dq_tok,))
+        mbarrier.arrive(empty.index(last))
+
+        rows_out = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        out = (base + gl.expand_dims(rows_out, 1)) * D + gl.expand_dims(offs_d, 0)
+        gl.store(DQ + out, (a * dq).to(dtype), mask=gl.expand_dims(rows_out < n_ctx, 1))
+
+    @gluon.jit
+    def _dq_elementwise(s, dp, kn2, start_n, rows, offs_n, lse, delta, a2, b2, mask_from, n_ctx,
+                        CAUSAL: gl.constexpr, op_layout: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
+        # key tile start_n's scores and dP (BLOCK_M, BLOCK_N) -> dS in the register layout of dS k's A operand
+        BLOCK_N: gl.constexpr = offs_n.shape[0]
+        p = gl.exp2(s * a2 - gl.expand_dims(kn2 * b2, 0) - lse)
+        if start_n + BLOCK_N > mask_from:  # the causal diagonal or the ragged tail
+            cols = start_n + offs_n
+            keep = gl.expand_dims(cols, 0) < n_ctx
+            if CAUSAL:
+                keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1))
+            p = gl.where(keep, p, 0.0)
+        return gl.convert_layout((p * (dp - delta)).to(dtype), op_layout)
+
+    @gluon.jit
+    def _attn_bwd_dkdv(desc_q, desc_k, desc_v, desc_do, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                       n_heads, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                       CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                       num_warps: gl.constexpr):  # fmt: skip
+        # one program: 2 * KEYS keys of one (batch, head), the ones with the most causal rows first
+        BLOCK_M: gl.constexpr = desc_q.block_type.shape[0]
+        D: gl.constexpr = desc_q.block_type.shape[1]
+        KEYS: gl.constexpr = desc_k.block_type.shape[0]
+        dtype: gl.constexpr = desc_q.dtype
+        bh = gl.program_id(1)
+        k0 = gl.program_id(0) * 2 * KEYS
+        if CAUSAL:
+            m_lo = (k0 // BLOCK_M) * BLOCK_M
+        else:
+            m_lo = 0
+        n_tiles = (n_ctx - m_lo + BLOCK_M - 1) // BLOCK_M
+        k_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], desc_v.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], desc_q.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], desc_do.layout)
+        kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
+        gl.warp_specialize(
+            [
+                (_dkdv_consumer, (desc_k, desc_v, k_smem.index(0), v_smem.index(0), kv_bars.index(0), q_smem,
+                                  do_smem, q_ready, do_ready, empty, turns.index(0), turns.index(1), A, B, LSE,
+                                  DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k0, m_lo, n_tiles, bh,
+                                  CAUSAL, STAGES)),
+                (_dkdv_consumer, (desc_k, desc_v, k_smem.index(1), v_smem.index(1), kv_bars.index(1), q_smem,
+                                  do_smem, q_ready, do_ready, empty, turns.index(1), turns.index(0), A, B, LSE,
+                                  DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k0 + KEYS, m_lo,
+                                  n_tiles, bh, CAUSAL, STAGES)),
+                (_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, empty, bh * n_ctx + m_lo,
+                           n_tiles, STAGES)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
+
+    @gluon.jit
+    def _attn_bwd_dq(desc_q, desc_k, desc_v, desc_do, A, B, LSE, DELTA, KN2, DQ, n_heads, n_ctx,
+                     CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                     LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        # one program: dq of 2 * BLOCK_M queries of one (batch, head), the longest causal rows first
+        BLOCK_M: gl.constexpr = desc_q.block_type.shape[0]
+        D: gl.constexpr = desc_q.block_type.shape[1]
+        BLOCK_N: gl.constexpr = desc_k.block_type.shape[0]
+        dtype: gl.constexpr = desc_q.dtype
+        pair = gl.num_programs(0) - 1 - gl.program_id(0)
+        bh = gl.program_id(1)
+        q0 = pair * 2 * BLOCK_M
+        if CAUSAL:
+            hi = gl.minimum(q0 + 2 * BLOCK_M, n_ctx)
+        else:
+            hi = n_ctx
+        n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_q.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_do.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
+        qdo_bars, turns, k_ready, v_ready, empty = _barriers(STAGES)
+        gl.warp_specialize(
+            [
+                (_dq_consumer, (desc_q, desc_do, q_smem.index(0), do_smem.index(0), qdo_bars.index(0), k_smem,
+                                v_smem, k_ready, v_ready, empty, turns.index(0), turns.index(1), A, B, LSE, DELTA,
+                                KN2, DQ, n_heads, n_ctx, q0, n_tiles, bh, CAUSAL, STAGES)),
+                (_dq_consumer, (desc_q, desc_do, q_smem.index(1), do_smem.index(1), qdo_bars.index(1), k_smem,
+                                v_smem, k_ready, v_ready, empty, turns.index(1), turns.index(0), A, B, LSE, DELTA,
+                                KN2, DQ, n_heads, n_ctx, q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES)),
+                (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh * n_ctx, n_tiles,
+                           STAGES)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
+
+    @gluon.jit
+    def _barriers(STAGES: gl.constexpr):
+        # the mbarriers of a ping-pong program: one per consumer for its own tiles, one per consumer for its
+        # turn (the first consumer's turn already given), and the ring's ready (two tensors) and empty ones
+        # (released by both consumers)
+        own = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ready_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ready_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(own.index(i), count=1)
+            mbarrier.init(turns.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready_a.index(i), count=1)
+            mbarrier.init(ready_b.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        fence_async_shared()
+        mbarrier.arrive(turns.index(0))
+        return own, turns, ready_a, ready_b, empty
+
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A 2-D descriptor over t's (B*H*N, D) rows (reshape copies where they do not flatten), tiles of
@@ -239,16 +551,39 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, t.shape[-1]], layout)
 
 
+def _meta(causal: bool, config: tuple) -> dict:
+    stages, consumer_regs, loader_regs = config[2:]
+    return dict(
+        CAUSAL=causal, STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, num_warps=4
+    )
+
+
 def launch_args(q, k, v, a, b, o, lse, kn2, causal: bool, config: tuple) -> tuple[tuple, dict, tuple]:
     """(args, constexprs, grid) of one launch of _attn_fwd."""
     B, H, N, _ = q.shape
-    block_m, block_n, stages, consumer_regs, loader_regs = config
+    block_m, block_n = config[:2]
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), a, b, o, lse, kn2,
             *o.stride()[:3], H, N)  # fmt: skip
-    meta = dict(
-        CAUSAL=causal, STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, num_warps=4
-    )
-    return args, meta, (triton.cdiv(N, 2 * block_m), B * H)
+    return args, _meta(causal, config), (triton.cdiv(N, 2 * block_m), B * H)
+
+
+def bwd_launches(
+    do, q, k, v, a, b, lse, delta, kn2, grads, causal: bool, configs: tuple[tuple, tuple]
+) -> list:
+    """(kernel, args, constexprs, grid) of the dk/dv and the dq launch. grads: dq, dk, dv (contiguous
+    (B, H, N, D)) and the per-key da, db rows (B, H, N) float32; configs: (dkdv's, dq's)."""
+    B, H, N, _ = q.shape
+    dq, dk, dv, da_rows, db_rows = grads
+    (rows, keys), (dq_rows, dq_keys) = configs[0][:2], configs[1][:2]
+    common = (a, b, lse, delta, kn2)
+    dkdv = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), *common,
+            dk, dv, da_rows, db_rows, H, N)  # fmt: skip
+    dq_args = (_descriptor(q, dq_rows), _descriptor(k, dq_keys), _descriptor(v, dq_keys),
+               _descriptor(do, dq_rows), *common, dq, H, N)  # fmt: skip
+    return [
+        (_attn_bwd_dkdv, dkdv, _meta(causal, configs[0]), (triton.cdiv(N, 2 * keys), B * H)),
+        (_attn_bwd_dq, dq_args, _meta(causal, configs[1]), (triton.cdiv(N, 2 * dq_rows), B * H)),
+    ]
 
 
 def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,58 +594,110 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     kn2 = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     base._key_norms[(triton.cdiv(N, 64), B * H)](k, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, D_PAD=D, BLOCK=64)
-    args, meta, grid = launch_args(q, k, v, a, b, o, lse, kn2, causal, config or CONFIGS[D][0])
+    args, meta, grid = launch_args(q, k, v, a, b, o, lse, kn2, causal, config or CONFIGS["fwd"][D][0])
     _attn_fwd[grid](*args, **meta)
     return o, lse
 
 
-def _check() -> bool:
+def backward(do, q, k, v, a, b, o, lse, causal: bool, configs: tuple[tuple, tuple] | None = None) -> tuple:
+    """(dq, dk, dv, da, db) of triton_attn_tma's forward (or forward above) with output o and base-2 lse."""
+    B, H, N, D = q.shape
+    delta, kn2, da_rows, db_rows = (
+        torch.empty((B, H, N), dtype=torch.float32, device=q.device) for _ in range(4)
+    )
+    base._bwd_preprocess[(triton.cdiv(N, 64), B * H)](
+        o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N,
+        HEAD_DIM=D, D_PAD=D, BLOCK=64,
+    )  # fmt: skip
+    dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    configs = configs or (CONFIGS["dkdv"][D][0], CONFIGS["dq"][D][0])
+    for kernel, args, meta, grid in bwd_launches(do, q, k, v, a, b, lse, delta, kn2, (dq, dk, dv, da_rows, db_rows),
+                                                 causal, configs):  # fmt: skip
+        kernel[grid](*args, **meta)
+    return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))
+
+
+def _check(dtypes=(torch.bfloat16, torch.float16)) -> bool:
+    # every config of the three kernels against float64 math: o, and dq, dk, dv, da, db (relative to the
+    # largest element of each); in fp16 the first config of each
     from kernels import reference
 
     ok = True
-    for n, d, causal in (
-        (64, 64, True),
-        (257, 64, True),
-        (257, 128, False),
-        (1000, 128, True),
-        (2048, 64, False),
-    ):
-        batch, heads = 2, 3
-        q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        a = torch.rand(heads, device="cuda") * 0.2 + 0.05
-        b = torch.rand(heads, device="cuda") * 0.1
-        want = reference.attention_reference(*(t.double() for t in (q, k, v, a, b)), causal=causal)
-        for config in CONFIGS[d]:
-            o, _ = forward(q, k, v, a, b, causal, config)
-            torch.cuda.synchronize()
-            err = ((o.double() - want).abs().max() / want.abs().max()).item()
-            ok &= err < 1e-2
-            print("check", n, d, causal, config, f"{err:.2e}", "ok" if err < 1e-2 else "FAIL", flush=True)
+    for dtype in dtypes:
+        for n, d, causal in (
+            (64, 64, True),
+            (257, 64, True),
+            (257, 128, False),
+            (1000, 128, True),
+            (2048, 64, False),
+        ):
+            batch, heads = 2, 3
+            q, k, v, do = (torch.randn(batch, heads, n, d, device="cuda", dtype=dtype) for _ in range(4))
+            a = torch.rand(heads, device="cuda") * 0.2 + 0.05
+            b = torch.rand(heads, device="cuda") * 0.1
+            exact = [t.double().requires_grad_() for t in (q, k, v, a, b)]
+            want_o = reference.attention_reference(*exact, causal=causal)
+            want = torch.autograd.grad(want_o, exact, do.double())
+            first = dtype != torch.bfloat16
+            results = []
+            for config in CONFIGS["fwd"][d][: 1 if first else None]:
+                o, lse = forward(q, k, v, a, b, causal, config)
+                results.append(("fwd", config, [_rel(o, want_o)]))
+            pairs = [(c, CONFIGS["dq"][d][0]) for c in CONFIGS["dkdv"][d]]
+            pairs += [(CONFIGS["dkdv"][d][0], c) for c in CONFIGS["dq"][d][1:]]
+            for configs in pairs[: 1 if first else None]:
+                grads = backward(do, q, k, v, a, b, o, lse, causal, configs)
+                results.append(("bwd", configs, [_rel(g, w) for g, w in zip(grads, want, strict=True)]))
+            for kind, config, errs in results:
+                good = max(errs) < 2e-2
+                ok &= good
+                print("check", str(dtype)[6:], n, d, causal, kind, config, " ".join(f"{e:.1e}" for e in errs),
+                      "ok" if good else "FAIL", flush=True)  # fmt: skip
     return ok
 
 
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
 def _bench_shape(n: int, d: int) -> str:
-    # kernels.bench's shapes, rbf inputs and SDPA-cuDNN runner: causal forward ms and TFLOP/s
+    # kernels.bench's shapes, rbf inputs and SDPA-cuDNN runner: causal forward and backward ms (TFLOP/s:
+    # the forward 2*B*H*N^2*D, the backward 2.5x that, as kernels.bench counts them)
     from torch.nn.attention import SDPBackend
     from triton.testing import do_bench
 
     from kernels import bench, triton_attn_tma
 
     batch = bench.TOKENS // n
-    (q, k, v), a, b, _ = bench._inputs(batch, n, d, torch.bfloat16, "rbf")
-    q, k, v = (t.detach() for t in (q, k, v))
+    (q, k, v), a, b, do = bench._inputs(batch, n, d, torch.bfloat16, "rbf")
     cudnn = bench._sdpa(SDPBackend.CUDNN_ATTENTION)
-    t_cudnn = do_bench(lambda: cudnn(q, k, v, a, b))
-    t_tma = do_bench(lambda: triton_attn_tma._fwd_op(q, k, v, a, b, True))
-    t_ws = {c: do_bench(lambda c=c: forward(q, k, v, a, b, True, c)) for c in CONFIGS[d]}
-    best = min(t_ws.values())
+    out = cudnn(q, k, v, a, b)
+    cudnn_bwd = do_bench(lambda: out.backward(do, retain_graph=True), grad_to_none=[q, k, v])
+    q, k, v = (t.detach() for t in (q, k, v))
+    cudnn_fwd = do_bench(lambda: cudnn(q, k, v, a, b))
+    tma_fwd = do_bench(lambda: triton_attn_tma._fwd_op(q, k, v, a, b, True))
+    o, lse = triton_attn_tma._fwd_op(q, k, v, a, b, True)
+    tma_bwd = do_bench(lambda: triton_attn_tma._bwd_op(do, q, k, v, a, b, o, lse, True))
+    fwd = {c: do_bench(lambda c=c: forward(q, k, v, a, b, True, c)) for c in CONFIGS["fwd"][d]}
+    bwd = {
+        (c1, c2): do_bench(lambda c=(c1, c2): backward(do, q, k, v, a, b, o, lse, True, c))
+        for c1 in CONFIGS["dkdv"][d]
+        for c2 in CONFIGS["dq"][d]
+    }
     flops = 2 * batch * bench.HEADS * n * n * d
-    return (
-        f"bench bf16 N {n} D {d}: cudnn {t_cudnn:.3f} ({flops / t_cudnn / 1e9:.0f}) "
-        f"tma {t_tma:.3f} ({flops / t_tma / 1e9:.0f}) ws "
-        + ", ".join(f"{c}: {t:.3f}" for c, t in t_ws.items())
-        + f" | best {best / t_cudnn:.2f}x cudnn {best / t_tma:.2f}x tma ({flops / best / 1e9:.0f} TF)"
-    )
+    tf = lambda ms, x=1.0: f"{ms:.3f} ({x * flops / ms / 1e9:.0f})"  # noqa: E731
+    best_f, best_b = min(fwd.values()), min(bwd.values())
+    lines = [
+        f"bench bf16 N {n} D {d} fwd: cudnn {tf(cudnn_fwd)} tma {tf(tma_fwd)} ping-pong "
+        + ", ".join(f"{c}: {t:.3f}" for c, t in fwd.items()),
+        f"bench bf16 N {n} D {d} bwd: cudnn {tf(cudnn_bwd, 2.5)} tma {tf(tma_bwd, 2.5)} ping-pong "
+        + ", ".join(f"{c}: {t:.3f}" for c, t in bwd.items()),
+        f"bench bf16 N {n} D {d} best: fwd {tf(best_f)} {best_f / cudnn_fwd:.2f}x cudnn {best_f / tma_fwd:.2f}x tma;"
+        f" bwd {tf(best_b, 2.5)} {best_b / cudnn_bwd:.2f}x cudnn {best_b / tma_bwd:.2f}x tma; fwd+bwd"
+        f" {(best_f + best_b) / (cudnn_fwd + cudnn_bwd):.2f}x cudnn,"
+        f" tma {(tma_fwd + tma_bwd) / (cudnn_fwd + cudnn_bwd):.2f}x cudnn",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
