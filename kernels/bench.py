@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import dispatch, triton_attn, triton_attn_tma
+from kernels import dispatch, gluon_attn, triton_attn, triton_attn_tma
 from kernels.flex import flex_attention_rbf
 from kernels.sdpa_aug import sdpa_aug_attention
 
@@ -68,6 +68,10 @@ def _triton_tma():
     return lambda q, k, v, a, b: triton_attn_tma._attention(q, k, v, a, b, True)
 
 
+def _gluon():
+    return lambda q, k, v, a, b: gluon_attn.gluon_attention(q, k, v, a, b, causal=True)
+
+
 CANDIDATES = [
     Candidate("sdpa-flash", "sdpa", _sdpa(SDPBackend.FLASH_ATTENTION)),
     Candidate("sdpa-cudnn", "sdpa", _sdpa(SDPBackend.CUDNN_ATTENTION)),
@@ -76,6 +80,8 @@ CANDIDATES = [
     Candidate("triton-loopnorm", "rbf", _triton(False)),
     Candidate("triton-tma", "rbf", _triton_tma(), "triton-tma"),
     Candidate("triton-tma", "penalty", _triton_tma()),
+    Candidate("gluon", "rbf", _gluon(), "gluon"),
+    Candidate("gluon", "penalty", _gluon()),
     Candidate("flex", "rbf", lambda q, k, v, a, b: flex_attention_rbf(q, k, v, a, b, causal=True), "flex"),
     Candidate("sdpa-aug-cudnn", "rbf", _aug(SDPBackend.CUDNN_ATTENTION), "sdpa-aug"),
     Candidate("sdpa-aug-flash", "rbf", _aug(SDPBackend.FLASH_ATTENTION), "sdpa-aug"),

@@ -6,8 +6,9 @@ inputs. "auto" picks, on CUDA, the backend that the benchmark measured fastest f
 regenerates it), then the row's other backends by speed, then the default order; it passes over flex
 when a or b is learned (its backward is slow then). On CPU it picks the reference. Every choice is
 logged once per shape key; a fast backend that fails at run time falls back to the reference with a
-loud warning. "triton-tma" (the Hopper TMA kernels, sm90+ only) is not in the default order: "auto" takes
-it only where a table row measured it (and skips it, by its predicate, on older GPUs).
+loud warning. "triton-tma" (the Hopper TMA kernels, sm90+ only) and "gluon" (the ping-pong kernels, sm90
+only, bf16/fp16, D 64 or 128) are not in the default order: "auto" takes them only where a table row
+measured them (and skips them, by their predicates, elsewhere).
 
 b=None means no key-norm term (the sdpa metric): on CUDA, "auto" and "sdpa" then run torch's fused
 scaled_dot_product_attention (cuDNN, flash or memory-efficient; q scaled by a per head) with no device
@@ -31,6 +32,8 @@ from kernels.reference import attention_reference, check_shapes
 from kernels.sdpa_aug import let_compile_caches_keep_sdpa_kernel, sdpa_attention, sdpa_aug_attention
 
 try:  # triton is a Linux-only dependency
+    from kernels.gluon_attn import gluon_attention
+    from kernels.gluon_attn import unsupported_reason as gluon_unsupported_reason
     from kernels.triton_attn import INTERPRET, triton_attention, unsupported_reason
     from kernels.triton_attn_tma import triton_tma_attention
     from kernels.triton_attn_tma import unsupported_reason as tma_unsupported_reason
@@ -54,6 +57,7 @@ BACKENDS: dict[str, AttentionFn] = {
     "reference": _reference,
     "triton": (lambda q, k, v, a, b, *, causal: triton_attention(q, k, v, a, b, causal=causal)),
     "triton-tma": (lambda q, k, v, a, b, *, causal: triton_tma_attention(q, k, v, a, b, causal=causal)),
+    "gluon": (lambda q, k, v, a, b, *, causal: gluon_attention(q, k, v, a, b, causal=causal)),
     "flex": flex_attention_rbf,
     "sdpa-aug": sdpa_aug_attention,
     "sdpa": sdpa_attention,
@@ -68,6 +72,10 @@ def _triton_tma_reason(q, k, v, a, b) -> str | None:
     return _TRITON_ERROR or tma_unsupported_reason(q, k, v, a, b)
 
 
+def _gluon_reason(q, k, v, a, b) -> str | None:
+    return _TRITON_ERROR or gluon_unsupported_reason(q, k, v, a, b)
+
+
 def _flex_reason(q, k, v, a, b) -> str | None:
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, a, b))
     if q.device.type == "cpu" and wants_grad:
@@ -79,6 +87,7 @@ UNSUPPORTED: dict[str, Callable[..., str | None]] = {
     "reference": lambda *inputs: None,
     "triton": _triton_reason,
     "triton-tma": _triton_tma_reason,
+    "gluon": _gluon_reason,
     "flex": _flex_reason,
     "sdpa-aug": lambda *inputs: None,
     "sdpa": lambda *inputs: None,

@@ -50,6 +50,7 @@ except ImportError as err:  # pragma: no cover - depends on the installed Triton
     IMPORT_ERROR = f"this Triton ({triton.__version__}) has no Gluon Hopper API: {err}"
 
 from kernels import triton_attn as base
+from kernels import triton_attn_tma
 
 LOG2E = 1.4426950408889634  # scores live in base 2
 
@@ -57,24 +58,32 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 # STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS); dkdv: (query tile, keys per consumer, ...); dq: as fwd
 CONFIGS = {
     "fwd": {
-        64: [(64, 128, 3, 232, 24, False), (64, 128, 3, 232, 24, True), (64, 128, 2, 240, 24, True)],
+        64: [(64, 128, 3, 232, 24, True), (64, 128, 3, 232, 24, False), (64, 128, 2, 240, 24, True)],
         128: [(64, 128, 2, 232, 24, False), (64, 128, 2, 232, 24, True)],
     },
     "dkdv": {
-        64: [(64, 64, 3, 240, 24, False), (64, 64, 3, 240, 24, True), (64, 64, 4, 240, 24, True),
-             (32, 64, 3, 240, 24, True)],
-        128: [(32, 64, 3, 240, 24, False), (32, 64, 2, 240, 24, False), (32, 64, 2, 240, 24, True)],
+        64: [(64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, True), (64, 64, 3, 240, 24, True)],
+        128: [(32, 64, 3, 240, 24, False), (32, 64, 2, 240, 24, False)],
     },
     "dq": {
-        64: [(64, 64, 3, 240, 24, False), (64, 64, 3, 240, 24, True), (64, 64, 4, 240, 24, True),
-             (64, 128, 2, 240, 24, True)],
-        128: [(64, 64, 3, 240, 24, False), (64, 64, 3, 240, 24, True)],
+        64: [(64, 64, 4, 240, 24, True), (64, 64, 3, 240, 24, True), (64, 64, 3, 240, 24, False)],
+        128: [(64, 64, 3, 240, 24, True), (64, 64, 3, 240, 24, False)],
     },
 }  # fmt: skip
 
 if IMPORT_ERROR is None:
     _LOG2E = gl.constexpr(LOG2E)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.9 / 3.6 name
+    # the tiles' shared-memory layout: rows of 128 or 256 bytes (D 64 or 128 in 16 bits), 128-byte swizzle,
+    # as wgmma reads them and as TMA writes a descriptor's (1, 1, rows, D) block
+    _TILE_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+    @gluon.jit
+    def _load_tile(desc, bh, n_heads, row, bar, smem):
+        # rows row.. of head bh of a (B, H, N, D) tensor into the 2-D buffer smem (zeros past N); arrives on bar
+        ROWS: gl.constexpr = smem.shape[0]
+        D: gl.constexpr = smem.shape[1]
+        _tma_load(desc, [bh // n_heads, bh % n_heads, row, 0], bar, smem.reshape([1, 1, ROWS, D]))
 
     @gluon.jit
     def _a_operand(smem, parent: gl.constexpr, IN_REGS: gl.constexpr):
@@ -126,7 +135,6 @@ if IMPORT_ERROR is None:
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         off_b = bh // n_heads
         off_h = bh % n_heads
-        row0 = bh * n_ctx
         a2 = gl.load(A + off_h) * _LOG2E
         b2 = gl.load(B + off_h) * _LOG2E
         if CAUSAL:
@@ -134,7 +142,7 @@ if IMPORT_ERROR is None:
         else:
             mask_from = n_ctx
         mbarrier.expect(q_bar, desc_q.block_type.nbytes)
-        _tma_load(desc_q, [row0 + q_start, 0], q_bar, q_smem)
+        _load_tile(desc_q, bh, n_heads, q_start, q_bar, q_smem)
         rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         kn2_base = KN2 + bh.to(gl.int64) * n_ctx
@@ -191,8 +199,9 @@ if IMPORT_ERROR is None:
         gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(rows_out < n_ctx, 1))
 
     @gluon.jit
-    def _loader(desc_a, desc_b, a_smem, b_smem, a_ready, b_ready, empty, row0, n_tiles, STAGES: gl.constexpr):
-        # one warp: tile t of two tensors (k and v, or q and dO) from row row0 + t * rows into stage t % STAGES
+    def _loader(desc_a, desc_b, a_smem, b_smem, a_ready, b_ready, empty, bh, n_heads, row0, n_tiles,
+                STAGES: gl.constexpr):  # fmt: skip
+        # one warp: tile t of two tensors (k and v, or q and dO) from row row0 + t * rows of head bh into stage t % STAGES
         # of the ring, once both consumers have released that stage (the first pass waits on the phase
         # before a fresh barrier's, which has completed)
         ROWS: gl.constexpr = a_smem.shape[1]
@@ -200,9 +209,9 @@ if IMPORT_ERROR is None:
             s = t % STAGES
             mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
             mbarrier.expect(a_ready.index(s), desc_a.block_type.nbytes)
-            _tma_load(desc_a, [row0 + t * ROWS, 0], a_ready.index(s), a_smem.index(s))
+            _load_tile(desc_a, bh, n_heads, row0 + t * ROWS, a_ready.index(s), a_smem.index(s))
             mbarrier.expect(b_ready.index(s), desc_b.block_type.nbytes)
-            _tma_load(desc_b, [row0 + t * ROWS, 0], b_ready.index(s), b_smem.index(s))
+            _load_tile(desc_b, bh, n_heads, row0 + t * ROWS, b_ready.index(s), b_smem.index(s))
 
     @gluon.jit
     def _attn_fwd(desc_q, desc_k, desc_v, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
@@ -210,9 +219,9 @@ if IMPORT_ERROR is None:
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         # one program: 2 * BLOCK_M queries of one (batch, head), the longest causal rows first. desc_*:
         # 2-D descriptors over (B*H*N, D); KN2, LSE (B, H, N) float32; O (B, H, N, D), strides sob, soh, son
-        BLOCK_M: gl.constexpr = desc_q.block_type.shape[0]
-        D: gl.constexpr = desc_q.block_type.shape[1]
-        BLOCK_N: gl.constexpr = desc_k.block_type.shape[0]
+        BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
+        D: gl.constexpr = desc_q.block_type.shape[3]
+        BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
         pair = gl.num_programs(0) - 1 - gl.program_id(0)
         bh = gl.program_id(1)
@@ -222,9 +231,9 @@ if IMPORT_ERROR is None:
         else:
             hi = n_ctx
         n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_q.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], _TILE_LAYOUT)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         q_bars, turns, k_ready, v_ready, empty = _barriers(STAGES)
         gl.warp_specialize(
             [
@@ -234,7 +243,7 @@ if IMPORT_ERROR is None:
                 (_consumer, (desc_q, q_smem.index(1), q_bars.index(1), k_smem, v_smem, k_ready, v_ready, empty,
                              turns.index(1), turns.index(0), A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
                              q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh * n_ctx, n_tiles,
+                (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh, n_heads, 0, n_tiles,
                            STAGES)),
             ],
             [4, 1],
@@ -269,13 +278,12 @@ if IMPORT_ERROR is None:
         rows_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         keys_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         off_h = bh % n_heads
-        row0 = bh * n_ctx
         a = gl.load(A + off_h)
         b = gl.load(B + off_h)
         a2 = a * _LOG2E
         mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
-        _tma_load(desc_k, [row0 + k_start, 0], kv_bar, k_smem)
-        _tma_load(desc_v, [row0 + k_start, 0], kv_bar, v_smem)
+        _load_tile(desc_k, bh, n_heads, k_start, kv_bar, k_smem)
+        _load_tile(desc_v, bh, n_heads, k_start, kv_bar, v_smem)
         base = bh.to(gl.int64) * n_ctx
         cols = k_start + gl.arange(0, KEYS, layout=keys_s)
         kn2 = gl.load(KN2 + base + cols, mask=cols < n_ctx, other=0.0)
@@ -384,7 +392,6 @@ if IMPORT_ERROR is None:
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         off_h = bh % n_heads
-        row0 = bh * n_ctx
         a = gl.load(A + off_h)
         a2 = a * _LOG2E
         b2 = gl.load(B + off_h) * _LOG2E
@@ -393,8 +400,8 @@ if IMPORT_ERROR is None:
         else:
             mask_from = n_ctx
         mbarrier.expect(qdo_bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes)
-        _tma_load(desc_q, [row0 + q_start, 0], qdo_bar, q_smem)
-        _tma_load(desc_do, [row0 + q_start, 0], qdo_bar, do_smem)
+        _load_tile(desc_q, bh, n_heads, q_start, qdo_bar, q_smem)
+        _load_tile(desc_do, bh, n_heads, q_start, qdo_bar, do_smem)
         base = bh.to(gl.int64) * n_ctx
         rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
         lse = gl.expand_dims(gl.load(LSE + base + rows, mask=rows < n_ctx, other=0.0), 1)
@@ -468,9 +475,9 @@ if IMPORT_ERROR is None:
                        CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr,
                        num_warps: gl.constexpr):  # fmt: skip
         # one program: 2 * KEYS keys of one (batch, head), the ones with the most causal rows first
-        BLOCK_M: gl.constexpr = desc_q.block_type.shape[0]
-        D: gl.constexpr = desc_q.block_type.shape[1]
-        KEYS: gl.constexpr = desc_k.block_type.shape[0]
+        BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
+        D: gl.constexpr = desc_q.block_type.shape[3]
+        KEYS: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
         bh = gl.program_id(1)
         k0 = gl.program_id(0) * 2 * KEYS
@@ -479,10 +486,10 @@ if IMPORT_ERROR is None:
         else:
             m_lo = 0
         n_tiles = (n_ctx - m_lo + BLOCK_M - 1) // BLOCK_M
-        k_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], desc_k.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], desc_v.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], desc_q.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], desc_do.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], _TILE_LAYOUT)
+        v_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], _TILE_LAYOUT)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
         gl.warp_specialize(
             [
@@ -494,7 +501,7 @@ if IMPORT_ERROR is None:
                                   do_smem, q_ready, do_ready, empty, turns.index(1), turns.index(0), A, B, LSE,
                                   DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k0 + KEYS, m_lo,
                                   n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, empty, bh * n_ctx + m_lo,
+                (_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, empty, bh, n_heads, m_lo,
                            n_tiles, STAGES)),
             ],
             [4, 1],
@@ -506,9 +513,9 @@ if IMPORT_ERROR is None:
                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                      LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         # one program: dq of 2 * BLOCK_M queries of one (batch, head), the longest causal rows first
-        BLOCK_M: gl.constexpr = desc_q.block_type.shape[0]
-        D: gl.constexpr = desc_q.block_type.shape[1]
-        BLOCK_N: gl.constexpr = desc_k.block_type.shape[0]
+        BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
+        D: gl.constexpr = desc_q.block_type.shape[3]
+        BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
         pair = gl.num_programs(0) - 1 - gl.program_id(0)
         bh = gl.program_id(1)
@@ -518,10 +525,10 @@ if IMPORT_ERROR is None:
         else:
             hi = n_ctx
         n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_q.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_do.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], _TILE_LAYOUT)
+        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], _TILE_LAYOUT)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         qdo_bars, turns, k_ready, v_ready, empty = _barriers(STAGES)
         gl.warp_specialize(
             [
@@ -531,7 +538,7 @@ if IMPORT_ERROR is None:
                 (_dq_consumer, (desc_q, desc_do, q_smem.index(1), do_smem.index(1), qdo_bars.index(1), k_smem,
                                 v_smem, k_ready, v_ready, empty, turns.index(1), turns.index(0), A, B, LSE, DELTA,
                                 KN2, DQ, n_heads, n_ctx, q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh * n_ctx, n_tiles,
+                (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh, n_heads, 0, n_tiles,
                            STAGES)),
             ],
             [4, 1],
@@ -561,12 +568,12 @@ if IMPORT_ERROR is None:
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A 2-D descriptor over t's (B*H*N, D) rows (reshape copies where they do not flatten), tiles of
-    `rows` rows in the swizzled layout wgmma reads."""
-    flat = t.reshape(-1, t.shape[-1])
+    """A descriptor over t's (B, H, N, D) with its own strides (TMA-ready: triton_attn_tma._tma_ready), tiles of
+    (1, 1, rows, D) in the swizzled layout wgmma reads."""
     dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[t.dtype]
-    layout = gl.NVMMASharedLayout.get_default_for([rows, t.shape[-1]], dtype)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, t.shape[-1]], layout)
+    block = [1, 1, rows, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
 def _meta(causal: bool, config: tuple) -> dict:
@@ -613,9 +620,8 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     """(o, lse) for (B, H, N, D) bf16/fp16 q, k, v on an sm90 GPU, D 64 or 128; lse is the base-2 log-sum-
     exp per row (B, H, N), as triton_attn_tma's forward writes it."""
     B, H, N, D = q.shape
-    o = torch.empty_like(q)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    kn2 = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    o = base._alloc((B, H, N, D), q.dtype, q.device)
+    lse, kn2 = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))
     base._key_norms[(triton.cdiv(N, 64), B * H)](k, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, D_PAD=D, BLOCK=64)
     args, meta, grid = launch_args(q, k, v, a, b, o, lse, kn2, causal, config or CONFIGS["fwd"][D][0])
     _attn_fwd[grid](*args, **meta)
@@ -625,19 +631,88 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
 def backward(do, q, k, v, a, b, o, lse, causal: bool, configs: tuple[tuple, tuple] | None = None) -> tuple:
     """(dq, dk, dv, da, db) of triton_attn_tma's forward (or forward above) with output o and base-2 lse."""
     B, H, N, D = q.shape
-    delta, kn2, da_rows, db_rows = (
-        torch.empty((B, H, N), dtype=torch.float32, device=q.device) for _ in range(4)
-    )
+    delta, kn2, da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(4))
     base._bwd_preprocess[(triton.cdiv(N, 64), B * H)](
         o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N,
         HEAD_DIM=D, D_PAD=D, BLOCK=64,
     )  # fmt: skip
-    dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
     configs = configs or (CONFIGS["dkdv"][D][0], CONFIGS["dq"][D][0])
     for kernel, args, meta, grid in bwd_launches(do, q, k, v, a, b, lse, delta, kn2, (dq, dk, dv, da_rows, db_rows),
                                                  causal, configs):  # fmt: skip
         kernel[grid](*args, **meta)
     return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the "gluon" backend: torch.library custom ops (opaque to torch.compile), differentiated as triton_attn's
+
+
+@torch.library.custom_op("ablate::rbf_attention_gluon_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (triton_attn_tma._tma_ready(t) for t in (q, k, v))
+    return forward(q, k, v, a, b, causal)
+
+
+@torch.library.custom_op("ablate::rbf_attention_gluon_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v = (triton_attn_tma._tma_ready(t) for t in (do, q, k, v))
+    return backward(do, q, k, v, a, b, o, lse, causal)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, a, b, causal):
+    return base._fwd_fake(q, k, v, a, b, causal, True)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
+    return base._bwd_fake(do, q, k, v, a, b, o, lse, causal)
+
+
+base.register_autograd(_fwd_op, _bwd_op)
+
+
+def gluon_attention(q, k, v, a, b, *, causal: bool = True) -> torch.Tensor:
+    """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels. q, k, v: (B, H, N, D) bf16 or fp16, D 64
+    or 128; a, b: (H,). Needs an sm90 GPU. Differentiable in q, k, v, a and b."""
+    inputs = base.checked_inputs("gluon", unsupported_reason(q, k, v, a, b), q, k, v, a, b)
+    return _fwd_op(*inputs, causal)[0]
+
+
+def unsupported_reason(q, k, v, a, b) -> str | None:
+    """Why the Gluon kernels cannot run these inputs, or None when they can."""
+    if IMPORT_ERROR:
+        return IMPORT_ERROR
+    if base.INTERPRET:
+        return "the Gluon kernels have no interpreter (TRITON_INTERPRET=1 is set)"
+    if q.device.type != "cuda":
+        return f"the Gluon kernels need an sm90 GPU; got {q.device}"
+    reason = base.unsupported_reason(q, k, v, a, b)
+    if reason:
+        return reason
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the Gluon kernels take bfloat16 or float16; got {q.dtype}"
+    if q.shape[-1] not in CONFIGS["fwd"]:
+        return f"the Gluon kernels take head dim {' or '.join(map(str, CONFIGS['fwd']))}; got {q.shape[-1]}"
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability != (9, 0):
+        return (
+            f"the Gluon kernels use Hopper's wgmma and need an sm90 GPU; got sm{capability[0]}{capability[1]}"
+        )
+    return None
 
 
 def _check(dtypes=(torch.bfloat16, torch.float16)) -> bool:

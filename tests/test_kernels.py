@@ -343,23 +343,42 @@ def test_tma_kernels_compile_for_sm90_to_wgmma_and_tma_copies():
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles for the GPU")
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_gluon_forward_compiles_for_sm90_into_warp_specialised_partitions(head_dim):
-    # the ping-pong forward (kernels/gluon_attn.py): two consumer warp groups and a loader warp (padded
-    # to a warp group), registers reallocated per partition, asynchronous wgmma, no spills
+def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_dim):
+    # the ping-pong kernels (kernels/gluon_attn.py), first configs: two consumer warp groups and a loader warp
+    # (padded to a warp group), registers reallocated per partition, every matmul an asynchronous wgmma
+    # (forward 2 per consumer and phase: q.k and P.V; dk/dv 4; dq 3, over a first, loop and last phase)
     from kernels import gluon_attn, sm90_compile
 
     if gluon_attn.IMPORT_ERROR:
         pytest.skip(gluon_attn.IMPORT_ERROR)
-    q, k, v, o = (torch.empty(1, 2, 1024, head_dim, dtype=torch.bfloat16) for _ in range(4))
-    rows = [torch.empty(1, 2, 1024) for _ in range(2)]
-    args, meta, _ = gluon_attn.launch_args(q, k, v, torch.empty(2), torch.empty(2), o, *rows, True,
-                                           gluon_attn.CONFIGS[head_dim][0])  # fmt: skip
-    with sm90_compile.sm90_target():
-        compiled = gluon_attn._attn_fwd.warmup(*args, **meta, grid=(1,))
-    gluon_attn._attn_fwd.device_caches.clear()  # its binder holds the sm90-only target
-    _, spilled = sm90_compile._resources(compiled.asm["cubin"])
-    assert compiled.metadata.num_warps == 12 and spilled == 0
-    assert "setmaxnreg" in compiled.asm["ptx"] and "isAsync = true" in compiled.asm["ttgir"]
+    q, k, v, o, do = (torch.empty(1, 2, 1024, head_dim, dtype=torch.bfloat16) for _ in range(5))
+    rows = [torch.empty(1, 2, 1024) for _ in range(5)]
+    ab = (torch.empty(2), torch.empty(2))
+    args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, *rows[:2], True,
+                                           gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
+    configs = (gluon_attn.CONFIGS["dkdv"][head_dim][0], gluon_attn.CONFIGS["dq"][head_dim][0])
+    launches = [(gluon_attn._attn_fwd, args, meta, 8)]
+    for (kernel, args, meta, _), wgmmas in zip(
+        gluon_attn.bwd_launches(do, q, k, v, *ab, *rows[:3], (q, k, v, *rows[3:]), True, configs),
+        (16, 12),
+        strict=True,
+    ):
+        launches.append((kernel, args, meta, wgmmas))
+    for kernel, args, meta, wgmmas in launches:
+        with sm90_compile.sm90_target():
+            compiled = kernel.warmup(*args, **meta, grid=(1,))
+        kernel.device_caches.clear()  # its binder holds the sm90-only target
+        assert compiled.metadata.num_warps == 12 and "setmaxnreg" in compiled.asm["ptx"]
+        ttgir = compiled.asm["ttgir"]
+        assert ttgir.count("warp_group_dot ") == wgmmas and ttgir.count("isAsync = true") >= wgmmas
+        if kernel is gluon_attn._attn_fwd:
+            assert sm90_compile._resources(compiled.asm["cubin"])[1] == 0  # no spills
+
+
+def test_gluon_backend_says_what_it_needs_off_sm90():
+    q, k, v, a, b, _ = make_inputs(1, 2, 8, 64, torch.bfloat16, grad=False)
+    with pytest.raises(ValueError, match=r"gluon.*(sm90|Gluon|interpreter)"):
+        kernels.attention(q, k, v, a, b, backend="gluon")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -123,9 +123,12 @@ def test_triton_tma_every_config(poisoned, monkeypatch, D, configs):
 
 
 @needs_hopper
-def test_triton_tma_is_captured_by_cuda_graphs():
+@pytest.mark.parametrize("backend", ["triton-tma", "gluon"])
+def test_fused_hopper_kernels_are_captured_by_cuda_graphs(backend):
     q, k, v, a, b, do = make_inputs(2, 3, 512, 64, BF16, "cuda")
-    inputs, attention = (q, k, v, a, b), _tma
+    if kernels.dispatch.UNSUPPORTED[backend](q, k, v, a, b):
+        pytest.skip(kernels.dispatch.UNSUPPORTED[backend](q, k, v, a, b))
+    inputs, attention = (q, k, v, a, b), kernels.BACKENDS[backend]
 
     def step():
         out = attention(*inputs, causal=True)
@@ -154,6 +157,79 @@ def test_triton_tma_reports_itself_unsupported_before_sm90():
     q, k, v, a, b, _ = make_inputs(1, 2, 64, 64, BF16, "cuda")
     reason = kernels.dispatch.UNSUPPORTED["triton-tma"](q, k, v, a, b)
     assert (reason is None) == (torch.cuda.get_device_capability()[0] >= 9), reason
+
+
+# ----------------------------------------------------------------------------------------------------
+# gluon: the ping-pong kernels (sm90 only, bf16/fp16, D 64 or 128)
+
+needs_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm90 GPU"
+)
+GLUON_CASES = [
+    (BF16, 1000, 64, True),
+    (BF16, 1000, 128, False),
+    (BF16, 17, 64, True),
+    (BF16, 1, 128, True),
+    (BF16, 2048, 128, True),
+    (FP16, 1000, 64, False),
+    (FP16, 513, 128, True),
+]
+
+
+@needs_sm90
+@pytest.mark.parametrize("case", GLUON_CASES, ids=_id)
+def test_gluon(poisoned, case):
+    dtype, N, D, causal = case
+    q, k, v, a, b, do = make_inputs(2, 3, N, D, dtype, "cuda")
+    check_backend(kernels.BACKENDS["gluon"], q, k, v, a, b, do, causal=causal)
+
+
+def _every_gluon_config():
+    """(head dim, {kind: config}): the i-th config of each kernel's list (the shorter lists wrap)."""
+    try:
+        from kernels.gluon_attn import CONFIGS
+    except ImportError:  # no triton on this platform: nothing to check
+        return
+    for d in (64, 128):
+        lists = {kind: CONFIGS[kind][d] for kind in CONFIGS}
+        for i in range(max(map(len, lists.values()))):
+            yield pytest.param(
+                d, {kind: specs[i % len(specs)] for kind, specs in lists.items()}, id=f"D{d}-{i}"
+            )
+
+
+@needs_sm90
+@pytest.mark.parametrize(("D", "configs"), _every_gluon_config())
+def test_gluon_every_config(poisoned, monkeypatch, D, configs):
+    from kernels import gluon_attn
+
+    for kind, spec in configs.items():
+        monkeypatch.setitem(gluon_attn.CONFIGS[kind], D, [spec])
+    q, k, v, a, b, do = make_inputs(1, 2, 1000, D, BF16, "cuda")
+    check_backend(kernels.BACKENDS["gluon"], q, k, v, a, b, do, causal=True)
+
+
+@needs_sm90
+def test_gluon_reads_a_qkv_projection_in_place():
+    from kernels.triton_attn_tma import _tma_ready
+
+    B, H, N, D = 2, 3, 300, 128
+    q, k, v, a, b, do = make_inputs(B, H, N, D, BF16, "cuda", grad=False)
+    packed = torch.stack([q, k, v], 0).permute(0, 1, 3, 2, 4).contiguous()  # (3, B, N, H, D) like a qkv proj
+    views = [t.transpose(1, 2).requires_grad_() for t in packed.unbind(0)]  # (B, H, N, D), not contiguous
+    assert all(_tma_ready(t) is t for t in views)  # descriptors over the views' own strides
+    check_backend(kernels.BACKENDS["gluon"], *views, a.requires_grad_(), b.requires_grad_(), do, causal=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gluon_reports_itself_unsupported_off_sm90_and_outside_its_shapes():
+    q, k, v, a, b, _ = make_inputs(1, 2, 64, 64, BF16, "cuda")
+    reason = kernels.dispatch.UNSUPPORTED["gluon"](q, k, v, a, b)
+    assert (reason is None) == (torch.cuda.get_device_capability() == (9, 0)), reason
+    q, k, v, a, b, _ = make_inputs(1, 2, 64, 80, BF16, "cuda")
+    assert "head dim" in kernels.dispatch.UNSUPPORTED["gluon"](q, k, v, a, b)
+    q, k, v, a, b, _ = make_inputs(1, 2, 64, 64, FP32, "cuda")
+    assert "bfloat16 or float16" in kernels.dispatch.UNSUPPORTED["gluon"](q, k, v, a, b)
 
 
 @pytest.mark.parametrize(
