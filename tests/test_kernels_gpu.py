@@ -301,11 +301,11 @@ def test_flex_stays_fused_past_dynamos_default_recompile_limit(caplog):
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("backend", ["triton", "triton-tma", "auto", "auto-b-none"])
+@pytest.mark.parametrize("backend", ["triton", "triton-tma", "gluon", "auto", "auto-b-none"])
 def test_torch_compile_has_no_graph_breaks(backend, compiler):
-    if backend == "triton-tma" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("triton-tma needs an sm90+ GPU")
     q, k, v, a, b, _ = make_inputs(2, 4, 256, 64, BF16, "cuda")
+    if backend in kernels.BACKENDS and (reason := kernels.dispatch.UNSUPPORTED[backend](q, k, v, a, b)):
+        pytest.skip(reason)  # triton-tma needs an sm90+ GPU, gluon an sm90
     if backend == "auto-b-none":
         backend, b = "auto", None
         a = a.detach().requires_grad_()  # the grads below then cover q, k, v, a
