@@ -1,29 +1,33 @@
-"""Hopper (sm90) forward of softmax(a*q.k - b*||k||^2) v in Gluon, with ping-pong between warp groups.
+"""Hopper (sm90) softmax(a*q.k - b*||k||^2) v in Gluon, forward and backward, with ping-pong between warp
+groups: the `gluon` attention backend.
 
 Why: the tl.dot kernels of triton_attn_tma.py run the softmax, the exp2 and the matmuls of a tile mostly
 one after another (README, "A forward with explicit wgmma waits"). Here, as in FlashAttention-3, each
 program runs three warp-specialised partitions (gl.warp_specialize):
 
-- two consumer warp groups, each with its own 64-row query tile of one (batch, head), take turns at the
-  tensor cores: a consumer waits for its turn (an mbarrier), issues the next key tile's q.k and the
-  previous tile's P.V, passes the turn to the other, and runs its softmax while the other's matmuls
-  run. Within a consumer the waits are explicit: q.k is waited for before the softmax, P.V only before
-  the rescale;
-- one loader warp moves K and V tiles by TMA into a ring of STAGES buffers, refilling a stage once both
-  consumers have released it (an mbarrier that counts two arrivals).
+- two consumer warp groups take turns at the tensor cores: a consumer waits for its turn (an mbarrier),
+  issues its matmuls, passes the turn to the other and runs its element-wise work while the other's
+  matmuls run. Within a consumer the waits are explicit, so the matmuls that accumulate (P.V in the
+  forward, dV and dK or dQ in the backward) are still in flight while the next tile's softmax runs;
+- one loader warp moves tiles by TMA into a ring of STAGES buffers, refilling a stage once both consumers
+  have released it (an mbarrier that counts two arrivals).
 
-Registers are reallocated per partition (setmaxnreg): the consumers get CONSUMER_REGS, the loader
-LOADER_REGS. Same math and outputs as triton_attn_tma's forward (base-2 scores, the key norms from
-triton_attn._key_norms, a base-2 log-sum-exp per row), so triton_attn_tma's backward takes its output.
-q, k and v are read through 2-D descriptors over (B*H*N, D): a tile running past a head's last key reads
-the next head's rows (zeros past the tensor), which the mask on the scores removes.
+The forward's consumers own 64 query rows each and the loader brings k and v tiles. The backward is two
+kernels, as triton_attn_tma's: in dk/dv each consumer owns 64 keys and the loader brings q and dO tiles;
+in dq each consumer owns 64 query rows and the loader brings k and v. Registers are reallocated per
+partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the loader; with A_REGS a consumer
+keeps its own tiles in registers as the A operand of its score matmuls. Same math and outputs as
+triton_attn_tma's (base-2 scores, the key norms from triton_attn._key_norms, a base-2 log-sum-exp per row,
+per-key da and db rows summed on the host). Tiles are read through rank-4 descriptors over each (B, H, N,
+D) tensor with its own strides, so rows past N read as zeros per head and a qkv projection's views are read
+in place.
 
-Status: measured on an H200, not dispatched. Against triton_attn_tma's forward it is 0.88-0.90x the time at
-D 128 and 1.10-1.16x at D 64 (README, "Ping-pong between warp groups"), so no backend runs it yet. Gluon
-has no interpreter: `python -m kernels.gluon_attn check` checks it on an sm90 GPU against float64 math,
-`... bench` times it against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles it for sm90 without
-a GPU. Written against Triton 3.6 (the GPU machine's) and compiling with 3.9, whose TMA load is named
-async_load.
+Status: dispatched by `auto` at D 128 on sm90 (bf16, fp16), where it measured 1-6% faster than
+triton-tma's forward+backward on an H200; slower at D 64, where triton-tma stays (README, "The `gluon`
+backend"). Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90
+GPU against float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py
+compiles the three kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one.
+Written against Triton 3.6 (the GPU machine's) and compiling with 3.9, whose TMA load is named async_load.
 """
 
 from __future__ import annotations
