@@ -89,13 +89,23 @@ if IMPORT_ERROR is None:
         D: gl.constexpr = smem.shape[1]
         _tma_load(desc, [bh // n_heads, bh % n_heads, row, 0], bar, smem.reshape([1, 1, ROWS, D]))
 
+    @gluon.constexpr_function
+    def _wgmma_layout(warps, cols):
+        # registers of a warp group's wgmma result with `cols` columns (64 rows a warp group, 16 a warp)
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, cols, 16])
+
+    @gluon.constexpr_function
+    def _operand_layout(parent):
+        # registers of a 16-bit A operand of a wgmma whose result has layout `parent`
+        return gl.DotOperandLayout(operand_index=0, parent=parent, k_width=2)
+
     @gluon.jit
     def _a_operand(smem, parent: gl.constexpr, IN_REGS: gl.constexpr):
         # a consumer's own tile as the A operand of its score matmuls: read from shared memory by each
         # wgmma, or loaded once into registers (a wgmma reading only B from shared memory needs half the
         # shared-memory bandwidth at the small N of these tiles)
         if IN_REGS:
-            return smem.load(gl.DotOperandLayout(operand_index=0, parent=parent, k_width=2))
+            return smem.load(_operand_layout(parent))
         else:
             return smem
 
@@ -128,13 +138,9 @@ if IMPORT_ERROR is None:
         D: gl.constexpr = q_smem.shape[1]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BLOCK_N, 16]
-        )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, D, 16]
-        )
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_N)
+        o_layout: gl.constexpr = _wgmma_layout(W, D)
+        p_layout: gl.constexpr = _operand_layout(o_layout)
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         off_b = bh // n_heads
@@ -271,13 +277,9 @@ if IMPORT_ERROR is None:
         D: gl.constexpr = k_smem.shape[1]
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         dtype: gl.constexpr = k_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BLOCK_M, 16]
-        )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, D, 16]
-        )
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_M)
+        o_layout: gl.constexpr = _wgmma_layout(W, D)
+        op_layout: gl.constexpr = _operand_layout(o_layout)
         keys_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         keys_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -387,13 +389,9 @@ if IMPORT_ERROR is None:
         D: gl.constexpr = q_smem.shape[1]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BLOCK_N, 16]
-        )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, D, 16]
-        )
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_N)
+        o_layout: gl.constexpr = _wgmma_layout(W, D)
+        op_layout: gl.constexpr = _operand_layout(o_layout)
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         off_h = bh % n_heads
         a = gl.load(A + off_h)
