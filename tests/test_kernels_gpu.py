@@ -6,6 +6,7 @@ inputs and compares output and all five gradients with explicit float64 math (co
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import pytest
@@ -86,15 +87,15 @@ def test_triton_tma(poisoned, case):
     check_backend(_tma, q, k, v, a, b, do, causal=causal)
 
 
-def _every_config():
-    """(head dim, {kind: config}): the i-th config of each kernel's list (the shorter lists wrap), so that
-    every config autotuning may pick is checked once."""
+def _every_config(module: str, name: str):
+    """(head dim, {kind: config}) from the per-kernel config lists `name` of kernels.<module>: the i-th
+    config of each kernel's list (the shorter lists wrap), so that every config is checked once."""
     try:
-        from kernels.triton_attn_tma import _GPU_CONFIGS
+        tables = getattr(importlib.import_module(f"kernels.{module}"), name)
     except ImportError:  # no triton on this platform: nothing to check
         return
     for d in (64, 128):
-        lists = {kind: _GPU_CONFIGS[kind][d] for kind in _GPU_CONFIGS}
+        lists = {kind: tables[kind][d] for kind in tables}
         for i in range(max(map(len, lists.values()))):
             yield pytest.param(
                 d, {kind: specs[i % len(specs)] for kind, specs in lists.items()}, id=f"D{d}-{i}"
@@ -102,7 +103,7 @@ def _every_config():
 
 
 @needs_hopper
-@pytest.mark.parametrize(("D", "configs"), _every_config())
+@pytest.mark.parametrize(("D", "configs"), _every_config("triton_attn_tma", "_GPU_CONFIGS"))
 def test_triton_tma_every_config(poisoned, monkeypatch, D, configs):
     from kernels import triton_attn_tma as tma
 
@@ -184,22 +185,8 @@ def test_gluon(poisoned, case):
     check_backend(kernels.BACKENDS["gluon"], q, k, v, a, b, do, causal=causal)
 
 
-def _every_gluon_config():
-    """(head dim, {kind: config}): the i-th config of each kernel's list (the shorter lists wrap)."""
-    try:
-        from kernels.gluon_attn import CONFIGS
-    except ImportError:  # no triton on this platform: nothing to check
-        return
-    for d in (64, 128):
-        lists = {kind: CONFIGS[kind][d] for kind in CONFIGS}
-        for i in range(max(map(len, lists.values()))):
-            yield pytest.param(
-                d, {kind: specs[i % len(specs)] for kind, specs in lists.items()}, id=f"D{d}-{i}"
-            )
-
-
 @needs_sm90
-@pytest.mark.parametrize(("D", "configs"), _every_gluon_config())
+@pytest.mark.parametrize(("D", "configs"), _every_config("gluon_attn", "CONFIGS"))
 def test_gluon_every_config(poisoned, monkeypatch, D, configs):
     from kernels import gluon_attn
 
