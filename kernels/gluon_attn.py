@@ -211,9 +211,9 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _loader(desc_a, desc_b, a_smem, b_smem, a_ready, b_ready, empty, bh, n_heads, row0, n_tiles,
                 STAGES: gl.constexpr):  # fmt: skip
-        # one warp: tile t of two tensors (k and v, or q and dO) from row row0 + t * rows of head bh into stage t % STAGES
-        # of the ring, once both consumers have released that stage (the first pass waits on the phase
-        # before a fresh barrier's, which has completed)
+        # one warp: tile t of two tensors (k and v, or q and dO), from row row0 + t * rows of head bh, into
+        # stage t % STAGES of the ring, once both consumers have released that stage (the first pass waits
+        # on the phase before a fresh barrier's, which has completed)
         ROWS: gl.constexpr = a_smem.shape[1]
         for t in range(n_tiles):
             s = t % STAGES
@@ -228,7 +228,8 @@ if IMPORT_ERROR is None:
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         # one program: 2 * BLOCK_M queries of one (batch, head), the longest causal rows first. desc_*:
-        # 2-D descriptors over (B*H*N, D); KN2, LSE (B, H, N) float32; O (B, H, N, D), strides sob, soh, son
+        # descriptors over (B, H, N, D) (_descriptor); KN2, LSE (B, H, N) float32; O (B, H, N, D), strides
+        # sob, soh, son
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
@@ -720,7 +721,7 @@ def unsupported_reason(q, k, v, a, b) -> str | None:
 def _check(dtypes=(torch.bfloat16, torch.float16)) -> bool:
     # every config of the three kernels against float64 math: o, and dq, dk, dv, da, db (relative to the
     # largest element of each); in fp16 the first config of each
-    from kernels import reference, triton_attn_tma
+    from kernels import reference
 
     ok = True
     for dtype in dtypes:
@@ -771,7 +772,7 @@ def _bench_shape(n: int, d: int) -> str:
     from torch.nn.attention import SDPBackend
     from triton.testing import do_bench
 
-    from kernels import bench, triton_attn_tma
+    from kernels import bench
 
     batch = bench.TOKENS // n
     (q, k, v), a, b, do = bench._inputs(batch, n, d, torch.bfloat16, "rbf")

@@ -377,7 +377,7 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
 
 def test_gluon_backend_says_what_it_needs_off_sm90():
     q, k, v, a, b, _ = make_inputs(1, 2, 8, 64, torch.bfloat16, grad=False)
-    with pytest.raises(ValueError, match=r"gluon.*(sm90|Gluon|interpreter)"):
+    with pytest.raises(ValueError, match=r"gluon.*(sm90|Gluon|interpreter|triton is not importable)"):
         kernels.attention(q, k, v, a, b, backend="gluon")
 
 
