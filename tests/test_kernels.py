@@ -344,9 +344,10 @@ def test_tma_kernels_compile_for_sm90_to_wgmma_and_tma_copies():
 @pytest.mark.skipif(INTERPRETED, reason="compiles for the GPU")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_dim):
-    # the ping-pong kernels (kernels/gluon_attn.py), first configs: two consumer warp groups and a loader warp
-    # (padded to a warp group), registers reallocated per partition, every matmul an asynchronous wgmma
-    # (forward 2 per consumer and phase: q.k and P.V; dk/dv 4; dq 3, over a first, loop and last phase)
+    # the ping-pong kernels (kernels/gluon_attn.py), first configs: two consumer warp groups, a loader warp and
+    # at D 64 a dQ writer warp (padded to a warp group), registers reallocated per partition, every matmul an
+    # asynchronous wgmma (D 128: forward 2 per consumer and phase, q.k and P.V; dk/dv 4 and dq 3, over a
+    # first, loop and last phase; D 64: the one-kernel backward 5 in its one loop, and a TMA reduce-add of dQ)
     from kernels import gluon_attn, sm90_compile
 
     if gluon_attn.IMPORT_ERROR:
@@ -354,16 +355,22 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
     q, k, v, o, do = (torch.empty(1, 2, 1024, head_dim, dtype=torch.bfloat16) for _ in range(5))
     rows = [torch.empty(1, 2, 1024) for _ in range(5)]
     ab = (torch.empty(2), torch.empty(2))
-    args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, *rows[:2], True,
-                                           gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
-    configs = (gluon_attn.CONFIGS["dkdv"][head_dim][0], gluon_attn.CONFIGS["dq"][head_dim][0])
-    launches = [(gluon_attn._attn_fwd, args, meta, 8)]
+    launches = []
+    if head_dim in gluon_attn.CONFIGS["fwd"]:  # at D 64 the backend runs triton-tma's forward
+        args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, *rows[:2], True,
+                                               gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
+        launches.append((gluon_attn._attn_fwd, args, meta, 8))
+    configs = gluon_attn.bwd_configs(head_dim)
+    dq = torch.empty(1, 2, 1024, head_dim) if len(configs) == 1 else q
     for (kernel, args, meta, _), wgmmas in zip(
-        gluon_attn.bwd_launches(do, q, k, v, *ab, *rows[:3], (q, k, v, *rows[3:]), True, configs),
-        (16, 12),
+        gluon_attn.bwd_launches(do, q, k, v, *ab, *rows[:3], (dq, k, v, *rows[3:]), True, configs),
+        (10,) if len(configs) == 1 else (16, 12),
         strict=True,
     ):
         launches.append((kernel, args, meta, wgmmas))
+    assert [kernel.__name__ for kernel, *_ in launches] == (
+        ["_attn_bwd"] if head_dim == 64 else ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"]
+    )
     for kernel, args, meta, wgmmas in launches:
         with sm90_compile.sm90_target():
             compiled = kernel.warmup(*args, **meta, grid=(1,))
@@ -371,7 +378,9 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
         assert compiled.metadata.num_warps == 12 and "setmaxnreg" in compiled.asm["ptx"]
         ttgir = compiled.asm["ttgir"]
         assert ttgir.count("warp_group_dot ") == wgmmas and ttgir.count("isAsync = true") >= wgmmas
-        if kernel is gluon_attn._attn_fwd:
+        if kernel is gluon_attn._attn_bwd:
+            assert "cp.reduce.async.bulk.tensor" in compiled.asm["ptx"]
+        if kernel in (gluon_attn._attn_fwd, gluon_attn._attn_bwd):
             assert sm90_compile._resources(compiled.asm["cubin"])[1] == 0  # no spills
 
 
