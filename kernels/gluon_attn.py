@@ -132,6 +132,18 @@ if IMPORT_ERROR is None:
             return smem
 
     @gluon.jit
+    def _score_matmuls(a1, a2, ring1, ring2, ready1, ready2, my_turn, j, STAGES: gl.constexpr, zero):
+        # a backward consumer's turn j: once it has the turn and stage j % STAGES of both rings has arrived,
+        # issues a1 @ ring1[stage]^T and a2 @ ring2[stage]^T (S and dP, or S^T and dP^T); returns their tokens
+        stage = j % STAGES
+        mbarrier.wait(my_turn, j & 1)
+        mbarrier.wait(ready1.index(stage), (j // STAGES) & 1)
+        tok1 = warpgroup_mma(a1, ring1.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
+        mbarrier.wait(ready2.index(stage), (j // STAGES) & 1)
+        tok2 = warpgroup_mma(a2, ring2.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
+        return tok1, tok2
+
+    @gluon.jit
     def _softmax_step(s, kn2, m_i, l_i, start_n, rows, offs_n, a2, b2, mask_from, n_ctx,
                       CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr,
                       dtype: gl.constexpr):  # fmt: skip
@@ -316,25 +328,17 @@ if IMPORT_ERROR is None:
         k_a = _a_operand(k_smem, s_layout, A_REGS)
         v_a = _a_operand(v_smem, s_layout, A_REGS)
 
-        mbarrier.wait(my_turn, 0)
-        mbarrier.wait(q_ready.index(0), 0)
-        s_tok = warpgroup_mma(k_a, q_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(do_ready.index(0), 0)
-        dp_tok = warpgroup_mma(v_a, do_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_tok, dp_tok = _score_matmuls(
+            k_a, v_a, q_smem, do_smem, q_ready, do_ready, my_turn, 0, STAGES, s_zero
+        )
         mbarrier.arrive(other_turn)
         s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
         p, ds, colsum = _dkdv_elementwise(s, dp, 0, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m,
                                           cols, mask_below, n_ctx, CAUSAL, op_layout, dtype)  # fmt: skip
         for j in range(1, n_tiles):
-            stage = j % STAGES
             prev = (j - 1) % STAGES
-            mbarrier.wait(my_turn, j & 1)
-            mbarrier.wait(q_ready.index(stage), (j // STAGES) & 1)
-            s_tok = warpgroup_mma(k_a, q_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)  # fmt: skip
-            mbarrier.wait(do_ready.index(stage), (j // STAGES) & 1)
-            dp_tok = warpgroup_mma(v_a, do_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)  # fmt: skip
+            s_tok, dp_tok = _score_matmuls(k_a, v_a, q_smem, do_smem, q_ready, do_ready, my_turn, j, STAGES,
+                                           s_zero)  # fmt: skip
             dv_tok = warpgroup_mma(p, do_smem.index(prev), dv, is_async=True)
             dk_tok = warpgroup_mma(ds, q_smem.index(prev), dk, is_async=True)
             mbarrier.arrive(other_turn)
@@ -459,26 +463,18 @@ if IMPORT_ERROR is None:
         q_a = _a_operand(q_smem, s_layout, A_REGS)
         do_a = _a_operand(do_smem, s_layout, A_REGS)
 
-        mbarrier.wait(my_turn, 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        s_tok = warpgroup_mma(q_a, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(0), 0)
-        dp_tok = warpgroup_mma(do_a, v_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_tok, dp_tok = _score_matmuls(
+            q_a, do_a, k_smem, v_smem, k_ready, v_ready, my_turn, 0, STAGES, s_zero
+        )
         mbarrier.arrive(other_turn)
         kn2 = gl.load(KN2 + base + offs_n, mask=offs_n < n_ctx, other=0.0)
         s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
         ds = _dq_elementwise(s, dp, kn2, 0, rows, offs_n, lse, delta, a2, b2, mask_from, n_ctx, CAUSAL,
                              op_layout, dtype)  # fmt: skip
         for j in range(1, n_tiles):
-            stage = j % STAGES
             prev = (j - 1) % STAGES
-            mbarrier.wait(my_turn, j & 1)
-            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-            s_tok = warpgroup_mma(q_a, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)  # fmt: skip
-            mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
-            dp_tok = warpgroup_mma(do_a, v_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)  # fmt: skip
+            s_tok, dp_tok = _score_matmuls(q_a, do_a, k_smem, v_smem, k_ready, v_ready, my_turn, j, STAGES,
+                                           s_zero)  # fmt: skip
             dq_tok = warpgroup_mma(ds, k_smem.index(prev), dq, is_async=True)
             mbarrier.arrive(other_turn)
             cols = j * BLOCK_N + offs_n
@@ -516,16 +512,14 @@ if IMPORT_ERROR is None:
         return gl.convert_layout((p * (dp - delta)).to(dtype), op_layout)
 
     @gluon.jit
-    def _attn_bwd_dkdv(desc_q, desc_k, desc_v, desc_do, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
-                       n_heads, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                       CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr,
-                       num_warps: gl.constexpr):  # fmt: skip
-        # one program: 2 * KEYS keys of one (batch, head), the ones with the most causal rows first
+    def _key_program(desc_q, desc_k, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+        # a key-owning backward program (2 * KEYS keys from program_id(0)): its first key, the first query
+        # tile that sees its keys and the number of query tiles from there, its own k and v tiles (one per
+        # consumer) and the q and dO rings
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         KEYS: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
-        bh = gl.program_id(1)
         k0 = gl.program_id(0) * 2 * KEYS
         if CAUSAL:
             m_lo = (k0 // BLOCK_M) * BLOCK_M
@@ -536,6 +530,19 @@ if IMPORT_ERROR is None:
         v_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], _TILE_LAYOUT)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
+        return k0, m_lo, n_tiles, k_smem, v_smem, q_smem, do_smem
+
+    @gluon.jit
+    def _attn_bwd_dkdv(desc_q, desc_k, desc_v, desc_do, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                       n_heads, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                       CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr,
+                       num_warps: gl.constexpr):  # fmt: skip
+        # one program: 2 * KEYS keys of one (batch, head), the ones with the most causal rows first
+        KEYS: gl.constexpr = desc_k.block_type.shape[2]
+        bh = gl.program_id(1)
+        k0, m_lo, n_tiles, k_smem, v_smem, q_smem, do_smem = _key_program(
+            desc_q, desc_k, n_ctx, CAUSAL, STAGES
+        )
         kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
         gl.warp_specialize(
             [
@@ -627,13 +634,8 @@ if IMPORT_ERROR is None:
         for j in range(n_tiles):
             stage = j % STAGES
             buf = j % 2
-            mbarrier.wait(my_turn, j & 1)
-            mbarrier.wait(q_ready.index(stage), (j // STAGES) & 1)
-            s_tok = warpgroup_mma(k_a, q_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)  # fmt: skip
-            mbarrier.wait(do_ready.index(stage), (j // STAGES) & 1)
-            dp_tok = warpgroup_mma(v_a, do_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)  # fmt: skip
+            s_tok, dp_tok = _score_matmuls(k_a, v_a, q_smem, do_smem, q_ready, do_ready, my_turn, j, STAGES,
+                                           s_zero)  # fmt: skip
             mbarrier.arrive(other_turn)
             s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
             p, ds, colsum = _dkdv_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m,
@@ -690,16 +692,9 @@ if IMPORT_ERROR is None:
         KEYS: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
         bh = bh0 + gl.program_id(1)
-        k0 = gl.program_id(0) * 2 * KEYS
-        if CAUSAL:
-            m_lo = (k0 // BLOCK_M) * BLOCK_M
-        else:
-            m_lo = 0
-        n_tiles = (n_ctx - m_lo + BLOCK_M - 1) // BLOCK_M
-        k_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], _TILE_LAYOUT)
-        v_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], _TILE_LAYOUT)
-        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
-        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
+        k0, m_lo, n_tiles, k_smem, v_smem, q_smem, do_smem = _key_program(
+            desc_q, desc_k, n_ctx, CAUSAL, STAGES
+        )
         ds_smem = gl.allocate_shared_memory(dtype, [2, KEYS, BLOCK_M], _TILE_LAYOUT)
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D], _DQ_LAYOUT)
         kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
