@@ -384,6 +384,44 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
             assert sm90_compile._resources(compiled.asm["cubin"])[1] == 0  # no spills
 
 
+@pytest.mark.skipif(INTERPRETED, reason="no kernel runs here")
+def test_gluon_one_kernel_backward_covers_the_rows_in_launches_of_acc_programs(monkeypatch):
+    # the host side of the D 64 backward on CPU, its kernels replaced: each launch gets its accumulator rows
+    # zeroed, covers as many (batch, head) rows as ACC_PROGRAMS allows (the last launch the rest), and its
+    # rows land in theirs of dq
+    from kernels import gluon_attn, triton_attn
+
+    if gluon_attn.IMPORT_ERROR:
+        pytest.skip(gluon_attn.IMPORT_ERROR)
+
+    class Launch:  # kernel[grid](*args, **constexprs) runs fn(*args)
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: self.fn(*args)
+
+    seen = []
+
+    def fill(acc, bh0):  # row r of the launch's accumulator: bh0 + r everywhere
+        assert acc.dtype == torch.float32 and not acc.any()
+        seen.append((bh0, acc.shape[1]))
+        acc.copy_(torch.arange(bh0, bh0 + acc.shape[1], dtype=torch.float32).view(1, -1, 1, 1).expand_as(acc))
+
+    def launches(do, q, k, v, a, b, lse, delta, kn2, grads, causal, configs, bh0=0):
+        return [(Launch(fill), (grads[0], bh0), {}, None)]
+
+    monkeypatch.setattr(triton_attn, "_bwd_preprocess", Launch(lambda *args: None))
+    monkeypatch.setattr(gluon_attn, "bwd_launches", launches)
+    monkeypatch.setattr(gluon_attn, "ACC_PROGRAMS", 32)  # N 1000: 8 programs a row, 4 rows a launch
+    B, H, N, D = 2, 5, 1000, 64
+    q, k, v, o, do = (torch.randn(B, H, N, D).to(torch.bfloat16) for _ in range(5))
+    dq = gluon_attn.backward(do, q, k, v, torch.ones(H), torch.zeros(H), o, torch.zeros(B, H, N), True)[0]
+    assert seen == [(0, 4), (4, 4), (8, 2)]
+    assert dq.dtype == torch.bfloat16
+    assert torch.equal(dq.view(B * H, N, D), torch.arange(B * H).view(-1, 1, 1).expand(-1, N, D).to(dq.dtype))
+
+
 def test_gluon_backend_says_what_it_needs_off_sm90():
     q, k, v, a, b, _ = make_inputs(1, 2, 8, 64, torch.bfloat16, grad=False)
     with pytest.raises(ValueError, match=r"gluon.*(sm90|Gluon|interpreter|triton is not importable)"):
