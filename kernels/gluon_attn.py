@@ -599,7 +599,7 @@ if IMPORT_ERROR is None:
         )  # fmt: skip
 
     # the one-kernel backward (D 64): as dk/dv, and each consumer's dQ share dS k of each query tile goes
-    # through shared memory into a float32 (B, H, N, D) accumulator, added there by TMA
+    # through shared memory into a float32 (1, rows, N, D) accumulator, added there by TMA
 
     @gluon.jit
     def _bwd_consumer(desc_k, desc_v, k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, empty,
@@ -913,8 +913,9 @@ base.register_autograd(_fwd_op, _bwd_op)
 
 
 def gluon_attention(q, k, v, a, b, *, causal: bool = True) -> torch.Tensor:
-    """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels. q, k, v: (B, H, N, D) bf16 or fp16, D 64
-    or 128; a, b: (H,). Needs an sm90 GPU. Differentiable in q, k, v, a and b."""
+    """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels (at D 64 triton-tma's forward, then the
+    one-kernel backward). q, k, v: (B, H, N, D) bf16 or fp16, D 64 or 128; a, b: (H,). Needs an sm90 GPU.
+    Differentiable in q, k, v, a and b."""
     inputs = base.checked_inputs("gluon", unsupported_reason(q, k, v, a, b), q, k, v, a, b)
     return _fwd_op(*inputs, causal)[0]
 
