@@ -12,17 +12,17 @@ program runs three warp-specialised partitions (gl.warp_specialize; four in the 
 - one loader warp moves tiles by TMA into a ring of STAGES buffers, refilling a stage once both consumers
   have released it (an mbarrier that counts two arrivals).
 
-The forward's consumers own 64 query rows each and the loader brings k and v tiles. At D 64 the backward is
-one kernel: each consumer owns 64 keys, the loader brings q and dO tiles, and per query tile a consumer
-runs five matmuls (S, dP, dV, dK and its share dS k of dQ, from dS^T stored to shared memory). The second
-consumer's dQ matmul accumulates on top of the first's share, and a writer warp adds the sum into a float32
-dQ accumulator by TMA reduce-add (cp.reduce.async.bulk.tensor). The accumulator covers ACC_PROGRAMS
-programs' rows at a time, so peak memory stays near the two-kernel backward's. At D 128 that kernel spills
-its registers, and the backward is two kernels, as triton_attn_tma's: in dk/dv each consumer owns 64 keys
-and the loader brings q and dO; in dq each consumer owns 64 query rows and the loader brings k and v (seven
-matmuls per tile pair). Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer,
-LOADER_REGS for the loader (and the writer); with A_REGS a consumer keeps its own tiles in registers as the
-A operand of its score matmuls. Same math and outputs as triton_attn_tma's (base-2 scores, the key norms
+The forward's consumers own 64 query rows each and the loader brings k and v tiles. The backward is one
+kernel: each consumer owns 64 keys, the loader brings q and dO tiles, and per query tile a consumer runs
+S^T, dP^T, dV and dK, and half of dQ: both consumers store dS^T to shared memory and consumer c computes
+dQ's head-dim half c over both consumers' keys, so dQ's accumulator is (64, D/2) and no share is summed
+(FlashAttention-3's hdim-128 split). A writer warp adds the halves into a float32 dQ accumulator by TMA
+reduce-add (cp.reduce.async.bulk.tensor); the accumulator covers ACC_BYTES of (batch, head) rows at a time,
+so peak memory stays near triton-tma's backward.
+
+Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
+loader (and the writer); with A_REGS a consumer keeps its own tiles in registers as the A operand of its
+score matmuls. Same math and outputs as triton_attn_tma's (base-2 scores, the key norms
 from triton_attn._key_norms, a base-2 log-sum-exp per row, per-key da and db rows summed on the host).
 Tiles are read through rank-4 descriptors over each (B, H, N, D) tensor with its own strides, so rows past
 N read as zeros per head and a qkv projection's views are read in place.
@@ -39,6 +39,7 @@ compiling with 3.9, whose TMA load is named async_load and whose reduce-add asyn
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -67,8 +68,7 @@ from kernels import triton_attn_tma
 LOG2E = 1.4426950408889634  # scores live in base 2
 
 # per kernel and head dim, as benchmarked; the first is the default. fwd: (query rows per consumer, key tile,
-# STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS); bwd (the one-kernel backward, D 64) and dkdv: (query tile, keys
-# per consumer, ...); dq: as fwd. A head dim with a bwd entry runs it, the others dkdv and dq
+# STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS); bwd: (query tile, keys per consumer, ...)
 HEAD_DIMS = (64, 128)
 CONFIGS = {
     "fwd": {  # none at D 64, where the backend runs triton_attn_tma's forward, the faster there
@@ -76,12 +76,7 @@ CONFIGS = {
     },
     "bwd": {
         64: [(64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, False), (64, 64, 2, 240, 24, False)],
-    },
-    "dkdv": {
-        128: [(32, 64, 3, 240, 24, False), (32, 64, 2, 240, 24, False)],
-    },
-    "dq": {
-        128: [(64, 64, 3, 240, 24, True), (64, 64, 3, 240, 24, False)],
+        128: [(64, 64, 2, 240, 24, False), (64, 64, 3, 240, 24, False)],
     },
 }  # fmt: skip
 
@@ -296,23 +291,31 @@ if IMPORT_ERROR is None:
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------
-    # backward: dk/dv (two consumers own 64 keys each, the loader brings q and dO tiles) and dq (two
-    # consumers own 64 query rows each, the loader brings k and v tiles, as in the forward). Each consumer
-    # issues this tile's two score-side matmuls and the previous tile's two (or one) accumulating ones,
-    # hands the turn over, waits for the first two only and runs the element-wise part while the
-    # accumulating matmuls (which read the previous tile's P and dS from registers) are still in flight.
+    # backward, one kernel (FlashAttention-3's schedule): a program owns 2 * KEYS keys of one (batch, head),
+    # KEYS per consumer, and the loader brings the q and dO tiles from the first one that sees them. Per
+    # query tile a consumer issues S^T and dP^T in its turn, hands the turn over and runs the element-wise
+    # part (P^T, dS^T) while the other's matmuls run; then dV and dK accumulate in registers, and dQ, which
+    # sums over both consumers' keys, is split by head-dim halves: both consumers store dS^T to shared
+    # memory, and consumer c computes dQ[:, half c] = dS k[:, half c] over all 2 * KEYS keys (two wgmma). A
+    # writer warp adds both halves into a float32 (1, rows, N, D) accumulator by TMA reduce-add
+    # (cp.reduce.async.bulk.tensor).
 
     @gluon.jit
-    def _dkdv_consumer(desc_k, desc_v, k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, empty,
-                       my_turn, other_turn, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx,
-                       k_start, m_lo, n_tiles, bh, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                       A_REGS: gl.constexpr):  # fmt: skip
+    def _bwd_consumer(desc_k, desc_v, k_all, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, empty,
+                      my_turn, other_turn, ds_all, ds_ready, dq_smem, dq_full, dq_free, A, B, LSE, DELTA, KN2,
+                      DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k_start, m_lo, n_tiles, bh, C: gl.constexpr,
+                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
+        # consumer C: keys k_start.. (its tile k_all[C], v_smem), query tiles m_lo.. (n_tiles). ds_all: dS^T
+        # of both consumers, two buffers each (tile j: 2 * consumer + j % 2); dq_smem[C]: its dQ half for
+        # the writer
         W: gl.constexpr = gl.num_warps()
+        k_smem = k_all.index(C)
         KEYS: gl.constexpr = k_smem.shape[0]
         D: gl.constexpr = k_smem.shape[1]
+        HALF: gl.constexpr = D // 2
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         dtype: gl.constexpr = k_smem.dtype
-        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_M)
+        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_M)  # the transposed scores (KEYS, BLOCK_M)
         o_layout: gl.constexpr = _wgmma_layout(W, D)
         op_layout: gl.constexpr = _operand_layout(o_layout)
         a, b, base, cols, kn2, key_bias, mask_below = _own_keys(desc_k, desc_v, k_smem, v_smem, kv_bar, A, B,
@@ -321,43 +324,45 @@ if IMPORT_ERROR is None:
         a2 = a * _LOG2E
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         s_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
+        dq_zero = gl.zeros([BLOCK_M, HALF], gl.float32, _wgmma_layout(W, HALF))
         dk = gl.zeros([KEYS, D], gl.float32, o_layout)
         dv = gl.zeros([KEYS, D], gl.float32, o_layout)
         colsum = gl.zeros([KEYS], gl.float32, gl.SliceLayout(1, s_layout))
         mbarrier.wait(kv_bar, 0)
         k_a = _a_operand(k_smem, s_layout, A_REGS)
         v_a = _a_operand(v_smem, s_layout, A_REGS)
-
-        s_tok, dp_tok = _score_matmuls(
-            k_a, v_a, q_smem, do_smem, q_ready, do_ready, my_turn, 0, STAGES, s_zero
-        )
-        mbarrier.arrive(other_turn)
-        s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
-        p, ds, colsum = _dkdv_elementwise(s, dp, 0, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m,
-                                          cols, mask_below, n_ctx, CAUSAL, op_layout, dtype)  # fmt: skip
-        for j in range(1, n_tiles):
-            prev = (j - 1) % STAGES
+        k_half0 = k_all.index(0).slice(
+            C * HALF, HALF, dim=1
+        )  # dQ's B operands: both tiles' columns of half C
+        k_half1 = k_all.index(1).slice(C * HALF, HALF, dim=1)
+        for j in range(n_tiles):
+            stage = j % STAGES
+            buf = j % 2
             s_tok, dp_tok = _score_matmuls(k_a, v_a, q_smem, do_smem, q_ready, do_ready, my_turn, j, STAGES,
                                            s_zero)  # fmt: skip
-            dv_tok = warpgroup_mma(p, do_smem.index(prev), dv, is_async=True)
-            dk_tok = warpgroup_mma(ds, q_smem.index(prev), dk, is_async=True)
             mbarrier.arrive(other_turn)
-            s, dp = warpgroup_mma_wait(2, deps=(s_tok, dp_tok))
-            p_next, ds_next, colsum = _dkdv_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA,
-                                                        base, m_lo, offs_m, cols, mask_below, n_ctx, CAUSAL,
-                                                        op_layout, dtype)  # fmt: skip
+            s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
+            p, ds, colsum = _bwd_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m,
+                                             cols, mask_below, n_ctx, CAUSAL, s_layout, dtype)  # fmt: skip
+            # the other consumer read buffer buf at tile j - 2, before it passed the turn of tile j - 1
+            ds_all.index(2 * C + buf).store(ds)
+            fence_async_shared()
+            mbarrier.arrive(ds_ready.index(buf))
+            p = gl.convert_layout(p, op_layout)
+            ds = gl.convert_layout(ds, op_layout)
+            dv_tok = warpgroup_mma(p, do_smem.index(stage), dv, is_async=True)
+            dk_tok = warpgroup_mma(ds, q_smem.index(stage), dk, is_async=True)
+            mbarrier.wait(ds_ready.index(buf), (j // 2) & 1)  # both consumers' dS^T of tile j are in
+            dq_tok = warpgroup_mma(ds_all.index(buf).permute((1, 0)), k_half0, dq_zero, use_acc=False,
+                                   is_async=True)  # fmt: skip
+            dq_tok = warpgroup_mma(ds_all.index(2 + buf).permute((1, 0)), k_half1, dq_tok, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq_tok,))
+            mbarrier.wait(dq_free.index(C), (j & 1) ^ 1)  # a fresh barrier's previous phase has completed
+            dq_smem.index(C).store(dq * a)
+            fence_async_shared()
+            mbarrier.arrive(dq_full.index(C))
             dv, dk, p, ds = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p, ds))
-            mbarrier.arrive(empty.index(prev))
-            p = p_next
-            ds = ds_next
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(my_turn, n_tiles & 1)
-        dv_tok = warpgroup_mma(p, do_smem.index(last), dv, is_async=True)
-        dk_tok = warpgroup_mma(ds, q_smem.index(last), dk, is_async=True)
-        mbarrier.arrive(other_turn)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-        mbarrier.arrive(empty.index(last))
-
+            mbarrier.arrive(empty.index(stage))
         _store_key_grads(
             dk, dv, colsum, k_smem, a, b, kn2, base, cols, k_start, n_ctx, DK, DV, DA_ROWS, DB_ROWS
         )
@@ -406,7 +411,7 @@ if IMPORT_ERROR is None:
         gl.store(DK + out, dk.to(k_smem.dtype), mask=key_ok)
 
     @gluon.jit
-    def _dkdv_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m, cols,
+    def _bwd_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m, cols,
                           mask_below, n_ctx, CAUSAL: gl.constexpr, op_layout: gl.constexpr,
                           dtype: gl.constexpr):  # fmt: skip
         # query tile j's transposed scores and dP (KEYS, BLOCK_M) -> P^T and dS^T in register layout
@@ -428,100 +433,35 @@ if IMPORT_ERROR is None:
         return gl.convert_layout(p.to(dtype), op_layout), gl.convert_layout(ds.to(dtype), op_layout), colsum
 
     @gluon.jit
-    def _dq_consumer(desc_q, desc_do, q_smem, do_smem, qdo_bar, k_smem, v_smem, k_ready, v_ready, empty,
-                     my_turn, other_turn, A, B, LSE, DELTA, KN2, DQ, n_heads, n_ctx, q_start, n_tiles, bh,
-                     CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
-        # one warp group: dq of the 64 query rows from q_start, over the key tiles the loader brings
-        W: gl.constexpr = gl.num_warps()
-        BLOCK_M: gl.constexpr = q_smem.shape[0]
-        D: gl.constexpr = q_smem.shape[1]
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_N)
-        o_layout: gl.constexpr = _wgmma_layout(W, D)
-        op_layout: gl.constexpr = _operand_layout(o_layout)
-        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        off_h = bh % n_heads
-        a = gl.load(A + off_h)
-        a2 = a * _LOG2E
-        b2 = gl.load(B + off_h) * _LOG2E
-        if CAUSAL:
-            mask_from = q_start
-        else:
-            mask_from = n_ctx
-        mbarrier.expect(qdo_bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes)
-        _load_tile(desc_q, bh, n_heads, q_start, qdo_bar, q_smem)
-        _load_tile(desc_do, bh, n_heads, q_start, qdo_bar, do_smem)
-        base = bh.to(gl.int64) * n_ctx
-        rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
-        lse = gl.expand_dims(gl.load(LSE + base + rows, mask=rows < n_ctx, other=0.0), 1)
-        delta = gl.expand_dims(gl.load(DELTA + base + rows, mask=rows < n_ctx, other=0.0), 1)
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        dq = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
-        mbarrier.wait(qdo_bar, 0)
-        q_a = _a_operand(q_smem, s_layout, A_REGS)
-        do_a = _a_operand(do_smem, s_layout, A_REGS)
-
-        s_tok, dp_tok = _score_matmuls(
-            q_a, do_a, k_smem, v_smem, k_ready, v_ready, my_turn, 0, STAGES, s_zero
-        )
-        mbarrier.arrive(other_turn)
-        kn2 = gl.load(KN2 + base + offs_n, mask=offs_n < n_ctx, other=0.0)
-        s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
-        ds = _dq_elementwise(s, dp, kn2, 0, rows, offs_n, lse, delta, a2, b2, mask_from, n_ctx, CAUSAL,
-                             op_layout, dtype)  # fmt: skip
-        for j in range(1, n_tiles):
-            prev = (j - 1) % STAGES
-            s_tok, dp_tok = _score_matmuls(q_a, do_a, k_smem, v_smem, k_ready, v_ready, my_turn, j, STAGES,
-                                           s_zero)  # fmt: skip
-            dq_tok = warpgroup_mma(ds, k_smem.index(prev), dq, is_async=True)
-            mbarrier.arrive(other_turn)
-            cols = j * BLOCK_N + offs_n
-            kn2 = gl.load(KN2 + base + cols, mask=cols < n_ctx, other=0.0)
-            s, dp = warpgroup_mma_wait(1, deps=(s_tok, dp_tok))
-            ds_next = _dq_elementwise(s, dp, kn2, j * BLOCK_N, rows, offs_n, lse, delta, a2, b2, mask_from,
-                                      n_ctx, CAUSAL, op_layout, dtype)  # fmt: skip
-            dq, ds = warpgroup_mma_wait(0, deps=(dq_tok, ds))
-            mbarrier.arrive(empty.index(prev))
-            ds = ds_next
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(my_turn, n_tiles & 1)
-        dq_tok = warpgroup_mma(ds, k_smem.index(last), dq, is_async=True)
-        mbarrier.arrive(other_turn)
-        dq = warpgroup_mma_wait(0, deps=(dq_tok,))
-        mbarrier.arrive(empty.index(last))
-
-        rows_out = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        out = (base + gl.expand_dims(rows_out, 1)) * D + gl.expand_dims(offs_d, 0)
-        gl.store(DQ + out, (a * dq).to(dtype), mask=gl.expand_dims(rows_out < n_ctx, 1))
+    def _dq_writer(desc_dq, dq_smem, dq_full, dq_free, row, m_lo, n_tiles):
+        # one warp: adds query tile j's two dQ halves into row `row` of the float32 (1, rows, N, D)
+        # accumulator by TMA, then frees them
+        ROWS: gl.constexpr = dq_smem.shape[1]
+        HALF: gl.constexpr = dq_smem.shape[2]
+        for j in range(n_tiles):
+            for c in gl.static_range(2):
+                mbarrier.wait(dq_full.index(c), j & 1)
+                _tma_add(
+                    desc_dq, [0, row, m_lo + j * ROWS, c * HALF], dq_smem.index(c).reshape([1, 1, ROWS, HALF])
+                )
+            tma.store_wait(0)
+            for c in gl.static_range(2):
+                mbarrier.arrive(dq_free.index(c))
 
     @gluon.jit
-    def _dq_elementwise(s, dp, kn2, start_n, rows, offs_n, lse, delta, a2, b2, mask_from, n_ctx,
-                        CAUSAL: gl.constexpr, op_layout: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
-        # key tile start_n's scores and dP (BLOCK_M, BLOCK_N) -> dS in the register layout of dS k's A operand
-        BLOCK_N: gl.constexpr = offs_n.shape[0]
-        p = gl.exp2(s * a2 - gl.expand_dims(kn2 * b2, 0) - lse)
-        if start_n + BLOCK_N > mask_from:  # the causal diagonal or the ragged tail
-            cols = start_n + offs_n
-            keep = gl.expand_dims(cols, 0) < n_ctx
-            if CAUSAL:
-                keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1))
-            p = gl.where(keep, p, 0.0)
-        return gl.convert_layout((p * (dp - delta)).to(dtype), op_layout)
-
-    @gluon.jit
-    def _key_program(desc_q, desc_k, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
-        # a key-owning backward program (2 * KEYS keys from program_id(0)): its first key, the first query
-        # tile that sees its keys and the number of query tiles from there, its own k and v tiles (one per
-        # consumer) and the q and dO rings
+    def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                  bh0, n_heads, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        # one program: keys program_id(0) * 2 * KEYS.. of (batch, head) bh0 + program_id(1), whose dQ rows are
+        # that row of the accumulator; partitions: two consumers, the q/dO loader and the dQ writer
+        # (LOADER_REGS registers too)
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         KEYS: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
+        bh = bh0 + gl.program_id(1)
         k0 = gl.program_id(0) * 2 * KEYS
-        if CAUSAL:
+        if CAUSAL:  # the first query tile that sees these keys
             m_lo = (k0 // BLOCK_M) * BLOCK_M
         else:
             m_lo = 0
@@ -530,195 +470,28 @@ if IMPORT_ERROR is None:
         v_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], _TILE_LAYOUT)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
-        return k0, m_lo, n_tiles, k_smem, v_smem, q_smem, do_smem
-
-    @gluon.jit
-    def _attn_bwd_dkdv(desc_q, desc_k, desc_v, desc_do, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
-                       n_heads, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                       CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr,
-                       num_warps: gl.constexpr):  # fmt: skip
-        # one program: 2 * KEYS keys of one (batch, head), the ones with the most causal rows first
-        KEYS: gl.constexpr = desc_k.block_type.shape[2]
-        bh = gl.program_id(1)
-        k0, m_lo, n_tiles, k_smem, v_smem, q_smem, do_smem = _key_program(
-            desc_q, desc_k, n_ctx, CAUSAL, STAGES
-        )
+        ds_all = gl.allocate_shared_memory(dtype, [4, KEYS, BLOCK_M], _TILE_LAYOUT)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D // 2], _DQ_LAYOUT)
         kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
-        gl.warp_specialize(
-            [
-                (_dkdv_consumer, (desc_k, desc_v, k_smem.index(0), v_smem.index(0), kv_bars.index(0), q_smem,
-                                  do_smem, q_ready, do_ready, empty, turns.index(0), turns.index(1), A, B, LSE,
-                                  DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k0, m_lo, n_tiles, bh,
-                                  CAUSAL, STAGES, A_REGS)),
-                (_dkdv_consumer, (desc_k, desc_v, k_smem.index(1), v_smem.index(1), kv_bars.index(1), q_smem,
-                                  do_smem, q_ready, do_ready, empty, turns.index(1), turns.index(0), A, B, LSE,
-                                  DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k0 + KEYS, m_lo,
-                                  n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, empty, bh, n_heads, m_lo,
-                           n_tiles, STAGES)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, LOADER_REGS],
-        )  # fmt: skip
-
-    @gluon.jit
-    def _attn_bwd_dq(desc_q, desc_k, desc_v, desc_do, A, B, LSE, DELTA, KN2, DQ, n_heads, n_ctx,
-                     CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                     LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-        # one program: dq of 2 * BLOCK_M queries of one (batch, head), the longest causal rows first
-        BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
-        D: gl.constexpr = desc_q.block_type.shape[3]
-        BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
-        dtype: gl.constexpr = desc_q.dtype
-        pair = gl.num_programs(0) - 1 - gl.program_id(0)
-        bh = gl.program_id(1)
-        q0 = pair * 2 * BLOCK_M
-        if CAUSAL:
-            hi = gl.minimum(q0 + 2 * BLOCK_M, n_ctx)
-        else:
-            hi = n_ctx
-        n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], _TILE_LAYOUT)
-        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], _TILE_LAYOUT)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
-        qdo_bars, turns, k_ready, v_ready, empty = _barriers(STAGES)
-        gl.warp_specialize(
-            [
-                (_dq_consumer, (desc_q, desc_do, q_smem.index(0), do_smem.index(0), qdo_bars.index(0), k_smem,
-                                v_smem, k_ready, v_ready, empty, turns.index(0), turns.index(1), A, B, LSE, DELTA,
-                                KN2, DQ, n_heads, n_ctx, q0, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_dq_consumer, (desc_q, desc_do, q_smem.index(1), do_smem.index(1), qdo_bars.index(1), k_smem,
-                                v_smem, k_ready, v_ready, empty, turns.index(1), turns.index(0), A, B, LSE, DELTA,
-                                KN2, DQ, n_heads, n_ctx, q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh, n_heads, 0, n_tiles,
-                           STAGES)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, LOADER_REGS],
-        )  # fmt: skip
-
-    # the one-kernel backward (D 64): as dk/dv, and each consumer's dQ share dS k of each query tile goes
-    # through shared memory into a float32 (1, rows, N, D) accumulator, added there by TMA
-
-    @gluon.jit
-    def _bwd_consumer(desc_k, desc_v, k_smem, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, empty,
-                      my_turn, other_turn, ds_smem, dq_smem, dq_half, dq_full, dq_free, A, B, LSE, DELTA, KN2,
-                      DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k_start, m_lo, n_tiles, bh, FIRST: gl.constexpr,
-                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
-        # per query tile: S^T and dP^T (turn-taking, as dk/dv's), the element-wise part, dS^T into shared
-        # memory, then dQ's share (dS^T)^T k ahead of dV and dK so that its hand-off runs while they do. The
-        # first consumer's share goes to buffer j % 2 as it is; the second consumer's matmul accumulates on
-        # top of it, and a times the sum goes to the writer
-        W: gl.constexpr = gl.num_warps()
-        KEYS: gl.constexpr = k_smem.shape[0]
-        D: gl.constexpr = k_smem.shape[1]
-        BLOCK_M: gl.constexpr = q_smem.shape[1]
-        dtype: gl.constexpr = k_smem.dtype
-        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_M)
-        o_layout: gl.constexpr = _wgmma_layout(W, D)
-        op_layout: gl.constexpr = _operand_layout(o_layout)
-        a, b, base, cols, kn2, key_bias, mask_below = _own_keys(desc_k, desc_v, k_smem, v_smem, kv_bar, A, B,
-                                                                KN2, n_heads, n_ctx, k_start, bh, CAUSAL,
-                                                                s_layout)  # fmt: skip
-        a2 = a * _LOG2E
-        offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        s_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
-        dq_zero = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
-        dk = gl.zeros([KEYS, D], gl.float32, o_layout)
-        dv = gl.zeros([KEYS, D], gl.float32, o_layout)
-        colsum = gl.zeros([KEYS], gl.float32, gl.SliceLayout(1, s_layout))
-        mbarrier.wait(kv_bar, 0)
-        k_a = _a_operand(k_smem, s_layout, A_REGS)
-        v_a = _a_operand(v_smem, s_layout, A_REGS)
-        for j in range(n_tiles):
-            stage = j % STAGES
-            buf = j % 2
-            s_tok, dp_tok = _score_matmuls(k_a, v_a, q_smem, do_smem, q_ready, do_ready, my_turn, j, STAGES,
-                                           s_zero)  # fmt: skip
-            mbarrier.arrive(other_turn)
-            s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
-            p, ds, colsum = _dkdv_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m,
-                                              cols, mask_below, n_ctx, CAUSAL, s_layout, dtype)  # fmt: skip
-            ds_smem.store(ds)
-            fence_async_shared()
-            if FIRST:
-                dq_acc = dq_zero
-            else:  # the first consumer's share of this tile as the accumulator
-                mbarrier.wait(dq_half.index(buf), (j // 2) & 1)
-                dq_acc = dq_smem.index(buf).load(o_layout)
-            dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq_acc, use_acc=not FIRST, is_async=True)
-            p = gl.convert_layout(p, op_layout)
-            ds = gl.convert_layout(ds, op_layout)
-            dv_tok = warpgroup_mma(p, do_smem.index(stage), dv, is_async=True)
-            dk_tok = warpgroup_mma(ds, q_smem.index(stage), dk, is_async=True)
-            dq = warpgroup_mma_wait(2, deps=(dq_tok,))
-            if FIRST:  # once the writer has freed the buffer (a fresh barrier's previous phase has completed)
-                mbarrier.wait(dq_free.index(buf), ((j // 2) & 1) ^ 1)
-                dq_smem.index(buf).store(dq)
-                fence_async_shared()
-                mbarrier.arrive(dq_half.index(buf))
-            else:
-                dq_smem.index(buf).store(dq * a)
-                fence_async_shared()
-                mbarrier.arrive(dq_full.index(buf))
-            dv, dk, p, ds = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p, ds))
-            mbarrier.arrive(empty.index(stage))
-        _store_key_grads(
-            dk, dv, colsum, k_smem, a, b, kn2, base, cols, k_start, n_ctx, DK, DV, DA_ROWS, DB_ROWS
-        )
-
-    @gluon.jit
-    def _dq_writer(desc_dq, dq_smem, dq_full, dq_free, row, m_lo, n_tiles):
-        # one warp: adds query tile j's summed dQ share (buffer j % 2) into row `row` of the float32 (1, rows,
-        # N, D) accumulator by TMA, then frees the buffer
-        ROWS: gl.constexpr = dq_smem.shape[1]
-        D: gl.constexpr = dq_smem.shape[2]
-        for j in range(n_tiles):
-            buf = j % 2
-            mbarrier.wait(dq_full.index(buf), (j // 2) & 1)
-            _tma_add(desc_dq, [0, row, m_lo + j * ROWS, 0], dq_smem.index(buf).reshape([1, 1, ROWS, D]))
-            tma.store_wait(0)
-            mbarrier.arrive(dq_free.index(buf))
-
-    @gluon.jit
-    def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
-                  bh0, n_heads, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-        # one program: 2 * KEYS keys of (batch, head) bh0 + program_id(1), whose dQ rows are that row of the
-        # accumulator; partitions: two consumers, the q/dO loader and the dQ writer (LOADER_REGS registers too)
-        BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
-        D: gl.constexpr = desc_q.block_type.shape[3]
-        KEYS: gl.constexpr = desc_k.block_type.shape[2]
-        dtype: gl.constexpr = desc_q.dtype
-        bh = bh0 + gl.program_id(1)
-        k0, m_lo, n_tiles, k_smem, v_smem, q_smem, do_smem = _key_program(
-            desc_q, desc_k, n_ctx, CAUSAL, STAGES
-        )
-        ds_smem = gl.allocate_shared_memory(dtype, [2, KEYS, BLOCK_M], _TILE_LAYOUT)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D], _DQ_LAYOUT)
-        kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
-        # per dQ buffer: the first consumer's share is in, the sum is in, the writer has freed it
-        dq_half = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        # per dS buffer: both consumers' dS^T are in; per dQ half: it is in, the writer has freed it
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         dq_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
-            mbarrier.init(dq_half.index(i), count=1)
+            mbarrier.init(ds_ready.index(i), count=2)
             mbarrier.init(dq_full.index(i), count=1)
             mbarrier.init(dq_free.index(i), count=1)
         fence_async_shared()
         gl.warp_specialize(
             [
-                (_bwd_consumer, (desc_k, desc_v, k_smem.index(0), v_smem.index(0), kv_bars.index(0), q_smem,
-                                 do_smem, q_ready, do_ready, empty, turns.index(0), turns.index(1),
-                                 ds_smem.index(0), dq_smem, dq_half, dq_full, dq_free, A, B, LSE, DELTA, KN2, DK,
-                                 DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k0, m_lo, n_tiles, bh, True, CAUSAL,
-                                 STAGES, A_REGS)),
-                (_bwd_consumer, (desc_k, desc_v, k_smem.index(1), v_smem.index(1), kv_bars.index(1), q_smem,
-                                 do_smem, q_ready, do_ready, empty, turns.index(1), turns.index(0),
-                                 ds_smem.index(1), dq_smem, dq_half, dq_full, dq_free, A, B, LSE, DELTA, KN2, DK,
-                                 DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k0 + KEYS, m_lo, n_tiles, bh, False,
-                                 CAUSAL, STAGES, A_REGS)),
+                (_bwd_consumer, (desc_k, desc_v, k_smem, v_smem.index(0), kv_bars.index(0), q_smem, do_smem,
+                                 q_ready, do_ready, empty, turns.index(0), turns.index(1), ds_all, ds_ready,
+                                 dq_smem, dq_full, dq_free, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                                 n_heads, n_ctx, k0, m_lo, n_tiles, bh, 0, CAUSAL, STAGES, A_REGS)),
+                (_bwd_consumer, (desc_k, desc_v, k_smem, v_smem.index(1), kv_bars.index(1), q_smem, do_smem,
+                                 q_ready, do_ready, empty, turns.index(1), turns.index(0), ds_all, ds_ready,
+                                 dq_smem, dq_full, dq_free, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                                 n_heads, n_ctx, k0 + KEYS, m_lo, n_tiles, bh, 1, CAUSAL, STAGES, A_REGS)),
                 (_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, empty, bh, n_heads, m_lo,
                            n_tiles, STAGES)),
                 (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, gl.program_id(1), m_lo, n_tiles)),
@@ -779,46 +552,37 @@ def launch_args(q, k, v, a, b, o, lse, kn2, causal: bool, config: tuple) -> tupl
     return args, _meta(causal, config), (triton.cdiv(N, 2 * block_m), B * H)
 
 
-def bwd_configs(d: int) -> tuple:
-    """The default configs of the backward at head dim d: (bwd's,) for the one-kernel backward, else (dkdv's,
-    dq's)."""
-    if d in CONFIGS["bwd"]:
-        return (CONFIGS["bwd"][d][0],)
-    return CONFIGS["dkdv"][d][0], CONFIGS["dq"][d][0]
+# the one-kernel backward's float32 dQ accumulator holds at most this many bytes (the rows of 1024 programs
+# at D 64, of 512 at D 128): longer problems run as several launches over consecutive (batch, head) rows,
+# each converting its rows to dq, so that peak memory stays near triton-tma's backward
+ACC_BYTES = 32 << 20
+# ... split between this many CUDA streams, whose launches alternate: one launch's last programs run beside
+# the next one's first, where a single stream leaves the GPU idle at every launch's tail
+ACC_STREAMS = 2
+_side_streams: dict = {}
 
 
-# the one-kernel backward's float32 dQ accumulator covers at most this many programs' rows at a time (32 MiB
-# at D 64): longer problems run as several launches over consecutive (batch, head) rows, each converting its
-# rows to dq, so that peak memory stays near the two-kernel backward's
-ACC_PROGRAMS = 1024
+def _streams(device: torch.device) -> list:
+    # the current stream and ACC_STREAMS - 1 side streams of device, made once
+    side = _side_streams.setdefault(device, [])
+    while len(side) < ACC_STREAMS - 1:
+        side.append(torch.cuda.Stream(device))
+    return [torch.cuda.current_stream(device), *side[: ACC_STREAMS - 1]]
 
 
-def bwd_launches(
-    do, q, k, v, a, b, lse, delta, kn2, grads, causal: bool, configs: tuple, bh0: int = 0
-) -> list:
-    """(kernel, args, constexprs, grid) of each backward launch. configs (bwd's,): one launch of _attn_bwd over
-    the (batch, head) rows bh0.. that dq, a zeroed float32 (1, rows, N, D) accumulator, holds (it ends as
-    their dq); configs (dkdv's, dq's): _attn_bwd_dkdv and _attn_bwd_dq over every row, with dq the output.
-    grads: dq, dk, dv (contiguous (B, H, N, D)) and the per-key da, db rows (B, H, N) float32."""
-    B, H, N, D = q.shape
-    dq, dk, dv, da_rows, db_rows = grads
-    common = (a, b, lse, delta, kn2)
-    rows, keys = configs[0][:2]
-    kv_args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows))
-    if len(configs) == 1:
-        block = [1, 1, rows, D]
-        dq_desc = TensorDescriptor(dq, list(dq.shape), list(dq.stride()), block,
-                                   gl.NVMMASharedLayout.get_default_for(block, gl.float32))  # fmt: skip
-        args = (*kv_args, dq_desc, *common, dk, dv, da_rows, db_rows, bh0, H, N)
-        return [(_attn_bwd, args, _meta(causal, configs[0]), (triton.cdiv(N, 2 * keys), dq.shape[1]))]
-    dq_rows, dq_keys = configs[1][:2]
-    dq_args = (_descriptor(q, dq_rows), _descriptor(k, dq_keys), _descriptor(v, dq_keys),
-               _descriptor(do, dq_rows), *common, dq, H, N)  # fmt: skip
-    return [
-        (_attn_bwd_dkdv, (*kv_args, *common, dk, dv, da_rows, db_rows, H, N), _meta(causal, configs[0]),
-         (triton.cdiv(N, 2 * keys), B * H)),
-        (_attn_bwd_dq, dq_args, _meta(causal, configs[1]), (triton.cdiv(N, 2 * dq_rows), B * H)),
-    ]  # fmt: skip
+def bwd_launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal: bool, config: tuple, bh0: int = 0) -> tuple:
+    """(kernel, args, constexprs, grid) of one launch of _attn_bwd over the (batch, head) rows bh0.. that grads'
+    first, a zeroed float32 (1, rows, N, D) dQ accumulator, holds (it ends as their dq).
+    grads: that accumulator, dk, dv (contiguous (B, H, N, D)) and the per-key da, db rows (B, H, N) float32."""
+    H, N, D = q.shape[1:]
+    acc, dk, dv, da_rows, db_rows = grads
+    rows, keys = config[:2]
+    block = [1, 1, rows, D // 2]
+    dq_desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), block,
+                               gl.NVMMASharedLayout.get_default_for(block, gl.float32))  # fmt: skip
+    args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), dq_desc,
+            a, b, lse, delta, kn2, dk, dv, da_rows, db_rows, bh0, H, N)  # fmt: skip
+    return _attn_bwd, args, _meta(causal, config), (triton.cdiv(N, 2 * keys), acc.shape[1])
 
 
 def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -833,39 +597,37 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     return o, lse
 
 
-def backward(do, q, k, v, a, b, o, lse, causal: bool, configs: tuple | None = None) -> tuple:
-    """(dq, dk, dv, da, db) of triton_attn_tma's forward (or forward above) with output o and base-2 lse;
-    configs as bwd_launches takes them (default: bwd_configs)."""
+def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = None) -> tuple:
+    """(dq, dk, dv, da, db) of triton_attn_tma's forward (or forward above) with output o and base-2 lse, by
+    _attn_bwd (config: one of CONFIGS["bwd"][D], default the first), over as many (batch, head) rows at a
+    time as ACC_BYTES allows."""
     B, H, N, D = q.shape
     delta, kn2, da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(4))
     base._bwd_preprocess[(triton.cdiv(N, 64), B * H)](
         o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N,
         HEAD_DIM=D, D_PAD=D, BLOCK=64,
     )  # fmt: skip
-    configs = configs or bwd_configs(D)
+    config = config or CONFIGS["bwd"][D][0]
     dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
-    grads = (dq, dk, dv, da_rows, db_rows)
-    if len(configs) == 2:
-        for kernel, args, meta, grid in bwd_launches(
-            do, q, k, v, a, b, lse, delta, kn2, grads, causal, configs
-        ):
-            kernel[grid](*args, **meta)
-        return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))
-    # the one-kernel backward, over as many (batch, head) rows at a time as ACC_PROGRAMS allows
-    per_row = triton.cdiv(N, 2 * configs[0][1])
-    step = max(1, min(B * H, ACC_PROGRAMS // per_row))
-    acc = torch.empty((1, step, N, D), dtype=torch.float32, device=q.device)
+    streams = _streams(q.device) if q.is_cuda else [None]
+    step = max(1, min(B * H, ACC_BYTES // len(streams) // (N * D * 4)))
+    acc = torch.empty((len(streams), step, N, D), dtype=torch.float32, device=q.device)  # one per stream
     dq_rows = dq.view(B * H, N, D)
-    for bh0 in range(0, B * H, step):
+    for stream in streams[1:]:
+        stream.wait_stream(streams[0])
+    for i, bh0 in enumerate(range(0, B * H, step)):
+        lane = i % len(streams)
         n = min(step, B * H - bh0)
-        part = acc[:, :n]
-        part.zero_()  # tiles add into it from every key block
-        grads = (part, dk, dv, da_rows, db_rows)
-        [(kernel, args, meta, grid)] = bwd_launches(
-            do, q, k, v, a, b, lse, delta, kn2, grads, causal, configs, bh0
-        )
-        kernel[grid](*args, **meta)
-        dq_rows[bh0 : bh0 + n].copy_(part[0])
+        with torch.cuda.stream(streams[lane]) if q.is_cuda else contextlib.nullcontext():
+            part = acc[lane : lane + 1, :n]
+            part.zero_()  # tiles add into it from every key block
+            kernel, args, meta, grid = bwd_launch(
+                do, q, k, v, a, b, lse, delta, kn2, (part, dk, dv, da_rows, db_rows), causal, config, bh0
+            )
+            kernel[grid](*args, **meta)
+            dq_rows[bh0 : bh0 + n].copy_(part[0])
+    for stream in streams[1:]:
+        streams[0].wait_stream(stream)
     return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))
 
 
@@ -971,29 +733,19 @@ def _check(dtypes=(torch.bfloat16, torch.float16)) -> bool:
             for config in CONFIGS["fwd"].get(d, [])[: 1 if first else None]:
                 o, lse = forward(q, k, v, a, b, causal, config)
                 results.append(("fwd", config, [_rel(o, want_o)], [1e-2]))
-            pairs = _bwd_config_sets(d)
             tma_grads = triton_attn_tma._bwd_op(do, q, k, v, a, b, tma_o, tma_lse, causal)
             # gradients within 2e-2, or within 1.25x triton-tma's error on the same inputs
             limits = [max(2e-2, 1.25 * _rel(g, w)) for g, w in zip(tma_grads, want, strict=True)]
-            for configs in pairs[: 1 if first else None]:
-                grads = backward(do, q, k, v, a, b, o, lse, causal, configs)
+            for config in CONFIGS["bwd"][d][: 1 if first else None]:
+                grads = backward(do, q, k, v, a, b, o, lse, causal, config)
                 errs = [_rel(g, w) for g, w in zip(grads, want, strict=True)]
-                results.append(("bwd", configs, errs, limits))
+                results.append(("bwd", config, errs, limits))
             for kind, config, errs, bounds in results:
                 good = all(e < bound for e, bound in zip(errs, bounds, strict=True))
                 ok &= good
                 print("check", str(dtype)[6:], n, d, causal, kind, config, " ".join(f"{e:.1e}" for e in errs),
                       "ok" if good else "FAIL", flush=True)  # fmt: skip
     return ok
-
-
-def _bwd_config_sets(d: int) -> list[tuple]:
-    # every backward config at head dim d once, as bwd_launches takes them (the two-kernel ones in pairs
-    # with the other kernel's default)
-    if d in CONFIGS["bwd"]:
-        return [(c,) for c in CONFIGS["bwd"][d]]
-    pairs = [(c, CONFIGS["dq"][d][0]) for c in CONFIGS["dkdv"][d]]
-    return pairs + [(CONFIGS["dkdv"][d][0], c) for c in CONFIGS["dq"][d][1:]]
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -1020,7 +772,7 @@ def _bench_shape(n: int, d: int) -> str:
     tma_bwd = do_bench(lambda: triton_attn_tma._bwd_op(do, q, k, v, a, b, o, lse, True))
     fwd = {c: do_bench(lambda c=c: forward(q, k, v, a, b, True, c)) for c in CONFIGS["fwd"].get(d, [])}
     fwd = fwd or {"triton-tma": tma_fwd}
-    bwd = {c: do_bench(lambda c=c: backward(do, q, k, v, a, b, o, lse, True, c)) for c in _bwd_config_sets(d)}
+    bwd = {c: do_bench(lambda c=c: backward(do, q, k, v, a, b, o, lse, True, c)) for c in CONFIGS["bwd"][d]}
     flops = 2 * batch * bench.HEADS * n * n * d
     tf = lambda ms, x=1.0: f"{ms:.3f} ({x * flops / ms / 1e9:.0f})"  # noqa: E731
     best_f, best_b = min(fwd.values()), min(bwd.values())

@@ -199,19 +199,20 @@ def test_gluon_every_config(poisoned, monkeypatch, D, configs):
 
 @needs_sm90
 def test_gluon_backward_runs_over_a_few_rows_at_a_time(poisoned, monkeypatch):
-    # with a small ACC_PROGRAMS the one-kernel backward covers 2 x 3 (batch, head) rows in launches of 4 and
-    # 2 rows (N 1000: 8 programs a row), each accumulating dq of its own rows
+    # with a small ACC_BYTES the backward covers 2 x 3 (batch, head) rows in launches of 4 and 2 rows on two
+    # streams, each accumulating dq of its own rows
     from kernels import gluon_attn
 
-    monkeypatch.setattr(gluon_attn, "ACC_PROGRAMS", 32)
+    monkeypatch.setattr(gluon_attn, "ACC_STREAMS", 2)
+    monkeypatch.setattr(gluon_attn, "ACC_BYTES", 2 * 4 * 1000 * 64 * 4)  # N 1000, D 64: 4 rows a stream
     starts = []
-    launches = gluon_attn.bwd_launches
+    launch = gluon_attn.bwd_launch
 
     def spy(*args):
         starts.append(args[12])  # bh0, the first row of the launch
-        return launches(*args)
+        return launch(*args)
 
-    monkeypatch.setattr(gluon_attn, "bwd_launches", spy)
+    monkeypatch.setattr(gluon_attn, "bwd_launch", spy)
     q, k, v, a, b, do = make_inputs(2, 3, 1000, 64, BF16, "cuda")
     check_backend(kernels.BACKENDS["gluon"], q, k, v, a, b, do, causal=True)
     assert starts == [0, 4]
