@@ -451,22 +451,16 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
                   bh0, n_heads, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, ROWS_FIRST: gl.constexpr,
-                  num_warps: gl.constexpr):  # fmt: skip
-        # one program: keys kb * 2 * KEYS.. of (batch, head) bh0 + row, whose dQ rows are that row of the
-        # accumulator; partitions: two consumers, the q/dO loader and the dQ writer (LOADER_REGS registers too)
+                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        # one program: keys program_id(0) * 2 * KEYS.. of (batch, head) bh0 + program_id(1), whose dQ rows are
+        # that row of the accumulator; partitions: two consumers, the q/dO loader and the dQ writer
+        # (LOADER_REGS registers too)
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         KEYS: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
-        if ROWS_FIRST:
-            row = gl.program_id(0)
-            kb = gl.program_id(1)
-        else:
-            row = gl.program_id(1)
-            kb = gl.program_id(0)
-        bh = bh0 + row
-        k0 = kb * 2 * KEYS
+        bh = bh0 + gl.program_id(1)
+        k0 = gl.program_id(0) * 2 * KEYS
         if CAUSAL:  # the first query tile that sees these keys
             m_lo = (k0 // BLOCK_M) * BLOCK_M
         else:
@@ -500,7 +494,7 @@ if IMPORT_ERROR is None:
                                  n_heads, n_ctx, k0 + KEYS, m_lo, n_tiles, bh, 1, CAUSAL, STAGES, A_REGS)),
                 (_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, empty, bh, n_heads, m_lo,
                            n_tiles, STAGES)),
-                (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, row, m_lo, n_tiles)),
+                (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, gl.program_id(1), m_lo, n_tiles)),
             ],
             [4, 1, 1],
             [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
@@ -565,7 +559,6 @@ ACC_BYTES = 32 << 20
 # ... split between this many CUDA streams, whose launches alternate: one launch's last programs run beside
 # the next one's first, where a single stream leaves the GPU idle at every launch's tail
 ACC_STREAMS = 2
-ROWS_FIRST = False
 _side_streams: dict = {}
 
 
@@ -589,10 +582,7 @@ def bwd_launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal: bool, config: 
                                gl.NVMMASharedLayout.get_default_for(block, gl.float32))  # fmt: skip
     args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), dq_desc,
             a, b, lse, delta, kn2, dk, dv, da_rows, db_rows, bh0, H, N)  # fmt: skip
-    grid = (
-        (acc.shape[1], triton.cdiv(N, 2 * keys)) if ROWS_FIRST else (triton.cdiv(N, 2 * keys), acc.shape[1])
-    )
-    return _attn_bwd, args, {**_meta(causal, config), "ROWS_FIRST": ROWS_FIRST}, grid
+    return _attn_bwd, args, _meta(causal, config), (triton.cdiv(N, 2 * keys), acc.shape[1])
 
 
 def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
