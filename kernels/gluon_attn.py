@@ -28,12 +28,12 @@ Tiles are read through rank-4 descriptors over each (B, H, N, D) tensor with its
 N read as zeros per head and a qkv projection's views are read in place.
 
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and triton_attn_tma's forward at D
-64, where that one is faster. `auto` dispatches it at N 4096 and 16384, D 64 and 128; at D 64 and N 16384 an
-H200 measured its forward+backward at 1.15-1.17x SDPA-cuDNN's time against triton-tma's 1.30-1.34x, at D 128
-1.37-1.40x; short of parity (README, "The one-kernel backward at D 64"). Gluon has no interpreter: `python -m
-kernels.gluon_attn check` checks every config on an sm90 GPU against float64 math, `... bench` times them
-against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles the kernels for sm90 without a GPU and
-tests/test_kernels_gpu.py checks the backend on one. Written against Triton 3.6 (the GPU machine's) and
+64, where that one is faster, and the one-kernel backward at both. An H200 measured its forward+backward at
+1.14-1.18x SDPA-cuDNN's time at D 64 and 1.20-1.23x at D 128, N 16384 (triton-tma: 1.27-1.45x); at D 128,
+N 4096 the backward's launches are bound by host time. Short of parity (README, "dQ split by head-dim
+halves"). Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU
+against float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py
+compiles the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written against Triton 3.6 (the GPU machine's) and
 compiling with 3.9, whose TMA load is named async_load and whose reduce-add async_atomic_add.
 """
 
@@ -675,8 +675,8 @@ base.register_autograd(_fwd_op, _bwd_op)
 
 
 def gluon_attention(q, k, v, a, b, *, causal: bool = True) -> torch.Tensor:
-    """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels (at D 64 triton-tma's forward, then the
-    one-kernel backward). q, k, v: (B, H, N, D) bf16 or fp16, D 64 or 128; a, b: (H,). Needs an sm90 GPU.
+    """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels (at D 64 after triton-tma's forward; the
+    backward is the one-kernel one at both head dims). q, k, v: (B, H, N, D) bf16 or fp16, D 64 or 128; a, b: (H,). Needs an sm90 GPU.
     Differentiable in q, k, v, a and b."""
     inputs = base.checked_inputs("gluon", unsupported_reason(q, k, v, a, b), q, k, v, a, b)
     return _fwd_op(*inputs, causal)[0]

@@ -19,7 +19,7 @@ same release enables automatic warp specialisation of attention on Blackwell onl
 explicit control of the waits: a Gluon forward with them (commit f8d007f) measured 0.96-1.04x this one's
 time on an H200 and was removed (README, "A forward with explicit wgmma waits"). What did help is
 ping-pong between two warp groups (kernels/gluon_attn.py, the `gluon` backend: its forward at D 128, a
-one-kernel backward at D 64).
+one-kernel backward at D 64 and 128).
 
 Each descriptor covers one (B, H, N, D) tensor with its own strides (rank 4, block (1, 1, rows, D_PAD)),
 so strided views such as a permuted qkv projection are read in place, and rows past N or columns past D
