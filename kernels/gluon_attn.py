@@ -39,7 +39,6 @@ compiling with 3.9, whose TMA load is named async_load and whose reduce-add asyn
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
@@ -129,7 +128,7 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _score_matmuls(a1, a2, ring1, ring2, ready1, ready2, my_turn, j, STAGES: gl.constexpr, zero):
         # a backward consumer's turn j: once it has the turn and stage j % STAGES of both rings has arrived,
-        # issues a1 @ ring1[stage]^T and a2 @ ring2[stage]^T (S and dP, or S^T and dP^T); returns their tokens
+        # issues a1 @ ring1[stage]^T and a2 @ ring2[stage]^T (S^T and dP^T); returns their tokens
         stage = j % STAGES
         mbarrier.wait(my_turn, j & 1)
         mbarrier.wait(ready1.index(stage), (j // STAGES) & 1)
@@ -343,7 +342,7 @@ if IMPORT_ERROR is None:
             mbarrier.arrive(other_turn)
             s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
             p, ds, colsum = _bwd_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m,
-                                             cols, mask_below, n_ctx, CAUSAL, s_layout, dtype)  # fmt: skip
+                                             cols, mask_below, n_ctx, CAUSAL, dtype)  # fmt: skip
             # the other consumer read buffer buf at tile j - 2, before it passed the turn of tile j - 1
             ds_all.index(2 * C + buf).store(ds)
             fence_async_shared()
@@ -412,11 +411,9 @@ if IMPORT_ERROR is None:
 
     @gluon.jit
     def _bwd_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m, cols,
-                          mask_below, n_ctx, CAUSAL: gl.constexpr, op_layout: gl.constexpr,
-                          dtype: gl.constexpr):  # fmt: skip
-        # query tile j's transposed scores and dP (KEYS, BLOCK_M) -> P^T and dS^T in register layout
-        # op_layout (the accumulating matmuls' A operand's, or the scores' own), and the running column sums
-        # of dS^T
+                          mask_below, n_ctx, CAUSAL: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
+        # query tile j's transposed scores and dP (KEYS, BLOCK_M) -> P^T and dS^T in dtype (the scores'
+        # register layout), and the running column sums of dS^T
         BLOCK_M: gl.constexpr = offs_m.shape[0]
         start_m = m_lo + j * BLOCK_M
         rows = start_m + offs_m
@@ -430,7 +427,7 @@ if IMPORT_ERROR is None:
             p = gl.where(keep, p, 0.0)
         ds = p * (dp - gl.expand_dims(delta, 0))
         colsum += gl.sum(ds, 1)
-        return gl.convert_layout(p.to(dtype), op_layout), gl.convert_layout(ds.to(dtype), op_layout), colsum
+        return p.to(dtype), ds.to(dtype), colsum
 
     @gluon.jit
     def _dq_writer(desc_dq, dq_smem, dq_full, dq_free, row, m_lo, n_tiles):
@@ -618,7 +615,7 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     for i, bh0 in enumerate(range(0, B * H, step)):
         lane = i % len(streams)
         n = min(step, B * H - bh0)
-        with torch.cuda.stream(streams[lane]) if q.is_cuda else contextlib.nullcontext():
+        with torch.cuda.stream(streams[lane]):  # a no-op for None
             part = acc[lane : lane + 1, :n]
             part.zero_()  # tiles add into it from every key block
             kernel, args, meta, grid = bwd_launch(
