@@ -29,8 +29,7 @@ N read as zeros per head and a qkv projection's views are read in place.
 
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and triton_attn_tma's forward at D
 64, where that one is faster, and the one-kernel backward at both. An H200 measured its forward+backward at
-1.14-1.18x SDPA-cuDNN's time at D 64 and 1.20-1.23x at D 128, N 16384 (triton-tma: 1.27-1.45x); at D 128,
-N 4096 the backward's launches are bound by host time. Short of parity (README, "dQ split by head-dim
+1.14-1.18x SDPA-cuDNN's time at D 64 and 1.20-1.27x at D 128 (triton-tma: 1.27-1.45x). Short of parity (README, "dQ split by head-dim
 halves"). Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU
 against float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py
 compiles the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written against Triton 3.6 (the GPU machine's) and
@@ -447,7 +446,7 @@ if IMPORT_ERROR is None:
 
     @gluon.jit
     def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
-                  bh0, n_heads, n_ctx, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                  n_heads, n_ctx, bh0, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         # one program: keys program_id(0) * 2 * KEYS.. of (batch, head) bh0 + program_id(1), whose dQ rows are
         # that row of the accumulator; partitions: two consumers, the q/dO loader and the dQ writer
@@ -569,7 +568,8 @@ def _streams(device: torch.device) -> list:
 
 def bwd_launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal: bool, config: tuple, bh0: int = 0) -> tuple:
     """(kernel, args, constexprs, grid) of one launch of _attn_bwd over the (batch, head) rows bh0.. that grads'
-    first, a zeroed float32 (1, rows, N, D) dQ accumulator, holds (it ends as their dq).
+    first, a zeroed float32 (1, rows, N, D) dQ accumulator, holds (it ends as their dq). bh0 is the last of
+    args, so that a launch over other rows of the same accumulator changes it and the grid's rows only.
     grads: that accumulator, dk, dv (contiguous (B, H, N, D)) and the per-key da, db rows (B, H, N) float32."""
     H, N, D = q.shape[1:]
     acc, dk, dv, da_rows, db_rows = grads
@@ -578,7 +578,7 @@ def bwd_launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal: bool, config: 
     dq_desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), block,
                                gl.NVMMASharedLayout.get_default_for(block, gl.float32))  # fmt: skip
     args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), dq_desc,
-            a, b, lse, delta, kn2, dk, dv, da_rows, db_rows, bh0, H, N)  # fmt: skip
+            a, b, lse, delta, kn2, dk, dv, da_rows, db_rows, H, N, bh0)  # fmt: skip
     return _attn_bwd, args, _meta(causal, config), (triton.cdiv(N, 2 * keys), acc.shape[1])
 
 
@@ -610,18 +610,19 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     step = max(1, min(B * H, ACC_BYTES // len(streams) // (N * D * 4)))
     acc = torch.empty((len(streams), step, N, D), dtype=torch.float32, device=q.device)  # one per stream
     dq_rows = dq.view(B * H, N, D)
+    # each stream's launch built once, its descriptors included: at N 4096 host time per launch bounds the rate
+    grads = [(acc[lane : lane + 1], dk, dv, da_rows, db_rows) for lane in range(len(streams))]
+    launches = [bwd_launch(do, q, k, v, a, b, lse, delta, kn2, g, causal, config) for g in grads]
     for stream in streams[1:]:
         stream.wait_stream(streams[0])
     for i, bh0 in enumerate(range(0, B * H, step)):
         lane = i % len(streams)
         n = min(step, B * H - bh0)
+        kernel, args, meta, grid = launches[lane]
         with torch.cuda.stream(streams[lane]):  # a no-op for None
             part = acc[lane : lane + 1, :n]
             part.zero_()  # tiles add into it from every key block
-            kernel, args, meta, grid = bwd_launch(
-                do, q, k, v, a, b, lse, delta, kn2, (part, dk, dv, da_rows, db_rows), causal, config, bh0
-            )
-            kernel[grid](*args, **meta)
+            kernel[(grid[0], n)](*args[:-1], bh0, **meta)
             dq_rows[bh0 : bh0 + n].copy_(part[0])
     for stream in streams[1:]:
         streams[0].wait_stream(stream)

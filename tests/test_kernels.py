@@ -393,22 +393,23 @@ def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch):
     if gluon_attn.IMPORT_ERROR:
         pytest.skip(gluon_attn.IMPORT_ERROR)
 
-    class Launch:  # kernel[grid](*args, **constexprs) runs fn(*args)
+    class Launch:  # kernel[grid](*args, **constexprs) runs fn(grid, *args)
         def __init__(self, fn):
             self.fn = fn
 
         def __getitem__(self, grid):
-            return lambda *args, **meta: self.fn(*args)
+            return lambda *args, **meta: self.fn(grid, *args)
 
     seen = []
 
-    def fill(acc, bh0):  # row r of the launch's accumulator: bh0 + r everywhere
-        assert acc.dtype == torch.float32 and not acc.any()
-        seen.append((bh0, acc.shape[1]))
-        acc.copy_(torch.arange(bh0, bh0 + acc.shape[1], dtype=torch.float32).view(1, -1, 1, 1).expand_as(acc))
+    def fill(grid, acc, bh0):  # the grid's rows of the accumulator: row r holds bh0 + r everywhere
+        rows = acc[:, : grid[1]]
+        assert acc.dtype == torch.float32 and not rows.any()
+        seen.append((bh0, grid[1]))
+        rows.copy_(torch.arange(bh0, bh0 + grid[1], dtype=torch.float32).view(1, -1, 1, 1).expand_as(rows))
 
     def launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal, config, bh0=0):
-        return Launch(fill), (grads[0], bh0), {}, None
+        return Launch(fill), (grads[0], bh0), {}, (8, grads[0].shape[1])
 
     monkeypatch.setattr(triton_attn, "_bwd_preprocess", Launch(lambda *args: None))
     monkeypatch.setattr(gluon_attn, "bwd_launch", launch)

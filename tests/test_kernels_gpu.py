@@ -208,9 +208,20 @@ def test_gluon_backward_runs_over_a_few_rows_at_a_time(poisoned, monkeypatch):
     starts = []
     launch = gluon_attn.bwd_launch
 
-    def spy(*args):
-        starts.append(args[12])  # bh0, the first row of the launch
-        return launch(*args)
+    class Spy:  # records each launch's first row, bh0, its last argument
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                starts.append(args[-1])
+                return self.kernel[grid](*args, **meta)
+
+            return run
+
+    def spy(*args, **kwargs):
+        kernel, kernel_args, meta, grid = launch(*args, **kwargs)
+        return Spy(kernel), kernel_args, meta, grid
 
     monkeypatch.setattr(gluon_attn, "bwd_launch", spy)
     q, k, v, a, b, do = make_inputs(2, 3, 1000, 64, BF16, "cuda")
