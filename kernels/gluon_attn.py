@@ -69,12 +69,8 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 # STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS); bwd: (query tile, keys per consumer, ...)
 HEAD_DIMS = (64, 128)
 CONFIGS = {
-    "fwd": {
-        64: [(64, 128, 2, 160, 24, False, 3), (64, 128, 2, 160, 24, True, 3), (64, 128, 3, 160, 24, False, 3),
-             (64, 128, 3, 232, 24, True, 2), (64, 64, 3, 160, 24, True, 3), (64, 64, 3, 160, 24, False, 3),
-             (64, 64, 4, 160, 24, True, 3)],
-        128: [(64, 128, 2, 232, 24, False, 2), (64, 128, 2, 232, 24, True, 2), (64, 64, 2, 160, 24, False, 3),
-              (64, 128, 2, 160, 24, False, 3)],
+    "fwd": {  # none at D 64, where the backend runs triton_attn_tma's forward, the faster there
+        128: [(64, 128, 2, 232, 24, False), (64, 128, 2, 232, 24, True)],
     },
     "bwd": {
         64: [(64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, False), (64, 64, 2, 240, 24, False)],
@@ -257,60 +253,40 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _attn_fwd(desc_q, desc_k, desc_v, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
-                  num_warps: gl.constexpr):  # fmt: skip
-        # one program: CONSUMERS * BLOCK_M queries of one (batch, head), the longest causal rows first, and
-        # CONSUMERS (2 or 3) consumers in a ring of turns. desc_*: descriptors over (B, H, N, D)
-        # (_descriptor); KN2, LSE (B, H, N) float32; O (B, H, N, D), strides sob, soh, son
+                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        # one program: 2 * BLOCK_M queries of one (batch, head), the longest causal rows first. desc_*:
+        # descriptors over (B, H, N, D) (_descriptor); KN2, LSE (B, H, N) float32; O (B, H, N, D), strides
+        # sob, soh, son
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
-        group = gl.num_programs(0) - 1 - gl.program_id(0)
+        pair = gl.num_programs(0) - 1 - gl.program_id(0)
         bh = gl.program_id(1)
-        q0 = group * CONSUMERS * BLOCK_M
-        if CAUSAL:  # every consumer runs the last one's tiles (the others' extra rows are masked)
-            hi = gl.minimum(q0 + CONSUMERS * BLOCK_M, n_ctx)
+        q0 = pair * 2 * BLOCK_M
+        if CAUSAL:  # both consumers run the second one's tiles (the first's extra rows are masked)
+            hi = gl.minimum(q0 + 2 * BLOCK_M, n_ctx)
         else:
             hi = n_ctx
         n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
-        q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, D], _TILE_LAYOUT)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], _TILE_LAYOUT)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
-        q_bars, turns, k_ready, v_ready, empty = _barriers(STAGES, CONSUMERS)
-        if CONSUMERS == 2:
-            gl.warp_specialize(
-                [
-                    (_consumer, (desc_q, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready,
-                                 empty, turns.index(0), turns.index(1), A, B, O, LSE, KN2, sob, soh, son,
-                                 n_heads, n_ctx, q0, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                    (_consumer, (desc_q, q_smem.index(1), q_bars.index(1), k_smem, v_smem, k_ready, v_ready,
-                                 empty, turns.index(1), turns.index(0), A, B, O, LSE, KN2, sob, soh, son,
-                                 n_heads, n_ctx, q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                    (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh, n_heads, 0, n_tiles,
-                               STAGES)),
-                ],
-                [4, 1],
-                [CONSUMER_REGS, LOADER_REGS],
-            )
-        else:
-            gl.warp_specialize(
-                [
-                    (_consumer, (desc_q, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready,
-                                 empty, turns.index(0), turns.index(1), A, B, O, LSE, KN2, sob, soh, son,
-                                 n_heads, n_ctx, q0, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                    (_consumer, (desc_q, q_smem.index(1), q_bars.index(1), k_smem, v_smem, k_ready, v_ready,
-                                 empty, turns.index(1), turns.index(2), A, B, O, LSE, KN2, sob, soh, son,
-                                 n_heads, n_ctx, q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                    (_consumer, (desc_q, q_smem.index(2), q_bars.index(2), k_smem, v_smem, k_ready, v_ready,
-                                 empty, turns.index(2), turns.index(0), A, B, O, LSE, KN2, sob, soh, son,
-                                 n_heads, n_ctx, q0 + 2 * BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                    (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh, n_heads, 0, n_tiles,
-                               STAGES)),
-                ],
-                [4, 4, 1],
-                [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
-            )  # fmt: skip
+        q_bars, turns, k_ready, v_ready, empty = _barriers(STAGES)
+        gl.warp_specialize(
+            [
+                (_consumer, (desc_q, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready, empty,
+                             turns.index(0), turns.index(1), A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
+                             q0, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
+                (_consumer, (desc_q, q_smem.index(1), q_bars.index(1), k_smem, v_smem, k_ready, v_ready, empty,
+                             turns.index(1), turns.index(0), A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
+                             q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
+                (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh, n_heads, 0, n_tiles,
+                           STAGES)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, LOADER_REGS],
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------
     # backward, one kernel (FlashAttention-3's schedule): a program owns 2 * KEYS keys of one (batch, head),
@@ -492,7 +468,7 @@ if IMPORT_ERROR is None:
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         ds_all = gl.allocate_shared_memory(dtype, [4, KEYS, BLOCK_M], _TILE_LAYOUT)
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D // 2], _DQ_LAYOUT)
-        kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES, 2)
+        kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
         # per dS buffer: both consumers' dS^T are in; per dQ half: it is in, the writer has freed it
         ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -521,22 +497,22 @@ if IMPORT_ERROR is None:
         )  # fmt: skip
 
     @gluon.jit
-    def _barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    def _barriers(STAGES: gl.constexpr):
         # the mbarriers of a ping-pong program: one per consumer for its own tiles, one per consumer for its
         # turn (the first consumer's turn already given), and the ring's ready (two tensors) and empty ones
-        # (released by every consumer)
-        own = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+        # (released by both consumers)
+        own = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         ready_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         ready_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(CONSUMERS):
+        for i in gl.static_range(2):
             mbarrier.init(own.index(i), count=1)
             mbarrier.init(turns.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready_a.index(i), count=1)
             mbarrier.init(ready_b.index(i), count=1)
-            mbarrier.init(empty.index(i), count=CONSUMERS)
+            mbarrier.init(empty.index(i), count=2)
         fence_async_shared()
         mbarrier.arrive(turns.index(0))
         return own, turns, ready_a, ready_b, empty
@@ -552,7 +528,7 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 
 
 def _meta(causal: bool, config: tuple) -> dict:
-    stages, consumer_regs, loader_regs, a_regs = config[2:6]
+    stages, consumer_regs, loader_regs, a_regs = config[2:]
     return dict(
         CAUSAL=causal,
         STAGES=stages,
@@ -567,10 +543,9 @@ def launch_args(q, k, v, a, b, o, lse, kn2, causal: bool, config: tuple) -> tupl
     """(args, constexprs, grid) of one launch of _attn_fwd."""
     B, H, N, _ = q.shape
     block_m, block_n = config[:2]
-    consumers = config[6]
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), a, b, o, lse, kn2,
             *o.stride()[:3], H, N)  # fmt: skip
-    return args, {**_meta(causal, config), "CONSUMERS": consumers}, (triton.cdiv(N, consumers * block_m), B * H)
+    return args, _meta(causal, config), (triton.cdiv(N, 2 * block_m), B * H)
 
 
 # the one-kernel backward's float32 dQ accumulator holds at most this many bytes (the rows of 1024 programs
