@@ -73,7 +73,7 @@ CONFIGS = {
         128: [(64, 128, 2, 232, 24, False), (64, 128, 2, 232, 24, True)],
     },
     "bwd": {
-        64: [(64, 64, 3, 240, 24, False), (128, 64, 2, 240, 24, False), (128, 64, 2, 240, 24, True)],
+        64: [(64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, False), (64, 64, 2, 240, 24, False)],
         128: [(64, 64, 2, 240, 24, False), (64, 64, 3, 240, 24, False)],
     },
 }  # fmt: skip
@@ -310,13 +310,8 @@ if IMPORT_ERROR is None:
         k_smem = k_all.index(C)
         KEYS: gl.constexpr = k_smem.shape[0]
         D: gl.constexpr = k_smem.shape[1]
-        # consumer C's share of dQ: rows C * DQ_ROWS.. of a 128-row query tile (FlashAttention-3's hdim-64
-        # split), or columns C * DQ_COLS.. of a 64-row one (its hdim-128 split)
-        DQ_ROWS: gl.constexpr = dq_smem.shape[1]
-        DQ_COLS: gl.constexpr = dq_smem.shape[2]
+        HALF: gl.constexpr = D // 2
         BLOCK_M: gl.constexpr = q_smem.shape[1]
-        ROW0: gl.constexpr = C * DQ_ROWS if DQ_ROWS < BLOCK_M else 0
-        COL0: gl.constexpr = C * DQ_COLS if DQ_COLS < D else 0
         dtype: gl.constexpr = k_smem.dtype
         s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_M)  # the transposed scores (KEYS, BLOCK_M)
         o_layout: gl.constexpr = _wgmma_layout(W, D)
@@ -327,16 +322,17 @@ if IMPORT_ERROR is None:
         a2 = a * _LOG2E
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         s_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
-        dq_zero = gl.zeros([DQ_ROWS, DQ_COLS], gl.float32, _wgmma_layout(W, DQ_COLS))
+        dq_zero = gl.zeros([BLOCK_M, HALF], gl.float32, _wgmma_layout(W, HALF))
         dk = gl.zeros([KEYS, D], gl.float32, o_layout)
         dv = gl.zeros([KEYS, D], gl.float32, o_layout)
         colsum = gl.zeros([KEYS], gl.float32, gl.SliceLayout(1, s_layout))
         mbarrier.wait(kv_bar, 0)
         k_a = _a_operand(k_smem, s_layout, A_REGS)
         v_a = _a_operand(v_smem, s_layout, A_REGS)
-        # dQ's B operands: both key tiles, or their columns of half C
-        k_dq0 = k_all.index(0).slice(COL0, DQ_COLS, dim=1)
-        k_dq1 = k_all.index(1).slice(COL0, DQ_COLS, dim=1)
+        k_half0 = k_all.index(0).slice(
+            C * HALF, HALF, dim=1
+        )  # dQ's B operands: both tiles' columns of half C
+        k_half1 = k_all.index(1).slice(C * HALF, HALF, dim=1)
         for j in range(n_tiles):
             stage = j % STAGES
             buf = j % 2
@@ -355,11 +351,9 @@ if IMPORT_ERROR is None:
             dv_tok = warpgroup_mma(p, do_smem.index(stage), dv, is_async=True)
             dk_tok = warpgroup_mma(ds, q_smem.index(stage), dk, is_async=True)
             mbarrier.wait(ds_ready.index(buf), (j // 2) & 1)  # both consumers' dS^T of tile j are in
-            # dQ's A operands: both consumers' dS of tile j, or their rows of share C
-            ds0 = ds_all.index(buf).slice(ROW0, DQ_ROWS, dim=1)
-            ds1 = ds_all.index(2 + buf).slice(ROW0, DQ_ROWS, dim=1)
-            dq_tok = warpgroup_mma(ds0.permute((1, 0)), k_dq0, dq_zero, use_acc=False, is_async=True)
-            dq_tok = warpgroup_mma(ds1.permute((1, 0)), k_dq1, dq_tok, is_async=True)
+            dq_tok = warpgroup_mma(ds_all.index(buf).permute((1, 0)), k_half0, dq_zero, use_acc=False,
+                                   is_async=True)  # fmt: skip
+            dq_tok = warpgroup_mma(ds_all.index(2 + buf).permute((1, 0)), k_half1, dq_tok, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq_tok,))
             mbarrier.wait(dq_free.index(C), (j & 1) ^ 1)  # a fresh barrier's previous phase has completed
             dq_smem.index(C).store(dq * a)
@@ -435,18 +429,16 @@ if IMPORT_ERROR is None:
         return p.to(dtype), ds.to(dtype), colsum
 
     @gluon.jit
-    def _dq_writer(desc_dq, dq_smem, dq_full, dq_free, row, m_lo, n_tiles, BLOCK_M: gl.constexpr):
-        # one warp: adds the two dQ shares of query tile j (BLOCK_M rows) into row `row` of the float32 (1,
-        # rows, N, D) accumulator by TMA, then frees them
+    def _dq_writer(desc_dq, dq_smem, dq_full, dq_free, row, m_lo, n_tiles):
+        # one warp: adds query tile j's two dQ halves into row `row` of the float32 (1, rows, N, D)
+        # accumulator by TMA, then frees them
         ROWS: gl.constexpr = dq_smem.shape[1]
-        COLS: gl.constexpr = dq_smem.shape[2]
-        ROW_SPLIT: gl.constexpr = ROWS < BLOCK_M
+        HALF: gl.constexpr = dq_smem.shape[2]
         for j in range(n_tiles):
             for c in gl.static_range(2):
                 mbarrier.wait(dq_full.index(c), j & 1)
                 _tma_add(
-                    desc_dq, [0, row, m_lo + j * BLOCK_M + c * ROWS * ROW_SPLIT, c * COLS * (1 - ROW_SPLIT)],
-                    dq_smem.index(c).reshape([1, 1, ROWS, COLS]),
+                    desc_dq, [0, row, m_lo + j * ROWS, c * HALF], dq_smem.index(c).reshape([1, 1, ROWS, HALF])
                 )
             tma.store_wait(0)
             for c in gl.static_range(2):
@@ -475,10 +467,7 @@ if IMPORT_ERROR is None:
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         ds_all = gl.allocate_shared_memory(dtype, [4, KEYS, BLOCK_M], _TILE_LAYOUT)
-        if BLOCK_M >= 128:  # a consumer's share of dQ: half its rows, or half its columns
-            dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M // 2, D], _DQ_LAYOUT)
-        else:
-            dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D // 2], _DQ_LAYOUT)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D // 2], _DQ_LAYOUT)
         kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
         # per dS buffer: both consumers' dS^T are in; per dQ half: it is in, the writer has freed it
         ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -501,7 +490,7 @@ if IMPORT_ERROR is None:
                                  n_heads, n_ctx, k0 + KEYS, m_lo, n_tiles, bh, 1, CAUSAL, STAGES, A_REGS)),
                 (_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, empty, bh, n_heads, m_lo,
                            n_tiles, STAGES)),
-                (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, gl.program_id(1), m_lo, n_tiles, BLOCK_M)),
+                (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, gl.program_id(1), m_lo, n_tiles)),
             ],
             [4, 1, 1],
             [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
@@ -585,7 +574,7 @@ def bwd_launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal: bool, config: 
     H, N, D = q.shape[1:]
     acc, dk, dv, da_rows, db_rows = grads
     rows, keys = config[:2]
-    block = [1, 1, rows // 2, D] if rows >= 128 else [1, 1, rows, D // 2]  # a consumer's share of dQ
+    block = [1, 1, rows, D // 2]
     dq_desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), block,
                                gl.NVMMASharedLayout.get_default_for(block, gl.float32))  # fmt: skip
     args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), dq_desc,
