@@ -29,11 +29,12 @@ N read as zeros per head and a qkv projection's views are read in place.
 
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and triton_attn_tma's forward at D
 64, where that one is faster, and the one-kernel backward at both. An H200 measured its forward+backward at
-1.14-1.18x SDPA-cuDNN's time at D 64 and 1.20-1.27x at D 128 (triton-tma: 1.27-1.45x). Short of parity (README, "dQ split by head-dim
-halves"). Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU
-against float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py
-compiles the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written against Triton 3.6 (the GPU machine's) and
-compiling with 3.9, whose TMA load is named async_load and whose reduce-add async_atomic_add.
+1.14-1.18x SDPA-cuDNN's time at D 64 and 1.20-1.27x at D 128 (triton-tma: 1.27-1.45x). Short of parity
+(README, "dQ split by head-dim halves"). Gluon has no interpreter: `python -m kernels.gluon_attn check`
+checks every config on an sm90 GPU against float64 math, `... bench` times them against SDPA-cuDNN and
+triton-tma; tests/test_kernels.py compiles the kernels for sm90 without a GPU and tests/test_kernels_gpu.py
+checks the backend on one. Written against Triton 3.6 (the GPU machine's) and compiling with 3.9, whose TMA
+load is named async_load and whose reduce-add async_atomic_add.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ from kernels import triton_attn_tma
 LOG2E = 1.4426950408889634  # scores live in base 2
 
 # per kernel and head dim, as benchmarked; the first is the default. fwd: (query rows per consumer, key tile,
-# STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS); bwd: (query tile, keys per consumer, ...)
-HEAD_DIMS = (64, 128)
+# STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS); bwd: (query tile, keys per consumer, ...). The backend takes
+# the head dims of "bwd"
 CONFIGS = {
     "fwd": {  # none at D 64, where the backend runs triton_attn_tma's forward, the faster there
         128: [(64, 128, 2, 232, 24, False), (64, 128, 2, 232, 24, True)],
@@ -329,9 +330,8 @@ if IMPORT_ERROR is None:
         mbarrier.wait(kv_bar, 0)
         k_a = _a_operand(k_smem, s_layout, A_REGS)
         v_a = _a_operand(v_smem, s_layout, A_REGS)
-        k_half0 = k_all.index(0).slice(
-            C * HALF, HALF, dim=1
-        )  # dQ's B operands: both tiles' columns of half C
+        # dQ's B operands: both key tiles' columns of half C
+        k_half0 = k_all.index(0).slice(C * HALF, HALF, dim=1)
         k_half1 = k_all.index(1).slice(C * HALF, HALF, dim=1)
         for j in range(n_tiles):
             stage = j % STAGES
@@ -674,8 +674,8 @@ base.register_autograd(_fwd_op, _bwd_op)
 
 def gluon_attention(q, k, v, a, b, *, causal: bool = True) -> torch.Tensor:
     """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels (at D 64 after triton-tma's forward; the
-    backward is the one-kernel one at both head dims). q, k, v: (B, H, N, D) bf16 or fp16, D 64 or 128; a, b: (H,). Needs an sm90 GPU.
-    Differentiable in q, k, v, a and b."""
+    backward is the one-kernel one at both head dims). q, k, v: (B, H, N, D) bf16 or fp16, D 64 or 128;
+    a, b: (H,). Needs an sm90 GPU. Differentiable in q, k, v, a and b."""
     inputs = base.checked_inputs("gluon", unsupported_reason(q, k, v, a, b), q, k, v, a, b)
     return _fwd_op(*inputs, causal)[0]
 
@@ -693,8 +693,8 @@ def unsupported_reason(q, k, v, a, b) -> str | None:
         return reason
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the Gluon kernels take bfloat16 or float16; got {q.dtype}"
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"the Gluon kernels take head dim {' or '.join(map(str, HEAD_DIMS))}; got {q.shape[-1]}"
+    if q.shape[-1] not in CONFIGS["bwd"]:
+        return f"the Gluon kernels take head dim {' or '.join(map(str, CONFIGS['bwd']))}; got {q.shape[-1]}"
     capability = torch.cuda.get_device_capability(q.device)
     if capability != (9, 0):
         return (
@@ -704,7 +704,7 @@ def unsupported_reason(q, k, v, a, b) -> str | None:
 
 
 def _check(dtypes=(torch.bfloat16, torch.float16)) -> bool:
-    # every config of the three kernels against float64 math: o, and dq, dk, dv, da, db (relative to the
+    # every config of the two kernels against float64 math: o, and dq, dk, dv, da, db (relative to the
     # largest element of each); in fp16 the first config of each
     from kernels import reference
 
