@@ -16,9 +16,11 @@ The forward's consumers own 64 query rows each and the loader brings k and v til
 kernel: each consumer owns 64 keys, the loader brings q and dO tiles, and per query tile a consumer runs
 S^T, dP^T, dV and dK, and half of dQ: both consumers store dS^T to shared memory and consumer c computes
 dQ's head-dim half c over both consumers' keys, so dQ's accumulator is (64, D/2) and no share is summed
-(FlashAttention-3's hdim-128 split). A writer warp adds the halves into a float32 dQ accumulator by TMA
-reduce-add (cp.reduce.async.bulk.tensor); the accumulator covers ACC_BYTES of (batch, head) rows at a time,
-so peak memory stays near triton-tma's backward.
+(FlashAttention-3's hdim-128 split). A consumer stores its half in the order of the registers that hold
+it (_fragment_order) and a writer warp adds both halves into a float32 accumulator laid out the same way,
+by TMA reduce-add (cp.reduce.async.bulk.tensor); _dq_from_fragments, a plain Triton kernel, then writes dq
+in natural order. The accumulator covers ACC_BYTES of (batch, head) rows at a time, so peak memory stays
+near triton-tma's backward.
 
 Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
 loader (and the writer); with A_REGS a consumer keeps its own tiles in registers as the A operand of its
@@ -29,12 +31,12 @@ N read as zeros per head and a qkv projection's views are read in place.
 
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and triton_attn_tma's forward at D
 64, where that one is faster, and the one-kernel backward at both. An H200 measured its forward+backward at
-1.14-1.18x SDPA-cuDNN's time at D 64 and 1.20-1.27x at D 128 (triton-tma: 1.27-1.45x). Short of parity
-(README, "dQ split by head-dim halves"). Gluon has no interpreter: `python -m kernels.gluon_attn check`
-checks every config on an sm90 GPU against float64 math, `... bench` times them against SDPA-cuDNN and
-triton-tma; tests/test_kernels.py compiles the kernels for sm90 without a GPU and tests/test_kernels_gpu.py
-checks the backend on one. Written against Triton 3.6 (the GPU machine's) and compiling with 3.9, whose TMA
-load is named async_load and whose reduce-add async_atomic_add.
+1.13-1.20x SDPA-cuDNN's time at D 64 and 1.18-1.23x at D 128 (triton-tma: 1.29-1.46x). Short of parity
+(README, "dQ split by head-dim halves" and "dQ in fragment order"). Gluon has no interpreter: `python -m
+kernels.gluon_attn check` checks every config on an sm90 GPU against float64 math, `... bench` times them
+against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles the kernels for sm90 without a GPU and
+tests/test_kernels_gpu.py checks the backend on one. Written against Triton 3.6 (the GPU machine's) and
+compiling with 3.9, whose TMA load is named async_load and whose reduce-add async_atomic_add.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import sys
 
 import torch
 import triton
+import triton.language as tl
 
 try:
     from triton.experimental import gluon
@@ -95,8 +98,21 @@ if IMPORT_ERROR is None:
     # the tiles' shared-memory layout: rows of 128 or 256 bytes (D 64 or 128 in 16 bits), 128-byte swizzle,
     # as wgmma reads them and as TMA writes a descriptor's (1, 1, rows, D) block
     _TILE_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    # the one-kernel backward's float32 dQ tiles, as wgmma's result is stored and TMA reads it
-    _DQ_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    # the one-kernel backward's float32 dQ tiles in fragment order (_fragment_order), unswizzled, as TMA
+    # reads them
+    _DQ_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+    @gluon.jit
+    def _fragment_order(x):
+        # a consumer's (64, HALF) wgmma result -> (HALF / 4, 256) in the order of the registers that hold it:
+        # row 16 w + 8 h + r, column 8 i + c (warp w, lane 4 r + c / 2) goes to row h HALF / 8 + i, column
+        # 64 w + 8 r + c, so that each of a warp's stores writes 256 contiguous bytes (into the swizzled
+        # (64, HALF) tile at D 128 a store took 6.5 shared-memory wavefronts, 2 here); _dq_from_fragments
+        # undoes it
+        gl.static_assert(x.shape[0] == 64)
+        HALF: gl.constexpr = x.shape[1]
+        x = gl.permute(gl.reshape(x, [4, 2, 8, HALF // 8, 8]), (1, 3, 0, 2, 4))
+        return gl.reshape(x, [HALF // 4, 256])
 
     @gluon.jit
     def _load_tile(desc, bh, n_heads, row, bar, smem):
@@ -356,7 +372,7 @@ if IMPORT_ERROR is None:
             dq_tok = warpgroup_mma(ds_all.index(2 + buf).permute((1, 0)), k_half1, dq_tok, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq_tok,))
             mbarrier.wait(dq_free.index(C), (j & 1) ^ 1)  # a fresh barrier's previous phase has completed
-            dq_smem.index(C).store(dq * a)
+            dq_smem.index(C).store(_fragment_order(dq * a))
             fence_async_shared()
             mbarrier.arrive(dq_full.index(C))
             dv, dk, p, ds = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p, ds))
@@ -429,17 +445,15 @@ if IMPORT_ERROR is None:
         return p.to(dtype), ds.to(dtype), colsum
 
     @gluon.jit
-    def _dq_writer(desc_dq, dq_smem, dq_full, dq_free, row, m_lo, n_tiles):
-        # one warp: adds query tile j's two dQ halves into row `row` of the float32 (1, rows, N, D)
-        # accumulator by TMA, then frees them
-        ROWS: gl.constexpr = dq_smem.shape[1]
-        HALF: gl.constexpr = dq_smem.shape[2]
+    def _dq_writer(desc_dq, dq_smem, dq_full, dq_free, row, t_lo, n_tiles):
+        # one warp: adds query tile t_lo + j's two dQ halves (each (CHUNK, 256) in fragment order) into row
+        # `row` of the float32 (1, rows, fragment_rows, 256) accumulator by TMA, then frees them
+        CHUNK: gl.constexpr = dq_smem.shape[1]
         for j in range(n_tiles):
             for c in gl.static_range(2):
                 mbarrier.wait(dq_full.index(c), j & 1)
-                _tma_add(
-                    desc_dq, [0, row, m_lo + j * ROWS, c * HALF], dq_smem.index(c).reshape([1, 1, ROWS, HALF])
-                )
+                chunk = ((t_lo + j) * 2 + c) * CHUNK
+                _tma_add(desc_dq, [0, row, chunk, 0], dq_smem.index(c).reshape([1, 1, CHUNK, 256]))
             tma.store_wait(0)
             for c in gl.static_range(2):
                 mbarrier.arrive(dq_free.index(c))
@@ -467,7 +481,8 @@ if IMPORT_ERROR is None:
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         ds_all = gl.allocate_shared_memory(dtype, [4, KEYS, BLOCK_M], _TILE_LAYOUT)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D // 2], _DQ_LAYOUT)
+        # dQ's halves in fragment order
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, D // 8, 256], _DQ_LAYOUT)
         kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
         # per dS buffer: both consumers' dS^T are in; per dQ half: it is in, the writer has freed it
         ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -490,7 +505,8 @@ if IMPORT_ERROR is None:
                                  n_heads, n_ctx, k0 + KEYS, m_lo, n_tiles, bh, 1, CAUSAL, STAGES, A_REGS)),
                 (_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, empty, bh, n_heads, m_lo,
                            n_tiles, STAGES)),
-                (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, gl.program_id(1), m_lo, n_tiles)),
+                (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, gl.program_id(1), m_lo // BLOCK_M,
+                              n_tiles)),
             ],
             [4, 1, 1],
             [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
@@ -568,18 +584,49 @@ def _streams(device: torch.device) -> list:
 
 def bwd_launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal: bool, config: tuple, bh0: int = 0) -> tuple:
     """(kernel, args, constexprs, grid) of one launch of _attn_bwd over the (batch, head) rows bh0.. that grads'
-    first, a zeroed float32 (1, rows, N, D) dQ accumulator, holds (it ends as their dq). bh0 is the last of
-    args, so that a launch over other rows of the same accumulator changes it and the grid's rows only.
+    first, a zeroed float32 (1, rows, fragment_rows(N, D), 256) dQ accumulator, holds (_dq_from_fragments
+    makes it their dq). bh0 is the last of args, so that a launch over other rows of the same accumulator
+    changes it and the grid's rows only.
     grads: that accumulator, dk, dv (contiguous (B, H, N, D)) and the per-key da, db rows (B, H, N) float32."""
     H, N, D = q.shape[1:]
     acc, dk, dv, da_rows, db_rows = grads
     rows, keys = config[:2]
-    block = [1, 1, rows, D // 2]
-    dq_desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), block,
-                               gl.NVMMASharedLayout.get_default_for(block, gl.float32))  # fmt: skip
+    block = [1, 1, D // 8, 256]  # one query tile's dQ half in fragment order, unswizzled
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
+    dq_desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), block, layout)
     args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), dq_desc,
             a, b, lse, delta, kn2, dk, dv, da_rows, db_rows, H, N, bh0)  # fmt: skip
     return _attn_bwd, args, _meta(causal, config), (triton.cdiv(N, 2 * keys), acc.shape[1])
+
+
+def fragment_rows(n: int, d: int) -> int:
+    """Rows of 256 float32 that the dQ accumulator holds per (batch, head): per 64-row query tile, its two
+    head-dim halves, each (d / 8, 256) in _fragment_order."""
+    return triton.cdiv(n, 64) * d // 4
+
+
+@triton.jit
+def _dq_from_fragments(ACC, DQ, n_ctx, HEAD_DIM: tl.constexpr):
+    # program (t, r): query tile t of accumulator row r, (64, HEAD_DIM) float32 in _fragment_order per
+    # head-dim half -> rows 64 t.. of dq row r (rows below n_ctx), 8 columns (32 contiguous bytes) at a
+    # time; leaves the tile zeroed for the accumulator's next launch
+    t = tl.program_id(0)
+    r = tl.program_id(1)
+    GROUPS: tl.constexpr = HEAD_DIM // 16  # of 8 columns per half
+    rows = tl.arange(0, 64)[:, None, None]  # 16 w + 8 h + r
+    group = tl.arange(0, HEAD_DIM // 8)[None, :, None]  # GROUPS half + i
+    cols = tl.arange(0, 8)[None, None, :]  # c
+    chunk_row = (group // GROUPS * 2 + rows // 8 % 2) * GROUPS + group % GROUPS  # half, h, i
+    tile = ACC + (r * tl.num_programs(0) + t).to(tl.int64) * 64 * HEAD_DIM
+    src = tile + chunk_row * 256 + rows // 16 * 64 + rows % 8 * 8 + cols
+    x = tl.load(src)
+    # the zeros may be stored in another layout than the load's (the compiler's choice), so by other threads:
+    # every thread's load first
+    tl.debug_barrier()
+    tl.store(src, tl.zeros_like(x))
+    m = t * 64 + rows
+    dq = DQ + (r.to(tl.int64) * n_ctx + m) * HEAD_DIM + group * 8 + cols
+    tl.store(dq, x.to(DQ.dtype.element_ty), mask=m < n_ctx)
 
 
 def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -607,8 +654,9 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     config = config or CONFIGS["bwd"][D][0]
     dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
     streams = _streams(q.device) if q.is_cuda else [None]
-    step = max(1, min(B * H, ACC_BYTES // len(streams) // (N * D * 4)))
-    acc = torch.empty((len(streams), step, N, D), dtype=torch.float32, device=q.device)  # one per stream
+    step = max(1, min(B * H, ACC_BYTES // len(streams) // (fragment_rows(N, D) * 256 * 4)))
+    # one per stream, zeroed here and by each conversion to dq after
+    acc = torch.zeros((len(streams), step, fragment_rows(N, D), 256), dtype=torch.float32, device=q.device)
     dq_rows = dq.view(B * H, N, D)
     # each stream's launch built once, its descriptors included: at N 4096 host time per launch bounds the rate
     grads = [(acc[lane : lane + 1], dk, dv, da_rows, db_rows) for lane in range(len(streams))]
@@ -620,10 +668,8 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
         n = min(step, B * H - bh0)
         kernel, args, meta, grid = launches[lane]
         with torch.cuda.stream(streams[lane]):  # a no-op for None
-            part = acc[lane : lane + 1, :n]
-            part.zero_()  # tiles add into it from every key block
             kernel[(grid[0], n)](*args[:-1], bh0, **meta)
-            dq_rows[bh0 : bh0 + n].copy_(part[0])
+            _dq_from_fragments[(triton.cdiv(N, 64), n)](acc[lane, :n], dq_rows[bh0 : bh0 + n], N, HEAD_DIM=D)
     for stream in streams[1:]:
         streams[0].wait_stream(stream)
     return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))

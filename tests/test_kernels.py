@@ -361,7 +361,7 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
         args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, *rows[:2], True,
                                                gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
         launches.append((gluon_attn._attn_fwd, args, meta, 8))
-    acc = torch.empty(1, 2, 1024, head_dim)
+    acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)
     kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, *rows[:3], (acc, k, v, *rows[3:]), True,
                                                   gluon_attn.CONFIGS["bwd"][head_dim][0])  # fmt: skip
     launches.append((kernel, args, meta, 12))
@@ -411,15 +411,62 @@ def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch):
     def launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal, config, bh0=0):
         return Launch(fill), (grads[0], bh0), {}, (8, grads[0].shape[1])
 
+    def convert(grid, acc, dq, n_ctx):  # _dq_from_fragments in torch
+        dq.copy_(from_fragments(acc, n_ctx, dq.shape[-1]))
+        acc.zero_()
+
     monkeypatch.setattr(triton_attn, "_bwd_preprocess", Launch(lambda *args: None))
     monkeypatch.setattr(gluon_attn, "bwd_launch", launch)
-    monkeypatch.setattr(gluon_attn, "ACC_BYTES", 4 * 1000 * 64 * 4)  # N 1000, D 64: 4 rows a launch
+    monkeypatch.setattr(gluon_attn, "_dq_from_fragments", Launch(convert))
+    # N 1000 (16 query tiles), D 64: 4 rows a launch
+    monkeypatch.setattr(gluon_attn, "ACC_BYTES", 4 * gluon_attn.fragment_rows(1000, 64) * 256 * 4)
     B, H, N, D = 2, 5, 1000, 64
     q, k, v, o, do = (torch.randn(B, H, N, D).to(torch.bfloat16) for _ in range(5))
     dq = gluon_attn.backward(do, q, k, v, torch.ones(H), torch.zeros(H), o, torch.zeros(B, H, N), True)[0]
     assert seen == [(0, 4), (4, 4), (8, 2)]
     assert dq.dtype == torch.bfloat16
     assert torch.equal(dq.view(B * H, N, D), torch.arange(B * H).view(-1, 1, 1).expand(-1, N, D).to(dq.dtype))
+
+
+def to_fragments(dq):
+    # (rows, N, D) -> the Gluon backward's dQ accumulator (rows, fragment_rows, 256): gluon_attn._fragment_order
+    # per 64-row query tile (w, h, r) and head-dim half (half, i, c), rows past N zero
+    rows, n, d = dq.shape
+    tiles = -(-n // 64)
+    padded = torch.zeros(rows, tiles * 64, d, dtype=dq.dtype)
+    padded[:, :n] = dq
+    x = padded.view(rows, tiles, 4, 2, 8, 2, d // 16, 8)  # t, w, h, r, half, i, c
+    return x.permute(0, 1, 5, 3, 6, 2, 4, 7).reshape(rows, tiles * d // 4, 256)  # t, half, h, i, w, r, c
+
+
+def from_fragments(acc, n, d):
+    # the inverse of to_fragments
+    x = acc.view(acc.shape[0], -1, 2, 2, d // 16, 4, 8, 8).permute(0, 1, 5, 3, 6, 2, 4, 7)
+    return x.reshape(acc.shape[0], -1, d)[:, :n]
+
+
+def test_fragment_order_round_trips():
+    dq = torch.randn(3, 130, 64)
+    acc = to_fragments(dq)
+    assert acc.shape == (3, 3 * 16, 256) and torch.equal(from_fragments(acc, 130, 64), dq)
+    tile = torch.arange(64 * 64.0).view(1, 64, 64)  # one tile, D 64: halves of 32 columns
+    # row 16 w + 8 h + r, column 8 i + c of a half -> chunk row h * 4 + i, column 64 w + 8 r + c
+    w, h, r, i, c = 2, 1, 5, 3, 6
+    assert to_fragments(tile)[0, h * 4 + i, 64 * w + 8 * r + c] == tile[0, 16 * w + 8 * h + r, 8 * i + c]
+
+
+@interpreted_only
+@pytest.mark.parametrize("n, d", [(130, 64), (128, 128)])
+def test_gluon_dq_conversion_undoes_the_fragment_order(n, d):
+    # _dq_from_fragments: the accumulator's tiles in natural order, in dq's dtype, rows past N dropped, and
+    # the accumulator left zeroed for the next launch
+    from kernels import gluon_attn
+
+    dq = torch.randn(3, n, d)
+    acc = to_fragments(dq)
+    out = torch.empty(3, n, d)
+    gluon_attn._dq_from_fragments[(-(-n // 64), 3)](acc, out, n, HEAD_DIM=d)
+    assert torch.equal(out, dq) and not acc.any()
 
 
 def test_gluon_backend_says_what_it_needs_off_sm90():

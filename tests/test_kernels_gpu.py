@@ -204,7 +204,8 @@ def test_gluon_backward_runs_over_a_few_rows_at_a_time(poisoned, monkeypatch):
     from kernels import gluon_attn
 
     monkeypatch.setattr(gluon_attn, "ACC_STREAMS", 2)
-    monkeypatch.setattr(gluon_attn, "ACC_BYTES", 2 * 4 * 1000 * 64 * 4)  # N 1000, D 64: 4 rows a stream
+    # N 1000 (16 query tiles), D 64: 4 rows a stream
+    monkeypatch.setattr(gluon_attn, "ACC_BYTES", 2 * 4 * gluon_attn.fragment_rows(1000, 64) * 256 * 4)
     starts = []
     launch = gluon_attn.bwd_launch
 
