@@ -312,8 +312,8 @@ if IMPORT_ERROR is None:
     # part (P^T, dS^T) while the other's matmuls run; then dV and dK accumulate in registers, and dQ, which
     # sums over both consumers' keys, is split by head-dim halves: both consumers store dS^T to shared
     # memory, and consumer c computes dQ[:, half c] = dS k[:, half c] over all 2 * KEYS keys (two wgmma). A
-    # writer warp adds both halves into a float32 (1, rows, N, D) accumulator by TMA reduce-add
-    # (cp.reduce.async.bulk.tensor).
+    # writer warp adds both halves, stored in fragment order, into a float32 (1, rows, fragment_rows, 256)
+    # accumulator by TMA reduce-add (cp.reduce.async.bulk.tensor).
 
     @gluon.jit
     def _bwd_consumer(desc_k, desc_v, k_all, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, empty,
