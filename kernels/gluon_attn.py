@@ -13,19 +13,20 @@ program runs three warp-specialised partitions (gl.warp_specialize; four in the 
   have released it (an mbarrier that counts two arrivals).
 
 The forward's consumers own 64 query rows each and the loader brings k and v tiles. The backward is one
-kernel: each consumer owns 64 keys, the loader brings q and dO tiles, and per query tile a consumer runs
-S^T, dP^T, dV and dK, and half of dQ: both consumers store dS^T to shared memory and consumer c computes
-dQ's head-dim half c over both consumers' keys, so dQ's accumulator is (64, D/2) and no share is summed
-(FlashAttention-3's hdim-128 split). A consumer stores its half in the order of the registers that hold
-it (_fragment_order) and a writer warp adds both halves into a float32 accumulator laid out the same way,
-by TMA reduce-add (cp.reduce.async.bulk.tensor); _dq_from_fragments, a plain Triton kernel, then writes dq
-in natural order. The accumulator covers ACC_BYTES of (batch, head) rows at a time, so peak memory stays
+kernel: each consumer owns 64 keys, the loader brings q and dO tiles (and with each q tile its rows'
+log-sum-exp and delta, which _bwd_stats gathers into one padded float32 tensor), and per query tile a
+consumer runs S^T, dP^T, dV and dK, and half of dQ: both consumers store dS^T to shared memory and
+consumer c computes dQ's head-dim half c over both consumers' keys, so dQ's accumulator is (64, D/2) and
+no share is summed (FlashAttention-3's hdim-128 split). A consumer stores its half in the order of the
+registers that hold it (_fragment_order) and a writer warp adds both halves into a float32 accumulator
+laid out the same way, by TMA reduce-add (cp.reduce.async.bulk.tensor); _dq_from_fragments, a plain
+Triton kernel, then writes dq in natural order. The accumulator covers ACC_BYTES of (batch, head) rows at a time, so peak memory stays
 near triton-tma's backward.
 
 Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
 loader (and the writer); with A_REGS a consumer keeps its own tiles in registers as the A operand of its
-score matmuls. Same math and outputs as triton_attn_tma's (base-2 scores, the key norms
-from triton_attn._key_norms, a base-2 log-sum-exp per row, per-key da and db rows summed on the host).
+score matmuls. Same math and outputs as triton_attn_tma's (base-2 scores, the key norms computed once per
+key by a prepass, a base-2 log-sum-exp per row, per-key da and db rows summed on the host).
 Tiles are read through rank-4 descriptors over each (B, H, N, D) tensor with its own strides, so rows past
 N read as zeros per head and a qkv projection's views are read in place.
 
@@ -101,6 +102,17 @@ if IMPORT_ERROR is None:
     # the one-kernel backward's float32 dQ tiles in fragment order (_fragment_order), unswizzled, as TMA
     # reads them
     _DQ_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    # the backward's per-stage log-sum-exp and delta of a query tile, (2, BLOCK_M) float32, as TMA writes them
+    # (unswizzled, so plain row-major)
+    _STATS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+    @builtin
+    def _stats_rows(smem, _semantic=None):
+        # the (STAGES, 2, BLOCK_M) statistics buffer as 2 * STAGES rows that a consumer reads one at a time (a
+        # view of the same bytes; Triton 3.6 names the method _reinterpret, 3.9 reinterpret)
+        stages, pair, cols = (int(getattr(x, "value", x)) for x in smem.shape)
+        rows = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        return _semantic.memdesc_reinterpret(smem, smem.dtype, [stages * pair, cols], rows)
 
     @gluon.jit
     def _fragment_order(x):
@@ -307,17 +319,20 @@ if IMPORT_ERROR is None:
 
     # ------------------------------------------------------------------------------------------------
     # backward, one kernel (FlashAttention-3's schedule): a program owns 2 * KEYS keys of one (batch, head),
-    # KEYS per consumer, and the loader brings the q and dO tiles from the first one that sees them. Per
-    # query tile a consumer issues S^T and dP^T in its turn, hands the turn over and runs the element-wise
-    # part (P^T, dS^T) while the other's matmuls run; then dV and dK accumulate in registers, and dQ, which
-    # sums over both consumers' keys, is split by head-dim halves: both consumers store dS^T to shared
-    # memory, and consumer c computes dQ[:, half c] = dS k[:, half c] over all 2 * KEYS keys (two wgmma). A
-    # writer warp adds both halves, stored in fragment order, into a float32 (1, rows, fragment_rows, 256)
-    # accumulator by TMA reduce-add (cp.reduce.async.bulk.tensor).
+    # KEYS per consumer, and the loader brings the q and dO tiles from the first one that sees them, each q
+    # tile with its rows' log-sum-exp and delta (into shared memory, as FlashAttention-3 does; read from
+    # global memory in the element-wise part they cost the D 128 kernel 168 bytes of register spills a
+    # thread: README, "Log-sum-exp and delta by TMA"). Per query tile a consumer issues S^T and dP^T in its
+    # turn, hands the turn over and runs the element-wise part (P^T, dS^T) while the other's matmuls run;
+    # then dV and dK accumulate in registers, and dQ, which sums over both consumers' keys, is split by
+    # head-dim halves: both consumers store dS^T to shared memory, and consumer c computes dQ[:, half c] =
+    # dS k[:, half c] over all 2 * KEYS keys (two wgmma). A writer warp adds both halves, stored in fragment
+    # order, into a float32 (1, rows, fragment_rows, 256) accumulator by TMA reduce-add
+    # (cp.reduce.async.bulk.tensor).
 
     @gluon.jit
     def _bwd_consumer(desc_k, desc_v, k_all, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, empty,
-                      my_turn, other_turn, ds_all, ds_ready, dq_smem, dq_full, dq_free, A, B, LSE, DELTA, KN2,
+                      my_turn, other_turn, ds_all, ds_ready, dq_smem, dq_full, dq_free, A, B, stats, KN2,
                       DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, k_start, m_lo, n_tiles, bh, C: gl.constexpr,
                       CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
         # consumer C: keys k_start.. (its tile k_all[C], v_smem), query tiles m_lo.. (n_tiles). ds_all: dS^T
@@ -356,7 +371,8 @@ if IMPORT_ERROR is None:
                                            s_zero)  # fmt: skip
             mbarrier.arrive(other_turn)
             s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
-            p, ds, colsum = _bwd_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m,
+            p, ds, colsum = _bwd_elementwise(s, dp, j, key_bias, colsum, a2, stats.index(2 * stage),
+                                             stats.index(2 * stage + 1), m_lo, offs_m,
                                              cols, mask_below, n_ctx, CAUSAL, dtype)  # fmt: skip
             # the other consumer read buffer buf at tile j - 2, before it passed the turn of tile j - 1
             ds_all.index(2 * C + buf).store(ds)
@@ -425,24 +441,42 @@ if IMPORT_ERROR is None:
         gl.store(DK + out, dk.to(k_smem.dtype), mask=key_ok)
 
     @gluon.jit
-    def _bwd_elementwise(s, dp, j, key_bias, colsum, a2, LSE, DELTA, base, m_lo, offs_m, cols,
+    def _bwd_elementwise(s, dp, j, key_bias, colsum, a2, lse_smem, delta_smem, m_lo, offs_m, cols,
                           mask_below, n_ctx, CAUSAL: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
         # query tile j's transposed scores and dP (KEYS, BLOCK_M) -> P^T and dS^T in dtype (the scores'
         # register layout), and the running column sums of dS^T
         BLOCK_M: gl.constexpr = offs_m.shape[0]
         start_m = m_lo + j * BLOCK_M
         rows = start_m + offs_m
-        lse = gl.load(LSE + base + rows, mask=rows < n_ctx, other=0.0)
-        delta = gl.load(DELTA + base + rows, mask=rows < n_ctx, other=0.0)
+        lse = lse_smem.load(offs_m.type.layout)
         p = gl.exp2(s * a2 - key_bias - gl.expand_dims(lse, 0))
         if (start_m < mask_below) | (start_m + BLOCK_M > n_ctx):
             keep = gl.expand_dims(rows, 0) < n_ctx
             if CAUSAL:
                 keep = keep & (gl.expand_dims(rows, 0) >= gl.expand_dims(cols, 1))
             p = gl.where(keep, p, 0.0)
+        delta = delta_smem.load(offs_m.type.layout)
         ds = p * (dp - gl.expand_dims(delta, 0))
         colsum += gl.sum(ds, 1)
         return p.to(dtype), ds.to(dtype), colsum
+
+    @gluon.jit
+    def _bwd_loader(desc_q, desc_do, desc_stats, q_smem, do_smem, stats_smem, q_ready, do_ready, empty, bh,
+                    n_heads, row0, n_tiles, STAGES: gl.constexpr):  # fmt: skip
+        # the backward's loader: _loader's q and dO tiles, and with each q tile its rows' log-sum-exp and
+        # delta ((2, BLOCK_M) of the (rows, 2, N) float32 statistics; zeros past N)
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        for t in range(n_tiles):
+            s = t % STAGES
+            row = row0 + t * BLOCK_M
+            mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(s), desc_q.block_type.nbytes + desc_stats.block_type.nbytes)
+            _load_tile(desc_q, bh, n_heads, row, q_ready.index(s), q_smem.index(s))
+            _tma_load(
+                desc_stats, [bh, 0, row], q_ready.index(s), stats_smem.index(s).reshape([1, 2, BLOCK_M])
+            )
+            mbarrier.expect(do_ready.index(s), desc_do.block_type.nbytes)
+            _load_tile(desc_do, bh, n_heads, row, do_ready.index(s), do_smem.index(s))
 
     @gluon.jit
     def _dq_writer(desc_dq, dq_smem, dq_full, dq_free, row, t_lo, n_tiles):
@@ -459,7 +493,7 @@ if IMPORT_ERROR is None:
                 mbarrier.arrive(dq_free.index(c))
 
     @gluon.jit
-    def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
+    def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_stats, A, B, KN2, DK, DV, DA_ROWS, DB_ROWS,
                   n_heads, n_ctx, bh0, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         # one program: keys program_id(0) * 2 * KEYS.. of (batch, head) bh0 + program_id(1), whose dQ rows are
@@ -480,6 +514,9 @@ if IMPORT_ERROR is None:
         v_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], _TILE_LAYOUT)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
+        # per stage, the query tile's log-sum-exp and delta (with its q tile, by TMA)
+        stats_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2, BLOCK_M], _STATS_LAYOUT)
+        stats = _stats_rows(stats_smem)
         ds_all = gl.allocate_shared_memory(dtype, [4, KEYS, BLOCK_M], _TILE_LAYOUT)
         # dQ's halves in fragment order
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, D // 8, 256], _DQ_LAYOUT)
@@ -497,14 +534,14 @@ if IMPORT_ERROR is None:
             [
                 (_bwd_consumer, (desc_k, desc_v, k_smem, v_smem.index(0), kv_bars.index(0), q_smem, do_smem,
                                  q_ready, do_ready, empty, turns.index(0), turns.index(1), ds_all, ds_ready,
-                                 dq_smem, dq_full, dq_free, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                                 dq_smem, dq_full, dq_free, A, B, stats, KN2, DK, DV, DA_ROWS, DB_ROWS,
                                  n_heads, n_ctx, k0, m_lo, n_tiles, bh, 0, CAUSAL, STAGES, A_REGS)),
                 (_bwd_consumer, (desc_k, desc_v, k_smem, v_smem.index(1), kv_bars.index(1), q_smem, do_smem,
                                  q_ready, do_ready, empty, turns.index(1), turns.index(0), ds_all, ds_ready,
-                                 dq_smem, dq_full, dq_free, A, B, LSE, DELTA, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                                 dq_smem, dq_full, dq_free, A, B, stats, KN2, DK, DV, DA_ROWS, DB_ROWS,
                                  n_heads, n_ctx, k0 + KEYS, m_lo, n_tiles, bh, 1, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, empty, bh, n_heads, m_lo,
-                           n_tiles, STAGES)),
+                (_bwd_loader, (desc_q, desc_do, desc_stats, q_smem, do_smem, stats_smem, q_ready, do_ready,
+                               empty, bh, n_heads, m_lo, n_tiles, STAGES)),
                 (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, gl.program_id(1), m_lo // BLOCK_M,
                               n_tiles)),
             ],
@@ -582,21 +619,55 @@ def _streams(device: torch.device) -> list:
     return [torch.cuda.current_stream(device), *side[: ACC_STREAMS - 1]]
 
 
-def bwd_launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal: bool, config: tuple, bh0: int = 0) -> tuple:
+def bwd_launch(do, q, k, v, a, b, stats, kn2, grads, causal: bool, config: tuple, bh0: int = 0) -> tuple:
     """(kernel, args, constexprs, grid) of one launch of _attn_bwd over the (batch, head) rows bh0.. that grads'
     first, a zeroed float32 (1, rows, fragment_rows(N, D), 256) dQ accumulator, holds (_dq_from_fragments
     makes it their dq). bh0 is the last of args, so that a launch over other rows of the same accumulator
     changes it and the grid's rows only.
-    grads: that accumulator, dk, dv (contiguous (B, H, N, D)) and the per-key da, db rows (B, H, N) float32."""
+    stats: each (batch, head) row's base-2 log-sum-exp and delta, float32 (B * H, 2, padded_len(N)), and kn2
+    its key norms (B, H, N), as _bwd_stats writes them; grads: that accumulator, dk, dv (contiguous (B, H, N,
+    D)) and the per-key da, db rows (B, H, N) float32."""
     H, N, D = q.shape[1:]
     acc, dk, dv, da_rows, db_rows = grads
     rows, keys = config[:2]
     block = [1, 1, D // 8, 256]  # one query tile's dQ half in fragment order, unswizzled
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
     dq_desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), block, layout)
+    stats_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    stats_desc = TensorDescriptor(stats[..., :N], [stats.shape[0], 2, N], list(stats.stride()), [1, 2, rows],
+                                  stats_layout)  # fmt: skip
     args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), dq_desc,
-            a, b, lse, delta, kn2, dk, dv, da_rows, db_rows, H, N, bh0)  # fmt: skip
+            stats_desc, a, b, kn2, dk, dv, da_rows, db_rows, H, N, bh0)  # fmt: skip
     return _attn_bwd, args, _meta(causal, config), (triton.cdiv(N, 2 * keys), acc.shape[1])
+
+
+def padded_len(n: int) -> int:
+    """Row length of the backward's (rows, 2, padded_len(N)) float32 statistics: N rounded up to 4, so that a
+    row starts 16-byte aligned, as a TMA descriptor's strides must."""
+    return triton.cdiv(n, 4) * 4
+
+
+@triton.jit
+def _bwd_stats(O, DO, K, LSE, STATS, KN2, sob, soh, son, sdb, sdh, sdn, skb, skh, skn, n_heads, n_ctx, n_pad,
+               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # the one-kernel backward's per-row inputs: STATS[bh, 0] = the base-2 log-sum-exp (LSE, (B, H, N)),
+    # STATS[bh, 1] = delta_i = sum_d O_id dO_id, and KN2 = ||k_i||^2 ((B, H, N)), all float32
+    bh = tl.program_id(1)
+    off_b = (bh // n_heads).to(tl.int64)
+    off_h = bh % n_heads
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = rows[:, None] < n_ctx
+    o = tl.load(O + off_b * sob + off_h * soh + rows[:, None] * son + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + off_b * sdb + off_h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=mask, other=0.0)
+    k = tl.load(K + off_b * skb + off_h * skh + rows[:, None] * skn + offs_d[None, :], mask=mask, other=0.0)
+    k = k.to(tl.float32)
+    out = bh.to(tl.int64) * n_ctx + rows
+    ok = rows < n_ctx
+    stats = STATS + bh.to(tl.int64) * 2 * n_pad + rows
+    tl.store(stats, tl.load(LSE + out, mask=ok), mask=ok)
+    tl.store(stats + n_pad, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+    tl.store(KN2 + out, tl.sum(k * k, 1), mask=ok)
 
 
 def fragment_rows(n: int, d: int) -> int:
@@ -646,10 +717,11 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     _attn_bwd (config: one of CONFIGS["bwd"][D], default the first), over as many (batch, head) rows at a
     time as ACC_BYTES allows."""
     B, H, N, D = q.shape
-    delta, kn2, da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(4))
-    base._bwd_preprocess[(triton.cdiv(N, 64), B * H)](
-        o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N,
-        HEAD_DIM=D, D_PAD=D, BLOCK=64,
+    kn2, da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(3))
+    stats = base._alloc((B * H, 2, padded_len(N)), torch.float32, q.device)
+    _bwd_stats[(triton.cdiv(N, 64), B * H)](
+        o, do, k, lse, stats, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N, stats.shape[-1],
+        HEAD_DIM=D, BLOCK=64,
     )  # fmt: skip
     config = config or CONFIGS["bwd"][D][0]
     dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
@@ -660,7 +732,7 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     dq_rows = dq.view(B * H, N, D)
     # each stream's launch built once, its descriptors included: at N 4096 host time per launch bounds the rate
     grads = [(acc[lane : lane + 1], dk, dv, da_rows, db_rows) for lane in range(len(streams))]
-    launches = [bwd_launch(do, q, k, v, a, b, lse, delta, kn2, g, causal, config) for g in grads]
+    launches = [bwd_launch(do, q, k, v, a, b, stats, kn2, g, causal, config) for g in grads]
     for stream in streams[1:]:
         stream.wait_stream(streams[0])
     for i, bh0 in enumerate(range(0, B * H, step)):

@@ -362,7 +362,8 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
                                                gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
         launches.append((gluon_attn._attn_fwd, args, meta, 8))
     acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)
-    kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, *rows[:3], (acc, k, v, *rows[3:]), True,
+    stats = torch.empty(2, 2, gluon_attn.padded_len(1024))
+    kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, stats, rows[2], (acc, k, v, *rows[3:]), True,
                                                   gluon_attn.CONFIGS["bwd"][head_dim][0])  # fmt: skip
     launches.append((kernel, args, meta, 12))
     assert [kernel.__name__ for kernel, *_ in launches] == (
@@ -378,7 +379,9 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
         spills = sm90_compile._resources(compiled.asm["cubin"])[1]
         if kernel is gluon_attn._attn_bwd:
             assert "cp.reduce.async.bulk.tensor" in compiled.asm["ptx"]
-            assert spills <= (0 if head_dim == 64 else 256)  # D 128 holds 128 registers of dK and dV alone
+            # D 128 holds 128 registers of dK and dV alone; with the log-sum-exp and delta read from shared
+            # memory it spills 40-64 bytes a thread (Triton 3.6 / 3.9), where global loads made it 136-168
+            assert spills <= (0 if head_dim == 64 else 96)
         else:
             assert spills == 0
 
@@ -388,7 +391,7 @@ def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch):
     # the host side of the backward on CPU, its kernel replaced: each launch gets its accumulator rows zeroed,
     # covers as many (batch, head) rows as ACC_BYTES allows (the last launch the rest), and its rows land in
     # theirs of dq
-    from kernels import gluon_attn, triton_attn
+    from kernels import gluon_attn
 
     if gluon_attn.IMPORT_ERROR:
         pytest.skip(gluon_attn.IMPORT_ERROR)
@@ -408,14 +411,14 @@ def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch):
         seen.append((bh0, grid[1]))
         rows.copy_(torch.arange(bh0, bh0 + grid[1], dtype=torch.float32).view(1, -1, 1, 1).expand_as(rows))
 
-    def launch(do, q, k, v, a, b, lse, delta, kn2, grads, causal, config, bh0=0):
+    def launch(do, q, k, v, a, b, stats, kn2, grads, causal, config, bh0=0):
         return Launch(fill), (grads[0], bh0), {}, (8, grads[0].shape[1])
 
     def convert(grid, acc, dq, n_ctx):  # _dq_from_fragments in torch
         dq.copy_(from_fragments(acc, n_ctx, dq.shape[-1]))
         acc.zero_()
 
-    monkeypatch.setattr(triton_attn, "_bwd_preprocess", Launch(lambda *args: None))
+    monkeypatch.setattr(gluon_attn, "_bwd_stats", Launch(lambda *args: None))
     monkeypatch.setattr(gluon_attn, "bwd_launch", launch)
     monkeypatch.setattr(gluon_attn, "_dq_from_fragments", Launch(convert))
     # N 1000 (16 query tiles), D 64: 4 rows a launch
@@ -467,6 +470,31 @@ def test_gluon_dq_conversion_undoes_the_fragment_order(n, d):
     out = torch.empty(3, n, d)
     gluon_attn._dq_from_fragments[(-(-n // 64), 3)](acc, out, n, HEAD_DIM=d)
     assert torch.equal(out, dq) and not acc.any()
+
+
+@interpreted_only
+@pytest.mark.parametrize("n, d", [(77, 64), (130, 128)])
+def test_gluon_backward_statistics_are_lse_delta_and_key_norms_in_padded_rows(n, d):
+    # _bwd_stats: per (batch, head) row, its log-sum-exp and delta_i = sum_d O_id dO_id side by side in rows
+    # padded to a 16-byte multiple (what the backward's TMA descriptor needs), and ||k_i||^2, from strided
+    # (B, H, N, D) views; the padding is left alone
+    from kernels import gluon_attn
+
+    B, H = 2, 3
+    o, do, k = (torch.randn(B, n, H, d).transpose(1, 2) for _ in range(3))
+    lse = torch.randn(B, H, n)
+    pad = gluon_attn.padded_len(n)
+    assert pad % 4 == 0 and n <= pad < n + 4
+    stats = torch.full((B * H, 2, pad), float("nan"))
+    kn2 = torch.empty(B, H, n)
+    gluon_attn._bwd_stats[(-(-n // 64), B * H)](
+        o, do, k, lse, stats, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, n, pad,
+        HEAD_DIM=d, BLOCK=64,
+    )  # fmt: skip
+    torch.testing.assert_close(stats[:, 0, :n], lse.view(B * H, n))
+    torch.testing.assert_close(stats[:, 1, :n], (o * do).sum(-1).view(B * H, n))
+    torch.testing.assert_close(kn2, (k * k).sum(-1))
+    assert stats[:, :, n:].isnan().all()
 
 
 def test_gluon_backend_says_what_it_needs_off_sm90():
