@@ -110,3 +110,15 @@ def test_interval_and_p_value_of_a_contrast_agree():
         excludes = (summary["ci_low"] > 0) | (summary["ci_high"] < 0)
         assert (excludes == (summary["p"] < 0.05)).all()
         assert 0 < excludes.sum() < len(weights) or n_seeds == 2
+
+
+def test_a_constant_response_gives_exact_zero_contrasts_and_intervals():
+    # every trial reached a target at the same token count (7.344M): the contrasts and their intervals are
+    # exactly 0, not rounding noise of the values' magnitude, which changes with the numpy/BLAS build
+    cells = PLANTED.factor_space().cells()
+    trials = simulate_trials(PLANTED, 5, np.random.default_rng(0)).assign(val_loss=7_344_000.0)
+    table = CellTable(trials, ["a", "b"], "val_loss", cells, np.arange(5))
+    weights = np.random.default_rng(1).normal(size=(20, len(cells)))
+    weights -= weights.mean(axis=1, keepdims=True)
+    summary = table.summarise(weights)
+    assert (summary[["estimate", "ci_low", "ci_high"]].to_numpy() == 0.0).all()

@@ -77,6 +77,22 @@ def additive_fit(
     return mu, offsets
 
 
+def per_seed_contrasts(rows: np.ndarray, filled: np.ndarray) -> np.ndarray:
+    """rows @ filled, each contrast's value per seed, with every value inside the product's rounding error
+    set to exactly 0: a contrast of equal cell values is 0, not the last bits of their magnitude (tokens to
+    a target of 7.3M gave 1e-9, and intervals of 1e-10 around an exact 0 that changed with the BLAS build)."""
+    product = rows @ filled
+    bound = rows.shape[-1] * np.finfo(float).eps * (np.abs(rows) @ np.abs(filled))
+    return np.where(np.abs(product) <= bound, 0.0, product)
+
+
+def _deviations(per_seed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    # per-seed values minus their mean over seeds, 0 where within the rounding error of values of `scale`
+    deviations = per_seed - per_seed.mean(axis=1, keepdims=True)
+    bound = per_seed.shape[-1] * np.finfo(float).eps * scale
+    return np.where(np.abs(deviations) <= bound, 0.0, deviations)
+
+
 class CellTable:
     """Per-seed means of `response` in each cell of `cells` (a frame of factor columns), and contrasts."""
 
@@ -186,8 +202,8 @@ class CellTable:
         filled = np.nan_to_num(self.filled)
         self.strata = {}
         for term, basis in bases.items():
-            per_seed = basis @ filled
-            deviations = per_seed - per_seed.mean(axis=1, keepdims=True)
+            per_seed = per_seed_contrasts(basis, filled)
+            deviations = _deviations(per_seed, np.abs(basis) @ np.abs(filled))
             df = len(basis) * (self.n_seeds - 1) * fraction
             ms = float((deviations**2).sum() / df) if df > 0 else np.nan
             self.strata[term] = Stratum(basis, ms, df)
@@ -223,7 +239,7 @@ class CellTable:
         """Per contrast row: estimate, se, df, t, p and the t interval (NaN where not estimable)."""
         rows = np.atleast_2d(np.asarray(weights, dtype=float))
         estimable = ~((np.abs(rows) > 0) & self.unknown[None, :]).any(axis=1)
-        per_seed = np.where(np.abs(rows) > 0, rows, 0.0) @ np.nan_to_num(self.filled)  # (k, S)
+        per_seed = per_seed_contrasts(np.where(np.abs(rows) > 0, rows, 0.0), np.nan_to_num(self.filled))
         estimate = per_seed.mean(axis=1)
         if self.error.kind == SPLIT_PLOT:
             variance, df = self._stratified_variance(rows)
@@ -261,7 +277,7 @@ class CellTable:
         k = len(basis)
         if k == 0:
             return (np.nan, np.nan, np.nan, np.nan)
-        per_seed = basis @ np.nan_to_num(self.filled)  # (k, S)
+        per_seed = per_seed_contrasts(basis, np.nan_to_num(self.filled))  # (k, S)
         mean = per_seed.mean(axis=1)
         if self.error.kind == SPLIT_PLOT:
             return self._stratified_f(basis, mean)
