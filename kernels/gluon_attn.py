@@ -12,7 +12,8 @@ program runs three warp-specialised partitions (gl.warp_specialize; four in the 
 - one loader warp moves tiles by TMA into a ring of STAGES buffers, refilling a stage once both consumers
   have released it (an mbarrier that counts two arrivals).
 
-The forward's consumers own 64 query rows each and the loader brings k and v tiles. The backward is one
+The forward's consumers own 64 query rows each and the loader brings k and v tiles (with each k tile its
+key norms, computed once per key by a prepass). The backward is one
 kernel: each consumer owns 64 keys, the loader brings q and dO tiles (and with each q tile its rows'
 log-sum-exp and delta, which _bwd_stats gathers into one padded float32 tensor), and per query tile a
 consumer runs S^T, dP^T, dV and dK, and half of dQ: both consumers store dS^T to shared memory and
@@ -32,8 +33,8 @@ N read as zeros per head and a qkv projection's views are read in place.
 
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and triton_attn_tma's forward at D
 64, where that one is faster, and the one-kernel backward at both. An H200 measured its forward+backward at
-1.13-1.20x SDPA-cuDNN's time at D 64 and 1.18-1.23x at D 128 (triton-tma: 1.29-1.46x). Short of parity
-(README, "dQ split by head-dim halves" and "dQ in fragment order"). Gluon has no interpreter: `python -m
+1.07-1.14x SDPA-cuDNN's time at D 64 and 1.05-1.13x at D 128 (triton-tma: 1.27-1.45x). Short of parity,
+mostly in the forward (README, "dQ in fragment order" and "Log-sum-exp, delta and key norms by TMA"). Gluon has no interpreter: `python -m
 kernels.gluon_attn check` checks every config on an sm90 GPU against float64 math, `... bench` times them
 against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles the kernels for sm90 without a GPU and
 tests/test_kernels_gpu.py checks the backend on one. Written against Triton 3.6 (the GPU machine's) and
@@ -102,17 +103,17 @@ if IMPORT_ERROR is None:
     # the one-kernel backward's float32 dQ tiles in fragment order (_fragment_order), unswizzled, as TMA
     # reads them
     _DQ_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    # the backward's per-stage log-sum-exp and delta of a query tile, (2, BLOCK_M) float32, as TMA writes them
-    # (unswizzled, so plain row-major)
-    _STATS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    # per-row float32 values that arrive by TMA with a tile, (STAGES, C, cols) (_rows_descriptor): the
+    # forward's key norms (C = 1) and the backward's log-sum-exp and delta (C = 2); unswizzled, so row-major
+    _ROWS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
     @builtin
-    def _stats_rows(smem, _semantic=None):
-        # the (STAGES, 2, BLOCK_M) statistics buffer as 2 * STAGES rows that a consumer reads one at a time (a
-        # view of the same bytes; Triton 3.6 names the method _reinterpret, 3.9 reinterpret)
-        stages, pair, cols = (int(getattr(x, "value", x)) for x in smem.shape)
+    def _as_rows(smem, _semantic=None):
+        # such a (STAGES, C, cols) buffer as STAGES * C rows that a consumer reads one at a time (a view of the
+        # same bytes; Triton 3.6 names the method _reinterpret, 3.9 reinterpret)
+        stages, c, cols = (int(getattr(x, "value", x)) for x in smem.shape)
         rows = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        return _semantic.memdesc_reinterpret(smem, smem.dtype, [stages * pair, cols], rows)
+        return _semantic.memdesc_reinterpret(smem, smem.dtype, [stages * c, cols], rows)
 
     @gluon.jit
     def _fragment_order(x):
@@ -186,9 +187,10 @@ if IMPORT_ERROR is None:
 
     @gluon.jit
     def _consumer(desc_q, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, empty, my_turn, other_turn,
-                  A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx, q_start, n_tiles, bh,
+                  A, B, O, LSE, kn2_rows, sob, soh, son, n_heads, n_ctx, q_start, n_tiles, bh,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
-        # one warp group: the 64 query rows from q_start, over the key tiles the loader brings
+        # one warp group: the 64 query rows from q_start, over the key tiles the loader brings (k_smem, v_smem
+        # and per stage a row of their key norms, kn2_rows)
         W: gl.constexpr = gl.num_warps()
         BLOCK_M: gl.constexpr = q_smem.shape[0]
         D: gl.constexpr = q_smem.shape[1]
@@ -211,7 +213,6 @@ if IMPORT_ERROR is None:
         _load_tile(desc_q, bh, n_heads, q_start, q_bar, q_smem)
         rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        kn2_base = KN2 + bh.to(gl.int64) * n_ctx
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows_s)
@@ -224,8 +225,8 @@ if IMPORT_ERROR is None:
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_a, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.arrive(other_turn)
-        kn2 = gl.load(kn2_base + offs_n, mask=offs_n < n_ctx, other=0.0)
         s = warpgroup_mma_wait(0, deps=(s,))
+        kn2 = kn2_rows.index(0).load(offs_n.type.layout)
         p, alpha, m_i, l_i = _softmax_step(s, kn2, m_i, l_i, 0, rows, offs_n, a2, b2, mask_from, n_ctx,
                                            CAUSAL, BLOCK_N, p_layout, dtype)  # fmt: skip
         # turn j: q.k of tile j and P.V of tile j - 1 issued, the turn passed on, tile j's softmax while
@@ -240,9 +241,8 @@ if IMPORT_ERROR is None:
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
             mbarrier.arrive(other_turn)
-            cols = j * BLOCK_N + offs_n
-            kn2 = gl.load(kn2_base + cols, mask=cols < n_ctx, other=0.0)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
+            kn2 = kn2_rows.index(stage).load(offs_n.type.layout)
             p, alpha, m_i, l_i = _softmax_step(s, kn2, m_i, l_i, j * BLOCK_N, rows, offs_n, a2, b2,
                                                mask_from, n_ctx, CAUSAL, BLOCK_N, p_layout, dtype)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=(acc_tok,))
@@ -265,27 +265,30 @@ if IMPORT_ERROR is None:
         gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(rows_out < n_ctx, 1))
 
     @gluon.jit
-    def _loader(desc_a, desc_b, a_smem, b_smem, a_ready, b_ready, empty, bh, n_heads, row0, n_tiles,
-                STAGES: gl.constexpr):  # fmt: skip
-        # one warp: tile t of two tensors (k and v, or q and dO), from row row0 + t * rows of head bh, into
-        # stage t % STAGES of the ring, once both consumers have released that stage (the first pass waits
-        # on the phase before a fresh barrier's, which has completed)
+    def _loader(desc_a, desc_b, desc_kn2, a_smem, b_smem, kn2_smem, a_ready, b_ready, empty, bh, n_heads,
+                row0, n_tiles, STAGES: gl.constexpr):  # fmt: skip
+        # the forward's loader, one warp: tile t of k (with its key norms) and of v, from row row0 + t * rows
+        # of head bh, into stage t % STAGES of the ring, once both consumers have released that stage (the
+        # first pass waits on the phase before a fresh barrier's, which has completed)
         ROWS: gl.constexpr = a_smem.shape[1]
         for t in range(n_tiles):
             s = t % STAGES
             mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-            mbarrier.expect(a_ready.index(s), desc_a.block_type.nbytes)
+            mbarrier.expect(a_ready.index(s), desc_a.block_type.nbytes + desc_kn2.block_type.nbytes)
             _load_tile(desc_a, bh, n_heads, row0 + t * ROWS, a_ready.index(s), a_smem.index(s))
+            _tma_load(
+                desc_kn2, [bh, 0, row0 + t * ROWS], a_ready.index(s), kn2_smem.index(s).reshape([1, 1, ROWS])
+            )
             mbarrier.expect(b_ready.index(s), desc_b.block_type.nbytes)
             _load_tile(desc_b, bh, n_heads, row0 + t * ROWS, b_ready.index(s), b_smem.index(s))
 
     @gluon.jit
-    def _attn_fwd(desc_q, desc_k, desc_v, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
+    def _attn_fwd(desc_q, desc_k, desc_v, desc_kn2, A, B, O, LSE, sob, soh, son, n_heads, n_ctx,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-        # one program: 2 * BLOCK_M queries of one (batch, head), the longest causal rows first. desc_*:
-        # descriptors over (B, H, N, D) (_descriptor); KN2, LSE (B, H, N) float32; O (B, H, N, D), strides
-        # sob, soh, son
+        # one program: 2 * BLOCK_M queries of one (batch, head), the longest causal rows first. desc_q, desc_k,
+        # desc_v: descriptors over (B, H, N, D) (_descriptor), desc_kn2 over the key norms (_rows_descriptor);
+        # LSE (B, H, N) float32; O (B, H, N, D), strides sob, soh, son
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
@@ -301,17 +304,19 @@ if IMPORT_ERROR is None:
         q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], _TILE_LAYOUT)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
+        kn2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], _ROWS_LAYOUT)  # key norms
+        kn2_rows = _as_rows(kn2_smem)
         q_bars, turns, k_ready, v_ready, empty = _barriers(STAGES)
         gl.warp_specialize(
             [
                 (_consumer, (desc_q, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready, empty,
-                             turns.index(0), turns.index(1), A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
+                             turns.index(0), turns.index(1), A, B, O, LSE, kn2_rows, sob, soh, son, n_heads, n_ctx,
                              q0, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
                 (_consumer, (desc_q, q_smem.index(1), q_bars.index(1), k_smem, v_smem, k_ready, v_ready, empty,
-                             turns.index(1), turns.index(0), A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
+                             turns.index(1), turns.index(0), A, B, O, LSE, kn2_rows, sob, soh, son, n_heads, n_ctx,
                              q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, empty, bh, n_heads, 0, n_tiles,
-                           STAGES)),
+                (_loader, (desc_k, desc_v, desc_kn2, k_smem, v_smem, kn2_smem, k_ready, v_ready, empty, bh,
+                           n_heads, 0, n_tiles, STAGES)),
             ],
             [4, 1],
             [CONSUMER_REGS, LOADER_REGS],
@@ -515,8 +520,8 @@ if IMPORT_ERROR is None:
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         # per stage, the query tile's log-sum-exp and delta (with its q tile, by TMA)
-        stats_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2, BLOCK_M], _STATS_LAYOUT)
-        stats = _stats_rows(stats_smem)
+        stats_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2, BLOCK_M], _ROWS_LAYOUT)
+        stats = _as_rows(stats_smem)
         ds_all = gl.allocate_shared_memory(dtype, [4, KEYS, BLOCK_M], _TILE_LAYOUT)
         # dQ's halves in fragment order
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, D // 8, 256], _DQ_LAYOUT)
@@ -593,11 +598,12 @@ def _meta(causal: bool, config: tuple) -> dict:
 
 
 def launch_args(q, k, v, a, b, o, lse, kn2, causal: bool, config: tuple) -> tuple[tuple, dict, tuple]:
-    """(args, constexprs, grid) of one launch of _attn_fwd."""
+    """(args, constexprs, grid) of one launch of _attn_fwd; kn2: the key norms, float32 (B * H, 1,
+    padded_len(N))."""
     B, H, N, _ = q.shape
     block_m, block_n = config[:2]
-    args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), a, b, o, lse, kn2,
-            *o.stride()[:3], H, N)  # fmt: skip
+    args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
+            _rows_descriptor(kn2, N, block_n), a, b, o, lse, *o.stride()[:3], H, N)  # fmt: skip
     return args, _meta(causal, config), (triton.cdiv(N, 2 * block_m), B * H)
 
 
@@ -633,18 +639,23 @@ def bwd_launch(do, q, k, v, a, b, stats, kn2, grads, causal: bool, config: tuple
     block = [1, 1, D // 8, 256]  # one query tile's dQ half in fragment order, unswizzled
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
     dq_desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), block, layout)
-    stats_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-    stats_desc = TensorDescriptor(stats[..., :N], [stats.shape[0], 2, N], list(stats.stride()), [1, 2, rows],
-                                  stats_layout)  # fmt: skip
     args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), dq_desc,
-            stats_desc, a, b, kn2, dk, dv, da_rows, db_rows, H, N, bh0)  # fmt: skip
+            _rows_descriptor(stats, N, rows), a, b, kn2, dk, dv, da_rows, db_rows, H, N, bh0)  # fmt: skip
     return _attn_bwd, args, _meta(causal, config), (triton.cdiv(N, 2 * keys), acc.shape[1])
 
 
 def padded_len(n: int) -> int:
-    """Row length of the backward's (rows, 2, padded_len(N)) float32 statistics: N rounded up to 4, so that a
-    row starts 16-byte aligned, as a TMA descriptor's strides must."""
+    """Row length of the per-row float32 values the kernels read by TMA (the forward's key norms, the
+    backward's statistics): N rounded up to 4, so that each row starts 16-byte aligned, as a TMA descriptor's
+    strides must."""
     return triton.cdiv(n, 4) * 4
+
+
+def _rows_descriptor(t: torch.Tensor, n: int, block: int) -> TensorDescriptor:
+    """A descriptor over float32 (rows, C, padded_len(n)) per-row values, tiles of (1, C, block) in
+    _ROWS_LAYOUT; columns past n read as zeros."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    return TensorDescriptor(t, [t.shape[0], t.shape[1], n], list(t.stride()), [1, t.shape[1], block], layout)
 
 
 @triton.jit
@@ -705,8 +716,11 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     base-2 log-sum-exp per row (B, H, N), as triton_attn_tma's forward writes it."""
     B, H, N, D = q.shape
     o = base._alloc((B, H, N, D), q.dtype, q.device)
-    lse, kn2 = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))
-    base._key_norms[(triton.cdiv(N, 64), B * H)](k, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, D_PAD=D, BLOCK=64)
+    lse = base._alloc((B, H, N), torch.float32, q.device)
+    kn2 = base._alloc((B * H, 1, padded_len(N)), torch.float32, q.device)
+    base._key_norms[(triton.cdiv(N, 64), B * H)](
+        k, kn2, *k.stride()[:3], H, N, kn2.shape[-1], HEAD_DIM=D, D_PAD=D, BLOCK=64
+    )  # fmt: skip
     args, meta, grid = launch_args(q, k, v, a, b, o, lse, kn2, causal, config or CONFIGS["fwd"][D][0])
     _attn_fwd[grid](*args, **meta)
     return o, lse

@@ -142,9 +142,9 @@ def _attn_fwd(Q, K, V, A, B, O, LSE, KN2,
 
 
 @triton.jit
-def _key_norms(K, KN2, skb, skh, skn, n_heads, n_ctx,
+def _key_norms(K, KN2, skb, skh, skn, n_heads, n_ctx, row_stride,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    # ||k_j||^2 in float32, (B, H, N)
+    # ||k_j||^2 in float32, a row of row_stride >= N per (batch, head): (B, H, N) at row_stride N
     bh = tl.program_id(1)
     off_b = (bh // n_heads).to(tl.int64)
     off_h = bh % n_heads
@@ -153,7 +153,7 @@ def _key_norms(K, KN2, skb, skh, skn, n_heads, n_ctx,
     mask = (rows[:, None] < n_ctx) & (offs_d[None, :] < HEAD_DIM)
     k_ptrs = K + off_b * skb + off_h * skh + rows[:, None] * skn + offs_d[None, :]
     k = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(KN2 + bh.to(tl.int64) * n_ctx + rows, tl.sum(k * k, 1), mask=rows < n_ctx)
+    tl.store(KN2 + bh.to(tl.int64) * row_stride + rows, tl.sum(k * k, 1), mask=rows < n_ctx)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def _fwd_op(
         kn2 = _alloc((B, H, N), torch.float32, q.device)
         block = 16 if INTERPRET else 64
         _key_norms[(triton.cdiv(N, block), B * H)](
-            k, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block
+            k, kn2, *k.stride()[:3], H, N, N, HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block
         )
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
     _fwd_kernel[grid](

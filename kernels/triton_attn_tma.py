@@ -432,7 +432,7 @@ def _fwd_op(
     kn2 = base._alloc((B, H, N), torch.float32, q.device)
     block = 16 if INTERPRET else 64
     base._key_norms[(triton.cdiv(N, block), B * H)](
-        k, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block
+        k, kn2, *k.stride()[:3], H, N, N, HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block
     )
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
     _fwd_kernel[grid](

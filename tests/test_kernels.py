@@ -358,7 +358,8 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
     ab = (torch.empty(2), torch.empty(2))
     launches = []
     if head_dim in gluon_attn.CONFIGS["fwd"]:  # at D 64 the backend runs triton-tma's forward
-        args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, *rows[:2], True,
+        kn2 = torch.empty(2, 1, gluon_attn.padded_len(1024))
+        args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, rows[0], kn2, True,
                                                gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
         launches.append((gluon_attn._attn_fwd, args, meta, 8))
     acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)
@@ -495,6 +496,23 @@ def test_gluon_backward_statistics_are_lse_delta_and_key_norms_in_padded_rows(n,
     torch.testing.assert_close(stats[:, 1, :n], (o * do).sum(-1).view(B * H, n))
     torch.testing.assert_close(kn2, (k * k).sum(-1))
     assert stats[:, :, n:].isnan().all()
+
+
+@interpreted_only
+def test_key_norms_fill_rows_of_a_given_stride():
+    # the Gluon forward reads its key norms by TMA from rows padded to padded_len(N): _key_norms writes
+    # ||k_j||^2 at row_stride per (batch, head) and leaves the padding alone
+    from kernels import gluon_attn, triton_attn
+
+    B, H, N, D = 2, 3, 77, 64
+    k = torch.randn(B, N, H, D).transpose(1, 2)
+    pad = gluon_attn.padded_len(N)
+    kn2 = torch.full((B * H, 1, pad), float("nan"))
+    triton_attn._key_norms[(-(-N // 16), B * H)](
+        k, kn2, *k.stride()[:3], H, N, pad, HEAD_DIM=D, D_PAD=D, BLOCK=16
+    )  # fmt: skip
+    torch.testing.assert_close(kn2[:, 0, :N], (k * k).sum(-1).view(B * H, N))
+    assert kn2[:, :, N:].isnan().all()
 
 
 def test_gluon_backend_says_what_it_needs_off_sm90():
