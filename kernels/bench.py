@@ -9,7 +9,8 @@ inputs. rbf uses a = 2*gamma, b = gamma; penalty a = gamma, b = gamma/2; gamma =
 O(N) memory check at N = 32768. --write-table stores the fastest rbf backend per shape in
 kernels/autotune_table.json, which the "auto" dispatcher reads (rows of shapes not run are kept; each row
 names the command, GPU and date that measured it).
---backends keeps only the named candidates (e.g. sdpa-cudnn triton triton-tma; a name covers its rbf and
+--shapes times the given N,D pairs instead of that grid (any N and D; B = max(1, 64k // N)), and `--shapes
+0,0` nothing but the memory check. --backends keeps only the named candidates (e.g. sdpa-cudnn triton triton-tma; a name covers its rbf and
 penalty rows). --warm I/K only runs shard I of K once (fills the compile caches from a parallel process,
 no timing).
 """
@@ -204,11 +205,21 @@ def selection_table(rows: list[dict]) -> list[dict]:
 
 
 def _shapes(args) -> list[tuple]:
-    shapes = [(dtype, n, d) for dtype in DTYPES for d in HEAD_DIMS for n in LENGTHS]
-    if args.shapes:
-        wanted = {tuple(int(x) for x in s.split(",")) for s in args.shapes}
-        shapes = [s for s in shapes if (s[1], s[2]) in wanted]
-    return shapes
+    """(dtype, N, D) to time: the grid (LENGTHS x HEAD_DIMS), or the --shapes pairs in each dtype (any N and
+    D; `0,0` alone times nothing, for the memory check only). A malformed pair is an error."""
+    if not args.shapes:
+        return [(dtype, n, d) for dtype in DTYPES for d in HEAD_DIMS for n in LENGTHS]
+    wanted = set()
+    for text in args.shapes:
+        pair = text.split(",")
+        if len(pair) != 2 or not all(x.strip().isdigit() for x in pair):
+            raise SystemExit(f"--shapes takes N,D pairs of whole numbers, e.g. 4096,64; got {text!r}")
+        n, d = map(int, pair)
+        if (n, d) != (0, 0) and (n == 0 or d == 0):
+            raise SystemExit(f"--shapes {text}: N and D must be positive (0,0 alone skips the timing)")
+        wanted.add((n, d))
+    wanted.discard((0, 0))
+    return [(dtype, n, d) for dtype in DTYPES for d, n in sorted((d, n) for n, d in wanted)]
 
 
 def environment(module: str = "kernels.bench") -> dict:
@@ -265,7 +276,7 @@ def warm(shard: int, shards: int, args) -> None:
     memory = [(torch.bfloat16, MEMORY_LENGTH, d) for d in HEAD_DIMS]
     jobs = [(c, s) for s in [*memory, *_shapes(args)] for c in _candidates(args.backends)][shard::shards]
     for cand, (dtype, n, d) in jobs:
-        row = measure(cand, TOKENS // n, n, d, dtype, timing=False)
+        row = measure(cand, max(1, TOKENS // n), n, d, dtype, timing=False)
         print("warm", cand.name, cand.geometry, str(dtype)[6:], n, d, row.get("error", "ok"), flush=True)
 
 
@@ -292,7 +303,7 @@ def main() -> None:
     print(*map(json.dumps, memory), sep="\n", flush=True)
     for dtype, n, d in _shapes(args):
         for cand in candidates:
-            rows.append(measure(cand, TOKENS // n, n, d, dtype))
+            rows.append(measure(cand, max(1, TOKENS // n), n, d, dtype))
             print(json.dumps(rows[-1]), flush=True)
     add_ratios(rows)
     table = selection_table(rows)

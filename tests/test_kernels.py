@@ -711,6 +711,23 @@ def test_shipped_table_names_real_backends():
         assert row["backend"] in kernels.BACKENDS
 
 
+def test_benchmark_shapes_are_the_grid_or_the_pairs_asked_for():
+    from types import SimpleNamespace
+
+    from kernels import bench
+
+    shapes = lambda *pairs: bench._shapes(SimpleNamespace(shapes=list(pairs) or None))  # noqa: E731
+    assert len(shapes()) == len(bench.DTYPES) * len(bench.HEAD_DIMS) * len(bench.LENGTHS)
+    # pairs outside the grid are timed too (N 256 was once dropped without a word), per dtype, by D then N
+    assert shapes("256,64", "4096,128", "257,64") == [
+        (dtype, n, d) for dtype in bench.DTYPES for n, d in ((256, 64), (257, 64), (4096, 128))
+    ]
+    assert shapes("0,0") == []  # the memory check alone
+    for bad in ("4096", "4096,64,1", "4096,x", "0,64", "-1,64"):
+        with pytest.raises(SystemExit, match="--shapes"):
+            shapes(bad)
+
+
 def test_benchmark_table_update_keeps_rows_of_shapes_not_run():
     from kernels import bench
 
