@@ -13,16 +13,16 @@ program runs three warp-specialised partitions (gl.warp_specialize; four in the 
   have released it (an mbarrier that counts two arrivals).
 
 The forward's consumers own 64 query rows each and the loader brings k and v tiles (with each k tile its
-key norms, computed once per key by a prepass). The backward is one
-kernel: each consumer owns 64 keys, the loader brings q and dO tiles (and with each q tile its rows'
-log-sum-exp and delta, which _bwd_stats gathers into one padded float32 tensor), and per query tile a
-consumer runs S^T, dP^T, dV and dK, and half of dQ: both consumers store dS^T to shared memory and
-consumer c computes dQ's head-dim half c over both consumers' keys, so dQ's accumulator is (64, D/2) and
-no share is summed (FlashAttention-3's hdim-128 split). A consumer stores its half in the order of the
-registers that hold it (_fragment_order) and a writer warp adds both halves into a float32 accumulator
-laid out the same way, by TMA reduce-add (cp.reduce.async.bulk.tensor); _dq_from_fragments, a plain
-Triton kernel, then writes dq in natural order. The accumulator covers ACC_BYTES of (batch, head) rows at a time, so peak memory stays
-near triton-tma's backward.
+key norms, computed once per key by a prepass). The backward is one kernel: each consumer owns 64 keys,
+the loader brings q and dO tiles (and with each q tile its rows' log-sum-exp and delta, which _bwd_stats
+gathers into one padded float32 tensor), and per query tile a consumer runs S^T, dP^T, dV and dK, and
+half of dQ: both consumers store dS^T to shared memory and consumer c computes dQ's head-dim half c over
+both consumers' keys, so dQ's accumulator is (64, D/2) and no share is summed (FlashAttention-3's
+hdim-128 split). A consumer stores its half in the order of the registers that hold it (_fragment_order)
+and a writer warp adds both halves into a float32 accumulator laid out the same way, by TMA reduce-add
+(cp.reduce.async.bulk.tensor); _dq_from_fragments, a plain Triton kernel, then writes dq in natural
+order. The accumulator covers ACC_BYTES of (batch, head) rows at a time, so peak memory stays near
+triton-tma's backward.
 
 Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
 loader (and the writer); with A_REGS a consumer keeps its own tiles in registers as the A operand of its
@@ -34,11 +34,12 @@ N read as zeros per head and a qkv projection's views are read in place.
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and triton_attn_tma's forward at D
 64, where that one is faster, and the one-kernel backward at both. An H200 measured its forward+backward at
 1.07-1.14x SDPA-cuDNN's time at D 64 and 1.05-1.13x at D 128 (triton-tma: 1.27-1.45x). Short of parity,
-mostly in the forward (README, "dQ in fragment order" and "Log-sum-exp, delta and key norms by TMA"). Gluon has no interpreter: `python -m
-kernels.gluon_attn check` checks every config on an sm90 GPU against float64 math, `... bench` times them
-against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles the kernels for sm90 without a GPU and
-tests/test_kernels_gpu.py checks the backend on one. Written against Triton 3.6 (the GPU machine's) and
-compiling with 3.9, whose TMA load is named async_load and whose reduce-add async_atomic_add.
+mostly in the forward (README, "dQ in fragment order" and "Log-sum-exp, delta and key norms by TMA").
+Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
+float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
+the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
+against Triton 3.6 (the GPU machine's) and compiling with 3.9, whose TMA load is named async_load and
+whose reduce-add async_atomic_add.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ if IMPORT_ERROR is None:
 
     @builtin
     def _as_rows(smem, _semantic=None):
-        # such a (STAGES, C, cols) buffer as STAGES * C rows that a consumer reads one at a time (a view of the
-        # same bytes; Triton 3.6 names the method _reinterpret, 3.9 reinterpret)
+        # such a (STAGES, C, cols) buffer as STAGES * C rows that a consumer reads one at a time (a view of
+        # the same bytes; Triton 3.6 names the method _reinterpret, 3.9 reinterpret)
         stages, c, cols = (int(getattr(x, "value", x)) for x in smem.shape)
         rows = gl.SwizzledSharedLayout(1, 1, 1, [0])
         return _semantic.memdesc_reinterpret(smem, smem.dtype, [stages * c, cols], rows)
@@ -286,9 +287,9 @@ if IMPORT_ERROR is None:
     def _attn_fwd(desc_q, desc_k, desc_v, desc_kn2, A, B, O, LSE, sob, soh, son, n_heads, n_ctx,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-        # one program: 2 * BLOCK_M queries of one (batch, head), the longest causal rows first. desc_q, desc_k,
-        # desc_v: descriptors over (B, H, N, D) (_descriptor), desc_kn2 over the key norms (_rows_descriptor);
-        # LSE (B, H, N) float32; O (B, H, N, D), strides sob, soh, son
+        # one program: 2 * BLOCK_M queries of one (batch, head), the longest causal rows first. desc_q,
+        # desc_k, desc_v: descriptors over (B, H, N, D) (_descriptor), desc_kn2 over the key norms
+        # (_rows_descriptor); LSE (B, H, N) float32; O (B, H, N, D), strides sob, soh, son
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
@@ -327,12 +328,12 @@ if IMPORT_ERROR is None:
     # KEYS per consumer, and the loader brings the q and dO tiles from the first one that sees them, each q
     # tile with its rows' log-sum-exp and delta (into shared memory, as FlashAttention-3 does; read from
     # global memory in the element-wise part they cost the D 128 kernel 168 bytes of register spills a
-    # thread: README, "Log-sum-exp and delta by TMA"). Per query tile a consumer issues S^T and dP^T in its
-    # turn, hands the turn over and runs the element-wise part (P^T, dS^T) while the other's matmuls run;
-    # then dV and dK accumulate in registers, and dQ, which sums over both consumers' keys, is split by
-    # head-dim halves: both consumers store dS^T to shared memory, and consumer c computes dQ[:, half c] =
-    # dS k[:, half c] over all 2 * KEYS keys (two wgmma). A writer warp adds both halves, stored in fragment
-    # order, into a float32 (1, rows, fragment_rows, 256) accumulator by TMA reduce-add
+    # thread: README, "Log-sum-exp, delta and key norms by TMA"). Per query tile a consumer issues S^T and
+    # dP^T in its turn, hands the turn over and runs the element-wise part (P^T, dS^T) while the other's
+    # matmuls run; then dV and dK accumulate in registers, and dQ, which sums over both consumers' keys, is
+    # split by head-dim halves: both consumers store dS^T to shared memory, and consumer c computes
+    # dQ[:, half c] = dS k[:, half c] over all 2 * KEYS keys (two wgmma). A writer warp adds both halves,
+    # stored in fragment order, into a float32 (1, rows, fragment_rows, 256) accumulator by TMA reduce-add
     # (cp.reduce.async.bulk.tensor).
 
     @gluon.jit
@@ -448,8 +449,9 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _bwd_elementwise(s, dp, j, key_bias, colsum, a2, lse_smem, delta_smem, m_lo, offs_m, cols,
                           mask_below, n_ctx, CAUSAL: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
-        # query tile j's transposed scores and dP (KEYS, BLOCK_M) -> P^T and dS^T in dtype (the scores'
-        # register layout), and the running column sums of dS^T
+        # query tile j's transposed scores and dP (KEYS, BLOCK_M) and its rows' log-sum-exp and delta (rows
+        # of shared memory, each read when needed) -> P^T and dS^T in dtype (the scores' register layout),
+        # and the running column sums of dS^T
         BLOCK_M: gl.constexpr = offs_m.shape[0]
         start_m = m_lo + j * BLOCK_M
         rows = start_m + offs_m
