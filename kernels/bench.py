@@ -10,9 +10,9 @@ O(N) memory check at N = 32768. --write-table stores the fastest rbf backend per
 kernels/autotune_table.json, which the "auto" dispatcher reads (rows of shapes not run are kept; each row
 names the command, GPU and date that measured it).
 --shapes times the given N,D pairs instead of that grid (any N and D; B = max(1, 64k // N)), and `--shapes
-0,0` nothing but the memory check. --backends keeps only the named candidates (e.g. sdpa-cudnn triton triton-tma; a name covers its rbf and
-penalty rows). --warm I/K only runs shard I of K once (fills the compile caches from a parallel process,
-no timing).
+0,0` nothing but the memory check. --backends keeps only the named candidates (e.g. sdpa-cudnn triton
+triton-tma; a name covers its rbf and penalty rows). --warm I/K only runs shard I of K once (fills the
+compile caches from a parallel process, no timing).
 """
 
 from __future__ import annotations

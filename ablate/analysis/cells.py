@@ -81,16 +81,12 @@ def per_seed_contrasts(rows: np.ndarray, filled: np.ndarray) -> np.ndarray:
     """rows @ filled, each contrast's value per seed, with every value inside the product's rounding error
     set to exactly 0: a contrast of equal cell values is 0, not the last bits of their magnitude (tokens to
     a target of 7.3M gave 1e-9, and intervals of 1e-10 around an exact 0 that changed with the BLAS build)."""
-    product = rows @ filled
-    bound = rows.shape[-1] * np.finfo(float).eps * (np.abs(rows) @ np.abs(filled))
-    return np.where(np.abs(product) <= bound, 0.0, product)
+    return _rounding_to_zero(rows @ filled, np.abs(rows) @ np.abs(filled), rows.shape[-1])
 
 
-def _deviations(per_seed: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    # per-seed values minus their mean over seeds, 0 where within the rounding error of values of `scale`
-    deviations = per_seed - per_seed.mean(axis=1, keepdims=True)
-    bound = per_seed.shape[-1] * np.finfo(float).eps * scale
-    return np.where(np.abs(deviations) <= bound, 0.0, deviations)
+def _rounding_to_zero(values: np.ndarray, scale: np.ndarray, terms: int) -> np.ndarray:
+    # values computed from `terms` terms whose magnitudes sum to `scale`, 0 where within their rounding error
+    return np.where(np.abs(values) <= terms * np.finfo(float).eps * scale, 0.0, values)
 
 
 class CellTable:
@@ -203,7 +199,8 @@ class CellTable:
         self.strata = {}
         for term, basis in bases.items():
             per_seed = per_seed_contrasts(basis, filled)
-            deviations = _deviations(per_seed, np.abs(basis) @ np.abs(filled))
+            deviations = per_seed - per_seed.mean(axis=1, keepdims=True)
+            deviations = _rounding_to_zero(deviations, np.abs(basis) @ np.abs(filled), per_seed.shape[-1])
             df = len(basis) * (self.n_seeds - 1) * fraction
             ms = float((deviations**2).sum() / df) if df > 0 else np.nan
             self.strata[term] = Stratum(basis, ms, df)
