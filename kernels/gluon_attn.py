@@ -9,20 +9,23 @@ program runs three warp-specialised partitions (gl.warp_specialize; four in the 
   issues its matmuls, passes the turn to the other and runs its element-wise work while the other's
   matmuls run. Within a consumer the waits are explicit, so the matmuls that accumulate (P.V in the
   forward, dV and dK or dQ in the backward) are still in flight while the next tile's softmax runs;
-- one loader warp moves tiles by TMA into a ring of STAGES buffers, refilling a stage once both consumers
-  have released it (an mbarrier that counts two arrivals).
+- one loader warp moves tiles by TMA into rings of STAGES buffers, refilling a stage once both consumers
+  have released it (an mbarrier that counts two arrivals). The forward's k and v rings are released
+  apart, k once both consumers' scores are in and v once their P.V has run (FlashAttention-3's separate
+  K and V pipelines): with one release per stage, after P.V, the loader started a k tile's load about
+  when a consumer waited for it (README, "The forward's k and v released apart").
 
 The forward's consumers own 64 query rows each and the loader brings k and v tiles (with each k tile its
 key norms, computed once per key by a prepass). The backward is one kernel: each consumer owns 64 keys,
-the loader brings q and dO tiles (and with each q tile its rows' log-sum-exp and delta, which _bwd_stats
-gathers into one padded float32 tensor), and per query tile a consumer runs S^T, dP^T, dV and dK, and
-half of dQ: both consumers store dS^T to shared memory and consumer c computes dQ's head-dim half c over
-both consumers' keys, so dQ's accumulator is (64, D/2) and no share is summed (FlashAttention-3's
-hdim-128 split). A consumer stores its half in the order of the registers that hold it (_fragment_order)
-and a writer warp adds both halves into a float32 accumulator laid out the same way, by TMA reduce-add
-(cp.reduce.async.bulk.tensor); _dq_from_fragments, a plain Triton kernel, then writes dq in natural
-order. The accumulator covers ACC_BYTES of (batch, head) rows at a time, so peak memory stays near
-triton-tma's backward.
+the loader brings q and dO tiles (and with each q tile its rows' log-sum-exp, read in place from the
+forward's, and delta, which triton_attn._bwd_preprocess writes in rows padded for TMA), and per query
+tile a consumer runs S^T, dP^T, dV and dK, and half of dQ: both consumers store dS^T to shared memory and
+consumer c computes dQ's head-dim half c over both consumers' keys, so dQ's accumulator is (64, D/2) and
+no share is summed (FlashAttention-3's hdim-128 split). A consumer stores its half in the order of the
+registers that hold it (_fragment_order) and a writer warp adds both halves into a float32 accumulator
+laid out the same way, by TMA reduce-add (cp.reduce.async.bulk.tensor); _dq_from_fragments, a plain
+Triton kernel, then writes dq in natural order. The accumulator covers ACC_BYTES of (batch, head) rows
+at a time, so peak memory stays near triton-tma's backward.
 
 Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
 loader (and the writer); with A_REGS a consumer keeps its own tiles in registers as the A operand of its
@@ -33,8 +36,10 @@ N read as zeros per head and a qkv projection's views are read in place.
 
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and triton_attn_tma's forward at D
 64, where that one is faster, and the one-kernel backward at both. An H200 measured its forward+backward at
-1.07-1.14x SDPA-cuDNN's time at D 64 and 1.05-1.13x at D 128 (triton-tma: 1.27-1.45x). Short of parity,
-mostly in the forward (README, "dQ in fragment order" and "Log-sum-exp, delta and key norms by TMA").
+1.03-1.06x SDPA-cuDNN's time at N 16384, D 128, and 1.08-1.10x at D 64 (triton-tma: 1.27-1.47x). At N
+4096 runs vary (1.07-1.29x, one outlier at 1.75x): there the backward's launches nearly bound it on the
+host. Short of parity, mostly in the forward (README, "dQ in fragment order", "Log-sum-exp, delta and key
+norms by TMA" and "The forward's k and v released apart").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
@@ -77,7 +82,7 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 # the head dims of "bwd"
 CONFIGS = {
     "fwd": {  # none at D 64, where the backend runs triton_attn_tma's forward, the faster there
-        128: [(64, 128, 2, 232, 24, False), (64, 128, 2, 232, 24, True)],
+        128: [(64, 128, 2, 232, 24, False), (64, 128, 3, 232, 24, False)],
     },
     "bwd": {
         64: [(64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, False), (64, 64, 2, 240, 24, False)],
@@ -187,8 +192,8 @@ if IMPORT_ERROR is None:
         return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
 
     @gluon.jit
-    def _consumer(desc_q, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, empty, my_turn, other_turn,
-                  A, B, O, LSE, kn2_rows, sob, soh, son, n_heads, n_ctx, q_start, n_tiles, bh,
+    def _consumer(desc_q, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, my_turn,
+                  other_turn, A, B, O, LSE, kn2_rows, sob, soh, son, n_heads, n_ctx, q_start, n_tiles, bh,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
         # one warp group: the 64 query rows from q_start, over the key tiles the loader brings (k_smem, v_smem
         # and per stage a row of their key norms, kn2_rows)
@@ -228,10 +233,12 @@ if IMPORT_ERROR is None:
         mbarrier.arrive(other_turn)
         s = warpgroup_mma_wait(0, deps=(s,))
         kn2 = kn2_rows.index(0).load(offs_n.type.layout)
+        mbarrier.arrive(k_empty.index(0))
         p, alpha, m_i, l_i = _softmax_step(s, kn2, m_i, l_i, 0, rows, offs_n, a2, b2, mask_from, n_ctx,
                                            CAUSAL, BLOCK_N, p_layout, dtype)  # fmt: skip
-        # turn j: q.k of tile j and P.V of tile j - 1 issued, the turn passed on, tile j's softmax while
-        # P.V runs, then the rescale and tile j - 1's stage released to the loader
+        # turn j: q.k of tile j and P.V of tile j - 1 issued and the turn passed on; tile j's k stage released
+        # once its scores and key norms are in, its softmax while P.V runs, then tile j - 1's v stage released
+        # and the output rescaled
         for j in range(1, n_tiles):
             stage = j % STAGES
             prev = (j - 1) % STAGES
@@ -244,10 +251,11 @@ if IMPORT_ERROR is None:
             mbarrier.arrive(other_turn)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             kn2 = kn2_rows.index(stage).load(offs_n.type.layout)
+            mbarrier.arrive(k_empty.index(stage))
             p, alpha, m_i, l_i = _softmax_step(s, kn2, m_i, l_i, j * BLOCK_N, rows, offs_n, a2, b2,
                                                mask_from, n_ctx, CAUSAL, BLOCK_N, p_layout, dtype)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-            mbarrier.arrive(empty.index(prev))
+            mbarrier.arrive(v_empty.index(prev))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
         last = (n_tiles - 1) % STAGES
         mbarrier.wait(my_turn, n_tiles & 1)
@@ -255,7 +263,7 @@ if IMPORT_ERROR is None:
         acc_tok = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
         mbarrier.arrive(other_turn)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-        mbarrier.arrive(empty.index(last))
+        mbarrier.arrive(v_empty.index(last))
 
         acc = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
         gl.store(LSE + bh.to(gl.int64) * n_ctx + rows, m_i + gl.log2(l_i), mask=rows < n_ctx)
@@ -266,22 +274,22 @@ if IMPORT_ERROR is None:
         gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(rows_out < n_ctx, 1))
 
     @gluon.jit
-    def _loader(desc_a, desc_b, desc_kn2, a_smem, b_smem, kn2_smem, a_ready, b_ready, empty, bh, n_heads,
-                row0, n_tiles, STAGES: gl.constexpr):  # fmt: skip
-        # the forward's loader, one warp: tile t of k (with its key norms) and of v, from row row0 + t * rows
-        # of head bh, into stage t % STAGES of the ring, once both consumers have released that stage (the
-        # first pass waits on the phase before a fresh barrier's, which has completed)
-        ROWS: gl.constexpr = a_smem.shape[1]
+    def _loader(desc_k, desc_v, desc_kn2, k_smem, v_smem, kn2_smem, k_ready, v_ready, k_empty, v_empty, bh,
+                n_heads, n_tiles, STAGES: gl.constexpr):  # fmt: skip
+        # the forward's loader, one warp: tile t of k (with its key norms) and of v into stage t % STAGES of
+        # their rings, each once both consumers have released it (the first pass waits on the phase before a
+        # fresh barrier's, which has completed)
+        ROWS: gl.constexpr = k_smem.shape[1]
         for t in range(n_tiles):
             s = t % STAGES
-            mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-            mbarrier.expect(a_ready.index(s), desc_a.block_type.nbytes + desc_kn2.block_type.nbytes)
-            _load_tile(desc_a, bh, n_heads, row0 + t * ROWS, a_ready.index(s), a_smem.index(s))
-            _tma_load(
-                desc_kn2, [bh, 0, row0 + t * ROWS], a_ready.index(s), kn2_smem.index(s).reshape([1, 1, ROWS])
-            )
-            mbarrier.expect(b_ready.index(s), desc_b.block_type.nbytes)
-            _load_tile(desc_b, bh, n_heads, row0 + t * ROWS, b_ready.index(s), b_smem.index(s))
+            phase = ((t // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(s), phase)
+            mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes + desc_kn2.block_type.nbytes)
+            _load_tile(desc_k, bh, n_heads, t * ROWS, k_ready.index(s), k_smem.index(s))
+            _tma_load(desc_kn2, [bh, 0, t * ROWS], k_ready.index(s), kn2_smem.index(s).reshape([1, 1, ROWS]))
+            mbarrier.wait(v_empty.index(s), phase)
+            mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
+            _load_tile(desc_v, bh, n_heads, t * ROWS, v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
     def _attn_fwd(desc_q, desc_k, desc_v, desc_kn2, A, B, O, LSE, sob, soh, son, n_heads, n_ctx,
@@ -307,17 +315,21 @@ if IMPORT_ERROR is None:
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         kn2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], _ROWS_LAYOUT)  # key norms
         kn2_rows = _as_rows(kn2_smem)
-        q_bars, turns, k_ready, v_ready, empty = _barriers(STAGES)
+        q_bars, turns, k_ready, v_ready, k_empty = _barriers(STAGES)
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
         gl.warp_specialize(
             [
-                (_consumer, (desc_q, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready, empty,
-                             turns.index(0), turns.index(1), A, B, O, LSE, kn2_rows, sob, soh, son, n_heads, n_ctx,
-                             q0, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_consumer, (desc_q, q_smem.index(1), q_bars.index(1), k_smem, v_smem, k_ready, v_ready, empty,
-                             turns.index(1), turns.index(0), A, B, O, LSE, kn2_rows, sob, soh, son, n_heads, n_ctx,
-                             q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_k, desc_v, desc_kn2, k_smem, v_smem, kn2_smem, k_ready, v_ready, empty, bh,
-                           n_heads, 0, n_tiles, STAGES)),
+                (_consumer, (desc_q, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready, k_empty,
+                             v_empty, turns.index(0), turns.index(1), A, B, O, LSE, kn2_rows, sob, soh, son,
+                             n_heads, n_ctx, q0, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
+                (_consumer, (desc_q, q_smem.index(1), q_bars.index(1), k_smem, v_smem, k_ready, v_ready, k_empty,
+                             v_empty, turns.index(1), turns.index(0), A, B, O, LSE, kn2_rows, sob, soh, son,
+                             n_heads, n_ctx, q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
+                (_loader, (desc_k, desc_v, desc_kn2, k_smem, v_smem, kn2_smem, k_ready, v_ready, k_empty, v_empty,
+                           bh, n_heads, n_tiles, STAGES)),
             ],
             [4, 1],
             [CONSUMER_REGS, LOADER_REGS],
@@ -468,20 +480,21 @@ if IMPORT_ERROR is None:
         return p.to(dtype), ds.to(dtype), colsum
 
     @gluon.jit
-    def _bwd_loader(desc_q, desc_do, desc_stats, q_smem, do_smem, stats_smem, q_ready, do_ready, empty, bh,
-                    n_heads, row0, n_tiles, STAGES: gl.constexpr):  # fmt: skip
-        # the backward's loader: _loader's q and dO tiles, and with each q tile its rows' log-sum-exp and
-        # delta ((2, BLOCK_M) of the (rows, 2, N) float32 statistics; zeros past N)
+    def _bwd_loader(desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, stats_smem, q_ready, do_ready,
+                    empty, bh, n_heads, row0, n_tiles, STAGES: gl.constexpr):  # fmt: skip
+        # the backward's loader: _loader's q and dO tiles, and with each q tile its rows' log-sum-exp and delta
+        # (a (1, 1, BLOCK_M) block of each, zeros past N) into rows 2 s and 2 s + 1 of stats_smem
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         for t in range(n_tiles):
             s = t % STAGES
             row = row0 + t * BLOCK_M
             mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-            mbarrier.expect(q_ready.index(s), desc_q.block_type.nbytes + desc_stats.block_type.nbytes)
+            mbarrier.expect(q_ready.index(s), desc_q.block_type.nbytes + 2 * desc_lse.block_type.nbytes)
             _load_tile(desc_q, bh, n_heads, row, q_ready.index(s), q_smem.index(s))
-            _tma_load(
-                desc_stats, [bh, 0, row], q_ready.index(s), stats_smem.index(s).reshape([1, 2, BLOCK_M])
-            )
+            lse_rows = stats_smem.index(2 * s).reshape([1, 1, BLOCK_M])
+            delta_rows = stats_smem.index(2 * s + 1).reshape([1, 1, BLOCK_M])
+            _tma_load(desc_lse, [bh, 0, row], q_ready.index(s), lse_rows)
+            _tma_load(desc_delta, [bh, 0, row], q_ready.index(s), delta_rows)
             mbarrier.expect(do_ready.index(s), desc_do.block_type.nbytes)
             _load_tile(desc_do, bh, n_heads, row, do_ready.index(s), do_smem.index(s))
 
@@ -500,9 +513,10 @@ if IMPORT_ERROR is None:
                 mbarrier.arrive(dq_free.index(c))
 
     @gluon.jit
-    def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_stats, A, B, KN2, DK, DV, DA_ROWS, DB_ROWS,
-                  n_heads, n_ctx, bh0, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, A, B, KN2, DK, DV, DA_ROWS,
+                  DB_ROWS, n_heads, n_ctx, bh0, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                  CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
         # one program: keys program_id(0) * 2 * KEYS.. of (batch, head) bh0 + program_id(1), whose dQ rows are
         # that row of the accumulator; partitions: two consumers, the q/dO loader and the dQ writer
         # (LOADER_REGS registers too)
@@ -522,7 +536,7 @@ if IMPORT_ERROR is None:
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
         # per stage, the query tile's log-sum-exp and delta (with its q tile, by TMA)
-        stats_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2, BLOCK_M], _ROWS_LAYOUT)
+        stats_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES, 1, BLOCK_M], _ROWS_LAYOUT)
         stats = _as_rows(stats_smem)
         ds_all = gl.allocate_shared_memory(dtype, [4, KEYS, BLOCK_M], _TILE_LAYOUT)
         # dQ's halves in fragment order
@@ -547,8 +561,8 @@ if IMPORT_ERROR is None:
                                  q_ready, do_ready, empty, turns.index(1), turns.index(0), ds_all, ds_ready,
                                  dq_smem, dq_full, dq_free, A, B, stats, KN2, DK, DV, DA_ROWS, DB_ROWS,
                                  n_heads, n_ctx, k0 + KEYS, m_lo, n_tiles, bh, 1, CAUSAL, STAGES, A_REGS)),
-                (_bwd_loader, (desc_q, desc_do, desc_stats, q_smem, do_smem, stats_smem, q_ready, do_ready,
-                               empty, bh, n_heads, m_lo, n_tiles, STAGES)),
+                (_bwd_loader, (desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, stats_smem, q_ready,
+                               do_ready, empty, bh, n_heads, m_lo, n_tiles, STAGES)),
                 (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, gl.program_id(1), m_lo // BLOCK_M,
                               n_tiles)),
             ],
@@ -627,29 +641,32 @@ def _streams(device: torch.device) -> list:
     return [torch.cuda.current_stream(device), *side[: ACC_STREAMS - 1]]
 
 
-def bwd_launch(do, q, k, v, a, b, stats, kn2, grads, causal: bool, config: tuple, bh0: int = 0) -> tuple:
+def bwd_launch(do, q, k, v, a, b, rows_in, grads, causal: bool, config: tuple, bh0: int = 0) -> tuple:
     """(kernel, args, constexprs, grid) of one launch of _attn_bwd over the (batch, head) rows bh0.. that grads'
     first, a zeroed float32 (1, rows, fragment_rows(N, D), 256) dQ accumulator, holds (_dq_from_fragments
     makes it their dq). bh0 is the last of args, so that a launch over other rows of the same accumulator
     changes it and the grid's rows only.
-    stats: each (batch, head) row's base-2 log-sum-exp and delta, float32 (B * H, 2, padded_len(N)), and kn2
-    its key norms (B, H, N), as _bwd_stats writes them; grads: that accumulator, dk, dv (contiguous (B, H, N,
-    D)) and the per-key da, db rows (B, H, N) float32."""
+    rows_in: (lse, delta, kn2) as backward prepares them: each (batch, head) row's base-2 log-sum-exp and
+    delta, float32 (B * H, 1, row length) with rows 16-byte aligned (row length N or padded_len(N)), and its
+    key norms (B, H, N); grads: that accumulator, dk, dv (contiguous (B, H, N, D)) and the per-key da, db rows
+    (B, H, N) float32."""
     H, N, D = q.shape[1:]
+    lse, delta, kn2 = rows_in
     acc, dk, dv, da_rows, db_rows = grads
     rows, keys = config[:2]
     block = [1, 1, D // 8, 256]  # one query tile's dQ half in fragment order, unswizzled
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
     dq_desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), block, layout)
     args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), dq_desc,
-            _rows_descriptor(stats, N, rows), a, b, kn2, dk, dv, da_rows, db_rows, H, N, bh0)  # fmt: skip
+            _rows_descriptor(lse, N, rows), _rows_descriptor(delta, N, rows), a, b, kn2, dk, dv, da_rows,
+            db_rows, H, N, bh0)  # fmt: skip
     return _attn_bwd, args, _meta(causal, config), (triton.cdiv(N, 2 * keys), acc.shape[1])
 
 
 def padded_len(n: int) -> int:
     """Row length of the per-row float32 values the kernels read by TMA (the forward's key norms, the
-    backward's statistics): N rounded up to 4, so that each row starts 16-byte aligned, as a TMA descriptor's
-    strides must."""
+    backward's delta, and its log-sum-exp where N is not a multiple of 4): N rounded up to 4, so that each row
+    starts 16-byte aligned, as a TMA descriptor's strides must."""
     return triton.cdiv(n, 4) * 4
 
 
@@ -660,27 +677,14 @@ def _rows_descriptor(t: torch.Tensor, n: int, block: int) -> TensorDescriptor:
     return TensorDescriptor(t, [t.shape[0], t.shape[1], n], list(t.stride()), [1, t.shape[1], block], layout)
 
 
-@triton.jit
-def _bwd_stats(O, DO, K, LSE, STATS, KN2, sob, soh, son, sdb, sdh, sdn, skb, skh, skn, n_heads, n_ctx, n_pad,
-               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    # the one-kernel backward's per-row inputs: STATS[bh, 0] = the base-2 log-sum-exp (LSE, (B, H, N)),
-    # STATS[bh, 1] = delta_i = sum_d O_id dO_id, and KN2 = ||k_i||^2 ((B, H, N)), all float32
-    bh = tl.program_id(1)
-    off_b = (bh // n_heads).to(tl.int64)
-    off_h = bh % n_heads
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask = rows[:, None] < n_ctx
-    o = tl.load(O + off_b * sob + off_h * soh + rows[:, None] * son + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + off_b * sdb + off_h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=mask, other=0.0)
-    k = tl.load(K + off_b * skb + off_h * skh + rows[:, None] * skn + offs_d[None, :], mask=mask, other=0.0)
-    k = k.to(tl.float32)
-    out = bh.to(tl.int64) * n_ctx + rows
-    ok = rows < n_ctx
-    stats = STATS + bh.to(tl.int64) * 2 * n_pad + rows
-    tl.store(stats, tl.load(LSE + out, mask=ok), mask=ok)
-    tl.store(stats + n_pad, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
-    tl.store(KN2 + out, tl.sum(k * k, 1), mask=ok)
+def _tma_rows(t: torch.Tensor) -> torch.Tensor:
+    """t, float32 (rows, 1, N), itself where TMA can read its rows (contiguous, 16-byte aligned: N a multiple
+    of 4), else a copy with rows of padded_len(N)."""
+    if t.is_contiguous() and t.shape[-1] % 4 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    rows = t.new_empty((t.shape[0], 1, padded_len(t.shape[-1])))
+    rows[..., : t.shape[-1]] = t
+    return rows
 
 
 def fragment_rows(n: int, d: int) -> int:
@@ -734,11 +738,12 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     time as ACC_BYTES allows."""
     B, H, N, D = q.shape
     kn2, da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(3))
-    stats = base._alloc((B * H, 2, padded_len(N)), torch.float32, q.device)
-    _bwd_stats[(triton.cdiv(N, 64), B * H)](
-        o, do, k, lse, stats, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N, stats.shape[-1],
-        HEAD_DIM=D, BLOCK=64,
+    delta = base._alloc((B * H, 1, padded_len(N)), torch.float32, q.device)
+    base._bwd_preprocess[(triton.cdiv(N, 64), B * H)](
+        o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N, delta.shape[-1],
+        HEAD_DIM=D, D_PAD=D, BLOCK=64,
     )  # fmt: skip
+    lse = _tma_rows(lse.reshape(B * H, 1, N))
     config = config or CONFIGS["bwd"][D][0]
     dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
     streams = _streams(q.device) if q.is_cuda else [None]
@@ -748,7 +753,7 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     dq_rows = dq.view(B * H, N, D)
     # each stream's launch built once, its descriptors included: at N 4096 host time per launch bounds the rate
     grads = [(acc[lane : lane + 1], dk, dv, da_rows, db_rows) for lane in range(len(streams))]
-    launches = [bwd_launch(do, q, k, v, a, b, stats, kn2, g, causal, config) for g in grads]
+    launches = [bwd_launch(do, q, k, v, a, b, (lse, delta, kn2), g, causal, config) for g in grads]
     for stream in streams[1:]:
         stream.wait_stream(streams[0])
     for i, bh0 in enumerate(range(0, B * H, step)):

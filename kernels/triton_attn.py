@@ -162,9 +162,10 @@ def _key_norms(K, KN2, skb, skh, skn, n_heads, n_ctx, row_stride,
 
 @triton.jit
 def _bwd_preprocess(O, DO, K, DELTA, KN2,
-                    sob, soh, son, sdb, sdh, sdn, skb, skh, skn, n_heads, n_ctx,
+                    sob, soh, son, sdb, sdh, sdn, skb, skh, skn, n_heads, n_ctx, delta_stride,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    # delta_i = sum_d O_id dO_id and ||k_i||^2, both float32 (B, H, N)
+    # delta_i = sum_d O_id dO_id, float32 rows of delta_stride >= N per (batch, head) ((B, H, N) at N), and
+    # ||k_i||^2, float32 (B, H, N)
     bh = tl.program_id(1)
     off_b = (bh // n_heads).to(tl.int64)
     off_h = bh % n_heads
@@ -177,9 +178,8 @@ def _bwd_preprocess(O, DO, K, DELTA, KN2,
     do = tl.load(DO + off_b * sdb + off_h * sdh + tile, mask=mask, other=0.0).to(tl.float32)
     tile = rows[:, None] * skn + offs_d[None, :]
     k = tl.load(K + off_b * skb + off_h * skh + tile, mask=mask, other=0.0).to(tl.float32)
-    out = bh.to(tl.int64) * n_ctx + rows
-    tl.store(DELTA + out, tl.sum(o * do, 1), mask=rows < n_ctx)
-    tl.store(KN2 + out, tl.sum(k * k, 1), mask=rows < n_ctx)
+    tl.store(DELTA + bh.to(tl.int64) * delta_stride + rows, tl.sum(o * do, 1), mask=rows < n_ctx)
+    tl.store(KN2 + bh.to(tl.int64) * n_ctx + rows, tl.sum(k * k, 1), mask=rows < n_ctx)
 
 
 @triton.jit
@@ -473,7 +473,7 @@ def _bwd_op(
     delta, kn2 = (_alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # (B, H, N)
     block = 16 if INTERPRET else 64
     _bwd_preprocess[(triton.cdiv(N, block), B * H)](
-        o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N,
+        o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N, N,
         HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block,
     )  # fmt: skip
     dq, dk, dv = (_alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))

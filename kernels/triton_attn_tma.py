@@ -459,7 +459,7 @@ def _bwd_op(
     delta, kn2 = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # (B, H, N)
     block = 16 if INTERPRET else 64
     base._bwd_preprocess[(triton.cdiv(N, block), B * H)](
-        o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N,
+        o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N, N,
         HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block,
     )  # fmt: skip
     dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))

@@ -363,8 +363,8 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
                                                gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
         launches.append((gluon_attn._attn_fwd, args, meta, 8))
     acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)
-    stats = torch.empty(2, 2, gluon_attn.padded_len(1024))
-    kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, stats, rows[2], (acc, k, v, *rows[3:]), True,
+    rows_in = (rows[0].view(2, 1, 1024), torch.empty(2, 1, gluon_attn.padded_len(1024)), rows[2])
+    kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, rows_in, (acc, k, v, *rows[3:]), True,
                                                   gluon_attn.CONFIGS["bwd"][head_dim][0])  # fmt: skip
     launches.append((kernel, args, meta, 12))
     assert [kernel.__name__ for kernel, *_ in launches] == (
@@ -412,14 +412,14 @@ def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch):
         seen.append((bh0, grid[1]))
         rows.copy_(torch.arange(bh0, bh0 + grid[1], dtype=torch.float32).view(1, -1, 1, 1).expand_as(rows))
 
-    def launch(do, q, k, v, a, b, stats, kn2, grads, causal, config, bh0=0):
+    def launch(do, q, k, v, a, b, rows_in, grads, causal, config, bh0=0):
         return Launch(fill), (grads[0], bh0), {}, (8, grads[0].shape[1])
 
     def convert(grid, acc, dq, n_ctx):  # _dq_from_fragments in torch
         dq.copy_(from_fragments(acc, n_ctx, dq.shape[-1]))
         acc.zero_()
 
-    monkeypatch.setattr(gluon_attn, "_bwd_stats", Launch(lambda *args: None))
+    monkeypatch.setattr(gluon_attn.base, "_bwd_preprocess", Launch(lambda *args: None))
     monkeypatch.setattr(gluon_attn, "bwd_launch", launch)
     monkeypatch.setattr(gluon_attn, "_dq_from_fragments", Launch(convert))
     # N 1000 (16 query tiles), D 64: 4 rows a launch
@@ -475,27 +475,37 @@ def test_gluon_dq_conversion_undoes_the_fragment_order(n, d):
 
 @interpreted_only
 @pytest.mark.parametrize("n, d", [(77, 64), (130, 128)])
-def test_gluon_backward_statistics_are_lse_delta_and_key_norms_in_padded_rows(n, d):
-    # _bwd_stats: per (batch, head) row, its log-sum-exp and delta_i = sum_d O_id dO_id side by side in rows
-    # padded to a 16-byte multiple (what the backward's TMA descriptor needs), and ||k_i||^2, from strided
-    # (B, H, N, D) views; the padding is left alone
-    from kernels import gluon_attn
+def test_backward_prepass_fills_delta_rows_of_a_given_stride(n, d):
+    # triton_attn._bwd_preprocess: delta_i = sum_d O_id dO_id in rows of delta_stride per (batch, head) (the
+    # Gluon backward reads them by TMA from rows of padded_len(N)), the padding left alone, and ||k_i||^2
+    # (B, H, N), from strided (B, H, N, D) views
+    from kernels import gluon_attn, triton_attn
 
     B, H = 2, 3
     o, do, k = (torch.randn(B, n, H, d).transpose(1, 2) for _ in range(3))
-    lse = torch.randn(B, H, n)
     pad = gluon_attn.padded_len(n)
     assert pad % 4 == 0 and n <= pad < n + 4
-    stats = torch.full((B * H, 2, pad), float("nan"))
+    delta = torch.full((B * H, 1, pad), float("nan"))
     kn2 = torch.empty(B, H, n)
-    gluon_attn._bwd_stats[(-(-n // 64), B * H)](
-        o, do, k, lse, stats, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, n, pad,
-        HEAD_DIM=d, BLOCK=64,
+    triton_attn._bwd_preprocess[(-(-n // 16), B * H)](
+        o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, n, pad,
+        HEAD_DIM=d, D_PAD=d, BLOCK=16,
     )  # fmt: skip
-    torch.testing.assert_close(stats[:, 0, :n], lse.view(B * H, n))
-    torch.testing.assert_close(stats[:, 1, :n], (o * do).sum(-1).view(B * H, n))
+    torch.testing.assert_close(delta[:, 0, :n], (o * do).sum(-1).view(B * H, n))
     torch.testing.assert_close(kn2, (k * k).sum(-1))
-    assert stats[:, :, n:].isnan().all()
+    assert delta[:, :, n:].isnan().all()
+
+
+def test_gluon_backward_reads_the_forwards_lse_in_place_where_tma_can():
+    # rows of N float32 are 16-byte aligned when N is a multiple of 4: the Gluon backward's descriptor is over
+    # the forward's log-sum-exp itself; other N take a copy with rows of padded_len(N)
+    from kernels import gluon_attn
+
+    lse = torch.randn(6, 1, 128)
+    assert gluon_attn._tma_rows(lse) is lse
+    ragged = torch.randn(6, 1, 77)
+    rows = gluon_attn._tma_rows(ragged)
+    assert rows.shape == (6, 1, 80) and torch.equal(rows[..., :77], ragged)
 
 
 @interpreted_only
