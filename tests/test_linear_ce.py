@@ -342,13 +342,22 @@ def tiled(h, w, b, targets):
     return loss.detach(), torch.autograd.grad(loss * 1.7, wrt)
 
 
+# rows n (one, ragged, several row tiles), hidden size c (a power of two or not), vocabulary v (one tile or
+# several, ragged), dtype and bias: every pair of two factors' levels appears in some case (a pairwise
+# design: 6 cases where the full cross has 48, most of the interpreter's time in this file)
+TILED_CASES = [
+    (1, 16, 50, torch.float32, False),
+    (1, 40, 257, torch.bfloat16, True),
+    (7, 16, 257, torch.float32, True),
+    (7, 40, 50, torch.bfloat16, False),
+    (64, 16, 257, torch.bfloat16, False),
+    (64, 40, 50, torch.float32, True),
+]
+
+
 @interpreted_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("v", [50, 257])
-@pytest.mark.parametrize("c", [16, 40])
-@pytest.mark.parametrize("n", [1, 7, 64])
-def test_interpreted_tiled_loss_and_gradients_match_float64(exact_bf16_dot, n, c, v, dtype):
-    bias = (n + c + v) % 2 == 0  # half the shapes without a bias
+@pytest.mark.parametrize(("n", "c", "v", "dtype", "bias"), TILED_CASES)
+def test_interpreted_tiled_loss_and_gradients_match_float64(exact_bf16_dot, n, c, v, dtype, bias):
     h, w, b, targets = make(n, c, v, dtype, bias=bias, seed=n * c + v)
     loss, grads = tiled(h, w, b, targets)
     ref_loss, ref_grads = reference(h, w, b, targets)
@@ -431,7 +440,7 @@ def test_fused_loss_under_the_interpreter():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "64 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    assert "46 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
 
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="checks the CPU refusal")
