@@ -512,7 +512,7 @@ if IMPORT_ERROR is None:
             for c in gl.static_range(2):
                 mbarrier.arrive(dq_free.index(c))
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["bh0"])  # one compiled kernel serves every launch of a backward (_compiled)
     def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, A, B, KN2, DK, DV, DA_ROWS,
                   DB_ROWS, n_heads, n_ctx, bh0, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                   CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr,
@@ -732,6 +732,22 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     return o, lse
 
 
+def _compiled(kernel, args: tuple, meta: dict, grid: tuple):
+    """kernel compiled for args and meta (kernel.warmup: found in the JIT's cache or built, not launched), as
+    run(grid, args, stream), a launch of that compiled kernel on a raw CUDA stream handle (None: the current
+    stream). It skips what kernel[grid] does per launch before the launch itself (binding and specialising
+    every argument, the cache lookup): about 45 of the 70 us of host time that the backward's launch took at
+    N 4096 (H200 host, Triton 3.6). The args of a later launch must specialise as the first ones: the same
+    dtypes and descriptors' blocks, pointers as aligned, and ints equal unless marked do_not_specialize."""
+    compiled = kernel.warmup(*args, grid=grid, **meta)
+    constexprs = tuple(meta[name] for name in kernel.arg_names[len(args) :])
+
+    def run(grid: tuple, args: tuple, stream) -> None:
+        compiled[(*grid, 1)](*args, *constexprs, stream=stream)
+
+    return run
+
+
 def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = None) -> tuple:
     """(dq, dk, dv, da, db) of triton_attn_tma's forward (or forward above) with output o and base-2 lse, by
     _attn_bwd (config: one of CONFIGS["bwd"][D], default the first), over as many (batch, head) rows at a
@@ -751,18 +767,23 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     # one per stream, zeroed here and by each conversion to dq after
     acc = torch.zeros((len(streams), step, fragment_rows(N, D), 256), dtype=torch.float32, device=q.device)
     dq_rows = dq.view(B * H, N, D)
-    # each stream's launch built once, its descriptors included: at N 4096 host time per launch bounds the rate
+    # each stream's launch arguments built once, descriptors included, and both kernels compiled once: at
+    # N 4096 the host time of the launches bounds the backward's rate. Every launch specialises as the
+    # first: its accumulator and dq rows start 16-byte aligned like theirs, and bh0 is not specialised.
     grads = [(acc[lane : lane + 1], dk, dv, da_rows, db_rows) for lane in range(len(streams))]
     launches = [bwd_launch(do, q, k, v, a, b, (lse, delta, kn2), g, causal, config) for g in grads]
+    run_bwd = _compiled(*launches[0])
+    to_dq = (acc[0], dq_rows[:step], N)
+    run_to_dq = _compiled(_dq_from_fragments, to_dq, {"HEAD_DIM": D}, (triton.cdiv(N, 64), step))
     for stream in streams[1:]:
         stream.wait_stream(streams[0])
+    handles = [stream and stream.cuda_stream for stream in streams]
     for i, bh0 in enumerate(range(0, B * H, step)):
         lane = i % len(streams)
         n = min(step, B * H - bh0)
-        kernel, args, meta, grid = launches[lane]
-        with torch.cuda.stream(streams[lane]):  # a no-op for None
-            kernel[(grid[0], n)](*args[:-1], bh0, **meta)
-            _dq_from_fragments[(triton.cdiv(N, 64), n)](acc[lane, :n], dq_rows[bh0 : bh0 + n], N, HEAD_DIM=D)
+        _, args, _, grid = launches[lane]
+        run_bwd((grid[0], n), (*args[:-1], bh0), handles[lane])
+        run_to_dq((triton.cdiv(N, 64), n), (acc[lane, :n], dq_rows[bh0 : bh0 + n], N), handles[lane])
     for stream in streams[1:]:
         streams[0].wait_stream(stream)
     return dq, dk, dv, da_rows.sum((0, 2)), db_rows.sum((0, 2))

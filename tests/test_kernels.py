@@ -419,9 +419,13 @@ def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch):
         dq.copy_(from_fragments(acc, n_ctx, dq.shape[-1]))
         acc.zero_()
 
+    def compiled(kernel, args, meta, grid):  # a launch of the compiled kernel: kernel[grid](*args) here
+        return lambda grid, args, stream: kernel[grid](*args)
+
     monkeypatch.setattr(gluon_attn.base, "_bwd_preprocess", Launch(lambda *args: None))
     monkeypatch.setattr(gluon_attn, "bwd_launch", launch)
     monkeypatch.setattr(gluon_attn, "_dq_from_fragments", Launch(convert))
+    monkeypatch.setattr(gluon_attn, "_compiled", compiled)
     # N 1000 (16 query tiles), D 64: 4 rows a launch
     monkeypatch.setattr(gluon_attn, "ACC_BYTES", 4 * gluon_attn.fragment_rows(1000, 64) * 256 * 4)
     B, H, N, D = 2, 5, 1000, 64

@@ -207,24 +207,19 @@ def test_gluon_backward_runs_over_a_few_rows_at_a_time(poisoned, monkeypatch):
     # N 1000 (16 query tiles), D 64: 4 rows a stream
     monkeypatch.setattr(gluon_attn, "ACC_BYTES", 2 * 4 * gluon_attn.fragment_rows(1000, 64) * 256 * 4)
     starts = []
-    launch = gluon_attn.bwd_launch
+    compiled = gluon_attn._compiled
 
-    class Spy:  # records each launch's first row, bh0, its last argument
-        def __init__(self, kernel):
-            self.kernel = kernel
+    def spy(kernel, args, meta, grid):  # records each launch's first row, bh0, the last of its args
+        run = compiled(kernel, args, meta, grid)
 
-        def __getitem__(self, grid):
-            def run(*args, **meta):
+        def recorded(grid, args, stream):
+            if kernel is gluon_attn._attn_bwd:
                 starts.append(args[-1])
-                return self.kernel[grid](*args, **meta)
+            run(grid, args, stream)
 
-            return run
+        return recorded
 
-    def spy(*args, **kwargs):
-        kernel, kernel_args, meta, grid = launch(*args, **kwargs)
-        return Spy(kernel), kernel_args, meta, grid
-
-    monkeypatch.setattr(gluon_attn, "bwd_launch", spy)
+    monkeypatch.setattr(gluon_attn, "_compiled", spy)
     q, k, v, a, b, do = make_inputs(2, 3, 1000, 64, BF16, "cuda")
     check_backend(kernels.BACKENDS["gluon"], q, k, v, a, b, do, causal=True)
     assert starts == [0, 4]
