@@ -36,10 +36,10 @@ N read as zeros per head and a qkv projection's views are read in place.
 
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and triton_attn_tma's forward at D
 64, where that one is faster, and the one-kernel backward at both. An H200 measured its forward+backward at
-1.03-1.06x SDPA-cuDNN's time at N 16384, D 128, and 1.08-1.10x at D 64 (triton-tma: 1.27-1.47x). At N
-4096 runs vary (1.07-1.29x, one outlier at 1.75x): there the backward's launches nearly bound it on the
-host. Short of parity, mostly in the forward (README, "dQ in fragment order", "Log-sum-exp, delta and key
-norms by TMA" and "The forward's k and v released apart").
+1.02-1.05x SDPA-cuDNN's time at N 16384, D 128, 1.07-1.09x at D 64, and 1.07-1.10x at N 4096
+(triton-tma: 1.27-1.45x); the backward launches its compiled kernels directly (_compiled), since through
+the JIT their host time bounded it at N 4096. Short of parity, mostly in the forward (README, "dQ in
+fragment order", "The forward's k and v released apart" and "The backward's launches past the JIT").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
