@@ -34,10 +34,10 @@ key by a prepass, a base-2 log-sum-exp per row, per-key da and db rows summed on
 Tiles are read through rank-4 descriptors over each (B, H, N, D) tensor with its own strides, so rows past
 N read as zeros per head and a qkv projection's views are read in place.
 
-Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and triton_attn_tma's forward at D
-64, where that one is faster, and the one-kernel backward at both. An H200 measured its forward+backward at
-1.02-1.05x SDPA-cuDNN's time at N 16384, D 128, 1.07-1.09x at D 64, and 1.07-1.10x at N 4096
-(triton-tma: 1.27-1.45x); the backward launches its compiled kernels directly (_compiled), since through
+Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and, from N 8192 (FWD_MIN_LEN), at
+D 64, triton_attn_tma's forward at shorter D 64 rows, where that one is faster, and the one-kernel backward
+at both. An H200 measured its forward+backward at 1.02-1.05x SDPA-cuDNN's time at N 16384, D 128,
+1.05-1.08x at D 64, and 1.07-1.13x at N 4096 (triton-tma: 1.27-1.45x); the backward launches its compiled kernels directly (_compiled), since through
 the JIT their host time bounded it at N 4096. Short of parity, mostly in the forward (README, "dQ in
 fragment order", "The forward's k and v released apart" and "The backward's launches past the JIT").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
@@ -81,7 +81,8 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 # STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS); bwd: (query tile, keys per consumer, ...). The backend takes
 # the head dims of "bwd"
 CONFIGS = {
-    "fwd": {  # none at D 64, where the backend runs triton_attn_tma's forward, the faster there
+    "fwd": {
+        64: [(64, 128, 2, 232, 24, False), (64, 128, 3, 232, 24, False)],
         128: [(64, 128, 2, 232, 24, False), (64, 128, 3, 232, 24, False)],
     },
     "bwd": {
@@ -89,6 +90,10 @@ CONFIGS = {
         128: [(64, 64, 2, 240, 24, False), (64, 64, 3, 240, 24, False)],
     },
 }  # fmt: skip
+# the backend's forward is the Gluon one from this many keys at a head dim (at every length at the others),
+# triton_attn_tma's below: at D 64 that one was faster at N 4096 and slower at N 8192 and 16384 (README,
+# "The Gluon forward at D 64 from N 8192")
+FWD_MIN_LEN = {64: 8192}
 
 if IMPORT_ERROR is None:
     _LOG2E = gl.constexpr(LOG2E)
@@ -718,7 +723,7 @@ def _dq_from_fragments(ACC, DQ, n_ctx, HEAD_DIM: tl.constexpr):
 
 
 def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) for (B, H, N, D) bf16/fp16 q, k, v on an sm90 GPU, D with CONFIGS["fwd"] (128); lse is the
+    """(o, lse) for (B, H, N, D) bf16/fp16 q, k, v on an sm90 GPU, D with CONFIGS["fwd"] (64, 128); lse is the
     base-2 log-sum-exp per row (B, H, N), as triton_attn_tma's forward writes it."""
     B, H, N, D = q.shape
     o = base._alloc((B, H, N, D), q.dtype, q.device)
@@ -797,7 +802,7 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
 def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.shape[-1] not in CONFIGS["fwd"]:
+    if q.shape[-1] not in CONFIGS["fwd"] or q.shape[-2] < FWD_MIN_LEN.get(q.shape[-1], 0):
         return triton_attn_tma._fwd_op(q, k, v, a, b, causal)
     q, k, v = (triton_attn_tma._tma_ready(t) for t in (q, k, v))
     return forward(q, k, v, a, b, causal)
@@ -833,8 +838,8 @@ base.register_autograd(_fwd_op, _bwd_op)
 
 
 def gluon_attention(q, k, v, a, b, *, causal: bool = True) -> torch.Tensor:
-    """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels (at D 64 after triton-tma's forward; the
-    backward is the one-kernel one at both head dims). q, k, v: (B, H, N, D) bf16 or fp16, D 64 or 128;
+    """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels (at D 64 below FWD_MIN_LEN keys after
+    triton-tma's forward; the backward is the one-kernel one at both head dims). q, k, v: (B, H, N, D) bf16 or fp16, D 64 or 128;
     a, b: (H,). Needs an sm90 GPU. Differentiable in q, k, v, a and b."""
     inputs = base.checked_inputs("gluon", unsupported_reason(q, k, v, a, b), q, k, v, a, b)
     return _fwd_op(*inputs, causal)[0]

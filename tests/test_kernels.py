@@ -357,7 +357,7 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
     rows = [torch.empty(1, 2, 1024) for _ in range(5)]
     ab = (torch.empty(2), torch.empty(2))
     launches = []
-    if head_dim in gluon_attn.CONFIGS["fwd"]:  # at D 64 the backend runs triton-tma's forward
+    if head_dim in gluon_attn.CONFIGS["fwd"]:
         kn2 = torch.empty(2, 1, gluon_attn.padded_len(1024))
         args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, rows[0], kn2, True,
                                                gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
@@ -367,9 +367,7 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
     kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, rows_in, (acc, k, v, *rows[3:]), True,
                                                   gluon_attn.CONFIGS["bwd"][head_dim][0])  # fmt: skip
     launches.append((kernel, args, meta, 12))
-    assert [kernel.__name__ for kernel, *_ in launches] == (
-        ["_attn_bwd"] if head_dim == 64 else ["_attn_fwd", "_attn_bwd"]
-    )
+    assert [kernel.__name__ for kernel, *_ in launches] == ["_attn_fwd", "_attn_bwd"]
     for kernel, args, meta, wgmmas in launches:
         with sm90_compile.sm90_target():
             compiled = kernel.warmup(*args, **meta, grid=(1,))

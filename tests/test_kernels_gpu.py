@@ -193,8 +193,22 @@ def test_gluon_every_config(poisoned, monkeypatch, D, configs):
 
     for kind, spec in configs.items():
         monkeypatch.setitem(gluon_attn.CONFIGS[kind], D, [spec])
+    monkeypatch.setattr(gluon_attn, "FWD_MIN_LEN", {})  # the Gluon forward at N 1000 too
     q, k, v, a, b, do = make_inputs(1, 2, 1000, D, BF16, "cuda")
     check_backend(kernels.BACKENDS["gluon"], q, k, v, a, b, do, causal=True)
+
+
+@needs_sm90
+def test_gluon_forward_at_d64_starts_at_fwd_min_len(monkeypatch):
+    # below FWD_MIN_LEN keys the backend's forward is triton-tma's, from there the Gluon one
+    from kernels import gluon_attn, triton_attn_tma
+
+    monkeypatch.setattr(gluon_attn, "FWD_MIN_LEN", {64: 512})
+    for n, runs in ((511, triton_attn_tma._fwd_op), (512, gluon_attn.forward)):
+        q, k, v, a, b, _ = make_inputs(1, 2, n, 64, BF16, "cuda", grad=False)
+        o, lse = gluon_attn._fwd_op(q, k, v, a, b, True)
+        want_o, want_lse = runs(q, k, v, a, b, True)
+        assert torch.equal(o, want_o) and torch.equal(lse, want_lse), n
 
 
 @needs_sm90
