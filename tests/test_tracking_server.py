@@ -35,7 +35,7 @@ fixed:
   model: {n_layers: 1, d_model: 32, n_heads: 2, context: 32}
   data: {source: stories, tokenizer: bytes, corpus_docs: 300, val_tokens: 2048}
   optim: {lr: 3.0e-3, warmup_steps: 5}
-  train: {tokens: 262144, batch_size: 8, eval_every: 256, log_every: 16, device: cpu, threads: 1}
+  train: {tokens: 131072, batch_size: 8, eval_every: 128, log_every: 16, device: cpu, threads: 1}
 comparisons:
   - {name: geometry, baseline: {metric: sdpa}, target: {metric: rbf}}
 resources: {cpu: 1}
@@ -43,9 +43,10 @@ retries: 0
 tracking: {experiment: server_smoke, system_metrics: false, flush_seconds: 0}
 """
 TRIALS = 4  # 2 levels x 2 seeds
-# A trial trains ~8 s here (1024 steps): usually longer than a Ray worker outlives a killed driver, so the
-# trial training at the kill is mostly cut short (and rerun on resume); on a busy machine its worker may
-# finish it first, which the test accepts (the trial is then kept, as any finished one).
+# A trial takes ~5 s here (512 steps, each 16th logged to the server): usually longer than a Ray worker
+# outlives a killed driver (about a second), so the trial training at the kill is mostly cut short (and
+# rerun on resume); on a busy machine its worker may finish it first, which the test accepts (the trial is
+# then kept, as any finished one).
 PG_USER, PG_PASSWORD, PG_DATABASE = "ablate", "ablate-test", "mlflow"
 
 
