@@ -425,6 +425,10 @@ def ui(
         host,
         "--port",
         str(port),
+        # one person browsing needs one worker; MLflow's default of four imports its app four times (on a
+        # 2-core machine `ablate ui` answered after 23 s so, 17 s with one)
+        "--workers",
+        "1",
     ]
     console.print(f"MLflow UI for {design.study.name}: {_runs_url(record.experiment, host, port)}")
     sys.stdout.flush()

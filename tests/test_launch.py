@@ -456,6 +456,7 @@ def test_ui_serves_the_study_store_on_localhost(concurrent, monkeypatch):
     assert (
         command[command.index("--host") + 1] == "127.0.0.1" and command[command.index("--port") + 1] == "5123"
     )
+    assert command[command.index("--workers") + 1] == "1"
     assert "http://127.0.0.1:5123" in result.output
 
 
