@@ -1,6 +1,8 @@
 """Shared test set-up: `gpu` tests are skipped where CUDA is absent, each one's garbage is collected when
-it ends, and each module leaves the process's environment and thread count as it found them."""
+it ends, each module leaves the process's environment and thread count as it found them, and one
+end-to-end study serves the modules that read it."""
 
+import contextlib
 import gc
 import os
 
@@ -31,14 +33,35 @@ def _collect_gpu_garbage(request):
         gc.collect()
 
 
+@contextlib.contextmanager
+def process_state_kept():
+    """The environment variables and torch's CPU thread count, restored as they were on leaving."""
+    environment, threads = dict(os.environ), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _process_state_restored():
     """Each test module leaves the test process's environment variables and torch's CPU thread count as it
     found them. Both reach what later modules start: the environment every Ray worker and subprocess (a
     bytecode prefix left set once made every later worker compile torch from source, doubling CI), the
     thread count dynamo's guards (a compiled step saved under one count is refused under another)."""
-    environment, threads = dict(os.environ), torch.get_num_threads()
-    yield
-    os.environ.clear()
-    os.environ.update(environment)
-    torch.set_num_threads(threads)
+    with process_state_kept():
+        yield
+
+
+@pytest.fixture(scope="session")
+def every_outcome(tmp_path_factory):
+    """test_launch's study of every outcome, run and reported once for the session (tests/studies.py):
+    test_launch checks its record and report, test_ui_browser browses it. Tests only read it. It keeps the
+    process's state itself: set up before the module that first asks for it, it is outside that module's
+    `_process_state_restored`."""
+    from studies import run_every_outcome
+
+    with process_state_kept():
+        return run_every_outcome(tmp_path_factory.mktemp("every-outcome"))

@@ -8,96 +8,33 @@ SIGKILL mid-run and run again: nothing finished is rerun and nothing is duplicat
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
-import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from ablate import tracking
 from ablate.config import RunConfig, from_dict, to_flat_dict
 from ablate.design import load_design
-from ablate.launch import LaunchOptions, run_study
+from ablate.launch import LaunchOptions
 from ablate.logger import RecordingLogger
 from ablate.train import train
+from studies import RESPONSES, tiny_fixed, trial_runs, write_study
 
 pytestmark = pytest.mark.slow
 
-RESPONSES = ["val_loss", "key_norm_mean", "sink_first_token", "attn_entropy"]
-
-
-def tiny_fixed(cache: Path, tokens: int) -> dict:
-    return {
-        "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context": 32},
-        "data": {"tokenizer": "bpe:300", "corpus_docs": 100, "val_tokens": 1024, "cache_dir": str(cache)},
-        "optim": {"warmup_steps": 2},
-        "train": {"tokens": tokens, "batch_size": 8, "eval_every": 10, "log_every": 2, "device": "cpu"},
-    }
-
-
-def write_study(folder: Path, spec: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def children(client: MlflowClient, experiment: str) -> list:
-    exp = client.get_experiment_by_name(experiment)
-    return tracking.search(client, exp.experiment_id, "tags.`ablate.kind` = 'trial'")
-
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def concurrent(tmp_path_factory, cache):
-    """12 trials, up to 4 at once (8 normal, 2 NaN, 2 raising), run by the in-process driver.
-
-    Four at once still write to one store together, and run every outcome beside others; twelve worker
-    processes at once, each importing torch, took most of the fixture's time on a 2-core machine."""
-    spec = {
-        "name": "concurrent",
-        "description": "every outcome at once",
-        "factors": {
-            "metric": {"levels": ["sdpa", "rbf"]},
-            "registers": {"levels": [0, 1]},
-            "fault": {
-                "key": "train.fault",
-                "levels": {"none": None, "nan": "nan@3", "raise": "raise@1"},
-                "when": {"metric": ["sdpa"], "registers": [0]},
-            },
-        },
-        "seeds": 2,
-        "fixed": tiny_fixed(cache, tokens=12288),
-        "responses": {"primary": "val_loss", "secondary": RESPONSES[1:]},
-        "resources": {"cpu": 0.16},
-        "max_concurrent": 4,
-        "retries": 1,
-        "tracking": {
-            "flush_seconds": 0,
-            "system_metrics_interval": 0.5,
-        },  # flush on every call: most contention
-    }
-    design = load_design(write_study(tmp_path_factory.mktemp("concurrent"), spec))
-
-    def no_cuda(*args, **kwargs):
-        raise AssertionError("the driver initialised CUDA")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cuda, "_lazy_init", no_cuda)
-        summary = run_study(design, LaunchOptions())
-    client = MlflowClient(design.tracking_uri())
-    return design, summary, client, children(client, "concurrent")
+def concurrent(every_outcome):
+    """12 trials, up to 4 at once (8 normal, 2 NaN, 2 raising), run by the in-process driver once for the
+    test session (tests/studies.py): (design, summary, client, trial runs)."""
+    return every_outcome.design, every_outcome.summary, every_outcome.client, every_outcome.runs
 
 
 def by_trial(runs: list) -> dict[str, list]:
@@ -128,7 +65,7 @@ def test_summary_counts_every_outcome(concurrent):
 def test_closing_table_gives_each_failed_trial_its_error_in_one_line(concurrent):
     from rich.console import Console
 
-    from ablate.launch import LaunchOptions, print_summary, read_study_store
+    from ablate.launch import print_summary, read_study_store
 
     design, summary, _, _ = concurrent
     raising = sorted(
@@ -309,7 +246,7 @@ def test_status_command_reads_the_store(concurrent):
 
 def _finished(uri: str) -> dict[str, str]:
     try:
-        runs = children(MlflowClient(uri), "killed")
+        runs = trial_runs(MlflowClient(uri), "killed")
     except Exception:  # the store is still being created
         return {}
     return {
@@ -337,12 +274,12 @@ cli.main()
 """
 
 
-def test_sigkill_of_the_driver_then_rerun_completes_without_duplicates(tmp_path, cache):
+def test_sigkill_of_the_driver_then_rerun_completes_without_duplicates(tmp_path):
     spec = {
         "name": "killed",
         "factors": {"metric": {"levels": ["sdpa", "rbf", "penalty"]}, "registers": {"levels": [0, 1]}},
         "seeds": 1,
-        "fixed": tiny_fixed(cache, tokens=24576),
+        "fixed": tiny_fixed(tmp_path / "cache", tokens=24576),
         "resources": {"cpu": 1},
         "max_concurrent": 2,  # at most two trials run on when the driver stops scheduling
     }
@@ -371,7 +308,7 @@ def test_sigkill_of_the_driver_then_rerun_completes_without_duplicates(tmp_path,
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     skipped = int(re.search(r"(\d+) already done", rerun.stdout).group(1))
     assert len(before) <= skipped < 6
-    runs = children(MlflowClient(uri), "killed")
+    runs = trial_runs(MlflowClient(uri), "killed")
     grouped = by_trial(runs)
     assert set(grouped) == {t.trial_id for t in design.trials}
     for trial_id, attempts in grouped.items():
@@ -429,12 +366,9 @@ def test_many_writers_at_once_lose_no_metric(tmp_path):
     assert max(start for start, _ in spans) < min(end for _, end in spans)  # all ten were open at once
 
 
-def test_report_writes_files_and_logs_them_to_the_parent_run(concurrent, tmp_path):
-    from ablate.cli import app
-
-    design, summary, client, _ = concurrent
-    out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["report", str(design.source), "--out", str(out)])
+def test_report_writes_files_and_logs_them_to_the_parent_run(concurrent, every_outcome):
+    _, summary, client, _ = concurrent
+    out, result = every_outcome.report, every_outcome.report_result  # `ablate report --out`, run once
     assert result.exit_code == 0, result.output
     assert (out / "report.html").exists() and (out / "report.md").exists() and (out / "results.json").exists()
     assert "metric" in result.output  # the plain-words summary names the factors
@@ -522,23 +456,24 @@ def test_worker_processes_are_reused_unless_the_user_says_not_to(monkeypatch):
     assert not reuse_workers()
 
 
-def test_eager_trials_run_one_after_another_in_one_worker_process(tmp_path, cache):
-    """Tune hands the next trial to the same worker process (TrialTrainable.reset_config), and runs
-    each trial once (a class trainable is checkpointed at its end unless told not to be)."""
-    spec = {
-        "name": "reused",
-        "factors": {"metric": {"levels": ["sdpa", "rbf", "penalty"]}},
-        "seeds": 1,
-        "fixed": tiny_fixed(cache, 2048),
-        "resources": {"cpu": 1},
-        "max_concurrent": 1,
-    }
-    design = load_design(write_study(tmp_path, spec))
-    summary = run_study(design, LaunchOptions())
-    assert summary.counts == {"finished": 3}
-    runs = tracking.StudyRecord.open(design.tracking_uri(), design.experiment, "reused").runs()
-    assert len({run.data.tags["ablate.pid"] for run in runs}) == 1
-    assert sorted(run.data.tags["ablate.process_trial"] for run in runs) == ["1", "2", "3"]
+def test_eager_trials_run_one_after_another_in_a_reused_worker_process(concurrent):
+    """Tune hands the next trial to a worker process whose trial has ended (TrialTrainable.reset_config):
+    each process numbers its trials 1, 2, ... and runs them one after another. That each trial runs once
+    (a class trainable is checkpointed at its end unless told not to be) is checked on the same study by
+    test_one_finished_child_per_trial_with_every_param_metric_and_tag and the NaN and retry tests."""
+    _, _, _, runs = concurrent
+    by_process: dict[str, list] = {}
+    for run in runs:
+        by_process.setdefault(run.data.tags["ablate.pid"], []).append(run)
+    for attempts in by_process.values():
+        attempts.sort(key=lambda run: int(run.data.tags["ablate.process_trial"]))
+        numbers = [int(run.data.tags["ablate.process_trial"]) for run in attempts]
+        assert numbers == list(range(1, len(attempts) + 1))
+        assert all(
+            done.info.end_time <= after.info.start_time for done, after in itertools.pairwise(attempts)
+        )
+    # 14 attempts, at most 4 at once, and 4 raising ones whose processes Ray replaces: some process ran more
+    assert max(len(attempts) for attempts in by_process.values()) >= 2
 
 
 def test_a_run_left_open_is_closed_on_the_next_launch_whatever_its_tag_says(tmp_path):

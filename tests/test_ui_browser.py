@@ -1,9 +1,10 @@
 """`ablate ui` in a real browser: headless Chromium, driven by Selenium, against a finished study.
 
-A tiny study runs and is reported into its default SQLite store; `ablate ui` serves it; the browser
-checks what a user looks for: the parent run in the experiment's run list, the trials nested under
-it, a trial's factor levels and loss curve, and the report among the parent run's artifacts.
-Screenshots go to $ABLATE_TEST_ARTIFACTS (default tests/artifacts/).
+test_launch's tiny study of every outcome, run and reported into its default SQLite store once for the
+session (tests/studies.py), is served by `ablate ui`; the browser checks what a user looks for: the
+parent run in the experiment's run list, the trials nested under it, a trial's factor levels and loss
+curve, and the report among the parent run's artifacts. Screenshots go to $ABLATE_TEST_ARTIFACTS
+(default tests/artifacts/).
 """
 
 from __future__ import annotations
@@ -23,24 +24,6 @@ from services import ablate_command, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
-STUDY = """\
-name: ui_smoke
-description: metric x registers, one seed, on a tiny CPU model (browsed in the MLflow UI)
-factors:
-  metric: {levels: [sdpa, rbf]}
-  registers: {levels: [0, 1]}
-seeds: 1
-fixed:
-  model: {n_layers: 1, d_model: 32, n_heads: 2, context: 32}
-  data: {source: stories, tokenizer: bytes, corpus_docs: 300, val_tokens: 2048}
-  optim: {lr: 3.0e-3, warmup_steps: 5}
-  train: {tokens: 16384, batch_size: 8, eval_every: 16, log_every: 4, device: cpu, threads: 1}
-comparisons:
-  - {name: both, baseline: {metric: sdpa, registers: 0}, target: {metric: rbf, registers: 1}}
-resources: {cpu: 1}
-retries: 0
-tracking: {system_metrics: false}
-"""
 CHROMIUM_FLAGS = (
     "--headless=new",
     "--no-sandbox",  # root in a container has no user namespace for the sandbox
@@ -95,33 +78,22 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A finished, reported study, served by `ablate ui` with its default host."""
-    from mlflow import MlflowClient
-
-    folder = tmp_path_factory.mktemp("ui-study")
-    study = folder / "ui_smoke.yaml"
-    study.write_text(STUDY)
-    env = {
-        **os.environ,
-        "ABLATE_CACHE": str(folder / "cache"),
-        "MLFLOW_TRACKING_URI": "",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # the UI needs no GenAI job runner
-    }
-    for command in ("run", "report"):
-        done = subprocess.run(
-            [*ablate_command(), command, str(study)], env=env, capture_output=True, text=True
-        )
-        assert done.returncode == 0, f"ablate {command}:\n{done.stdout}\n{done.stderr}"
-
-    client = MlflowClient(f"sqlite:///{folder / 'runs' / 'ui_smoke' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("ui_smoke")
+def served(every_outcome, tmp_path_factory):
+    """The finished, reported study of every outcome, served by `ablate ui` with its default host."""
+    study, client = every_outcome.design.source, every_outcome.client
+    experiment = client.get_experiment_by_name("concurrent")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`ablate.kind` = 'parent'")
     children = client.search_runs(
         [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    assert len(children) == 4
+    assert len(children) == 14  # 12 trials and the retries of the 2 raising ones
 
+    folder = tmp_path_factory.mktemp("ui")
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": "",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # the UI needs no GenAI job runner
+    }
     port, log = free_port(), folder / "ui.log"
     with log.open("w") as out:
         ui = subprocess.Popen(
@@ -241,13 +213,14 @@ def test_experiment_page_lists_the_parent_with_its_trials_nested_under_it(served
 
     name_cell = f'div[role="row"][row-id="{parent_id}"] [col-id="attributes.`Run Name`"]'
     link = browser.find_element(By.CSS_SELECTOR, f'{name_cell} a[href$="/runs/{parent_id}"]')
-    assert link.text.strip() == "ui_smoke"
+    assert link.text.strip() == "concurrent"
     browser.find_element(By.CSS_SELECTOR, f"{name_cell} button").click()  # expand the parent
     children = {run.info.run_id for run in served.children}
     wait_until(browser, lambda d: children <= set(grid_rows(d)), "the trials under the parent run")
     rows = grid_rows(browser)
     assert set(rows) == children | {parent_id}
-    assert sorted(rows[c] for c in children) == list(range(rows[parent_id] + 1, rows[parent_id] + 5))
+    below = range(rows[parent_id] + 1, rows[parent_id] + 1 + len(children))  # right under the parent
+    assert sorted(rows[c] for c in children) == list(below)
     screenshot(browser, "ui-experiment-runs.png")
 
 
@@ -295,4 +268,4 @@ def test_parent_run_artifacts_include_the_report(served, browser):
         heading = wait_until(browser, lambda d: d.find_element(By.TAG_NAME, "h1").text, "the report's title")
     finally:
         browser.switch_to.default_content()
-    assert heading == "ui_smoke: attribution"
+    assert heading == "concurrent: attribution"
