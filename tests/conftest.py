@@ -1,6 +1,6 @@
 """Shared test set-up: `gpu` tests are skipped where CUDA is absent, each one's garbage is collected when
 it ends, each module leaves the process's environment and thread count as it found them, and one
-end-to-end study serves the modules that read it."""
+end-to-end study and one MLflow server serve the modules that use them."""
 
 import contextlib
 import gc
@@ -65,3 +65,14 @@ def every_outcome(tmp_path_factory):
 
     with process_state_kept():
         return run_every_outcome(tmp_path_factory.mktemp("every-outcome"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """One `mlflow server` for the modules that track over HTTP, each in an experiment of its own: on a
+    throwaway PostgreSQL cluster, as a team runs it, where one can start here; on SQLite otherwise."""
+    pytest.importorskip("mlflow.server", reason="mlflow server is not installed")
+    from services import tracking_server
+
+    with tracking_server() as server:
+        yield server

@@ -1,4 +1,5 @@
-"""A study on a Ray cluster of two nodes on this machine, tracked by an `mlflow server` over HTTP.
+"""A study on a Ray cluster of two nodes on this machine, tracked by an `mlflow server` over HTTP (the
+test session's: conftest's `mlflow_server`).
 
 Ray's own multi-node test cluster starts node A (the head) and node B, one CPU each, each with its own
 data cache (`ABLATE_CACHE` in the node's environment), so the study's one-CPU trials run on both. The
@@ -14,17 +15,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from services import ablate_command, start_mlflow_server, stop
+from services import ablate_command, stop
 
 pytestmark = pytest.mark.slow
 
@@ -175,16 +174,13 @@ def _kill_node_mid_trial(run, node: Node) -> None:
 
 
 @pytest.fixture(scope="module")
-def study_run(tmp_path_factory) -> StudyRun:
-    """The study, run once with node B killed mid-trial, then rerun; every process it starts is ended."""
+def study_run(tmp_path_factory, mlflow_server) -> StudyRun:
+    """The study, run once with node B killed mid-trial, then rerun; every process it starts is ended.
+    It is tracked by the session's MLflow server, in an experiment of its own."""
     _needs()
     folder = tmp_path_factory.mktemp("two_nodes")
     with contextlib.ExitStack() as cleanup:  # each clean-up runs even if an earlier one fails
-        work = Path(tempfile.mkdtemp(prefix="ablate-mlflow-"))
-        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
-        server, url = start_mlflow_server(f"sqlite:///{work / 'mlflow.db'}", work)
-        cleanup.callback(stop, server)
-        yield _run_study(folder, url, _two_nodes(folder, cleanup))
+        yield _run_study(folder, mlflow_server.url, _two_nodes(folder, cleanup))
 
 
 def _two_nodes(folder: Path, cleanup: contextlib.ExitStack) -> tuple[Node, Node]:

@@ -2,26 +2,23 @@
 
 The set-up a team uses: PostgreSQL holds the MLflow store, `mlflow server --serve-artifacts` stores the
 artifacts, and every process (driver, Ray trials, report) talks to the server over HTTP only. The test
-starts a throwaway PostgreSQL cluster and an MLflow server on free loopback ports, runs a tiny study
-through the real CLI, kills the driver mid-study, resumes it, writes the report, and stops both services.
+session's server (conftest's `mlflow_server`) runs on a throwaway PostgreSQL cluster on free loopback
+ports; the test runs a tiny study through the real CLI, kills the driver mid-study, resumes it, and
+writes the report. Without PostgreSQL's binaries it is skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import pwd
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from services import ablate_command, free_port, start_mlflow_server, stop
+from services import Postgres, ablate_command, postgres_missing, stop
 
 pytestmark = pytest.mark.slow
 
@@ -42,115 +39,19 @@ resources: {cpu: 1}
 retries: 0
 tracking: {experiment: server_smoke, system_metrics: false, flush_seconds: 0}
 """
-TRIALS = 4  # 2 levels x 2 seeds
 # A trial takes ~5 s here (512 steps, each 16th logged to the server): usually longer than a Ray worker
 # outlives a killed driver (about a second), so the trial training at the kill is mostly cut short (and
 # rerun on resume); on a busy machine its worker may finish it first, which the test accepts (the trial is
 # then kept, as any finished one).
-PG_USER, PG_PASSWORD, PG_DATABASE = "ablate", "ablate-test", "mlflow"
-
-
-def postgres_bin() -> Path | None:
-    """The directory holding initdb/pg_ctl: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
-    on_path = shutil.which("initdb")
-    if on_path:
-        return Path(on_path).resolve().parent  # a link to the real bin dir holds pg_ctl and createdb too
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    return Path(found[-1]).parent if found else None
-
-
-@dataclass
-class Postgres:
-    """A throwaway PostgreSQL cluster in a temporary directory, listening on 127.0.0.1 only."""
-
-    bin: Path
-    root: Path
-    port: int
-
-    def _as_owner(self, *args: str) -> list[str]:
-        # initdb and postgres refuse to run as root: run them as the `postgres` system user instead
-        command = [str(self.bin / args[0]), *args[1:]]
-        return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-    def _run(self, *args: str) -> None:
-        done = subprocess.run(self._as_owner(*args), cwd=self.root, capture_output=True, text=True)
-        assert done.returncode == 0, f"{args[0]} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
-
-    def start(self) -> None:
-        password_file = self.root / "password"
-        password_file.write_text(PG_PASSWORD + "\n")
-        self._run(
-            "initdb",
-            "-D",
-            str(self.root / "data"),
-            "-U",
-            PG_USER,
-            f"--pwfile={password_file}",
-            "--auth-local=trust",
-            "--auth-host=scram-sha-256",  # over TCP, as the MLflow server connects: password required
-            "-E",
-            "UTF8",
-            "--no-sync",
-        )
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-        self._run("pg_ctl", "-D", str(self.root / "data"), "-l", str(self.log), "-o", options, "-w", "start")
-        self._run("createdb", "-h", str(self.root), "-p", str(self.port), "-U", PG_USER, PG_DATABASE)
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
-
-    @property
-    def log(self) -> Path:
-        return self.root / "postgres.log"
-
-    def uri(self) -> str:
-        # name the driver: SQLAlchemy's default for postgresql:// changed between versions
-        return f"postgresql+psycopg2://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{self.port}/{PG_DATABASE}"
-
-
-@dataclass
-class Services:
-    postgres: Postgres
-    url: str  # the MLflow server
-    artifacts: Path  # where the server stores artifacts
+TRIALS = 4  # 2 levels x 2 seeds
 
 
 @pytest.fixture(scope="module")
-def services():
-    pg_bin = postgres_bin()
-    if pg_bin is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; apt-get install postgresql")
-    if os.geteuid() == 0 and not _has_user("postgres"):
-        pytest.skip("running as root needs a `postgres` system user to own the test cluster")
-    pytest.importorskip("mlflow.server", reason="mlflow server is not installed")
-    as_root = os.geteuid() == 0
-    root = Path(tempfile.mkdtemp(prefix="ablate-pg-", dir="/tmp" if as_root else None))
-    if as_root:  # the cluster's owner is the postgres user: give it the directory (/tmp lets it reach it)
-        owner = pwd.getpwnam("postgres")
-        os.chown(root, owner.pw_uid, owner.pw_gid)
-    postgres = Postgres(pg_bin, root, free_port())
-    work = Path(tempfile.mkdtemp(prefix="ablate-mlflow-"))
-    server = None
-    try:
-        postgres.start()
-        server, url = start_mlflow_server(postgres.uri(), work)
-        yield Services(postgres, url, work / "artifacts")
-    finally:
-        if server is not None:
-            stop(server)
-            assert server.returncode is not None, "the MLflow server did not stop"
-        if (root / "data" / "postmaster.pid").exists():
-            postgres.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
+def services(mlflow_server):
+    """The session's MLflow server, which runs on PostgreSQL wherever a throwaway cluster can start."""
+    if mlflow_server.postgres is None:
+        pytest.skip(postgres_missing())
+    return mlflow_server
 
 
 @dataclass
