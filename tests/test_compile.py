@@ -53,10 +53,18 @@ CELLS = {
 }
 
 
-def cell_run(cache_dir: str, model: dict, *, device: str, steps: int = 12, **train_settings) -> RunConfig:
+def cell_run(
+    cache_dir: str, model: dict, *, device: str, steps: int = 12, n_layers: int = 2, **train_settings
+) -> RunConfig:
     context = 32 if device == "cpu" else 256
     tree = {
-        "model": {"n_layers": 2, "d_model": 64, "n_heads": 2, "context": context, "gamma_warmup_steps": 6}
+        "model": {
+            "n_layers": n_layers,
+            "d_model": 64,
+            "n_heads": 2,
+            "context": context,
+            "gamma_warmup_steps": 6,
+        }
         | model,
         "data": {"source": "random:512", "val_tokens": 4 * context, "cache_dir": cache_dir},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
@@ -211,11 +219,14 @@ def fresh_process_state():
     ablate.train.forget_compiled(graphs=torch.cuda.is_available())
 
 
-def kept_trial(tmp_path, cell: str, seed: int, *, device: str = "cpu", **settings) -> tuple:
+def kept_trial(
+    tmp_path, cell: str, seed: int, *, device: str = "cpu", n_layers: int = 2, **settings
+) -> tuple:
     """(result, train losses, graphs dynamo captured) of one trial that keeps its compiled step."""
     import dataclasses
 
-    cfg = dataclasses.replace(cell_run(str(tmp_path), CELLS[cell], device=device, **settings), seed=seed)
+    run = cell_run(str(tmp_path), CELLS[cell], device=device, n_layers=n_layers, **settings)
+    cfg = dataclasses.replace(run, seed=seed)
     log = RecordingLogger()
     counters.clear()
     result = train(cfg, log)

@@ -71,9 +71,15 @@ def same(values, expected):
     return values == pytest.approx(expected, rel=1e-6, abs=0)
 
 
+# The CPU trials' model has one layer: what these tests check (a step saved, loaded, refused, replaced)
+# does not depend on its depth, and each trial traces and compiles its step (this module ran in 54 s on a
+# 2-core machine, 74 s with two layers).
+LAYERS = 1
+
+
 def trial(tmp_path, cell: str, seed: int = 0, **settings) -> tuple:
     """(result, train losses, frames dynamo traced) of one CPU trial with precompiled steps on."""
-    return kept_trial(tmp_path, cell, seed, **{"precompile": True, **settings})
+    return kept_trial(tmp_path, cell, seed, n_layers=LAYERS, **{"precompile": True, **settings})
 
 
 def test_a_saved_step_serves_the_next_trial_untraced_with_the_same_losses(tmp_path, steps):
@@ -251,7 +257,8 @@ def test_a_new_process_loads_the_step_another_saved(tmp_path, steps):
         precompiled.BACKEND = {savable_backend()!r}
         cell = CELLS["penalty-rope-register-separate-lam"]
         log = RecordingLogger()
-        result = train(cell_run({str(tmp_path)!r}, cell, device="cpu", precompile=True, threads=1), log)
+        run = cell_run({str(tmp_path)!r}, cell, device="cpu", n_layers={LAYERS}, precompile=True, threads=1)
+        result = train(run, log)
         print(json.dumps({{"loaded": result.summary["compile/step_loaded"],
                            "traced": counters["stats"]["unique_graphs"],
                            "losses": [v for _, v in log.series("train/loss")]}}))
