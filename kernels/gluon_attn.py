@@ -15,8 +15,10 @@ program runs three warp-specialised partitions (gl.warp_specialize; four in the 
   K and V pipelines): with one release per stage, after P.V, the loader started a k tile's load about
   when a consumer waited for it (README, "The forward's k and v released apart").
 
-The forward's consumers own 64 query rows each and the loader brings k and v tiles (with each k tile its
-key norms, computed once per key by a prepass). The backward is one kernel: each consumer owns 64 keys,
+The forward's consumers own 64 query rows each and the loader brings k and v tiles, with each k tile its
+bias tile: where a head's a > 0 a prepass (_key_bias) writes -(b / a) ||k||^2 per key in three bf16 parts,
+which one more wgmma adds to q.k, so that the element-wise work per score is dot-product attention's (README,
+"The key bias in the score matmul"); heads with a <= 0 add b ||k||^2 after the matmul. The backward is one kernel: each consumer owns 64 keys,
 the loader brings q and dO tiles (and with each q tile its rows' log-sum-exp, read in place from the
 forward's, and delta, which triton_attn._bwd_preprocess writes in rows padded for TMA), and per query
 tile a consumer runs S^T, dP^T, dV and dK, and half of dQ: both consumers store dS^T to shared memory and
@@ -29,17 +31,19 @@ at a time, so peak memory stays near triton-tma's backward.
 
 Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
 loader (and the writer); with A_REGS a consumer keeps its own tiles in registers as the A operand of its
-score matmuls. Same math and outputs as triton_attn_tma's (base-2 scores, the key norms computed once per
-key by a prepass, a base-2 log-sum-exp per row, per-key da and db rows summed on the host).
+score matmuls. Same math and outputs as triton_attn_tma's to rounding (base-2 scores, the key norms computed
+once per key by a prepass, a base-2 log-sum-exp per row, per-key da and db rows summed on the host).
 Tiles are read through rank-4 descriptors over each (B, H, N, D) tensor with its own strides, so rows past
 N read as zeros per head and a qkv projection's views are read in place.
 
-Status: on sm90 (bf16, fp16) the backend runs the Gluon forward at D 128 and, from N 8192 (FWD_MIN_LEN), at
-D 64, triton_attn_tma's forward at shorter D 64 rows, where that one is faster, and the one-kernel backward
-at both. An H200 measured its forward+backward at 1.02-1.05x SDPA-cuDNN's time at N 16384, D 128,
-1.05-1.08x at D 64, and 1.07-1.13x at N 4096 (triton-tma: 1.27-1.45x); the backward launches its compiled kernels directly (_compiled), since through
-the JIT their host time bounded it at N 4096. Short of parity, mostly in the forward (README, "dQ in
-fragment order", "The forward's k and v released apart" and "The backward's launches past the JIT").
+Status: on sm90 (bf16, fp16) the backend runs the Gluon forward from N 4096 at D 64 and N 1024 at D 128
+(FWD_MIN_LEN), triton_attn_tma's forward below, where that one is faster, and the one-kernel backward at
+both. An H200 measured its forward+backward at 1.02-1.05x SDPA-cuDNN's time at N 16384, D 128, 1.05-1.08x at
+D 64, and 1.07-1.13x at N 4096 (triton-tma: 1.27-1.45x), then 2-6% less with the key bias in the score
+matmul; the backward launches its compiled kernels directly (_compiled), since through the JIT their host
+time bounded it at N 4096. Short of parity, mostly in the forward at D 64 (README, "dQ in fragment order",
+"The forward's k and v released apart", "The backward's launches past the JIT" and "The key bias in the
+score matmul").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
@@ -83,17 +87,17 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 CONFIGS = {
     "fwd": {
         64: [(64, 128, 2, 232, 24, False), (64, 128, 3, 232, 24, False)],
-        128: [(64, 128, 2, 232, 24, False), (64, 128, 3, 232, 24, False)],
+        128: [(64, 128, 2, 240, 24, False)],
     },
     "bwd": {
         64: [(64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, False), (64, 64, 2, 240, 24, False)],
         128: [(64, 64, 2, 240, 24, False), (64, 64, 3, 240, 24, False)],
     },
 }  # fmt: skip
-# the backend's forward is the Gluon one from this many keys at a head dim (at every length at the others),
-# triton_attn_tma's below: at D 64 that one was faster at N 4096 and slower at N 8192 and 16384 (README,
-# "The Gluon forward at D 64 from N 8192")
-FWD_MIN_LEN = {64: 8192}
+# the backend's forward is the Gluon one from this many keys at a head dim, triton_attn_tma's below, where that
+# one was faster (H200: at D 64 N 1024 0.58 against 0.62 ms, at D 128 N 256 0.53 against 0.56; README, "The
+# key bias in the score matmul")
+FWD_MIN_LEN = {64: 4096, 128: 1024}
 
 if IMPORT_ERROR is None:
     _LOG2E = gl.constexpr(LOG2E)
@@ -115,8 +119,10 @@ if IMPORT_ERROR is None:
     # reads them
     _DQ_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     # per-row float32 values that arrive by TMA with a tile, (STAGES, C, cols) (_rows_descriptor): the
-    # forward's key norms (C = 1) and the backward's log-sum-exp and delta (C = 2); unswizzled, so row-major
+    # backward's log-sum-exp and delta (C = 2); unswizzled, so row-major
     _ROWS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    # the forward's bias tiles (_key_bias): rows of 16 bf16 (32 bytes), as wgmma reads them
+    _BIAS_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2)
 
     @builtin
     def _as_rows(smem, _semantic=None):
@@ -178,69 +184,70 @@ if IMPORT_ERROR is None:
         return tok1, tok2
 
     @gluon.jit
-    def _softmax_step(s, kn2, m_i, l_i, start_n, rows, offs_n, a2, b2, mask_from, n_ctx,
-                      CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr,
-                      dtype: gl.constexpr):  # fmt: skip
-        # one key tile's raw scores q.k (BM, BN) and key norms (BN,) -> P (in the register layout that
-        # P.V's wgmma reads), the factor that rescales the running sums, the new row max and row sum
-        cols = start_n + offs_n
-        s = s * a2 - gl.expand_dims(kn2 * b2, 0)
-        if start_n + BLOCK_N > mask_from:  # the causal diagonal or the ragged tail
+    def _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+        # -inf past N and, causal, above the diagonal (only in the tiles that reach either)
+        if start_n + BLOCK_N > mask_from:
             keep = gl.expand_dims(cols, 0) < n_ctx
             if CAUSAL:
                 keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1))
             s = gl.where(keep, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        return s
+
+    @gluon.jit
+    def _softmax_step(s, KN2_ROW, m_i, l_i, start_n, rows, offs_n, a2, b2, mask_from, n_ctx,
+                      CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr,
+                      BIASED: gl.constexpr):  # fmt: skip
+        # one key tile's scores (BM, BN) -> P (in the register layout that P.V's wgmma reads), the factor
+        # that rescales the running sums, the new row max and row sum. BIASED (a > 0): the scores came from
+        # the matmuls as q.k - (b / a) ||k||^2 (_key_bias), and a2 scales them inside the exp2's argument,
+        # as in dot-product attention, one floating-point operation a score fewer than adding the bias here;
+        # else they are q.k, and the key bias comes from KN2_ROW (the key norms)
+        cols = start_n + offs_n
+        if BIASED:
+            s = _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL, BLOCK_N)
+            m_new = gl.maximum(m_i, gl.max(s, 1) * a2)
+            p = gl.exp2(s * a2 - gl.expand_dims(m_new, 1))
+        else:
+            kn2 = gl.load(KN2_ROW + cols, mask=cols < n_ctx, other=0.0)
+            s = s * a2 - gl.expand_dims(kn2 * b2, 0)
+            s = _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL, BLOCK_N)
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, 1)
         return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
 
     @gluon.jit
-    def _consumer(desc_q, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, my_turn,
-                  other_turn, A, B, O, LSE, kn2_rows, sob, soh, son, n_heads, n_ctx, q_start, n_tiles, bh,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
-        # one warp group: the 64 query rows from q_start, over the key tiles the loader brings (k_smem, v_smem
-        # and per stage a row of their key norms, kn2_rows)
+    def _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, my_turn, other_turn,
+                   KN2_ROW, a2, b2, rows, mask_from, n_ctx, n_tiles, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                   BIASED: gl.constexpr):  # fmt: skip
+        # a forward consumer's loop over its key tiles -> (acc, row max, row sum); BIASED: _softmax_step's
         W: gl.constexpr = gl.num_warps()
-        BLOCK_M: gl.constexpr = q_smem.shape[0]
-        D: gl.constexpr = q_smem.shape[1]
+        BLOCK_M: gl.constexpr = rows.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        dtype: gl.constexpr = q_smem.dtype
+        D: gl.constexpr = k_smem.shape[2]
+        dtype: gl.constexpr = k_smem.dtype
         s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_N)
         o_layout: gl.constexpr = _wgmma_layout(W, D)
         p_layout: gl.constexpr = _operand_layout(o_layout)
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        off_b = bh // n_heads
-        off_h = bh % n_heads
-        a2 = gl.load(A + off_h) * _LOG2E
-        b2 = gl.load(B + off_h) * _LOG2E
-        if CAUSAL:
-            mask_from = q_start
-        else:
-            mask_from = n_ctx
-        mbarrier.expect(q_bar, desc_q.block_type.nbytes)
-        _load_tile(desc_q, bh, n_heads, q_start, q_bar, q_smem)
-        rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows_s)
         l_i = gl.zeros([BLOCK_M], gl.float32, rows_s)
-        mbarrier.wait(q_bar, 0)
-        q_a = _a_operand(q_smem, s_layout, A_REGS)
-
         # turn 0: tile 0's scores, then its P (nothing to rescale yet)
         mbarrier.wait(my_turn, 0)
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_a, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if BIASED:
+            s = warpgroup_mma(ones, bias_smem.index(0).permute((1, 0)), s, is_async=True)
         mbarrier.arrive(other_turn)
         s = warpgroup_mma_wait(0, deps=(s,))
-        kn2 = kn2_rows.index(0).load(offs_n.type.layout)
         mbarrier.arrive(k_empty.index(0))
-        p, alpha, m_i, l_i = _softmax_step(s, kn2, m_i, l_i, 0, rows, offs_n, a2, b2, mask_from, n_ctx,
-                                           CAUSAL, BLOCK_N, p_layout, dtype)  # fmt: skip
+        p, alpha, m_i, l_i = _softmax_step(s, KN2_ROW, m_i, l_i, 0, rows, offs_n, a2, b2, mask_from, n_ctx,
+                                           CAUSAL, BLOCK_N, p_layout, dtype, BIASED)  # fmt: skip
         # turn j: q.k of tile j and P.V of tile j - 1 issued and the turn passed on; tile j's k stage released
         # once its scores and key norms are in, its softmax while P.V runs, then tile j - 1's v stage released
         # and the output rescaled
@@ -251,14 +258,15 @@ if IMPORT_ERROR is None:
             mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
             s_tok = warpgroup_mma(q_a, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)  # fmt: skip
+            if BIASED:
+                s_tok = warpgroup_mma(ones, bias_smem.index(stage).permute((1, 0)), s_tok, is_async=True)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
             mbarrier.arrive(other_turn)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
-            kn2 = kn2_rows.index(stage).load(offs_n.type.layout)
             mbarrier.arrive(k_empty.index(stage))
-            p, alpha, m_i, l_i = _softmax_step(s, kn2, m_i, l_i, j * BLOCK_N, rows, offs_n, a2, b2,
-                                               mask_from, n_ctx, CAUSAL, BLOCK_N, p_layout, dtype)  # fmt: skip
+            p, alpha, m_i, l_i = _softmax_step(s, KN2_ROW, m_i, l_i, j * BLOCK_N, rows, offs_n, a2, b2,
+                                               mask_from, n_ctx, CAUSAL, BLOCK_N, p_layout, dtype, BIASED)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=(acc_tok,))
             mbarrier.arrive(v_empty.index(prev))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
@@ -269,7 +277,45 @@ if IMPORT_ERROR is None:
         mbarrier.arrive(other_turn)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
         mbarrier.arrive(v_empty.index(last))
+        return acc, m_i, l_i
 
+    @gluon.jit
+    def _consumer(desc_q, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, my_turn,
+                  other_turn, A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q_start,
+                  n_tiles, bh, CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
+        # one warp group: the 64 query rows from q_start, over the key tiles the loader brings (k_smem, v_smem
+        # and per stage their bias tile, bias_smem, which `ones` adds to the scores)
+        W: gl.constexpr = gl.num_warps()
+        BLOCK_M: gl.constexpr = q_smem.shape[0]
+        D: gl.constexpr = q_smem.shape[1]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_N)
+        o_layout: gl.constexpr = _wgmma_layout(W, D)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        off_b = bh // n_heads
+        off_h = bh % n_heads
+        a2 = gl.load(A + off_h) * _LOG2E
+        b2 = gl.load(B + off_h) * _LOG2E
+        KN2_ROW = KN2 + bh.to(gl.int64) * n_ctx
+        if CAUSAL:
+            mask_from = q_start
+        else:
+            mask_from = n_ctx
+        mbarrier.expect(q_bar, desc_q.block_type.nbytes)
+        _load_tile(desc_q, bh, n_heads, q_start, q_bar, q_smem)
+        rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
+        mbarrier.wait(q_bar, 0)
+        q_a = _a_operand(q_smem, s_layout, A_REGS)
+        if a2 > 0:
+            acc, m_i, l_i = _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty,
+                                       my_turn, other_turn, KN2_ROW, a2, b2, rows, mask_from, n_ctx, n_tiles,
+                                       CAUSAL, STAGES, True)  # fmt: skip
+        else:
+            acc, m_i, l_i = _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty,
+                                       my_turn, other_turn, KN2_ROW, a2, b2, rows, mask_from, n_ctx, n_tiles,
+                                       CAUSAL, STAGES, False)  # fmt: skip
         acc = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
         gl.store(LSE + bh.to(gl.int64) * n_ctx + rows, m_i + gl.log2(l_i), mask=rows < n_ctx)
         rows_out = q_start + gl.arange(0, BLOCK_M, layout=rows_o)
@@ -279,9 +325,9 @@ if IMPORT_ERROR is None:
         gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(rows_out < n_ctx, 1))
 
     @gluon.jit
-    def _loader(desc_k, desc_v, desc_kn2, k_smem, v_smem, kn2_smem, k_ready, v_ready, k_empty, v_empty, bh,
+    def _loader(desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, bh,
                 n_heads, n_tiles, STAGES: gl.constexpr):  # fmt: skip
-        # the forward's loader, one warp: tile t of k (with its key norms) and of v into stage t % STAGES of
+        # the forward's loader, one warp: tile t of k (with its bias tile) and of v into stage t % STAGES of
         # their rings, each once both consumers have released it (the first pass waits on the phase before a
         # fresh barrier's, which has completed)
         ROWS: gl.constexpr = k_smem.shape[1]
@@ -289,20 +335,22 @@ if IMPORT_ERROR is None:
             s = t % STAGES
             phase = ((t // STAGES) & 1) ^ 1
             mbarrier.wait(k_empty.index(s), phase)
-            mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes + desc_kn2.block_type.nbytes)
+            mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes + desc_bias.block_type.nbytes)
             _load_tile(desc_k, bh, n_heads, t * ROWS, k_ready.index(s), k_smem.index(s))
-            _tma_load(desc_kn2, [bh, 0, t * ROWS], k_ready.index(s), kn2_smem.index(s).reshape([1, 1, ROWS]))
+            _tma_load(
+                desc_bias, [bh, t * ROWS, 0], k_ready.index(s), bias_smem.index(s).reshape([1, ROWS, 16])
+            )
             mbarrier.wait(v_empty.index(s), phase)
             mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
             _load_tile(desc_v, bh, n_heads, t * ROWS, v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
-    def _attn_fwd(desc_q, desc_k, desc_v, desc_kn2, A, B, O, LSE, sob, soh, son, n_heads, n_ctx,
+    def _attn_fwd(desc_q, desc_k, desc_v, desc_bias, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         # one program: 2 * BLOCK_M queries of one (batch, head), the longest causal rows first. desc_q,
-        # desc_k, desc_v: descriptors over (B, H, N, D) (_descriptor), desc_kn2 over the key norms
-        # (_rows_descriptor); LSE (B, H, N) float32; O (B, H, N, D), strides sob, soh, son
+        # desc_k, desc_v: descriptors over (B, H, N, D) (_descriptor), desc_bias over the bias tiles and
+        # KN2 the key norms (_key_bias); LSE (B, H, N) float32; O (B, H, N, D), strides sob, soh, son
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
@@ -318,8 +366,17 @@ if IMPORT_ERROR is None:
         q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], _TILE_LAYOUT)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
-        kn2_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N], _ROWS_LAYOUT)  # key norms
-        kn2_rows = _as_rows(kn2_smem)
+        bias_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 16], _BIAS_LAYOUT)
+        # the A operand that adds a bias tile's first three columns to the scores: (BLOCK_M, 16), ones there
+        ones_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [num_warps, 1], [1, 0])
+        bias_cols = gl.arange(0, 16, layout=gl.SliceLayout(0, ones_layout))
+        ones = gl.where(gl.expand_dims(bias_cols, 0) < 3, 1.0, 0.0)
+        ones = gl.allocate_shared_memory(
+            gl.bfloat16,
+            [BLOCK_M, 16],
+            _BIAS_LAYOUT,
+            (ones + gl.zeros([BLOCK_M, 16], gl.float32, ones_layout)).to(gl.bfloat16),
+        )
         q_bars, turns, k_ready, v_ready, k_empty = _barriers(STAGES)
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -328,12 +385,12 @@ if IMPORT_ERROR is None:
         gl.warp_specialize(
             [
                 (_consumer, (desc_q, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready, k_empty,
-                             v_empty, turns.index(0), turns.index(1), A, B, O, LSE, kn2_rows, sob, soh, son,
+                             v_empty, turns.index(0), turns.index(1), A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son,
                              n_heads, n_ctx, q0, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
                 (_consumer, (desc_q, q_smem.index(1), q_bars.index(1), k_smem, v_smem, k_ready, v_ready, k_empty,
-                             v_empty, turns.index(1), turns.index(0), A, B, O, LSE, kn2_rows, sob, soh, son,
+                             v_empty, turns.index(1), turns.index(0), A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son,
                              n_heads, n_ctx, q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_k, desc_v, desc_kn2, k_smem, v_smem, kn2_smem, k_ready, v_ready, k_empty, v_empty,
+                (_loader, (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty,
                            bh, n_heads, n_tiles, STAGES)),
             ],
             [4, 1],
@@ -618,13 +675,45 @@ def _meta(causal: bool, config: tuple) -> dict:
     )
 
 
-def launch_args(q, k, v, a, b, o, lse, kn2, causal: bool, config: tuple) -> tuple[tuple, dict, tuple]:
-    """(args, constexprs, grid) of one launch of _attn_fwd; kn2: the key norms, float32 (B * H, 1,
-    padded_len(N))."""
+@triton.jit
+def _key_bias(K, A, B, BIAS, KN2, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    # per key j of (batch, head) row bh, float32 n = ||k_j||^2 into KN2 (B * H, N) and, where the head's a > 0,
+    # c = -(b / a) n into BIAS (B * H, N, 16) bf16, as three parts whose sum is c to about float32's precision
+    # (columns 0-2; zeros in the others and where a <= 0). The forward adds them to q.k in the score
+    # matmul, so that a scales the scores in the exp2's argument as in dot-product attention
+    bh = tl.program_id(1)
+    off_b = (bh // n_heads).to(tl.int64)
+    off_h = bh % n_heads
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + off_b * skb + off_h * skh + rows[:, None] * skn + offs_d[None, :], mask=rows[:, None] < n_ctx,
+                other=0.0).to(tl.float32)  # fmt: skip
+    n = tl.sum(k * k, 1)
+    a = tl.load(A + off_h)
+    c = tl.where(a > 0, -(n * (tl.load(B + off_h) / tl.where(a > 0, a, 1.0))), 0.0)
+    hi = c.to(tl.bfloat16)
+    rest = c - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    cols = tl.arange(0, 16)[None, :]
+    parts = tl.where(
+        cols == 0, hi[:, None], tl.where(cols == 1, mid[:, None], tl.where(cols == 2, lo[:, None], 0.0))
+    )
+    row = bh.to(tl.int64) * n_ctx + rows
+    tl.store(BIAS + row[:, None] * 16 + cols, parts.to(tl.bfloat16), mask=rows[:, None] < n_ctx)
+    tl.store(KN2 + row, n, mask=rows < n_ctx)
+
+
+def launch_args(q, k, v, a, b, o, lse, bias, kn2, causal: bool, config: tuple) -> tuple[tuple, dict, tuple]:
+    """(args, constexprs, grid) of one launch of _attn_fwd; bias, kn2: _key_bias's, bf16 (B * H, N, 16) and
+    float32 (B * H, N)."""
     B, H, N, _ = q.shape
     block_m, block_n = config[:2]
-    args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
-            _rows_descriptor(kn2, N, block_n), a, b, o, lse, *o.stride()[:3], H, N)  # fmt: skip
+    bias_block = [1, block_n, 16]
+    desc_bias = TensorDescriptor(bias, list(bias.shape), list(bias.stride()), bias_block,
+                                 gl.NVMMASharedLayout.get_default_for(bias_block, gl.bfloat16))  # fmt: skip
+    args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), desc_bias, a, b, o, lse,
+            kn2, *o.stride()[:3], H, N)  # fmt: skip
     return args, _meta(causal, config), (triton.cdiv(N, 2 * block_m), B * H)
 
 
@@ -728,11 +817,10 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     B, H, N, D = q.shape
     o = base._alloc((B, H, N, D), q.dtype, q.device)
     lse = base._alloc((B, H, N), torch.float32, q.device)
-    kn2 = base._alloc((B * H, 1, padded_len(N)), torch.float32, q.device)
-    base._key_norms[(triton.cdiv(N, 64), B * H)](
-        k, kn2, *k.stride()[:3], H, N, kn2.shape[-1], HEAD_DIM=D, D_PAD=D, BLOCK=64
-    )  # fmt: skip
-    args, meta, grid = launch_args(q, k, v, a, b, o, lse, kn2, causal, config or CONFIGS["fwd"][D][0])
+    bias = base._alloc((B * H, N, 16), torch.bfloat16, q.device)
+    kn2 = base._alloc((B * H, N), torch.float32, q.device)
+    _key_bias[(triton.cdiv(N, 64), B * H)](k, a, b, bias, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64)
+    args, meta, grid = launch_args(q, k, v, a, b, o, lse, bias, kn2, causal, config or CONFIGS["fwd"][D][0])
     _attn_fwd[grid](*args, **meta)
     return o, lse
 
@@ -838,9 +926,9 @@ base.register_autograd(_fwd_op, _bwd_op)
 
 
 def gluon_attention(q, k, v, a, b, *, causal: bool = True) -> torch.Tensor:
-    """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels (at D 64 below FWD_MIN_LEN keys after
-    triton-tma's forward; the backward is the one-kernel one at both head dims). q, k, v: (B, H, N, D) bf16 or fp16, D 64 or 128;
-    a, b: (H,). Needs an sm90 GPU. Differentiable in q, k, v, a and b."""
+    """Fused softmax(a*q.k - b*||k||^2) v by the ping-pong kernels (below FWD_MIN_LEN keys after triton-tma's
+    forward; the backward is the one-kernel one at both head dims). q, k, v: (B, H, N, D) bf16 or fp16, D 64 or
+    128; a, b: (H,). Needs an sm90 GPU. Differentiable in q, k, v, a and b."""
     inputs = base.checked_inputs("gluon", unsupported_reason(q, k, v, a, b), q, k, v, a, b)
     return _fwd_op(*inputs, causal)[0]
 

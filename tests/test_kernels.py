@@ -346,9 +346,10 @@ def test_tma_kernels_compile_for_sm90_to_wgmma_and_tma_copies():
 def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_dim):
     # the ping-pong kernels (kernels/gluon_attn.py), first configs: two consumer warp groups, a loader warp and
     # in the backward a dQ writer warp (padded to a warp group), registers reallocated per partition, every
-    # matmul an asynchronous wgmma (the forward at D 128: 2 per consumer and phase, q.k and P.V; the backward 6
-    # per consumer in its one loop: S^T, dP^T, dV, dK and two for its dQ half), and the backward's TMA
-    # reduce-add of dQ
+    # matmul an asynchronous wgmma (the forward's consumer has two copies of its loop, for heads with a > 0
+    # and the others: q.k, the key bias and P.V in the first, 2 + 3 + 1 wgmma in the first turn, the loop and
+    # the last, without the key bias 1 + 2 + 1 in the second; the backward 6 per consumer in its one loop:
+    # S^T, dP^T, dV, dK and two for its dQ half), and the backward's TMA reduce-add of dQ
     from kernels import gluon_attn, sm90_compile
 
     if gluon_attn.IMPORT_ERROR:
@@ -358,10 +359,10 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
     ab = (torch.empty(2), torch.empty(2))
     launches = []
     if head_dim in gluon_attn.CONFIGS["fwd"]:
-        kn2 = torch.empty(2, 1, gluon_attn.padded_len(1024))
-        args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, rows[0], kn2, True,
+        bias = torch.empty(2, 1024, 16, dtype=torch.bfloat16)
+        args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, rows[0], bias, rows[1].view(2, 1024), True,
                                                gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
-        launches.append((gluon_attn._attn_fwd, args, meta, 8))
+        launches.append((gluon_attn._attn_fwd, args, meta, 2 * (6 + 4)))
     acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)
     rows_in = (rows[0].view(2, 1, 1024), torch.empty(2, 1, gluon_attn.padded_len(1024)), rows[2])
     kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, rows_in, (acc, k, v, *rows[3:]), True,

@@ -199,16 +199,37 @@ def test_gluon_every_config(poisoned, monkeypatch, D, configs):
 
 
 @needs_sm90
-def test_gluon_forward_at_d64_starts_at_fwd_min_len(monkeypatch):
+@pytest.mark.parametrize("D", [64, 128])
+def test_gluon_forward_starts_at_fwd_min_len(monkeypatch, D):
     # below FWD_MIN_LEN keys the backend's forward is triton-tma's, from there the Gluon one
     from kernels import gluon_attn, triton_attn_tma
 
-    monkeypatch.setattr(gluon_attn, "FWD_MIN_LEN", {64: 512})
+    monkeypatch.setattr(gluon_attn, "FWD_MIN_LEN", {D: 512})
     for n, runs in ((511, triton_attn_tma._fwd_op), (512, gluon_attn.forward)):
-        q, k, v, a, b, _ = make_inputs(1, 2, n, 64, BF16, "cuda", grad=False)
+        q, k, v, a, b, _ = make_inputs(1, 2, n, D, BF16, "cuda", grad=False)
         o, lse = gluon_attn._fwd_op(q, k, v, a, b, True)
         want_o, want_lse = runs(q, k, v, a, b, True)
         assert torch.equal(o, want_o) and torch.equal(lse, want_lse), n
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gluon_key_bias_in_the_matmul_where_a_is_positive(poisoned, monkeypatch, D, dtype):
+    # heads with a > 0 get -(b / a) ||k||^2 added to q.k by the score matmul (_key_bias), the others (a < 0,
+    # a = 0) add b ||k||^2 after it: each head's output and gradients against float64
+    from kernels import gluon_attn
+
+    monkeypatch.setattr(gluon_attn, "FWD_MIN_LEN", {})
+    q, k, v, a, b, do = make_inputs(1, 4, 1000, D, dtype, "cuda")
+    with torch.no_grad():
+        a.copy_(torch.tensor([0.25, -0.1, 0.0, 1e-3]))
+        b.copy_(torch.tensor([0.05, 0.07, 0.1, 0.08]))
+    for head in range(4):
+        one = [t[:, head : head + 1].detach().requires_grad_() for t in (q, k, v)]
+        ab = [t[head : head + 1].detach().requires_grad_() for t in (a, b)]
+        check_backend(kernels.BACKENDS["gluon"], *one, *ab, do[:, head : head + 1], causal=True)
+    check_backend(kernels.BACKENDS["gluon"], q, k, v, a, b, do, causal=True)
 
 
 @needs_sm90
