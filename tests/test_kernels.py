@@ -816,7 +816,7 @@ def test_compile_caches_keep_a_graph_that_chooses_sdpa_backends(prepared, tmp_pa
     second process, here a second compilation after dynamo's reset, then loads the graph instead of
     tracing its joint graph again."""
     from torch._dynamo.utils import counters
-    from torch._inductor import config
+    from torch._inductor import config, cpu_vec_isa
     from torch.nn.attention import SDPBackend
 
     from kernels.sdpa_aug import sdpa_attention
@@ -827,13 +827,21 @@ def test_compile_caches_keep_a_graph_that_chooses_sdpa_backends(prepared, tmp_pa
     q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
     a = torch.full((2,), 0.5)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    with config.patch(unsafe_marked_cacheable_functions={}):
-        if prepared:
-            kernels.prepare(16, torch.device("cpu"))
-        counters.clear()
-        for _ in range(2):
-            torch._dynamo.reset()
-            torch.compile(step)(q, k, v, a).backward()
+    # scalar C++ kernels compiled in this process: no build of a probe per vector ISA (17 s on a 2-core
+    # machine) and no pool of compile workers to start; the caches checked here sit above the kernels' code
+    quick_cpp = {"cpp.vec_isa_ok": False, "compile_threads": 1}
+    probed = cpu_vec_isa.valid_vec_isa_list.cache_info().currsize
+    try:
+        with config.patch(unsafe_marked_cacheable_functions={}, **quick_cpp):
+            if prepared:
+                kernels.prepare(16, torch.device("cpu"))
+            counters.clear()
+            for _ in range(2):
+                torch._dynamo.reset()
+                torch.compile(step)(q, k, v, a).backward()
+    finally:
+        if not probed:  # the ISAs found with vec_isa_ok off are not the process's
+            cpu_vec_isa.valid_vec_isa_list.cache_clear()
     aot = dict(counters["aot_autograd"])
     if prepared:
         assert aot.get("autograd_cache_hit") == 1 and not aot.get("autograd_cache_bypass")
