@@ -17,17 +17,18 @@ program runs three warp-specialised partitions (gl.warp_specialize; four in the 
 
 The forward's consumers own 64 query rows each and the loader brings k and v tiles, with each k tile its
 bias tile: where a head's a > 0 a prepass (_key_bias) writes -(b / a) ||k||^2 per key in three bf16 parts,
-which one more wgmma adds to q.k, so that the element-wise work per score is dot-product attention's (README,
-"The key bias in the score matmul"); heads with a <= 0 add b ||k||^2 after the matmul. The backward is one kernel: each consumer owns 64 keys,
-the loader brings q and dO tiles (and with each q tile its rows' log-sum-exp, read in place from the
-forward's, and delta, which triton_attn._bwd_preprocess writes in rows padded for TMA), and per query
-tile a consumer runs S^T, dP^T, dV and dK, and half of dQ: both consumers store dS^T to shared memory and
-consumer c computes dQ's head-dim half c over both consumers' keys, so dQ's accumulator is (64, D/2) and
-no share is summed (FlashAttention-3's hdim-128 split). A consumer stores its half in the order of the
-registers that hold it (_fragment_order) and a writer warp adds both halves into a float32 accumulator
-laid out the same way, by TMA reduce-add (cp.reduce.async.bulk.tensor); _dq_from_fragments, a plain
-Triton kernel, then writes dq in natural order. The accumulator covers ACC_BYTES of (batch, head) rows
-at a time, so peak memory stays near triton-tma's backward.
+which one more wgmma adds to q.k, so that the element-wise work per score is dot-product attention's
+(README, "The key bias in the score matmul"); heads with a <= 0 add b ||k||^2 after the matmul.
+
+The backward is one kernel: each consumer owns 64 keys, the loader brings q and dO tiles (and with each q tile
+its rows' log-sum-exp, read in place from the forward's, and delta, which triton_attn._bwd_preprocess writes
+in rows padded for TMA), and per query tile a consumer runs S^T, dP^T, dV and dK, and half of dQ: both
+consumers store dS^T to shared memory and consumer c computes dQ's head-dim half c over both consumers' keys,
+so dQ's accumulator is (64, D/2) and no share is summed (FlashAttention-3's hdim-128 split). A consumer stores
+its half in the order of the registers that hold it (_fragment_order) and a writer warp adds both halves into
+a float32 accumulator laid out the same way, by TMA reduce-add (cp.reduce.async.bulk.tensor);
+_dq_from_fragments, a plain Triton kernel, then writes dq in natural order. The accumulator covers ACC_BYTES
+of (batch, head) rows at a time, so peak memory stays near triton-tma's backward.
 
 Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
 loader (and the writer); with A_REGS a consumer keeps its own tiles in registers as the A operand of its
@@ -94,9 +95,9 @@ CONFIGS = {
         128: [(64, 64, 2, 240, 24, False), (64, 64, 3, 240, 24, False)],
     },
 }  # fmt: skip
-# the backend's forward is the Gluon one from this many keys at a head dim, triton_attn_tma's below, where that
-# one was faster (H200: at D 64 N 1024 0.58 against 0.62 ms, at D 128 N 256 0.53 against 0.56; README, "The
-# key bias in the score matmul")
+# the backend's forward is the Gluon one from this many keys at a head dim, triton_attn_tma's below, where
+# that one was faster (H200: at D 64 N 1024 0.58 against 0.62 ms, at D 128 N 256 0.53 against 0.56; README,
+# "The key bias in the score matmul")
 FWD_MIN_LEN = {64: 4096, 128: 1024}
 
 if IMPORT_ERROR is None:
