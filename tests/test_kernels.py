@@ -188,6 +188,34 @@ def test_triton_interpreted_strided_inputs_constant_coefficients(poisoned):
     )
 
 
+@interpreted_only
+def test_gluon_key_bias_prepass_interpreted(poisoned):
+    # the Gluon forward's prepass (kernels/gluon_attn.py, _key_bias): per key ||k||^2 and, for heads with
+    # a > 0, -(b / a) ||k||^2 as three bf16 parts whose sum has float32's precision (one bf16 alone is off by
+    # up to 2^-9 of it), zeros in the other columns and for heads with a <= 0
+    import triton
+
+    from kernels import gluon_attn
+    from kernels import triton_attn as base
+
+    B, H, N, D = 2, 3, 70, 64
+    _, k, _, _, _, _ = make_inputs(B, H, N, D, torch.bfloat16, grad=False)
+    a, b = torch.tensor([0.2, -0.1, 0.0]), torch.tensor([0.05, 0.07, 0.1])
+    bias = base._alloc((B * H, N, 16), torch.bfloat16, k.device)
+    kn2 = base._alloc((B * H, N), torch.float32, k.device)
+    gluon_attn._key_bias[(triton.cdiv(N, 64), B * H)](k, a, b, bias, kn2, *k.stride()[:3], H, N, HEAD_DIM=D,
+                                                       BLOCK=64)  # fmt: skip
+    norms = k.double().square().sum(-1).reshape(B * H, N)
+    assert torch.allclose(kn2.double(), norms, rtol=1e-5, atol=0)
+    per_head = torch.where(a > 0, -b.double() / a.double(), 0.0)
+    want = norms * per_head.repeat(B)[:, None]
+    parts = bias.double()
+    assert torch.equal(parts[..., 3:], torch.zeros_like(parts[..., 3:]))
+    assert torch.allclose(parts[..., :3].sum(-1), want, rtol=1e-5, atol=0)
+    assert not torch.allclose(parts[..., 0], want, rtol=1e-5, atol=0)  # the other parts are needed
+    assert torch.equal(parts.view(B, H, N, 16)[:, 1:], torch.zeros(B, 2, N, 16, dtype=torch.float64))
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the launcher of the interpreted run")
 def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
