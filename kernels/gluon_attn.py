@@ -249,9 +249,9 @@ if IMPORT_ERROR is None:
         mbarrier.arrive(k_empty.index(0))
         p, alpha, m_i, l_i = _softmax_step(s, KN2_ROW, m_i, l_i, 0, rows, offs_n, a2, b2, mask_from, n_ctx,
                                            CAUSAL, BLOCK_N, p_layout, dtype, BIASED)  # fmt: skip
-        # turn j: q.k of tile j and P.V of tile j - 1 issued and the turn passed on; tile j's k stage released
-        # once its scores and key norms are in, its softmax while P.V runs, then tile j - 1's v stage released
-        # and the output rescaled
+        # turn j: q.k of tile j (with its key bias) and P.V of tile j - 1 issued and the turn passed on; tile
+        # j's k stage released once its scores are in, its softmax while P.V runs, then tile j - 1's v stage
+        # released and the output rescaled
         for j in range(1, n_tiles):
             stage = j % STAGES
             prev = (j - 1) % STAGES
@@ -759,9 +759,9 @@ def bwd_launch(do, q, k, v, a, b, rows_in, grads, causal: bool, config: tuple, b
 
 
 def padded_len(n: int) -> int:
-    """Row length of the per-row float32 values the kernels read by TMA (the forward's key norms, the
-    backward's delta, and its log-sum-exp where N is not a multiple of 4): N rounded up to 4, so that each row
-    starts 16-byte aligned, as a TMA descriptor's strides must."""
+    """Row length of the per-row float32 values the backward reads by TMA (delta, and the log-sum-exp
+    where N is not a multiple of 4): N rounded up to 4, so that each row starts 16-byte aligned, as a TMA
+    descriptor's strides must."""
     return triton.cdiv(n, 4) * 4
 
 
