@@ -5,20 +5,25 @@ Why: the tl.dot kernels of triton_attn_tma.py run the softmax, the exp2 and the 
 one after another (README, "A forward with explicit wgmma waits"). Here, as in FlashAttention-3, each
 program runs three warp-specialised partitions (gl.warp_specialize; four in the one-kernel backward):
 
-- two consumer warp groups take turns at the tensor cores: a consumer waits for its turn (an mbarrier),
-  issues its matmuls, passes the turn to the other and runs its element-wise work while the other's
-  matmuls run. Within a consumer the waits are explicit, so the matmuls that accumulate (P.V in the
-  forward, dV and dK or dQ in the backward) are still in flight while the next tile's softmax runs;
-- one loader warp moves tiles by TMA into rings of STAGES buffers, refilling a stage once both consumers
-  have released it (an mbarrier that counts two arrivals). The forward's k and v rings are released
-  apart, k once both consumers' scores are in and v once their P.V has run (FlashAttention-3's separate
+- two consumer warp groups (three in the forward at D 64) take turns at the tensor cores: a consumer waits
+  for its turn (an mbarrier), issues its matmuls, passes the turn to the next and runs its element-wise
+  work while the others' matmuls run. Within a consumer the waits are explicit, so the matmuls that
+  accumulate (P.V in the forward, dV and dK or dQ in the backward) are still in flight while the next
+  tile's softmax runs;
+- one loader warp moves tiles by TMA into rings of STAGES buffers, refilling a stage once every consumer
+  has released it (an mbarrier that counts their arrivals). The forward's k and v rings are released
+  apart, k once every consumer's scores are in and v once their P.V has run (FlashAttention-3's separate
   K and V pipelines): with one release per stage, after P.V, the loader started a k tile's load about
   when a consumer waited for it (README, "The forward's k and v released apart").
 
-The forward's consumers own 64 query rows each and the loader brings k and v tiles, with each k tile its
-bias tile: where a head's a > 0 a prepass (_key_bias) writes -(b / a) ||k||^2 per key in three bf16 parts,
-which one more wgmma adds to q.k, so that the element-wise work per score is dot-product attention's
-(README, "The key bias in the score matmul"); heads with a <= 0 add b ||k||^2 after the matmul.
+The forward's consumers own 64 query rows each (a program's rows counted back from row N, so that rows
+below 0, where N is not a multiple, fall in the program with the fewest causal keys) and the loader brings
+k and v tiles, with each k tile its bias tile: where a head's a > 0 a prepass (_key_bias) writes
+-(b / a) ||k||^2 per key in three bf16 parts, which one more wgmma adds to q.k, so that the element-wise
+work per score is dot-product attention's (README, "The key bias in the score matmul"); heads with a <= 0
+add b ||k||^2 after the matmul. At D 64 three consumers (192 query rows a program, as FlashAttention-3's
+hdim-64 tiles) hide more of each one's element-wise work behind the others' matmuls than two did (README,
+"Three forward consumers at D 64").
 
 The backward is one kernel: each consumer owns 64 keys, the loader brings q and dO tiles (and with each q tile
 its rows' log-sum-exp, read in place from the forward's, and delta, which triton_attn._bwd_preprocess writes
@@ -39,12 +44,11 @@ N read as zeros per head and a qkv projection's views are read in place.
 
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward from N 4096 at D 64 and N 1024 at D 128
 (FWD_MIN_LEN), triton_attn_tma's forward below, where that one is faster, and the one-kernel backward at
-both. An H200 measured its forward+backward at 1.02-1.05x SDPA-cuDNN's time at N 16384, D 128, 1.05-1.08x at
-D 64, and 1.07-1.13x at N 4096 (triton-tma: 1.27-1.45x), then 2-6% less with the key bias in the score
-matmul; the backward launches its compiled kernels directly (_compiled), since through the JIT their host
-time bounded it at N 4096. Short of parity, mostly in the forward at D 64 (README, "dQ in fragment order",
-"The forward's k and v released apart", "The backward's launches past the JIT" and "The key bias in the
-score matmul").
+both; the backward launches its compiled kernels directly (_compiled), since through the JIT their host
+time bounded it at N 4096. An H200 measured its rbf forward+backward at 0.996-0.997x SDPA-cuDNN's time at
+N 16384, D 64, and 1.06-1.10x at the other N 4096 and 16384 rows (penalty, the same kernels: 1.01-1.07x;
+triton-tma: 1.28-1.43x); short of parity mostly in the backward (README, "Three forward consumers at D 64", "dQ in fragment order", "The forward's
+k and v released apart", "The backward's launches past the JIT" and "The key bias in the score matmul").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
@@ -83,12 +87,13 @@ from kernels import triton_attn_tma
 LOG2E = 1.4426950408889634  # scores live in base 2
 
 # per kernel and head dim, as benchmarked; the first is the default. fwd: (query rows per consumer, key tile,
-# STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS); bwd: (query tile, keys per consumer, ...). The backend takes
-# the head dims of "bwd"
+# STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS, CONSUMERS); bwd: (query tile, keys per consumer, STAGES, ...,
+# A_REGS), two consumers. The backend takes the head dims of "bwd". Three forward consumers fit only at D 64:
+# with the loader's warp group they share 512 registers a thread, 160 each
 CONFIGS = {
     "fwd": {
-        64: [(64, 128, 2, 232, 24, False), (64, 128, 3, 232, 24, False)],
-        128: [(64, 128, 2, 240, 24, False)],
+        64: [(64, 128, 2, 160, 24, False, 3), (64, 128, 2, 232, 24, False, 2)],
+        128: [(64, 128, 2, 240, 24, False, 2)],
     },
     "bwd": {
         64: [(64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, False), (64, 64, 2, 240, 24, False)],
@@ -281,14 +286,22 @@ if IMPORT_ERROR is None:
         return acc, m_i, l_i
 
     @gluon.jit
-    def _consumer(desc_q, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, my_turn,
-                  other_turn, A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q_start,
-                  n_tiles, bh, CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
-        # one warp group: the 64 query rows from q_start, over the key tiles the loader brings (k_smem, v_smem
-        # and per stage their bias tile, bias_smem, which `ones` adds to the scores)
+    def _consumer(desc_q, q_all, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, B, O,
+                  LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh, C: gl.constexpr,
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
+        # consumer C of the program's q_all.shape[0], one warp group: the 64 query rows from q0 + 64 C (its
+        # tile q_all[C]), over the key tiles the loader brings (k_smem, v_smem and per stage their bias tile,
+        # bias_smem, which `ones` adds to the scores); its turn at the tensor cores comes from the consumer
+        # before it, and it passes the turn to the next (a ring: turns[C])
         W: gl.constexpr = gl.num_warps()
-        BLOCK_M: gl.constexpr = q_smem.shape[0]
-        D: gl.constexpr = q_smem.shape[1]
+        CONSUMERS: gl.constexpr = q_all.shape[0]
+        BLOCK_M: gl.constexpr = q_all.shape[1]
+        D: gl.constexpr = q_all.shape[2]
+        q_smem = q_all.index(C)
+        q_bar = q_bars.index(C)
+        my_turn = turns.index(C)
+        other_turn = turns.index((C + 1) % CONSUMERS)
+        q_start = q0 + C * BLOCK_M
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_N)
@@ -318,18 +331,19 @@ if IMPORT_ERROR is None:
                                        my_turn, other_turn, KN2_ROW, a2, b2, rows, mask_from, n_ctx, n_tiles,
                                        CAUSAL, STAGES, False)  # fmt: skip
         acc = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
-        gl.store(LSE + bh.to(gl.int64) * n_ctx + rows, m_i + gl.log2(l_i), mask=rows < n_ctx)
+        # rows below 0 (the program of the first rows: _attn_fwd) and past N are not stored
+        gl.store(LSE + bh.to(gl.int64) * n_ctx + rows, m_i + gl.log2(l_i), mask=(rows >= 0) & (rows < n_ctx))
         rows_out = q_start + gl.arange(0, BLOCK_M, layout=rows_o)
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
         o_ptrs = (O + off_b.to(gl.int64) * sob + off_h * soh + gl.expand_dims(rows_out, 1) * son
                   + gl.expand_dims(offs_d, 0))  # fmt: skip
-        gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(rows_out < n_ctx, 1))
+        gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims((rows_out >= 0) & (rows_out < n_ctx), 1))
 
     @gluon.jit
     def _loader(desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, bh,
                 n_heads, n_tiles, STAGES: gl.constexpr):  # fmt: skip
         # the forward's loader, one warp: tile t of k (with its bias tile) and of v into stage t % STAGES of
-        # their rings, each once both consumers have released it (the first pass waits on the phase before a
+        # their rings, each once every consumer has released it (the first pass waits on the phase before a
         # fresh barrier's, which has completed)
         ROWS: gl.constexpr = k_smem.shape[1]
         for t in range(n_tiles):
@@ -348,23 +362,25 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _attn_fwd(desc_q, desc_k, desc_v, desc_bias, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-        # one program: 2 * BLOCK_M queries of one (batch, head), the longest causal rows first. desc_q,
-        # desc_k, desc_v: descriptors over (B, H, N, D) (_descriptor), desc_bias over the bias tiles and
-        # KN2 the key norms (_key_bias); LSE (B, H, N) float32; O (B, H, N, D), strides sob, soh, son
+                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
+        # one program: CONSUMERS * BLOCK_M queries of one (batch, head), counted from the last row, so that
+        # the program with rows below 0 (where N is not a multiple) is the one of the first rows, with the
+        # fewest causal keys; the longest causal rows first. desc_q, desc_k, desc_v: descriptors over (B, H,
+        # N, D) (_descriptor), desc_bias over the bias tiles and KN2 the key norms (_key_bias); LSE (B, H, N)
+        # float32; O (B, H, N, D), strides sob, soh, son
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
-        pair = gl.num_programs(0) - 1 - gl.program_id(0)
         bh = gl.program_id(1)
-        q0 = pair * 2 * BLOCK_M
-        if CAUSAL:  # both consumers run the second one's tiles (the first's extra rows are masked)
-            hi = gl.minimum(q0 + 2 * BLOCK_M, n_ctx)
+        q0 = n_ctx - (gl.program_id(0) + 1) * CONSUMERS * BLOCK_M  # TMA reads rows below 0 as zeros
+        if CAUSAL:  # every consumer runs the last one's tiles (the others' extra rows are masked)
+            hi = q0 + CONSUMERS * BLOCK_M
         else:
             hi = n_ctx
         n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], _TILE_LAYOUT)
+        q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, D], _TILE_LAYOUT)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         bias_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 16], _BIAS_LAYOUT)
@@ -378,25 +394,44 @@ if IMPORT_ERROR is None:
             _BIAS_LAYOUT,
             (ones + gl.zeros([BLOCK_M, 16], gl.float32, ones_layout)).to(gl.bfloat16),
         )
-        q_bars, turns, k_ready, v_ready, k_empty = _barriers(STAGES)
+        q_bars, turns, k_ready, v_ready, k_empty = _barriers(STAGES, CONSUMERS)
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=CONSUMERS)
         fence_async_shared()
-        gl.warp_specialize(
-            [
-                (_consumer, (desc_q, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready, k_empty,
-                             v_empty, turns.index(0), turns.index(1), A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son,
-                             n_heads, n_ctx, q0, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_consumer, (desc_q, q_smem.index(1), q_bars.index(1), k_smem, v_smem, k_ready, v_ready, k_empty,
-                             v_empty, turns.index(1), turns.index(0), A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son,
-                             n_heads, n_ctx, q0 + BLOCK_M, n_tiles, bh, CAUSAL, STAGES, A_REGS)),
-                (_loader, (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty,
-                           bh, n_heads, n_tiles, STAGES)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, LOADER_REGS],
-        )  # fmt: skip
+        if CONSUMERS == 3:
+            gl.warp_specialize(
+                [
+                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
+                                 0, CAUSAL, STAGES, A_REGS)),
+                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
+                                 1, CAUSAL, STAGES, A_REGS)),
+                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
+                                 2, CAUSAL, STAGES, A_REGS)),
+                    (_loader, (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty,
+                               v_empty, bh, n_heads, n_tiles, STAGES)),
+                ],
+                [4, 4, 1],
+                [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
+            )  # fmt: skip
+        else:
+            gl.warp_specialize(
+                [
+                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
+                                 0, CAUSAL, STAGES, A_REGS)),
+                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
+                                 1, CAUSAL, STAGES, A_REGS)),
+                    (_loader, (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty,
+                               v_empty, bh, n_heads, n_tiles, STAGES)),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, LOADER_REGS],
+            )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------
     # backward, one kernel (FlashAttention-3's schedule): a program owns 2 * KEYS keys of one (batch, head),
@@ -604,7 +639,7 @@ if IMPORT_ERROR is None:
         ds_all = gl.allocate_shared_memory(dtype, [4, KEYS, BLOCK_M], _TILE_LAYOUT)
         # dQ's halves in fragment order
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, D // 8, 256], _DQ_LAYOUT)
-        kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES)
+        kv_bars, turns, q_ready, do_ready, empty = _barriers(STAGES, 2)
         # per dS buffer: both consumers' dS^T are in; per dQ half: it is in, the writer has freed it
         ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -634,22 +669,22 @@ if IMPORT_ERROR is None:
         )  # fmt: skip
 
     @gluon.jit
-    def _barriers(STAGES: gl.constexpr):
+    def _barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         # the mbarriers of a ping-pong program: one per consumer for its own tiles, one per consumer for its
         # turn (the first consumer's turn already given), and the ring's ready (two tensors) and empty ones
-        # (released by both consumers)
-        own = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        # (released by every consumer)
+        own = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
         ready_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         ready_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        for i in gl.static_range(CONSUMERS):
             mbarrier.init(own.index(i), count=1)
             mbarrier.init(turns.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready_a.index(i), count=1)
             mbarrier.init(ready_b.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
+            mbarrier.init(empty.index(i), count=CONSUMERS)
         fence_async_shared()
         mbarrier.arrive(turns.index(0))
         return own, turns, ready_a, ready_b, empty
@@ -665,8 +700,9 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 
 
 def _meta(causal: bool, config: tuple) -> dict:
-    stages, consumer_regs, loader_regs, a_regs = config[2:]
+    stages, consumer_regs, loader_regs, a_regs = config[2:6]
     return dict(
+        **({"CONSUMERS": config[6]} if len(config) > 6 else {}),  # the forward's
         CAUSAL=causal,
         STAGES=stages,
         CONSUMER_REGS=consumer_regs,
@@ -715,7 +751,7 @@ def launch_args(q, k, v, a, b, o, lse, bias, kn2, causal: bool, config: tuple) -
                                  gl.NVMMASharedLayout.get_default_for(bias_block, gl.bfloat16))  # fmt: skip
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), desc_bias, a, b, o, lse,
             kn2, *o.stride()[:3], H, N)  # fmt: skip
-    return args, _meta(causal, config), (triton.cdiv(N, 2 * block_m), B * H)
+    return args, _meta(causal, config), (triton.cdiv(N, config[6] * block_m), B * H)
 
 
 # the one-kernel backward's float32 dQ accumulator holds at most this many bytes (the rows of 1024 programs

@@ -372,12 +372,13 @@ def test_tma_kernels_compile_for_sm90_to_wgmma_and_tma_copies():
 @pytest.mark.skipif(INTERPRETED, reason="compiles for the GPU")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_dim):
-    # the ping-pong kernels (kernels/gluon_attn.py), first configs: two consumer warp groups, a loader warp and
-    # in the backward a dQ writer warp (padded to a warp group), registers reallocated per partition, every
-    # matmul an asynchronous wgmma (the forward's consumer has two copies of its loop, for heads with a > 0
-    # and the others: q.k, the key bias and P.V in the first, 2 + 3 + 1 wgmma in the first turn, the loop and
-    # the last, without the key bias 1 + 2 + 1 in the second; the backward 6 per consumer in its one loop:
-    # S^T, dP^T, dV, dK and two for its dQ half), and the backward's TMA reduce-add of dQ
+    # the ping-pong kernels (kernels/gluon_attn.py), first configs: consumer warp groups (the forward's as
+    # many as its config says, three at D 64, the backward's two), a loader warp and in the backward a dQ
+    # writer warp (padded to a warp group), registers reallocated per partition, every matmul an asynchronous
+    # wgmma (each forward consumer has two copies of its loop, for heads with a > 0 and the others: q.k, the
+    # key bias and P.V in the first, 2 + 3 + 1 wgmma in the first turn, the loop and the last, without the key
+    # bias 1 + 2 + 1 in the second; the backward 6 per consumer in its one loop: S^T, dP^T, dV, dK and two for
+    # its dQ half), and the backward's TMA reduce-add of dQ
     from kernels import gluon_attn, sm90_compile
 
     if gluon_attn.IMPORT_ERROR:
@@ -388,20 +389,22 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
     launches = []
     if head_dim in gluon_attn.CONFIGS["fwd"]:
         bias = torch.empty(2, 1024, 16, dtype=torch.bfloat16)
+        config = gluon_attn.CONFIGS["fwd"][head_dim][0]
         args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, rows[0], bias, rows[1].view(2, 1024), True,
-                                               gluon_attn.CONFIGS["fwd"][head_dim][0])  # fmt: skip
-        launches.append((gluon_attn._attn_fwd, args, meta, 2 * (6 + 4)))
+                                               config)  # fmt: skip
+        assert meta["CONSUMERS"] == (3 if head_dim == 64 else 2)
+        launches.append((gluon_attn._attn_fwd, args, meta, meta["CONSUMERS"], meta["CONSUMERS"] * (6 + 4)))
     acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)
     rows_in = (rows[0].view(2, 1, 1024), torch.empty(2, 1, gluon_attn.padded_len(1024)), rows[2])
     kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, rows_in, (acc, k, v, *rows[3:]), True,
                                                   gluon_attn.CONFIGS["bwd"][head_dim][0])  # fmt: skip
-    launches.append((kernel, args, meta, 12))
+    launches.append((kernel, args, meta, 2, 12))
     assert [kernel.__name__ for kernel, *_ in launches] == ["_attn_fwd", "_attn_bwd"]
-    for kernel, args, meta, wgmmas in launches:
+    for kernel, args, meta, consumers, wgmmas in launches:
         with sm90_compile.sm90_target():
             compiled = kernel.warmup(*args, **meta, grid=(1,))
         kernel.device_caches.clear()  # its binder holds the sm90-only target
-        assert compiled.metadata.num_warps == 12 and "setmaxnreg" in compiled.asm["ptx"]
+        assert compiled.metadata.num_warps == 4 * (consumers + 1) and "setmaxnreg" in compiled.asm["ptx"]
         ttgir = compiled.asm["ttgir"]
         assert ttgir.count("warp_group_dot ") == wgmmas and ttgir.count("isAsync = true") >= wgmmas
         spills = sm90_compile._resources(compiled.asm["cubin"])[1]
@@ -410,8 +413,12 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
             # D 128 holds 128 registers of dK and dV alone; with the log-sum-exp and delta read from shared
             # memory it spills 40-64 bytes a thread (Triton 3.6 / 3.9), where global loads made it 136-168
             assert spills <= (0 if head_dim == 64 else 96)
-        else:
+        elif consumers == 2:
             assert spills == 0
+        else:
+            # three consumers share 512 registers a thread with the loader's warp group, 160 each: with its
+            # two copies of the loop the D 64 forward spills 24 bytes a thread (Triton 3.6) or 232 (3.9)
+            assert spills <= 256
 
 
 @pytest.mark.skipif(INTERPRETED, reason="no kernel runs here")

@@ -199,6 +199,21 @@ def test_gluon_every_config(poisoned, monkeypatch, D, configs):
 
 
 @needs_sm90
+@pytest.mark.parametrize("N", [1, 100, 193, 1000])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gluon_forward_counts_rows_from_the_last(poisoned, monkeypatch, D, N):
+    # a Gluon forward program takes CONSUMERS * 64 query rows counted back from row N (_attn_fwd), so that
+    # where N is not a multiple the first program's rows start below 0: those exist only in its registers,
+    # and one stored would land in the previous (batch, head)'s last rows (three heads here, causal or not)
+    from kernels import gluon_attn
+
+    monkeypatch.setattr(gluon_attn, "FWD_MIN_LEN", {})
+    for causal in (True, False):
+        q, k, v, a, b, do = make_inputs(2, 3, N, D, BF16, "cuda")
+        check_backend(kernels.BACKENDS["gluon"], q, k, v, a, b, do, causal=causal)
+
+
+@needs_sm90
 @pytest.mark.parametrize("D", [64, 128])
 def test_gluon_forward_starts_at_fwd_min_len(monkeypatch, D):
     # below FWD_MIN_LEN keys the backend's forward is triton-tma's, from there the Gluon one
