@@ -286,13 +286,14 @@ if IMPORT_ERROR is None:
         return acc, m_i, l_i
 
     @gluon.jit
-    def _consumer(desc_q, q_all, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, B, O,
-                  LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh, C: gl.constexpr,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
+    def _consumer(program, C: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):
         # consumer C of the program's q_all.shape[0], one warp group: the 64 query rows from q0 + 64 C (its
         # tile q_all[C]), over the key tiles the loader brings (k_smem, v_smem and per stage their bias tile,
         # bias_smem, which `ones` adds to the scores); its turn at the tensor cores comes from the consumer
-        # before it, and it passes the turn to the next (a ring: turns[C])
+        # before it, and it passes the turn to the next (a ring: turns[C]). program: what _attn_fwd hands
+        # every consumer
+        (desc_q, q_all, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, B, O, LSE, KN2, ones,
+         bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh) = program  # fmt: skip
         W: gl.constexpr = gl.num_warps()
         CONSUMERS: gl.constexpr = q_all.shape[0]
         BLOCK_M: gl.constexpr = q_all.shape[1]
@@ -399,39 +400,31 @@ if IMPORT_ERROR is None:
         for i in gl.static_range(STAGES):
             mbarrier.init(v_empty.index(i), count=CONSUMERS)
         fence_async_shared()
+        program = (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, B, O, LSE,
+                   KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh)  # fmt: skip
+        loads = (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, bh,
+                 n_heads, n_tiles, STAGES)  # fmt: skip
         if CONSUMERS == 3:
             gl.warp_specialize(
                 [
-                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
-                                 0, CAUSAL, STAGES, A_REGS)),
-                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
-                                 1, CAUSAL, STAGES, A_REGS)),
-                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
-                                 2, CAUSAL, STAGES, A_REGS)),
-                    (_loader, (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty,
-                               v_empty, bh, n_heads, n_tiles, STAGES)),
+                    (_consumer, (program, 0, CAUSAL, STAGES, A_REGS)),
+                    (_consumer, (program, 1, CAUSAL, STAGES, A_REGS)),
+                    (_consumer, (program, 2, CAUSAL, STAGES, A_REGS)),
+                    (_loader, loads),
                 ],
                 [4, 4, 1],
                 [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
-            )  # fmt: skip
+            )
         else:
             gl.warp_specialize(
                 [
-                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
-                                 0, CAUSAL, STAGES, A_REGS)),
-                    (_consumer, (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                 A, B, O, LSE, KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh,
-                                 1, CAUSAL, STAGES, A_REGS)),
-                    (_loader, (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty,
-                               v_empty, bh, n_heads, n_tiles, STAGES)),
+                    (_consumer, (program, 0, CAUSAL, STAGES, A_REGS)),
+                    (_consumer, (program, 1, CAUSAL, STAGES, A_REGS)),
+                    (_loader, loads),
                 ],
                 [4, 1],
                 [CONSUMER_REGS, LOADER_REGS],
-            )  # fmt: skip
+            )
 
     # ------------------------------------------------------------------------------------------------
     # backward, one kernel (FlashAttention-3's schedule): a program owns 2 * KEYS keys of one (batch, head),
