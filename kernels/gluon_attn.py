@@ -89,7 +89,8 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 # per kernel and head dim, as benchmarked; the first is the default. fwd: (query rows per consumer, key tile,
 # STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS, CONSUMERS); bwd: (query tile, keys per consumer, STAGES, ...,
 # A_REGS), two consumers. The backend takes the head dims of "bwd". Three forward consumers fit only at D 64:
-# with the loader's warp group they share 512 registers a thread, 160 each
+# with the loader's warp group they share 512 registers a thread, 160 each (they spill 24 bytes a thread with
+# Triton 3.6, 232 with 3.9; README, "Three forward consumers at D 64")
 CONFIGS = {
     "fwd": {
         64: [(64, 128, 2, 160, 24, False, 3), (64, 128, 2, 232, 24, False, 2)],
