@@ -1,10 +1,12 @@
-"""Shared test set-up: `gpu` tests are skipped where CUDA is absent, each one's garbage is collected when
-it ends, each module leaves the process's environment and thread count as it found them, and one
-end-to-end study and one MLflow server serve the modules that use them."""
+"""Shared test set-up: `gpu` tests are skipped where CUDA is absent, the interpreted Triton runs start as
+soon as collection ends (tests/interpreted.py), each gpu test's garbage is collected when it ends, each
+module leaves the process's environment and thread count as it found them, and one end-to-end study and
+one MLflow server serve the modules that use them."""
 
 import contextlib
 import gc
 import os
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """Start the interpreted Triton runs whose launcher tests were collected (tests/interpreted.py)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import interpreted
+
+    for item in session.items:
+        if item.name.endswith(interpreted.LAUNCHER_SUFFIX):
+            interpreted.start(item.path)
+
+
+def pytest_sessionfinish(session):
+    if "interpreted" in sys.modules:
+        sys.modules["interpreted"].stop_all()
 
 
 @pytest.fixture(autouse=True)

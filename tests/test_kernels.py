@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import interpreted
 import pytest
 import torch
 
@@ -218,9 +217,7 @@ def test_gluon_key_bias_prepass_interpreted(poisoned):
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the launcher of the interpreted run")
 def test_triton_kernels_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    run = interpreted.result(Path(__file__))  # started when collection ended (tests/interpreted.py)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
 

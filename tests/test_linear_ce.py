@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+import interpreted
 import pytest
 import torch
 from torch.nn import functional as F
@@ -439,9 +438,7 @@ def test_tiled_loss_names_a_bad_shape():
 
 
 def test_fused_loss_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    run = interpreted.result(Path(__file__))  # started when collection ended (tests/interpreted.py)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "46 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
 
