@@ -47,8 +47,9 @@ Status: on sm90 (bf16, fp16) the backend runs the Gluon forward from N 4096 at D
 both; the backward launches its compiled kernels directly (_compiled), since through the JIT their host
 time bounded it at N 4096. An H200 measured its rbf forward+backward at 0.996-0.997x SDPA-cuDNN's time at
 N 16384, D 64, and 1.06-1.10x at the other N 4096 and 16384 rows (penalty, the same kernels: 1.01-1.07x;
-triton-tma: 1.28-1.43x); short of parity mostly in the backward (README, "Three forward consumers at D 64", "dQ in fragment order", "The forward's
-k and v released apart", "The backward's launches past the JIT" and "The key bias in the score matmul").
+triton-tma: 1.28-1.43x); short of parity mostly in the backward (README, "Three forward consumers at D 64",
+"dQ in fragment order", "The forward's k and v released apart", "The backward's launches past the JIT" and
+"The key bias in the score matmul").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
