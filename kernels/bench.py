@@ -1,6 +1,7 @@
 """Benchmark every attention backend against dot-product SDPA (flash and cuDNN) in one run.
 
-    python -m kernels.bench [--out DIR] [--write-table] [--shapes N,D ...] [--backends NAME ...] [--warm I/K]
+    python -m kernels.bench [--out DIR] [--write-table] [--shapes N,D ...] [--backends NAME ...] [--repeats R]
+                            [--warm I/K]
 
 Causal, H = 16, B*N = 64k tokens, N in {1024, 4096, 16384}, D in {64, 128}, bf16 and fp16. For each
 backend: forward and backward median time (triton.testing.do_bench, L2 flushed between runs), TFLOP/s
@@ -11,8 +12,10 @@ kernels/autotune_table.json, which the "auto" dispatcher reads (rows of shapes n
 names the command, GPU and date that measured it).
 --shapes times the given N,D pairs instead of that grid (any N and D; B = max(1, 64k // N)), and `--shapes
 0,0` nothing but the memory check. --backends keeps only the named candidates (e.g. sdpa-cudnn triton
-triton-tma; a name covers its rbf and penalty rows). --warm I/K only runs shard I of K once (fills the
-compile caches from a parallel process, no timing).
+triton-tma; a name covers its rbf and penalty rows). --repeats R times every backend of a shape R times in
+R rounds (each round every backend once, so that a slow spell of the GPU falls on all of them) and keeps
+each time's median over the rounds, and its spread, (max - min) / median of forward+backward. --warm I/K
+only runs shard I of K once (fills the compile caches from a parallel process, no timing).
 """
 
 from __future__ import annotations
@@ -135,6 +138,24 @@ def measure(cand: Candidate, batch: int, n: int, d: int, dtype: torch.dtype, tim
     return row
 
 
+def over_rounds(rounds: list[dict]) -> dict:
+    """One backend's rows of the same shape from several rounds -> one row: the median forward and backward
+    times (TFLOP/s of those), the largest peak memory, and `spread`, (max - min) / median of the rounds'
+    forward+backward times; the first error if any round failed."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    row = dict(rounds[0])
+    fwd, bwd = (sorted(r[key] for r in rounds) for key in ("fwd_ms", "bwd_ms"))
+    totals = sorted(r["fwd_ms"] + r["bwd_ms"] for r in rounds)
+    median = lambda xs: (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2  # noqa: E731
+    row.update(fwd_ms=median(fwd), bwd_ms=median(bwd), peak_mib=max(r["peak_mib"] for r in rounds))
+    row.update(fwd_tflops=rounds[0]["fwd_tflops"] * rounds[0]["fwd_ms"] / row["fwd_ms"],
+               bwd_tflops=rounds[0]["bwd_tflops"] * rounds[0]["bwd_ms"] / row["bwd_ms"],
+               rounds=len(rounds), spread=(totals[-1] - totals[0]) / median(totals))  # fmt: skip
+    return row
+
+
 def add_ratios(rows: list[dict]) -> None:
     """(fwd+bwd) over dot-product SDPA flash and cuDNN at the same shape and dtype."""
     total = lambda r: r["fwd_ms"] + r["bwd_ms"] if "fwd_ms" in r else math.nan  # noqa: E731
@@ -146,17 +167,18 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| dtype | N | D | backend | geometry | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s | peak MiB | x flash | x cuDNN |"
-    lines = [head, "|" + "---|" * 12]
+    head = "| dtype | N | D | backend | geometry | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s | peak MiB | x flash | x cuDNN | spread |"
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['dtype']} | {r['n_ctx']} | {r['head_dim']} | {r['backend']} | {r['geometry']} | "
-                         f"{r['error'][:60]} |||||||")  # fmt: skip
+                         f"{r['error'][:60]} ||||||||")  # fmt: skip
             continue
         lines.append(
             f"| {r['dtype']} | {r['n_ctx']} | {r['head_dim']} | {r['backend']} | {r['geometry']} | "
             f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} | "
-            f"{r['peak_mib']:.0f} | {r['x_flash']:.3f} | {r['x_cudnn']:.3f} |"
+            f"{r['peak_mib']:.0f} | {r['x_flash']:.3f} | {r['x_cudnn']:.3f} | "
+            + (f"{100 * r['spread']:.1f}% of {r['rounds']} |" if "spread" in r else "one run |")
         )
     return "\n".join(lines)
 
@@ -290,7 +312,10 @@ def main() -> None:
     parser.add_argument("--backends", nargs="*", help="restrict to these candidates, e.g. sdpa-cudnn triton")
     parser.add_argument("--warm", help="I/K: run shard I of K once without timing (fills compile caches)")
     parser.add_argument("--no-memory", action="store_true", help="skip the N = 32768 memory check")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds per shape (medians; default 1)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats takes a whole number of rounds >= 1; got {args.repeats}")
     for knob in ("recompile_limit", "cache_size_limit"):  # one flex compile per shape
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 256)
@@ -302,9 +327,12 @@ def main() -> None:
     memory = [] if args.no_memory else [r for d in HEAD_DIMS for r in memory_check(d, candidates)]
     print(*map(json.dumps, memory), sep="\n", flush=True)
     for dtype, n, d in _shapes(args):
-        for cand in candidates:
-            rows.append(measure(cand, max(1, TOKENS // n), n, d, dtype))
-            print(json.dumps(rows[-1]), flush=True)
+        rounds = {cand: [] for cand in candidates}
+        for i in range(args.repeats):
+            for cand in candidates:
+                rounds[cand].append(measure(cand, max(1, TOKENS // n), n, d, dtype))
+                print(json.dumps({**rounds[cand][-1], "round": i + 1}), flush=True)
+        rows += [rounds[cand][0] if args.repeats == 1 else over_rounds(rounds[cand]) for cand in candidates]
     add_ratios(rows)
     table = selection_table(rows)
     report = dict(environment=env, rows=rows, memory=memory, selection=table, tuned=_tuned_configs())

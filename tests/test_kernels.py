@@ -813,6 +813,28 @@ def test_benchmark_table_update_says_what_measured_each_row():
     ]
 
 
+def test_benchmark_rounds_give_medians_and_their_spread():
+    from kernels import bench
+
+    def timed(fwd, bwd, peak=10.0):
+        return dict(backend="gluon", geometry="rbf", fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=100 / fwd,
+                    bwd_tflops=250 / bwd, peak_mib=peak)  # fmt: skip
+
+    row = bench.over_rounds([timed(1.0, 3.0), timed(1.2, 2.0, 12.0), timed(0.9, 3.3)])
+    assert (row["fwd_ms"], row["bwd_ms"], row["peak_mib"], row["rounds"]) == (1.0, 3.0, 12.0, 3)
+    assert row["fwd_tflops"] == pytest.approx(100.0) and row["bwd_tflops"] == pytest.approx(250 / 3)
+    assert row["spread"] == pytest.approx((4.2 - 3.2) / 4.0)  # totals 4.0, 3.2, 4.2
+    assert bench.over_rounds([timed(1.0, 3.0), timed(2.0, 4.0)])["fwd_ms"] == 1.5  # an even count: the mean
+    failed = dict(backend="gluon", error="RuntimeError: out of memory")
+    assert bench.over_rounds([timed(1.0, 3.0), failed]) == failed
+    rows = [dict(timed(1.0, 3.0), dtype="bfloat16", n_ctx=4096, head_dim=64, backend=name, geometry=geometry)
+            for name, geometry in (("sdpa-flash", "sdpa"), ("sdpa-cudnn", "sdpa"))]  # fmt: skip
+    rows.append(dict(row, dtype="bfloat16", n_ctx=4096, head_dim=64))
+    bench.add_ratios(rows)
+    table = bench.markdown(rows)
+    assert "| one run |" in table and "| 25.0% of 3 |" in table
+
+
 def test_benchmark_backend_filter_names_the_choices():
     from kernels import bench
 
