@@ -18,10 +18,12 @@ program runs three warp-specialised partitions (gl.warp_specialize; four in the 
 
 The forward's consumers own 64 query rows each (a program's rows counted back from row N, so that rows
 below 0, where N is not a multiple, fall in the program with the fewest causal keys) and the loader brings
-k and v tiles, with each k tile its bias tile: where a head's a > 0 a prepass (_key_bias) writes
--(b / a) ||k||^2 per key in three bf16 parts, which one more wgmma adds to q.k, so that the element-wise
-work per score is dot-product attention's (README, "The key bias in the score matmul"); heads with a <= 0
-add b ||k||^2 after the matmul. At D 64 three consumers (192 query rows a program, as FlashAttention-3's
+k and v tiles, with each k tile its bias tile: a prepass (_key_bias) writes c = -(b / |a|) ||k||^2 per key
+(-b ||k||^2 where a = 0) in three bf16 parts, which one more wgmma adds to q.k, and |a| log2(e) (log2(e)
+where a = 0) scales the sum inside the exp2's argument, so that the element-wise work per score is
+dot-product attention's (README, "The key bias in the score matmul"). Heads with a < 0 (a = 0) negate
+(zero) their q tile in shared memory once, so that one loop serves every head (README, "One forward loop
+for every sign of a"). At D 64 three consumers (192 query rows a program, as FlashAttention-3's
 hdim-64 tiles) hide more of each one's element-wise work behind the others' matmuls than two did (README,
 "Three forward consumers at D 64").
 
@@ -90,8 +92,8 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 # per kernel and head dim, as benchmarked; the first is the default. fwd: (query rows per consumer, key tile,
 # STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS, CONSUMERS); bwd: (query tile, keys per consumer, STAGES, ...,
 # A_REGS), two consumers. The backend takes the head dims of "bwd". Three forward consumers fit only at D 64:
-# with the loader's warp group they share 512 registers a thread, 160 each (they spill 24 bytes a thread with
-# Triton 3.6, 232 with 3.9; README, "Three forward consumers at D 64")
+# with the loader's warp group they share 512 registers a thread, 160 each (no spills with Triton 3.6, 104
+# bytes a thread with 3.9; README, "Three forward consumers at D 64", "One forward loop for every sign of a")
 CONFIGS = {
     "fwd": {
         64: [(64, 128, 2, 160, 24, False, 3), (64, 128, 2, 232, 24, False, 2)],
@@ -110,6 +112,8 @@ FWD_MIN_LEN = {64: 4096, 128: 1024}
 if IMPORT_ERROR is None:
     _LOG2E = gl.constexpr(LOG2E)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.9 / 3.6 name
+    # a barrier of the threads that run it; inside a warp_specialize partition, of that partition's warps
+    _warp_group_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # 3.9 / 3.6 name
 
     @builtin
     def _tma_add_36(tensor_desc, coord, src, _semantic=None):
@@ -202,34 +206,25 @@ if IMPORT_ERROR is None:
         return s
 
     @gluon.jit
-    def _softmax_step(s, KN2_ROW, m_i, l_i, start_n, rows, offs_n, a2, b2, mask_from, n_ctx,
-                      CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr,
-                      BIASED: gl.constexpr):  # fmt: skip
+    def _softmax_step(s, m_i, l_i, start_n, rows, offs_n, scale, mask_from, n_ctx, CAUSAL: gl.constexpr,
+                      BLOCK_N: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
         # one key tile's scores (BM, BN) -> P (in the register layout that P.V's wgmma reads), the factor
-        # that rescales the running sums, the new row max and row sum. BIASED (a > 0): the scores came from
-        # the matmuls as q.k - (b / a) ||k||^2 (_key_bias), and a2 scales them inside the exp2's argument,
-        # as in dot-product attention, one floating-point operation a score fewer than adding the bias here;
-        # else they are q.k, and the key bias comes from KN2_ROW (the key norms)
+        # that rescales the running sums, the new row max and row sum. The scores came from the matmuls as
+        # sign(a) q.k + c (_consumer, _key_bias), and scale = |a| log2(e) > 0 (log2(e) where a = 0) scales
+        # them inside the exp2's argument, as in dot-product attention: one floating-point operation a score
+        # fewer than adding a key bias here, and the row max of the unscaled scores is the scaled ones'
         cols = start_n + offs_n
-        if BIASED:
-            s = _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL, BLOCK_N)
-            m_new = gl.maximum(m_i, gl.max(s, 1) * a2)
-            p = gl.exp2(s * a2 - gl.expand_dims(m_new, 1))
-        else:
-            kn2 = gl.load(KN2_ROW + cols, mask=cols < n_ctx, other=0.0)
-            s = s * a2 - gl.expand_dims(kn2 * b2, 0)
-            s = _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL, BLOCK_N)
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        s = _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL, BLOCK_N)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * scale)
+        p = gl.exp2(s * scale - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, 1)
         return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
 
     @gluon.jit
     def _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, my_turn, other_turn,
-                   KN2_ROW, a2, b2, rows, mask_from, n_ctx, n_tiles, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                   BIASED: gl.constexpr):  # fmt: skip
-        # a forward consumer's loop over its key tiles -> (acc, row max, row sum); BIASED: _softmax_step's
+                   scale, rows, mask_from, n_ctx, n_tiles, CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        # a forward consumer's loop over its key tiles -> (acc, row max, row sum)
         W: gl.constexpr = gl.num_warps()
         BLOCK_M: gl.constexpr = rows.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -249,13 +244,12 @@ if IMPORT_ERROR is None:
         mbarrier.wait(my_turn, 0)
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_a, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        if BIASED:
-            s = warpgroup_mma(ones, bias_smem.index(0).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma(ones, bias_smem.index(0).permute((1, 0)), s, is_async=True)
         mbarrier.arrive(other_turn)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0))
-        p, alpha, m_i, l_i = _softmax_step(s, KN2_ROW, m_i, l_i, 0, rows, offs_n, a2, b2, mask_from, n_ctx,
-                                           CAUSAL, BLOCK_N, p_layout, dtype, BIASED)  # fmt: skip
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, rows, offs_n, scale, mask_from, n_ctx, CAUSAL, BLOCK_N,
+                                           p_layout, dtype)  # fmt: skip
         # turn j: q.k of tile j (with its key bias) and P.V of tile j - 1 issued and the turn passed on; tile
         # j's k stage released once its scores are in, its softmax while P.V runs, then tile j - 1's v stage
         # released and the output rescaled
@@ -266,15 +260,14 @@ if IMPORT_ERROR is None:
             mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
             s_tok = warpgroup_mma(q_a, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)  # fmt: skip
-            if BIASED:
-                s_tok = warpgroup_mma(ones, bias_smem.index(stage).permute((1, 0)), s_tok, is_async=True)
+            s_tok = warpgroup_mma(ones, bias_smem.index(stage).permute((1, 0)), s_tok, is_async=True)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
             mbarrier.arrive(other_turn)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(stage))
-            p, alpha, m_i, l_i = _softmax_step(s, KN2_ROW, m_i, l_i, j * BLOCK_N, rows, offs_n, a2, b2,
-                                               mask_from, n_ctx, CAUSAL, BLOCK_N, p_layout, dtype, BIASED)  # fmt: skip
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, rows, offs_n, scale, mask_from, n_ctx,
+                                               CAUSAL, BLOCK_N, p_layout, dtype)  # fmt: skip
             acc = warpgroup_mma_wait(0, deps=(acc_tok,))
             mbarrier.arrive(v_empty.index(prev))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
@@ -294,7 +287,7 @@ if IMPORT_ERROR is None:
         # bias_smem, which `ones` adds to the scores); its turn at the tensor cores comes from the consumer
         # before it, and it passes the turn to the next (a ring: turns[C]). program: what _attn_fwd hands
         # every consumer
-        (desc_q, q_all, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, B, O, LSE, KN2, ones,
+        (desc_q, q_all, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, O, LSE, ones,
          bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh) = program  # fmt: skip
         W: gl.constexpr = gl.num_warps()
         CONSUMERS: gl.constexpr = q_all.shape[0]
@@ -313,9 +306,8 @@ if IMPORT_ERROR is None:
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         off_b = bh // n_heads
         off_h = bh % n_heads
-        a2 = gl.load(A + off_h) * _LOG2E
-        b2 = gl.load(B + off_h) * _LOG2E
-        KN2_ROW = KN2 + bh.to(gl.int64) * n_ctx
+        a = gl.load(A + off_h)
+        scale = gl.where(a == 0, 1.0, gl.abs(a)) * _LOG2E
         if CAUSAL:
             mask_from = q_start
         else:
@@ -324,15 +316,17 @@ if IMPORT_ERROR is None:
         _load_tile(desc_q, bh, n_heads, q_start, q_bar, q_smem)
         rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
         mbarrier.wait(q_bar, 0)
+        if a <= 0:
+            # the scores' sign(a) q.k: the tile negated (a < 0) or zeroed (a = 0) in place, once, so that one
+            # copy of the loop serves every head; every warp's stores made visible to wgmma before any reads
+            q_layout: gl.constexpr = _operand_layout(s_layout)
+            q = q_smem.load(q_layout)
+            q_smem.store((q * gl.where(a < 0, -1.0, 0.0)).to(dtype))
+            fence_async_shared()
+            _warp_group_barrier()
         q_a = _a_operand(q_smem, s_layout, A_REGS)
-        if a2 > 0:
-            acc, m_i, l_i = _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty,
-                                       my_turn, other_turn, KN2_ROW, a2, b2, rows, mask_from, n_ctx, n_tiles,
-                                       CAUSAL, STAGES, True)  # fmt: skip
-        else:
-            acc, m_i, l_i = _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty,
-                                       my_turn, other_turn, KN2_ROW, a2, b2, rows, mask_from, n_ctx, n_tiles,
-                                       CAUSAL, STAGES, False)  # fmt: skip
+        acc, m_i, l_i = _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, my_turn,
+                                   other_turn, scale, rows, mask_from, n_ctx, n_tiles, CAUSAL, STAGES)  # fmt: skip
         acc = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
         # rows below 0 (the program of the first rows: _attn_fwd) and past N are not stored
         gl.store(LSE + bh.to(gl.int64) * n_ctx + rows, m_i + gl.log2(l_i), mask=(rows >= 0) & (rows < n_ctx))
@@ -363,7 +357,7 @@ if IMPORT_ERROR is None:
             _load_tile(desc_v, bh, n_heads, t * ROWS, v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
-    def _attn_fwd(desc_q, desc_k, desc_v, desc_bias, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx,
+    def _attn_fwd(desc_q, desc_k, desc_v, desc_bias, A, O, LSE, sob, soh, son, n_heads, n_ctx,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
                   num_warps: gl.constexpr):  # fmt: skip
@@ -402,8 +396,8 @@ if IMPORT_ERROR is None:
         for i in gl.static_range(STAGES):
             mbarrier.init(v_empty.index(i), count=CONSUMERS)
         fence_async_shared()
-        program = (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, B, O, LSE,
-                   KN2, ones, bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh)  # fmt: skip
+        program = (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, O, LSE, ones,
+                   bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh)  # fmt: skip
         loads = (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, bh,
                  n_heads, n_tiles, STAGES)  # fmt: skip
         if CONSUMERS == 3:
@@ -708,11 +702,11 @@ def _meta(causal: bool, config: tuple) -> dict:
 
 
 @triton.jit
-def _key_bias(K, A, B, BIAS, KN2, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-    # per key j of (batch, head) row bh, float32 n = ||k_j||^2 into KN2 (B * H, N) and, where the head's a > 0,
-    # c = -(b / a) n into BIAS (B * H, N, 16) bf16, as three parts whose sum is c to about float32's precision
-    # (columns 0-2; zeros in the others and where a <= 0). The forward adds them to q.k in the score
-    # matmul, so that a scales the scores in the exp2's argument as in dot-product attention
+def _key_bias(K, A, B, BIAS, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    # per key j of (batch, head) row bh, with n = ||k_j||^2: c = -(b / |a|) n (-b n where the head's a = 0) into
+    # BIAS (B * H, N, 16) bf16, as three parts whose sum is c to about float32's precision (columns 0-2; zeros
+    # in the others). The forward adds them to sign(a) q.k in the score matmul and scales the sum by |a|
+    # (1 where a = 0) in the exp2's argument, as dot-product attention scales its scores: a q.k - b n
     bh = tl.program_id(1)
     off_b = (bh // n_heads).to(tl.int64)
     off_h = bh % n_heads
@@ -721,8 +715,8 @@ def _key_bias(K, A, B, BIAS, KN2, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.co
     k = tl.load(K + off_b * skb + off_h * skh + rows[:, None] * skn + offs_d[None, :], mask=rows[:, None] < n_ctx,
                 other=0.0).to(tl.float32)  # fmt: skip
     n = tl.sum(k * k, 1)
-    a = tl.load(A + off_h)
-    c = tl.where(a > 0, -(n * (tl.load(B + off_h) / tl.where(a > 0, a, 1.0))), 0.0)
+    a = tl.abs(tl.load(A + off_h))
+    c = -(n * (tl.load(B + off_h) / tl.where(a == 0, 1.0, a)))
     hi = c.to(tl.bfloat16)
     rest = c - hi.to(tl.float32)
     mid = rest.to(tl.bfloat16)
@@ -733,19 +727,17 @@ def _key_bias(K, A, B, BIAS, KN2, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.co
     )
     row = bh.to(tl.int64) * n_ctx + rows
     tl.store(BIAS + row[:, None] * 16 + cols, parts.to(tl.bfloat16), mask=rows[:, None] < n_ctx)
-    tl.store(KN2 + row, n, mask=rows < n_ctx)
 
 
-def launch_args(q, k, v, a, b, o, lse, bias, kn2, causal: bool, config: tuple) -> tuple[tuple, dict, tuple]:
-    """(args, constexprs, grid) of one launch of _attn_fwd; bias, kn2: _key_bias's, bf16 (B * H, N, 16) and
-    float32 (B * H, N)."""
+def launch_args(q, k, v, a, o, lse, bias, causal: bool, config: tuple) -> tuple[tuple, dict, tuple]:
+    """(args, constexprs, grid) of one launch of _attn_fwd; bias: _key_bias's, bf16 (B * H, N, 16)."""
     B, H, N, _ = q.shape
     block_m, block_n = config[:2]
     bias_block = [1, block_n, 16]
     desc_bias = TensorDescriptor(bias, list(bias.shape), list(bias.stride()), bias_block,
                                  gl.NVMMASharedLayout.get_default_for(bias_block, gl.bfloat16))  # fmt: skip
-    args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), desc_bias, a, b, o, lse,
-            kn2, *o.stride()[:3], H, N)  # fmt: skip
+    args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), desc_bias, a, o, lse,
+            *o.stride()[:3], H, N)  # fmt: skip
     return args, _meta(causal, config), (triton.cdiv(N, config[6] * block_m), B * H)
 
 
@@ -850,9 +842,8 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     o = base._alloc((B, H, N, D), q.dtype, q.device)
     lse = base._alloc((B, H, N), torch.float32, q.device)
     bias = base._alloc((B * H, N, 16), torch.bfloat16, q.device)
-    kn2 = base._alloc((B * H, N), torch.float32, q.device)
-    _key_bias[(triton.cdiv(N, 64), B * H)](k, a, b, bias, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64)
-    args, meta, grid = launch_args(q, k, v, a, b, o, lse, bias, kn2, causal, config or CONFIGS["fwd"][D][0])
+    _key_bias[(triton.cdiv(N, 64), B * H)](k, a, b, bias, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64)
+    args, meta, grid = launch_args(q, k, v, a, o, lse, bias, causal, config or CONFIGS["fwd"][D][0])
     _attn_fwd[grid](*args, **meta)
     return o, lse
 

@@ -189,9 +189,9 @@ def test_triton_interpreted_strided_inputs_constant_coefficients(poisoned):
 
 @interpreted_only
 def test_gluon_key_bias_prepass_interpreted(poisoned):
-    # the Gluon forward's prepass (kernels/gluon_attn.py, _key_bias): per key ||k||^2 and, for heads with
-    # a > 0, -(b / a) ||k||^2 as three bf16 parts whose sum has float32's precision (one bf16 alone is off by
-    # up to 2^-9 of it), zeros in the other columns and for heads with a <= 0
+    # the Gluon forward's prepass (kernels/gluon_attn.py, _key_bias): per key -(b / |a|) ||k||^2 (-b ||k||^2
+    # where a = 0) as three bf16 parts whose sum has float32's precision (one bf16 alone is off by up to 2^-9
+    # of it), zeros in the other columns
     import triton
 
     from kernels import gluon_attn
@@ -201,18 +201,16 @@ def test_gluon_key_bias_prepass_interpreted(poisoned):
     _, k, _, _, _, _ = make_inputs(B, H, N, D, torch.bfloat16, grad=False)
     a, b = torch.tensor([0.2, -0.1, 0.0]), torch.tensor([0.05, 0.07, 0.1])
     bias = base._alloc((B * H, N, 16), torch.bfloat16, k.device)
-    kn2 = base._alloc((B * H, N), torch.float32, k.device)
-    gluon_attn._key_bias[(triton.cdiv(N, 64), B * H)](k, a, b, bias, kn2, *k.stride()[:3], H, N, HEAD_DIM=D,
-                                                       BLOCK=64)  # fmt: skip
+    gluon_attn._key_bias[(triton.cdiv(N, 64), B * H)](
+        k, a, b, bias, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
+    )
     norms = k.double().square().sum(-1).reshape(B * H, N)
-    assert torch.allclose(kn2.double(), norms, rtol=1e-5, atol=0)
-    per_head = torch.where(a > 0, -b.double() / a.double(), 0.0)
+    per_head = -b.double() / torch.tensor([0.2, 0.1, 1.0], dtype=torch.float64)
     want = norms * per_head.repeat(B)[:, None]
     parts = bias.double()
     assert torch.equal(parts[..., 3:], torch.zeros_like(parts[..., 3:]))
     assert torch.allclose(parts[..., :3].sum(-1), want, rtol=1e-5, atol=0)
     assert not torch.allclose(parts[..., 0], want, rtol=1e-5, atol=0)  # the other parts are needed
-    assert torch.equal(parts.view(B, H, N, 16)[:, 1:], torch.zeros(B, 2, N, 16, dtype=torch.float64))
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the launcher of the interpreted run")
@@ -372,10 +370,9 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
     # the ping-pong kernels (kernels/gluon_attn.py), first configs: consumer warp groups (the forward's as
     # many as its config says, three at D 64, the backward's two), a loader warp and in the backward a dQ
     # writer warp (padded to a warp group), registers reallocated per partition, every matmul an asynchronous
-    # wgmma (each forward consumer has two copies of its loop, for heads with a > 0 and the others: q.k, the
-    # key bias and P.V in the first, 2 + 3 + 1 wgmma in the first turn, the loop and the last, without the key
-    # bias 1 + 2 + 1 in the second; the backward 6 per consumer in its one loop: S^T, dP^T, dV, dK and two for
-    # its dQ half), and the backward's TMA reduce-add of dQ
+    # wgmma (a forward consumer's q.k, key bias and P.V: 2 + 3 + 1 in the first turn, the loop and the last;
+    # the backward 6 per consumer in its one loop: S^T, dP^T, dV, dK and two for its dQ half), and the
+    # backward's TMA reduce-add of dQ
     from kernels import gluon_attn, sm90_compile
 
     if gluon_attn.IMPORT_ERROR:
@@ -387,10 +384,9 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
     if head_dim in gluon_attn.CONFIGS["fwd"]:
         bias = torch.empty(2, 1024, 16, dtype=torch.bfloat16)
         config = gluon_attn.CONFIGS["fwd"][head_dim][0]
-        args, meta, _ = gluon_attn.launch_args(q, k, v, *ab, o, rows[0], bias, rows[1].view(2, 1024), True,
-                                               config)  # fmt: skip
+        args, meta, _ = gluon_attn.launch_args(q, k, v, ab[0], o, rows[0], bias, True, config)
         assert meta["CONSUMERS"] == (3 if head_dim == 64 else 2)
-        launches.append((gluon_attn._attn_fwd, args, meta, meta["CONSUMERS"], meta["CONSUMERS"] * (6 + 4)))
+        launches.append((gluon_attn._attn_fwd, args, meta, meta["CONSUMERS"], meta["CONSUMERS"] * 6))
     acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)
     rows_in = (rows[0].view(2, 1, 1024), torch.empty(2, 1, gluon_attn.padded_len(1024)), rows[2])
     kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, rows_in, (acc, k, v, *rows[3:]), True,
@@ -414,9 +410,9 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
             assert spills == 0
         else:
             # three consumers share 512 registers a thread with the loader's warp group, 160 each: the D 64
-            # forward spills 24 bytes a thread (Triton 3.6) or 232 (3.9), a few values per key tile in the
-            # loops of both its copies (none with the copy for heads with a <= 0 left out)
-            assert spills <= 256
+            # forward compiles without spills with Triton 3.6 (the GPU machine's) and spills 104 bytes a
+            # thread with 3.9
+            assert spills <= 128
 
 
 @pytest.mark.skipif(INTERPRETED, reason="no kernel runs here")

@@ -230,9 +230,10 @@ def test_gluon_forward_starts_at_fwd_min_len(monkeypatch, D):
 @needs_sm90
 @pytest.mark.parametrize("dtype", [BF16, FP16])
 @pytest.mark.parametrize("D", [64, 128])
-def test_gluon_key_bias_in_the_matmul_where_a_is_positive(poisoned, monkeypatch, D, dtype):
-    # heads with a > 0 get -(b / a) ||k||^2 added to q.k by the score matmul (_key_bias), the others (a < 0,
-    # a = 0) add b ||k||^2 after it: each head's output and gradients against float64
+def test_gluon_key_bias_in_the_matmul_for_every_sign_of_a(poisoned, monkeypatch, D, dtype):
+    # every head gets c = -(b / |a|) ||k||^2 (-b ||k||^2 where a = 0) added to sign(a) q.k by the score
+    # matmul (_key_bias; a < 0 negates the q tile in shared memory, a = 0 zeroes it), a small a included:
+    # each head's output and gradients against float64
     from kernels import gluon_attn
 
     monkeypatch.setattr(gluon_attn, "FWD_MIN_LEN", {})
