@@ -431,9 +431,10 @@ if IMPORT_ERROR is None:
     # dP^T in its turn, hands the turn over and runs the element-wise part (P^T, dS^T) while the other's
     # matmuls run; then dV and dK accumulate in registers, and dQ, which sums over both consumers' keys, is
     # split by head-dim halves: both consumers store dS^T to shared memory, and consumer c computes
-    # dQ[:, half c] = dS k[:, half c] over all 2 * KEYS keys (two wgmma). A writer warp adds both halves,
-    # stored in fragment order, into a float32 (1, rows, fragment_rows, 256) accumulator by TMA reduce-add
-    # (cp.reduce.async.bulk.tensor).
+    # dQ[:, half c] = dS k[:, half c] over all 2 * KEYS keys (two wgmma). A consumer holds its half until it
+    # has issued the next tile's S^T and dP^T, and stores it while they run (README, "dQ handed over during
+    # the next tile's matmuls"); a writer warp adds both halves, stored in fragment order, into a float32
+    # (1, rows, fragment_rows, 256) accumulator by TMA reduce-add (cp.reduce.async.bulk.tensor).
 
     @gluon.jit
     def _bwd_consumer(desc_k, desc_v, k_all, v_smem, kv_bar, q_smem, do_smem, q_ready, do_ready, empty,
@@ -469,12 +470,15 @@ if IMPORT_ERROR is None:
         # dQ's B operands: both key tiles' columns of half C
         k_half0 = k_all.index(0).slice(C * HALF, HALF, dim=1)
         k_half1 = k_all.index(1).slice(C * HALF, HALF, dim=1)
+        dq = dq_zero
         for j in range(n_tiles):
             stage = j % STAGES
             buf = j % 2
             s_tok, dp_tok = _score_matmuls(k_a, v_a, q_smem, do_smem, q_ready, do_ready, my_turn, j, STAGES,
                                            s_zero)  # fmt: skip
             mbarrier.arrive(other_turn)
+            if j > 0:  # tile j - 1's dQ half goes to the writer while S^T and dP^T run
+                _hand_dq(dq, dq_smem.index(C), dq_full.index(C), dq_free.index(C), j - 1)
             s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
             p, ds, colsum = _bwd_elementwise(s, dp, j, key_bias, colsum, a2, stats.index(2 * stage),
                                              stats.index(2 * stage + 1), m_lo, offs_m,
@@ -491,16 +495,22 @@ if IMPORT_ERROR is None:
             dq_tok = warpgroup_mma(ds_all.index(buf).permute((1, 0)), k_half0, dq_zero, use_acc=False,
                                    is_async=True)  # fmt: skip
             dq_tok = warpgroup_mma(ds_all.index(2 + buf).permute((1, 0)), k_half1, dq_tok, is_async=True)
-            dq = warpgroup_mma_wait(0, deps=(dq_tok,))
-            mbarrier.wait(dq_free.index(C), (j & 1) ^ 1)  # a fresh barrier's previous phase has completed
-            dq_smem.index(C).store(_fragment_order(dq * a))
-            fence_async_shared()
-            mbarrier.arrive(dq_full.index(C))
+            dq = warpgroup_mma_wait(0, deps=(dq_tok,)) * a
             dv, dk, p, ds = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p, ds))
             mbarrier.arrive(empty.index(stage))
+        _hand_dq(dq, dq_smem.index(C), dq_full.index(C), dq_free.index(C), n_tiles - 1)
         _store_key_grads(
             dk, dv, colsum, k_smem, a, b, kn2, base, cols, k_start, n_ctx, DK, DV, DA_ROWS, DB_ROWS
         )
+
+    @gluon.jit
+    def _hand_dq(dq, dq_smem, dq_full, dq_free, j):
+        # a consumer's dQ half of query tile j to the writer: into dq_smem in fragment order once the writer
+        # has freed it (the first wait is on the phase before a fresh barrier's, which has completed)
+        mbarrier.wait(dq_free, (j & 1) ^ 1)
+        dq_smem.store(_fragment_order(dq))
+        fence_async_shared()
+        mbarrier.arrive(dq_full)
 
     @gluon.jit
     def _own_keys(desc_k, desc_v, k_smem, v_smem, kv_bar, A, B, KN2, n_heads, n_ctx, k_start, bh,

@@ -404,8 +404,9 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
         if kernel is gluon_attn._attn_bwd:
             assert "cp.reduce.async.bulk.tensor" in compiled.asm["ptx"]
             # D 128 holds 128 registers of dK and dV alone; with the log-sum-exp and delta read from shared
-            # memory it spills 40-64 bytes a thread (Triton 3.6 / 3.9), where global loads made it 136-168
-            assert spills <= (0 if head_dim == 64 else 96)
+            # memory and a tile's dQ half held until the next tile's S^T and dP^T are issued it spills 104-136
+            # bytes a thread (Triton 3.9 / 3.6), where global loads of those made it 136-168 before dQ was held
+            assert spills <= (0 if head_dim == 64 else 160)
         elif consumers == 2:
             assert spills == 0
         else:
