@@ -205,7 +205,7 @@ def test_gluon_key_bias_prepass_interpreted(poisoned):
         k, a, b, bias, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
     )
     norms = k.double().square().sum(-1).reshape(B * H, N)
-    per_head = -b.double() / torch.tensor([0.2, 0.1, 1.0], dtype=torch.float64)
+    per_head = -b.double() / torch.where(a == 0, 1.0, a.abs()).double()  # |a|, 1 where a = 0
     want = norms * per_head.repeat(B)[:, None]
     parts = bias.double()
     assert torch.equal(parts[..., 3:], torch.zeros_like(parts[..., 3:]))
