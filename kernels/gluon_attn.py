@@ -47,13 +47,14 @@ N read as zeros per head and a qkv projection's views are read in place.
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward from N 4096 at D 64 and N 1024 at D 128
 (FWD_MIN_LEN), triton_attn_tma's forward below, where that one is faster, and the one-kernel backward at
 both; the backward launches its compiled kernels directly (_compiled), since through the JIT their host
-time bounded it at N 4096. An H200 measured its rbf forward+backward at 1.00-1.03x SDPA-cuDNN's time at
-N 16384 and at N 4096, D 128, and 1.08x at N 4096, D 64 (penalty, the same kernels: 0.995-1.07x;
-triton-tma: 1.28-1.43x; medians of three rounds, README, "The eight rows again, with repeats"); short of
-parity mostly at N 4096, in the forward (1.10-1.17x cuDNN's, the prepass about 3.5 points of that) and
-in the backward at D 64 (README, "Three forward consumers at D 64", "dQ in fragment
-order", "The forward's k and v released apart", "The backward's launches past the JIT" and "The key bias
-in the score matmul").
+time bounded it at N 4096. An H200 measured its forward+backward (rbf and penalty, the same kernels) at
+0.99-1.03x SDPA-cuDNN's time at N 16384, 1.00-1.09x at N 4096, D 128 and 1.03-1.08x at N 4096, D 64
+(triton-tma: 1.28-1.43x; two runs of medians of three rounds, README, "The eight rows again, with
+repeats" and "The eight rows a second time"); short of parity mostly at N 4096, in the forward
+(1.10-1.17x cuDNN's, the prepass about 3.5 points of that) and in the backward kernel, whose programs'
+start and end weigh most there (README, "Where N 4096, D 64's time goes", "Three forward consumers at
+D 64", "dQ in fragment order", "The forward's k and v released apart", "The backward's launches past the
+JIT" and "The key bias in the score matmul").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
