@@ -34,7 +34,10 @@ consumers store dS^T to shared memory and consumer c computes dQ's head-dim half
 so dQ's accumulator is (64, D/2) and no share is summed (FlashAttention-3's hdim-128 split). A consumer stores
 its half in the order of the registers that hold it (_fragment_order) and a writer warp adds both halves into
 a float32 accumulator laid out the same way, by TMA reduce-add (cp.reduce.async.bulk.tensor);
-_dq_from_fragments, a plain Triton kernel, then writes dq in natural order. The accumulator covers ACC_BYTES
+_dq_from_fragments, a plain Triton kernel, then writes dq in natural order. At D 64 the backward is
+persistent (_attn_bwd_p): one program per multiprocessor takes work items (the other kernel's programs) from
+an atomic counter, and its loader brings the next item's key tiles into a second slot while the consumers
+finish the last item (README, "A persistent backward at D 64"). The accumulator covers ACC_BYTES
 of (batch, head) rows at a time, so peak memory stays near triton-tma's backward.
 
 Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
@@ -94,7 +97,9 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 
 # per kernel and head dim, as benchmarked; the first is the default. fwd: (query rows per consumer, key tile,
 # STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS, CONSUMERS); bwd: (query tile, keys per consumer, STAGES, ...,
-# A_REGS), two consumers. The backend takes the head dims of "bwd". Three forward consumers fit only at D 64:
+# A_REGS[, persistent]), two consumers; persistent (_attn_bwd_p) only at D 64, where two slots of key tiles
+# fit in shared memory (166 of 227 KB; README, "A persistent backward at D 64"). The backend takes the head
+# dims of "bwd". Three forward consumers fit only at D 64:
 # with the loader's warp group they share 512 registers a thread, 160 each (no spills with Triton 3.6, 104
 # bytes a thread with 3.9; README, "Three forward consumers at D 64", "One forward loop for every sign of a")
 CONFIGS = {
@@ -103,7 +108,8 @@ CONFIGS = {
         128: [(64, 128, 2, 240, 24, False, 2)],
     },
     "bwd": {
-        64: [(64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, False), (64, 64, 2, 240, 24, False)],
+        64: [(64, 64, 3, 240, 24, False, True), (64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, False),
+             (64, 64, 2, 240, 24, False)],
         128: [(64, 64, 2, 240, 24, False), (64, 64, 3, 240, 24, False)],
     },
 }  # fmt: skip
@@ -453,13 +459,41 @@ if IMPORT_ERROR is None:
         D: gl.constexpr = k_smem.shape[1]
         HALF: gl.constexpr = D // 2
         BLOCK_M: gl.constexpr = q_smem.shape[1]
-        dtype: gl.constexpr = k_smem.dtype
         s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_M)  # the transposed scores (KEYS, BLOCK_M)
+        mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+        _load_tile(desc_k, bh, n_heads, k_start, kv_bar, k_smem)
+        _load_tile(desc_v, bh, n_heads, k_start, kv_bar, v_smem)
+        a, b, base, cols, kn2, key_bias, mask_below = _key_params(A, B, KN2, n_heads, n_ctx, k_start, bh, True,
+                                                                  KEYS, CAUSAL, s_layout)  # fmt: skip
+        mbarrier.wait(kv_bar, 0)
+        # dQ's B operands: both key tiles' columns of half C
+        k_halves = (k_all.index(0).slice(C * HALF, HALF, dim=1), k_all.index(1).slice(C * HALF, HALF, dim=1))
+        dq, dk, dv, colsum = _bwd_tiles(k_smem, v_smem, k_halves, q_smem, do_smem, q_ready, do_ready, empty, my_turn,
+                                        other_turn, ds_all, ds_ready, dq_smem, dq_full, dq_free, stats, a,
+                                        key_bias, m_lo, cols, mask_below, n_ctx, n_tiles, 0, C, CAUSAL, STAGES,
+                                        A_REGS)  # fmt: skip
+        _hand_dq(dq, dq_smem.index(C), dq_full.index(C), dq_free.index(C), n_tiles - 1)
+        _store_key_grads(
+            dk, dv, colsum, k_smem, a, b, kn2, base, cols, k_start, n_ctx, DK, DV, DA_ROWS, DB_ROWS
+        )
+
+    @gluon.jit
+    def _bwd_tiles(k_smem, v_smem, k_halves, q_smem, do_smem, q_ready, do_ready, empty, my_turn, other_turn, ds_all,
+                   ds_ready, dq_smem, dq_full, dq_free, stats, a, key_bias, m_lo, cols, mask_below, n_ctx, n_tiles,
+                   g0, C: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                   A_REGS: gl.constexpr):  # fmt: skip
+        # a backward consumer's loop over its query tiles m_lo.. (n_tiles), which are the program's tiles
+        # g0.. of the q and dO rings, of the turns and of the dS and dQ buffers -> (the last tile's dQ half,
+        # not yet handed over, dK's and dV's accumulators, the column sums of dS^T)
+        W: gl.constexpr = gl.num_warps()
+        KEYS: gl.constexpr = k_smem.shape[0]
+        D: gl.constexpr = k_smem.shape[1]
+        HALF: gl.constexpr = D // 2
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        dtype: gl.constexpr = k_smem.dtype
+        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_M)
         o_layout: gl.constexpr = _wgmma_layout(W, D)
         op_layout: gl.constexpr = _operand_layout(o_layout)
-        a, b, base, cols, kn2, key_bias, mask_below = _own_keys(desc_k, desc_v, k_smem, v_smem, kv_bar, A, B,
-                                                                KN2, n_heads, n_ctx, k_start, bh, CAUSAL,
-                                                                s_layout)  # fmt: skip
         a2 = a * _LOG2E
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         s_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
@@ -467,26 +501,24 @@ if IMPORT_ERROR is None:
         dk = gl.zeros([KEYS, D], gl.float32, o_layout)
         dv = gl.zeros([KEYS, D], gl.float32, o_layout)
         colsum = gl.zeros([KEYS], gl.float32, gl.SliceLayout(1, s_layout))
-        mbarrier.wait(kv_bar, 0)
         k_a = _a_operand(k_smem, s_layout, A_REGS)
         v_a = _a_operand(v_smem, s_layout, A_REGS)
-        # dQ's B operands: both key tiles' columns of half C
-        k_half0 = k_all.index(0).slice(C * HALF, HALF, dim=1)
-        k_half1 = k_all.index(1).slice(C * HALF, HALF, dim=1)
+        k_half0, k_half1 = k_halves
         dq = dq_zero
         for j in range(n_tiles):
-            stage = j % STAGES
-            buf = j % 2
-            s_tok, dp_tok = _score_matmuls(k_a, v_a, q_smem, do_smem, q_ready, do_ready, my_turn, j, STAGES,
+            g = g0 + j
+            stage = g % STAGES
+            buf = g % 2
+            s_tok, dp_tok = _score_matmuls(k_a, v_a, q_smem, do_smem, q_ready, do_ready, my_turn, g, STAGES,
                                            s_zero)  # fmt: skip
             mbarrier.arrive(other_turn)
             if j > 0:  # tile j - 1's dQ half goes to the writer while S^T and dP^T run
-                _hand_dq(dq, dq_smem.index(C), dq_full.index(C), dq_free.index(C), j - 1)
+                _hand_dq(dq, dq_smem.index(C), dq_full.index(C), dq_free.index(C), g - 1)
             s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
             p, ds, colsum = _bwd_elementwise(s, dp, j, key_bias, colsum, a2, stats.index(2 * stage),
                                              stats.index(2 * stage + 1), m_lo, offs_m,
                                              cols, mask_below, n_ctx, CAUSAL, dtype)  # fmt: skip
-            # the other consumer read buffer buf at tile j - 2, before it passed the turn of tile j - 1
+            # the other consumer read buffer buf at tile g - 2, before it passed the turn of tile g - 1
             ds_all.index(2 * C + buf).store(ds)
             fence_async_shared()
             mbarrier.arrive(ds_ready.index(buf))
@@ -494,17 +526,14 @@ if IMPORT_ERROR is None:
             ds = gl.convert_layout(ds, op_layout)
             dv_tok = warpgroup_mma(p, do_smem.index(stage), dv, is_async=True)
             dk_tok = warpgroup_mma(ds, q_smem.index(stage), dk, is_async=True)
-            mbarrier.wait(ds_ready.index(buf), (j // 2) & 1)  # both consumers' dS^T of tile j are in
+            mbarrier.wait(ds_ready.index(buf), (g // 2) & 1)  # both consumers' dS^T of tile g are in
             dq_tok = warpgroup_mma(ds_all.index(buf).permute((1, 0)), k_half0, dq_zero, use_acc=False,
                                    is_async=True)  # fmt: skip
             dq_tok = warpgroup_mma(ds_all.index(2 + buf).permute((1, 0)), k_half1, dq_tok, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq_tok,)) * a
             dv, dk, p, ds = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p, ds))
             mbarrier.arrive(empty.index(stage))
-        _hand_dq(dq, dq_smem.index(C), dq_full.index(C), dq_free.index(C), n_tiles - 1)
-        _store_key_grads(
-            dk, dv, colsum, k_smem, a, b, kn2, base, cols, k_start, n_ctx, DK, DV, DA_ROWS, DB_ROWS
-        )
+        return dq, dk, dv, colsum
 
     @gluon.jit
     def _hand_dq(dq, dq_smem, dq_full, dq_free, j):
@@ -516,21 +545,17 @@ if IMPORT_ERROR is None:
         mbarrier.arrive(dq_full)
 
     @gluon.jit
-    def _own_keys(desc_k, desc_v, k_smem, v_smem, kv_bar, A, B, KN2, n_heads, n_ctx, k_start, bh,
-                  CAUSAL: gl.constexpr, s_layout: gl.constexpr):  # fmt: skip
-        # a key-owning backward consumer's set-up: its k and v tiles by TMA (arriving on kv_bar), its head's
-        # a and b, the row offset of its head, its key columns and their norms and base-2 norm bias (in the
-        # layout of the transposed scores s_layout), and the query row below which tiles cross the diagonal
-        # (rows past N are masked too)
-        KEYS: gl.constexpr = k_smem.shape[0]
+    def _key_params(A, B, KN2, n_heads, n_ctx, k_start, bh, valid, KEYS: gl.constexpr, CAUSAL: gl.constexpr,
+                    s_layout: gl.constexpr):  # fmt: skip
+        # what a key-owning backward consumer needs besides its tiles: its head's a and b, the row offset of
+        # its head, its key columns and their norms (read where valid) and base-2 norm bias (in the layout of
+        # the transposed scores s_layout), and the query row below which tiles cross the diagonal (rows past
+        # N are masked too)
         a = gl.load(A + bh % n_heads)
         b = gl.load(B + bh % n_heads)
-        mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
-        _load_tile(desc_k, bh, n_heads, k_start, kv_bar, k_smem)
-        _load_tile(desc_v, bh, n_heads, k_start, kv_bar, v_smem)
         base = bh.to(gl.int64) * n_ctx
         cols = k_start + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
-        kn2 = gl.load(KN2 + base + cols, mask=cols < n_ctx, other=0.0)
+        kn2 = gl.load(KN2 + base + cols, mask=(cols < n_ctx) & valid, other=0.0)
         key_bias = gl.expand_dims(kn2 * (b * _LOG2E), 1)
         if CAUSAL:
             mask_below = k_start + KEYS
@@ -582,35 +607,246 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _bwd_loader(desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, stats_smem, q_ready, do_ready,
                     empty, bh, n_heads, row0, n_tiles, STAGES: gl.constexpr):  # fmt: skip
-        # the backward's loader: _loader's q and dO tiles, and with each q tile its rows' log-sum-exp and delta
-        # (a (1, 1, BLOCK_M) block of each, zeros past N) into rows 2 s and 2 s + 1 of stats_smem
+        # the backward's loader: _load_query_tile for the program's query tiles
         BLOCK_M: gl.constexpr = q_smem.shape[1]
         for t in range(n_tiles):
-            s = t % STAGES
-            row = row0 + t * BLOCK_M
-            mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
-            mbarrier.expect(q_ready.index(s), desc_q.block_type.nbytes + 2 * desc_lse.block_type.nbytes)
-            _load_tile(desc_q, bh, n_heads, row, q_ready.index(s), q_smem.index(s))
-            lse_rows = stats_smem.index(2 * s).reshape([1, 1, BLOCK_M])
-            delta_rows = stats_smem.index(2 * s + 1).reshape([1, 1, BLOCK_M])
-            _tma_load(desc_lse, [bh, 0, row], q_ready.index(s), lse_rows)
-            _tma_load(desc_delta, [bh, 0, row], q_ready.index(s), delta_rows)
-            mbarrier.expect(do_ready.index(s), desc_do.block_type.nbytes)
-            _load_tile(desc_do, bh, n_heads, row, do_ready.index(s), do_smem.index(s))
+            _load_query_tile(desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, stats_smem, q_ready, do_ready,
+                             empty, bh, n_heads, row0 + t * BLOCK_M, t, STAGES)  # fmt: skip
+
+    @gluon.jit
+    def _load_query_tile(desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, stats_smem, q_ready, do_ready,
+                         empty, bh, n_heads, row, t, STAGES: gl.constexpr):  # fmt: skip
+        # the program's query tile t (rows row..): _loader's q and dO tiles into stage t % STAGES once both
+        # consumers have released it, and with the q tile its rows' log-sum-exp and delta (a (1, 1, BLOCK_M)
+        # block of each, zeros past N) into rows 2 s and 2 s + 1 of stats_smem
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        s = t % STAGES
+        mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(s), desc_q.block_type.nbytes + 2 * desc_lse.block_type.nbytes)
+        _load_tile(desc_q, bh, n_heads, row, q_ready.index(s), q_smem.index(s))
+        lse_rows = stats_smem.index(2 * s).reshape([1, 1, BLOCK_M])
+        delta_rows = stats_smem.index(2 * s + 1).reshape([1, 1, BLOCK_M])
+        _tma_load(desc_lse, [bh, 0, row], q_ready.index(s), lse_rows)
+        _tma_load(desc_delta, [bh, 0, row], q_ready.index(s), delta_rows)
+        mbarrier.expect(do_ready.index(s), desc_do.block_type.nbytes)
+        _load_tile(desc_do, bh, n_heads, row, do_ready.index(s), do_smem.index(s))
 
     @gluon.jit
     def _dq_writer(desc_dq, dq_smem, dq_full, dq_free, row, t_lo, n_tiles):
-        # one warp: adds query tile t_lo + j's two dQ halves (each (CHUNK, 256) in fragment order) into row
-        # `row` of the float32 (1, rows, fragment_rows, 256) accumulator by TMA, then frees them
-        CHUNK: gl.constexpr = dq_smem.shape[1]
+        # one warp: _add_dq for the program's query tiles
         for j in range(n_tiles):
+            _add_dq(desc_dq, dq_smem, dq_full, dq_free, row, t_lo + j, j)
+
+    @gluon.jit
+    def _add_dq(desc_dq, dq_smem, dq_full, dq_free, row, tile, g):
+        # the program's g-th query tile (tile `tile` of its row): adds its two dQ halves (each (CHUNK, 256) in
+        # fragment order) into row `row` of the float32 (1, rows, fragment_rows, 256) accumulator by TMA, then
+        # frees them
+        CHUNK: gl.constexpr = dq_smem.shape[1]
+        for c in gl.static_range(2):
+            mbarrier.wait(dq_full.index(c), g & 1)
+            chunk = (tile * 2 + c) * CHUNK
+            _tma_add(desc_dq, [0, row, chunk, 0], dq_smem.index(c).reshape([1, 1, CHUNK, 256]))
+        tma.store_wait(0)
+        for c in gl.static_range(2):
+            mbarrier.arrive(dq_free.index(c))
+
+    @gluon.jit
+    def _bwd_work(item, n_blocks, n_ctx, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+        # backward work item -> (its row of the launch, first key, first query row, query tiles): keys
+        # block * 2 KEYS.. of row item // n_blocks, block item % n_blocks (the program order of _attn_bwd's
+        # grid: a row's blocks together, the most query tiles first)
+        row = item // n_blocks
+        k0 = (item % n_blocks) * 2 * KEYS
+        if CAUSAL:  # the first query tile that sees these keys
+            m_lo = (k0 // BLOCK_M) * BLOCK_M
+        else:
+            m_lo = 0
+        return row, k0, m_lo, (n_ctx - m_lo + BLOCK_M - 1) // BLOCK_M
+
+    # ------------------------------------------------------------------------------------------------
+    # the persistent backward (D 64): one program per multiprocessor over work items (an item: what one
+    # program of _attn_bwd does), taken one at a time from an atomic counter by the loader, which writes
+    # each item's number into shared memory (two slots, items) for the consumers and the writer. The loader
+    # brings each item's k and v tiles into one of two slots, so that the next item's keys (and its first
+    # query tiles) arrive while the consumers finish the last one; the consumers read the next item's key
+    # norms before they store the last one's gradients. Rings, turns and dS and dQ buffers run on across
+    # items (g counts a program's query tiles).
+
+    @gluon.jit
+    def _item_of(items, slot, ready, empty, i, layout: gl.constexpr):
+        # the program's i-th work item, once the loader has written it into row `slot` of items (every
+        # element holds it); the row released after the read
+        mbarrier.wait(ready.index(slot), (i // 2) & 1)
+        item = gl.max(items.index(slot).load(layout), 0)
+        mbarrier.arrive(empty.index(slot))
+        return item
+
+    @gluon.jit
+    def _bwd_consumer_p(k_all, v_all, kv_ready, kv_empty, items, item_ready, item_empty, q_smem, do_smem, q_ready,
+                        do_ready, empty, my_turn, other_turn, ds_all, ds_ready, dq_smem, dq_full, dq_free, A, B,
+                        stats, KN2, DK, DV, DA_ROWS, DB_ROWS, n_heads, n_ctx, n_blocks, n_items, bh0,
+                        C: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                        A_REGS: gl.constexpr):  # fmt: skip
+        # consumer C of the persistent backward: _bwd_consumer's work per item, its keys' tiles in
+        # k_all[2 slot + C], v_all[2 slot + C] (slot: the item's count % 2)
+        W: gl.constexpr = gl.num_warps()
+        KEYS: gl.constexpr = k_all.shape[1]
+        D: gl.constexpr = k_all.shape[2]
+        HALF: gl.constexpr = D // 2
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_M)
+        item_layout: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+        item = _item_of(items, 0, item_ready, item_empty, 0, item_layout)
+        row, k0, m_lo, n_tiles = _bwd_work(item, n_blocks, n_ctx, KEYS, BLOCK_M, CAUSAL)
+        k_start = k0 + C * KEYS
+        a, b, base, cols, kn2, key_bias, mask_below = _key_params(A, B, KN2, n_heads, n_ctx, k_start, bh0 + row,
+                                                                  item < n_items, KEYS, CAUSAL,
+                                                                  s_layout)  # fmt: skip
+        i = 0
+        g0 = 0
+        while item < n_items:
+            slot = i % 2
+            k_smem = k_all.index(2 * slot + C)
+            mbarrier.wait(kv_ready.index(slot), (i // 2) & 1)
+            k_halves = (k_all.index(2 * slot).slice(C * HALF, HALF, dim=1),
+                        k_all.index(2 * slot + 1).slice(C * HALF, HALF, dim=1))  # fmt: skip
+            dq, dk, dv, colsum = _bwd_tiles(k_smem, v_all.index(2 * slot + C), k_halves, q_smem, do_smem, q_ready,
+                                            do_ready, empty, my_turn, other_turn, ds_all, ds_ready, dq_smem,
+                                            dq_full, dq_free, stats, a, key_bias, m_lo, cols, mask_below, n_ctx,
+                                            n_tiles, g0, C, CAUSAL, STAGES, A_REGS)  # fmt: skip
+            _hand_dq(dq, dq_smem.index(C), dq_full.index(C), dq_free.index(C), g0 + n_tiles - 1)
+            g0 += n_tiles
+            i += 1
+            # the next item, and its keys' parameters read while this item's gradients are stored
+            nxt = _item_of(items, i % 2, item_ready, item_empty, i, item_layout)
+            row_n, k0_n, m_lo_n, n_tiles_n = _bwd_work(nxt, n_blocks, n_ctx, KEYS, BLOCK_M, CAUSAL)
+            params = _key_params(A, B, KN2, n_heads, n_ctx, k0_n + C * KEYS, bh0 + row_n, nxt < n_items, KEYS,
+                                 CAUSAL, s_layout)  # fmt: skip
+            _store_key_grads(
+                dk, dv, colsum, k_smem, a, b, kn2, base, cols, k_start, n_ctx, DK, DV, DA_ROWS, DB_ROWS
+            )
+            mbarrier.arrive(kv_empty.index(slot))
+            item = nxt
+            m_lo = m_lo_n
+            n_tiles = n_tiles_n
+            k_start = k0_n + C * KEYS
+            a, b, base, cols, kn2, key_bias, mask_below = params
+
+    @gluon.jit
+    def _bwd_loader_p(desc_q, desc_do, desc_lse, desc_delta, desc_k, desc_v, q_smem, do_smem, stats_smem, k_all,
+                      v_all, q_ready, do_ready, empty, kv_ready, kv_empty, items, item_ready, item_empty, COUNTER,
+                      n_heads, n_ctx, n_blocks, n_items, bh0, CAUSAL: gl.constexpr,
+                      STAGES: gl.constexpr):  # fmt: skip
+        # the persistent backward's loader, one warp: per work item (the program's id first, then one from
+        # COUNTER at a time) its number into items, its four key tiles (k and v of both consumers) into slot
+        # i % 2 once the consumers are done with the item before last, then its query tiles; after the last
+        # item, n_items (the end)
+        KEYS: gl.constexpr = k_all.shape[1]
+        BLOCK_M: gl.constexpr = q_smem.shape[1]
+        item_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        item = gl.program_id(0)
+        i = 0
+        g = 0
+        while item < n_items:
+            slot = i % 2
+            row, k0, m_lo, n_tiles = _bwd_work(item, n_blocks, n_ctx, KEYS, BLOCK_M, CAUSAL)
+            bh = bh0 + row
+            mbarrier.wait(item_empty.index(slot), ((i // 2) & 1) ^ 1)
+            items.index(slot).store(gl.full([32], item, gl.int32, item_layout))
+            mbarrier.arrive(item_ready.index(slot))
+            mbarrier.wait(kv_empty.index(slot), ((i // 2) & 1) ^ 1)
+            mbarrier.expect(kv_ready.index(slot), 2 * desc_k.block_type.nbytes + 2 * desc_v.block_type.nbytes)
             for c in gl.static_range(2):
-                mbarrier.wait(dq_full.index(c), j & 1)
-                chunk = ((t_lo + j) * 2 + c) * CHUNK
-                _tma_add(desc_dq, [0, row, chunk, 0], dq_smem.index(c).reshape([1, 1, CHUNK, 256]))
-            tma.store_wait(0)
-            for c in gl.static_range(2):
-                mbarrier.arrive(dq_free.index(c))
+                _load_tile(
+                    desc_k, bh, n_heads, k0 + c * KEYS, kv_ready.index(slot), k_all.index(2 * slot + c)
+                )
+                _load_tile(
+                    desc_v, bh, n_heads, k0 + c * KEYS, kv_ready.index(slot), v_all.index(2 * slot + c)
+                )
+            for t in range(n_tiles):
+                _load_query_tile(desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, stats_smem, q_ready,
+                                 do_ready, empty, bh, n_heads, m_lo + t * BLOCK_M, g + t, STAGES)  # fmt: skip
+            g += n_tiles
+            item = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
+            i += 1
+        slot = i % 2
+        mbarrier.wait(item_empty.index(slot), ((i // 2) & 1) ^ 1)
+        items.index(slot).store(gl.full([32], n_items, gl.int32, item_layout))
+        mbarrier.arrive(item_ready.index(slot))
+
+    @gluon.jit
+    def _dq_writer_p(desc_dq, dq_smem, dq_full, dq_free, items, item_ready, item_empty, n_ctx, n_blocks, n_items,
+                     KEYS: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+        # the persistent backward's writer, one warp: _add_dq for each item's query tiles
+        item_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        item = _item_of(items, 0, item_ready, item_empty, 0, item_layout)
+        i = 0
+        g = 0
+        while item < n_items:
+            row, _k0, m_lo, n_tiles = _bwd_work(item, n_blocks, n_ctx, KEYS, BLOCK_M, CAUSAL)
+            for j in range(n_tiles):
+                _add_dq(desc_dq, dq_smem, dq_full, dq_free, row, m_lo // BLOCK_M + j, g + j)
+            g += n_tiles
+            i += 1
+            item = _item_of(items, i % 2, item_ready, item_empty, i, item_layout)
+
+    @gluon.jit(do_not_specialize=["n_items", "bh0"])  # one compiled kernel serves every launch (_compiled)
+    def _attn_bwd_p(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, A, B, KN2, DK, DV, DA_ROWS,
+                    DB_ROWS, COUNTER, n_heads, n_ctx, n_blocks, n_items, bh0, CAUSAL: gl.constexpr,
+                    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                    A_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        # the persistent backward over the n_items = n_blocks * rows work items of (batch, head) rows bh0..;
+        # COUNTER: an int32 zero of this launch's own
+        BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
+        D: gl.constexpr = desc_q.block_type.shape[3]
+        KEYS: gl.constexpr = desc_k.block_type.shape[2]
+        dtype: gl.constexpr = desc_q.dtype
+        k_all = gl.allocate_shared_memory(dtype, [4, KEYS, D], _TILE_LAYOUT)  # per slot, both consumers'
+        v_all = gl.allocate_shared_memory(dtype, [4, KEYS, D], _TILE_LAYOUT)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
+        stats_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES, 1, BLOCK_M], _ROWS_LAYOUT)
+        stats = _as_rows(stats_smem)
+        ds_all = gl.allocate_shared_memory(dtype, [4, KEYS, BLOCK_M], _TILE_LAYOUT)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, D // 8, 256], _DQ_LAYOUT)
+        items = gl.allocate_shared_memory(gl.int32, [2, 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        # per slot: its key tiles are in (kv_ready), both consumers are done with them (kv_empty), its item
+        # number is in (item_ready), both consumers and the writer have read it (item_empty)
+        kv_ready, turns, q_ready, do_ready, empty = _barriers(STAGES, 2)
+        kv_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        item_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        item_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        dq_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(kv_empty.index(i), count=2)
+            mbarrier.init(item_ready.index(i), count=1)
+            mbarrier.init(item_empty.index(i), count=3)
+            mbarrier.init(ds_ready.index(i), count=2)
+            mbarrier.init(dq_full.index(i), count=1)
+            mbarrier.init(dq_free.index(i), count=1)
+        fence_async_shared()
+        gl.warp_specialize(
+            [
+                (_bwd_consumer_p, (k_all, v_all, kv_ready, kv_empty, items, item_ready, item_empty, q_smem, do_smem,
+                                   q_ready, do_ready, empty, turns.index(0), turns.index(1), ds_all, ds_ready,
+                                   dq_smem, dq_full, dq_free, A, B, stats, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                                   n_heads, n_ctx, n_blocks, n_items, bh0, 0, CAUSAL, STAGES, A_REGS)),
+                (_bwd_consumer_p, (k_all, v_all, kv_ready, kv_empty, items, item_ready, item_empty, q_smem, do_smem,
+                                   q_ready, do_ready, empty, turns.index(1), turns.index(0), ds_all, ds_ready,
+                                   dq_smem, dq_full, dq_free, A, B, stats, KN2, DK, DV, DA_ROWS, DB_ROWS,
+                                   n_heads, n_ctx, n_blocks, n_items, bh0, 1, CAUSAL, STAGES, A_REGS)),
+                (_bwd_loader_p, (desc_q, desc_do, desc_lse, desc_delta, desc_k, desc_v, q_smem, do_smem, stats_smem,
+                                 k_all, v_all, q_ready, do_ready, empty, kv_ready, kv_empty, items, item_ready,
+                                 item_empty, COUNTER, n_heads, n_ctx, n_blocks, n_items, bh0, CAUSAL, STAGES)),
+                (_dq_writer_p, (desc_dq, dq_smem, dq_full, dq_free, items, item_ready, item_empty, n_ctx, n_blocks,
+                                n_items, KEYS, BLOCK_M, CAUSAL)),
+            ],
+            [4, 1, 1],
+            [CONSUMER_REGS, LOADER_REGS, LOADER_REGS],
+        )  # fmt: skip
 
     @gluon.jit(do_not_specialize=["bh0"])  # one compiled kernel serves every launch of a backward (_compiled)
     def _attn_bwd(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, A, B, KN2, DK, DV, DA_ROWS,
@@ -624,13 +860,10 @@ if IMPORT_ERROR is None:
         D: gl.constexpr = desc_q.block_type.shape[3]
         KEYS: gl.constexpr = desc_k.block_type.shape[2]
         dtype: gl.constexpr = desc_q.dtype
-        bh = bh0 + gl.program_id(1)
-        k0 = gl.program_id(0) * 2 * KEYS
-        if CAUSAL:  # the first query tile that sees these keys
-            m_lo = (k0 // BLOCK_M) * BLOCK_M
-        else:
-            m_lo = 0
-        n_tiles = (n_ctx - m_lo + BLOCK_M - 1) // BLOCK_M
+        n_blocks = gl.num_programs(0)
+        row, k0, m_lo, n_tiles = _bwd_work(gl.program_id(0) + gl.program_id(1) * n_blocks, n_blocks, n_ctx, KEYS,
+                                           BLOCK_M, CAUSAL)  # fmt: skip
+        bh = bh0 + row
         k_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], _TILE_LAYOUT)
         v_smem = gl.allocate_shared_memory(dtype, [2, KEYS, D], _TILE_LAYOUT)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], _TILE_LAYOUT)
@@ -663,7 +896,7 @@ if IMPORT_ERROR is None:
                                  n_heads, n_ctx, k0 + KEYS, m_lo, n_tiles, bh, 1, CAUSAL, STAGES, A_REGS)),
                 (_bwd_loader, (desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, stats_smem, q_ready,
                                do_ready, empty, bh, n_heads, m_lo, n_tiles, STAGES)),
-                (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, gl.program_id(1), m_lo // BLOCK_M,
+                (_dq_writer, (desc_dq, dq_smem, dq_full, dq_free, row, m_lo // BLOCK_M,
                               n_tiles)),
             ],
             [4, 1, 1],
@@ -704,7 +937,6 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 def _meta(causal: bool, config: tuple) -> dict:
     stages, consumer_regs, loader_regs, a_regs = config[2:6]
     return dict(
-        **({"CONSUMERS": config[6]} if len(config) > 6 else {}),  # the forward's
         CAUSAL=causal,
         STAGES=stages,
         CONSUMER_REGS=consumer_regs,
@@ -751,7 +983,11 @@ def launch_args(q, k, v, a, o, lse, bias, causal: bool, config: tuple) -> tuple[
                                  gl.NVMMASharedLayout.get_default_for(bias_block, gl.bfloat16))  # fmt: skip
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), desc_bias, a, o, lse,
             *o.stride()[:3], H, N)  # fmt: skip
-    return args, _meta(causal, config), (triton.cdiv(N, config[6] * block_m), B * H)
+    return (
+        args,
+        {**_meta(causal, config), "CONSUMERS": config[6]},
+        (triton.cdiv(N, config[6] * block_m), B * H),
+    )
 
 
 # the one-kernel backward's float32 dQ accumulator holds at most this many bytes (the rows of 1024 programs
@@ -772,11 +1008,14 @@ def _streams(device: torch.device) -> list:
     return [torch.cuda.current_stream(device), *side[: ACC_STREAMS - 1]]
 
 
-def bwd_launch(do, q, k, v, a, b, rows_in, grads, causal: bool, config: tuple, bh0: int = 0) -> tuple:
-    """(kernel, args, constexprs, grid) of one launch of _attn_bwd over the (batch, head) rows bh0.. that grads'
+def bwd_launch(
+    do, q, k, v, a, b, rows_in, grads, causal: bool, config: tuple, bh0: int = 0, counter=None
+) -> tuple:
+    """(kernel, args, constexprs, grid) of one launch of _attn_bwd (or, where config says so, of the persistent
+    _attn_bwd_p, with counter, an int32 zero 16-byte aligned) over the (batch, head) rows bh0.. that grads'
     first, a zeroed float32 (1, rows, fragment_rows(N, D), 256) dQ accumulator, holds (_dq_from_fragments
     makes it their dq). bh0 is the last of args, so that a launch over other rows of the same accumulator
-    changes it and the grid's rows only.
+    changes it and the grid's rows only (rows_launch).
     rows_in: (lse, delta, kn2) as backward prepares them: each (batch, head) row's base-2 log-sum-exp and
     delta, float32 (B * H, 1, row length) with rows 16-byte aligned (row length N or padded_len(N)), and its
     key norms (B, H, N); grads: that accumulator, dk, dv (contiguous (B, H, N, D)) and the per-key da, db rows
@@ -791,7 +1030,25 @@ def bwd_launch(do, q, k, v, a, b, rows_in, grads, causal: bool, config: tuple, b
     args = (_descriptor(q, rows), _descriptor(k, keys), _descriptor(v, keys), _descriptor(do, rows), dq_desc,
             _rows_descriptor(lse, N, rows), _rows_descriptor(delta, N, rows), a, b, kn2, dk, dv, da_rows,
             db_rows, H, N, bh0)  # fmt: skip
-    return _attn_bwd, args, _meta(causal, config), (triton.cdiv(N, 2 * keys), acc.shape[1])
+    grid = (triton.cdiv(N, 2 * keys), acc.shape[1])  # _attn_bwd's; rows_launch makes the persistent one's
+    if not persistent(config):
+        return _attn_bwd, args, _meta(causal, config), grid
+    n_items = grid[0] * grid[1]
+    return _attn_bwd_p, (*args[:-3], counter, H, N, grid[0], n_items, bh0), _meta(causal, config), grid
+
+
+def rows_launch(args: tuple, grid: tuple, config: tuple, n: int, bh0: int, counter, programs: int) -> tuple:
+    """(grid, args) of a launch over the n (batch, head) rows bh0.., from bwd_launch's args and grid: the
+    persistent kernel's at most `programs` programs (one per multiprocessor) with its own counter."""
+    if not persistent(config):
+        return (grid[0], n), (*args[:-1], bh0)
+    n_items = grid[0] * n
+    return (min(n_items, programs), 1), (*args[:-6], counter, *args[-5:-2], n_items, bh0)
+
+
+def persistent(config: tuple) -> bool:
+    """Whether a backward config runs the persistent kernel (its seventh element; False where absent)."""
+    return len(config) > 6 and bool(config[6])
 
 
 def padded_len(n: int) -> int:
@@ -879,8 +1136,8 @@ def _compiled(kernel, args: tuple, meta: dict, grid: tuple):
 
 def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = None) -> tuple:
     """(dq, dk, dv, da, db) of triton_attn_tma's forward (or forward above) with output o and base-2 lse, by
-    _attn_bwd (config: one of CONFIGS["bwd"][D], default the first), over as many (batch, head) rows at a
-    time as ACC_BYTES allows."""
+    _attn_bwd or the persistent _attn_bwd_p (config: one of CONFIGS["bwd"][D], default the first), over as
+    many (batch, head) rows at a time as ACC_BYTES allows."""
     B, H, N, D = q.shape
     kn2 = base._alloc((B, H, N), torch.float32, q.device)
     # the per-key da and db rows in one buffer, so that one reduction sums both over the keys first (a
@@ -905,7 +1162,15 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     # N 4096 the host time of the launches bounds the backward's rate. Every launch specialises as the
     # first: its accumulator and dq rows start 16-byte aligned like theirs, and bh0 is not specialised.
     grads = [(acc[lane : lane + 1], dk, dv, da_rows, db_rows) for lane in range(len(streams))]
-    launches = [bwd_launch(do, q, k, v, a, b, (lse, delta, kn2), g, causal, config) for g in grads]
+    # the persistent kernel's work counters, one per launch, 16 bytes apart (as the first one is aligned),
+    # and its programs
+    counters, programs = None, 1
+    if persistent(config):
+        counters = torch.zeros(4 * triton.cdiv(B * H, step), dtype=torch.int32, device=q.device)
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    launches = [
+        bwd_launch(do, q, k, v, a, b, (lse, delta, kn2), g, causal, config, 0, counters) for g in grads
+    ]
     run_bwd = _compiled(*launches[0])
     to_dq = (acc[0], dq_rows[:step], N)
     run_to_dq = _compiled(_dq_from_fragments, to_dq, {"HEAD_DIM": D}, (triton.cdiv(N, 64), step))
@@ -916,7 +1181,8 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
         lane = i % len(streams)
         n = min(step, B * H - bh0)
         _, args, _, grid = launches[lane]
-        run_bwd((grid[0], n), (*args[:-1], bh0), handles[lane])
+        counter = None if counters is None else counters[4 * i :]
+        run_bwd(*rows_launch(args, grid, config, n, bh0, counter, programs), handles[lane])
         run_to_dq((triton.cdiv(N, 64), n), (acc[lane, :n], dq_rows[bh0 : bh0 + n], N), handles[lane])
     for stream in streams[1:]:
         streams[0].wait_stream(stream)

@@ -389,10 +389,16 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
         launches.append((gluon_attn._attn_fwd, args, meta, meta["CONSUMERS"], meta["CONSUMERS"] * 6))
     acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)
     rows_in = (rows[0].view(2, 1, 1024), torch.empty(2, 1, gluon_attn.padded_len(1024)), rows[2])
-    kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, rows_in, (acc, k, v, *rows[3:]), True,
-                                                  gluon_attn.CONFIGS["bwd"][head_dim][0])  # fmt: skip
-    launches.append((kernel, args, meta, 2, 12))
-    assert [kernel.__name__ for kernel, *_ in launches] == ["_attn_fwd", "_attn_bwd"]
+    # the first backward config and the first of the other kernel (persistent or not) where there is one
+    configs = gluon_attn.CONFIGS["bwd"][head_dim]
+    others = [c for c in configs if gluon_attn.persistent(c) != gluon_attn.persistent(configs[0])]
+    for config in configs[:1] + others[:1]:
+        counter = torch.zeros(4, dtype=torch.int32)
+        kernel, args, meta, _ = gluon_attn.bwd_launch(do, q, k, v, *ab, rows_in, (acc, k, v, *rows[3:]), True,
+                                                      config, 0, counter)  # fmt: skip
+        launches.append((kernel, args, meta, 2, 12))
+    backward_kernels = ["_attn_bwd_p", "_attn_bwd"] if head_dim == 64 else ["_attn_bwd"]
+    assert [kernel.__name__ for kernel, *_ in launches] == ["_attn_fwd", *backward_kernels]
     for kernel, args, meta, consumers, wgmmas in launches:
         with sm90_compile.sm90_target():
             compiled = kernel.warmup(*args, **meta, grid=(1,))
@@ -401,7 +407,7 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
         ttgir = compiled.asm["ttgir"]
         assert ttgir.count("warp_group_dot ") == wgmmas and ttgir.count("isAsync = true") >= wgmmas
         spills = sm90_compile._resources(compiled.asm["cubin"])[1]
-        if kernel is gluon_attn._attn_bwd:
+        if kernel in (gluon_attn._attn_bwd, gluon_attn._attn_bwd_p):
             assert "cp.reduce.async.bulk.tensor" in compiled.asm["ptx"]
             # D 128 holds 128 registers of dK and dV alone; with the log-sum-exp and delta read from shared
             # memory and a tile's dQ half held until the next tile's S^T and dP^T are issued it spills 104-136
@@ -417,10 +423,12 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
 
 
 @pytest.mark.skipif(INTERPRETED, reason="no kernel runs here")
-def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch, persistent):
     # the host side of the backward on CPU, its kernel replaced: each launch gets its accumulator rows zeroed,
     # covers as many (batch, head) rows as ACC_BYTES allows (the last launch the rest), and its rows land in
-    # theirs of dq
+    # theirs of dq; the persistent kernel's launches each get a zeroed counter of their own and the work
+    # items of their rows
     from kernels import gluon_attn
 
     if gluon_attn.IMPORT_ERROR:
@@ -435,14 +443,29 @@ def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch):
 
     seen = []
 
-    def fill(grid, acc, bh0):  # the grid's rows of the accumulator: row r holds bh0 + r everywhere
-        rows = acc[:, : grid[1]]
-        assert acc.dtype == torch.float32 and not rows.any()
-        seen.append((bh0, grid[1]))
-        rows.copy_(torch.arange(bh0, bh0 + grid[1], dtype=torch.float32).view(1, -1, 1, 1).expand_as(rows))
+    counters = []
 
-    def launch(do, q, k, v, a, b, rows_in, grads, causal, config, bh0=0):
-        return Launch(fill), (grads[0], bh0), {}, (8, grads[0].shape[1])
+    def fill(grid, acc, *rest):  # the launch's rows of the accumulator: row r holds bh0 + r everywhere
+        if persistent:  # the tail of _attn_bwd_p's arguments
+            counter, n_heads, n_ctx, n_blocks, n_items, bh0 = rest
+            assert (n_heads, n_ctx, n_blocks) == (5, 1000, 8) and n_items % n_blocks == 0
+            n = n_items // n_blocks
+            assert grid == (1, 1)  # one program a multiprocessor, and CPU tensors count one
+            assert counter.dtype == torch.int32 and counter[0] == 0 and counter.data_ptr() % 16 == 0
+            counters.append(counter.data_ptr())
+        else:
+            (bh0,) = rest
+            n = grid[1]
+        rows = acc[:, :n]
+        assert acc.dtype == torch.float32 and not rows.any()
+        seen.append((bh0, n))
+        rows.copy_(torch.arange(bh0, bh0 + n, dtype=torch.float32).view(1, -1, 1, 1).expand_as(rows))
+
+    def launch(do, q, k, v, a, b, rows_in, grads, causal, config, bh0, counter):
+        grid = (8, grads[0].shape[1])
+        if gluon_attn.persistent(config):
+            return Launch(fill), (grads[0], counter, 5, 1000, 8, 8 * grid[1], bh0), {}, grid
+        return Launch(fill), (grads[0], bh0), {}, grid
 
     def convert(grid, acc, dq, n_ctx):  # _dq_from_fragments in torch
         dq.copy_(from_fragments(acc, n_ctx, dq.shape[-1]))
@@ -459,8 +482,11 @@ def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch):
     monkeypatch.setattr(gluon_attn, "ACC_BYTES", 4 * gluon_attn.fragment_rows(1000, 64) * 256 * 4)
     B, H, N, D = 2, 5, 1000, 64
     q, k, v, o, do = (torch.randn(B, H, N, D).to(torch.bfloat16) for _ in range(5))
-    dq = gluon_attn.backward(do, q, k, v, torch.ones(H), torch.zeros(H), o, torch.zeros(B, H, N), True)[0]
+    config = next(c for c in gluon_attn.CONFIGS["bwd"][D] if gluon_attn.persistent(c) == persistent)
+    ones, zeros = torch.ones(H), torch.zeros(H)
+    dq = gluon_attn.backward(do, q, k, v, ones, zeros, o, torch.zeros(B, H, N), True, config)[0]
     assert seen == [(0, 4), (4, 4), (8, 2)]
+    assert len(set(counters)) == (3 if persistent else 0)
     assert dq.dtype == torch.bfloat16
     assert torch.equal(dq.view(B * H, N, D), torch.arange(B * H).view(-1, 1, 1).expand(-1, N, D).to(dq.dtype))
 
