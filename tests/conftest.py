@@ -1,5 +1,5 @@
 """Shared test set-up: `gpu` tests are skipped where CUDA is absent, the interpreted Triton runs start as
-soon as collection ends (tests/interpreted.py), each gpu test's garbage is collected when it ends, each
+soon as collection ends (tests/beside.py), each gpu test's garbage is collected when it ends, each
 module leaves the process's environment and thread count as it found them, and one end-to-end study and
 one MLflow server serve the modules that use them."""
 
@@ -13,6 +13,9 @@ import torch
 
 
 def pytest_collection_modifyitems(config, items):
+    import beside
+
+    beside.skip_own_session_tests(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -22,19 +25,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    """Start the interpreted Triton runs whose launcher tests were collected (tests/interpreted.py)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    import interpreted
+    """Start the runs beside the session whose launcher tests were collected (tests/beside.py): each
+    interpreted module's, and one over every own-session module."""
+    import beside
 
+    if beside.inside() or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    modules: dict[str, list] = {}
     for item in session.items:
-        if item.name.endswith(interpreted.LAUNCHER_SUFFIX):
-            interpreted.start(item.path)
+        kind = beside.kind_of(item.name)
+        if kind == "interpreted":
+            beside.start([item.path], kind)
+        elif kind is not None and item.path not in modules.setdefault(kind, []):
+            modules[kind].append(item.path)
+    for kind, paths in modules.items():
+        beside.start(paths, kind)
 
 
 def pytest_sessionfinish(session):
-    if "interpreted" in sys.modules:
-        sys.modules["interpreted"].stop_all()
+    if "beside" in sys.modules:
+        sys.modules["beside"].stop_all()
 
 
 @pytest.fixture(autouse=True)

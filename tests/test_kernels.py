@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-import interpreted
+import beside
 import pytest
 import torch
 
@@ -215,7 +215,7 @@ def test_gluon_key_bias_prepass_interpreted(poisoned):
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the launcher of the interpreted run")
 def test_triton_kernels_under_the_interpreter():
-    run = interpreted.result(Path(__file__))  # started when collection ended (tests/interpreted.py)
+    run = beside.result(Path(__file__), "interpreted")  # started when collection ended (tests/beside.py)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-import interpreted
+import beside
 import pytest
 import torch
 from torch.nn import functional as F
@@ -438,7 +438,7 @@ def test_tiled_loss_names_a_bad_shape():
 
 
 def test_fused_loss_under_the_interpreter():
-    run = interpreted.result(Path(__file__))  # started when collection ended (tests/interpreted.py)
+    run = beside.result(Path(__file__), "interpreted")  # started when collection ended (tests/beside.py)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "46 passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
 

@@ -22,10 +22,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import beside
 import pytest
 from services import ablate_command, stop
 
 pytestmark = pytest.mark.slow
+
+
+OWN_SESSION = True  # its tests run in a session of their own, beside the rest (tests/beside.py)
+
+
+@pytest.mark.skipif(beside.in_own_session(), reason="this is the launcher of the own-session run")
+def test_multinode_in_a_session_of_its_own():
+    beside.check_own_session(Path(__file__))
+
 
 STUDY = """\
 name: two_nodes
