@@ -38,7 +38,9 @@ class Kind:
 
 KINDS = {
     "interpreted": Kind("_under_the_interpreter", {"TRITON_INTERPRET": "1"}, ("-k", "interpreted")),
-    "own session": Kind("_in_a_session_of_its_own", {"ABLATE_OWN_SESSION": "1"}, ()),
+    # -rfEps: a summary line per passed, failed or erring test and per skip, so that each module's launcher
+    # can tell its own tests' outcome
+    "own session": Kind("_in_a_session_of_its_own", {"ABLATE_OWN_SESSION": "1"}, ("-rfEps",)),
 }
 
 
@@ -52,9 +54,10 @@ class Run:
 _runs: dict[Path, Run] = {}  # each module's run (modules of one own-session run share it)
 
 
-def inside() -> bool:
-    """Whether this session is one of these runs."""
-    return any(os.environ.get(name) == "1" for kind in KINDS.values() for name in kind.env)
+def inside(kind: str | None = None) -> bool:
+    """Whether this session is a run of that kind (of any kind where None)."""
+    kinds = KINDS.values() if kind is None else [KINDS[kind]]
+    return any(all(os.environ.get(name) == value for name, value in spec.env.items()) for spec in kinds)
 
 
 def kind_of(test_name: str) -> str | None:
@@ -62,17 +65,12 @@ def kind_of(test_name: str) -> str | None:
     return next((kind for kind, spec in KINDS.items() if test_name.endswith(spec.suffix)), None)
 
 
-def in_own_session() -> bool:
-    """Whether this session is the own-session run."""
-    return os.environ.get("ABLATE_OWN_SESSION") == "1"
-
-
 def skip_own_session_tests(items) -> None:
     """Outside the own-session run, skip the tests of the modules that run there (OWN_SESSION = True at
     their top), all but their launchers."""
     import pytest
 
-    if in_own_session():
+    if inside("own session"):
         return
     skip = pytest.mark.skip(reason="runs in a session of its own beside this one (tests/beside.py); "
                             "ABLATE_OWN_SESSION=1 runs it here")  # fmt: skip
@@ -85,15 +83,20 @@ def skip_own_session_tests(items) -> None:
 
 
 def check_own_session(module: Path) -> None:
-    """The own-session run that holds `module` ended well: every test passed or skipped, and some passed
-    (all skipped, e.g. without PostgreSQL's binaries, skips the launcher with the run's summary)."""
+    """The own-session run that holds `module` ended well (every test there passed or skipped) and some of
+    `module`'s own tests passed; where none did (all skipped, e.g. without PostgreSQL's binaries), the
+    launcher skips with their skip lines."""
     import pytest
 
+    module = Path(module).resolve()
     run = result(module, "own session")
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
-    summary = run.stdout.strip().splitlines()[-1]
-    if " passed" not in summary:
-        pytest.skip(f"its run: {summary}")
+    own = f"{module.parent.name}/{module.name}"
+    lines = run.stdout.splitlines()
+    if not any(line.startswith(f"PASSED {own}::") for line in lines):
+        skips = [line for line in lines if line.startswith("SKIPPED") and own in line]
+        assert skips, f"no test of {own} passed or skipped in its run:\n" + run.stdout[-8000:]
+        pytest.skip(f"its tests skipped there: {skips}")
 
 
 def start(modules: list[Path], kind: str) -> None:

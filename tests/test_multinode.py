@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 OWN_SESSION = True  # its tests run in a session of their own, beside the rest (tests/beside.py)
 
 
-@pytest.mark.skipif(beside.in_own_session(), reason="this is the launcher of the own-session run")
+@pytest.mark.skipif(beside.inside("own session"), reason="this is the launcher of the own-session run")
 def test_multinode_in_a_session_of_its_own():
     beside.check_own_session(Path(__file__))
 
