@@ -206,11 +206,13 @@ if IMPORT_ERROR is None:
 
     @gluon.jit
     def _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-        # -inf past N and, causal, above the diagonal (only in the tiles that reach either)
+        # -inf past N and, causal, above the diagonal (only in the tiles that reach either). A forward
+        # program's rows end at row N - 1 (_attn_fwd), so that causal, the keys up to a row are below N
         if start_n + BLOCK_N > mask_from:
-            keep = gl.expand_dims(cols, 0) < n_ctx
             if CAUSAL:
-                keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1))
+                keep = gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1)
+            else:
+                keep = gl.expand_dims(cols, 0) < n_ctx
             s = gl.where(keep, s, float("-inf"))
         return s
 
@@ -232,8 +234,11 @@ if IMPORT_ERROR is None:
 
     @gluon.jit
     def _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, my_turn, other_turn,
-                   scale, rows, mask_from, n_ctx, n_tiles, CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-        # a forward consumer's loop over its key tiles -> (acc, row max, row sum)
+                   scale, rows, mask_from, n_ctx, n_tiles, my_tiles, CAUSAL: gl.constexpr,
+                   STAGES: gl.constexpr):  # fmt: skip
+        # a forward consumer's loop over the program's n_tiles key tiles -> (acc, row max, row sum): the first
+        # my_tiles (1 <= my_tiles <= n_tiles) computed, the rest (causal keys past the consumer's last row)
+        # only taken in turn and released
         W: gl.constexpr = gl.num_warps()
         BLOCK_M: gl.constexpr = rows.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -262,7 +267,7 @@ if IMPORT_ERROR is None:
         # turn j: q.k of tile j (with its key bias) and P.V of tile j - 1 issued and the turn passed on; tile
         # j's k stage released once its scores are in, its softmax while P.V runs, then tile j - 1's v stage
         # released and the output rescaled
-        for j in range(1, n_tiles):
+        for j in range(1, my_tiles):
             stage = j % STAGES
             prev = (j - 1) % STAGES
             mbarrier.wait(my_turn, j & 1)
@@ -280,13 +285,23 @@ if IMPORT_ERROR is None:
             acc = warpgroup_mma_wait(0, deps=(acc_tok,))
             mbarrier.arrive(v_empty.index(prev))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(my_turn, n_tiles & 1)
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        last = (my_tiles - 1) % STAGES
+        mbarrier.wait(my_turn, my_tiles & 1)
+        mbarrier.wait(v_ready.index(last), ((my_tiles - 1) // STAGES) & 1)
         acc_tok = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
         mbarrier.arrive(other_turn)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
         mbarrier.arrive(v_empty.index(last))
+        # tiles whose keys all lie past this consumer's rows: every consumer takes as many turns, and
+        # releases every stage once it has arrived (so that each release counts for its own tile)
+        for j in range(my_tiles, n_tiles):
+            stage = j % STAGES
+            mbarrier.wait(my_turn, (j + 1) & 1)
+            mbarrier.arrive(other_turn)
+            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+            mbarrier.arrive(k_empty.index(stage))
+            mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
+            mbarrier.arrive(v_empty.index(stage))
         return acc, m_i, l_i
 
     @gluon.jit
@@ -319,8 +334,11 @@ if IMPORT_ERROR is None:
         scale = gl.where(a == 0, 1.0, gl.abs(a)) * _LOG2E
         if CAUSAL:
             mask_from = q_start
+            # the key tiles up to this consumer's last row (at least one: rows below 0 have none)
+            my_tiles = gl.maximum(gl.minimum((q_start + BLOCK_M + BLOCK_N - 1) // BLOCK_N, n_tiles), 1)
         else:
             mask_from = n_ctx
+            my_tiles = n_tiles
         mbarrier.expect(q_bar, desc_q.block_type.nbytes)
         _load_tile(desc_q, bh, n_heads, q_start, q_bar, q_smem)
         rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
@@ -335,7 +353,8 @@ if IMPORT_ERROR is None:
             _warp_group_barrier()
         q_a = _a_operand(q_smem, s_layout, A_REGS)
         acc, m_i, l_i = _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, my_turn,
-                                   other_turn, scale, rows, mask_from, n_ctx, n_tiles, CAUSAL, STAGES)  # fmt: skip
+                                   other_turn, scale, rows, mask_from, n_ctx, n_tiles, my_tiles, CAUSAL,
+                                   STAGES)  # fmt: skip
         acc = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
         # rows below 0 (the program of the first rows: _attn_fwd) and past N are not stored
         gl.store(LSE + bh.to(gl.int64) * n_ctx + rows, m_i + gl.log2(l_i), mask=(rows >= 0) & (rows < n_ctx))
