@@ -25,7 +25,8 @@ dot-product attention's (README, "The key bias in the score matmul"). Heads with
 (zero) their q tile in shared memory once, so that one loop serves every head (README, "One forward loop
 for every sign of a"). At D 64 three consumers (192 query rows a program, as FlashAttention-3's
 hdim-64 tiles) hide more of each one's element-wise work behind the others' matmuls than two did (README,
-"Three forward consumers at D 64").
+"Three forward consumers at D 64"). Causal, a consumer computes the key tiles up to its own last row and
+only takes its turns in the program's later ones (README, "Forward consumers stop at their own rows").
 
 The backward is one kernel: each consumer owns 64 keys, the loader brings q and dO tiles (and with each q tile
 its rows' log-sum-exp, read in place from the forward's, and delta, which triton_attn._bwd_preprocess writes
@@ -51,13 +52,11 @@ Status: on sm90 (bf16, fp16) the backend runs the Gluon forward from N 4096 at D
 (FWD_MIN_LEN), triton_attn_tma's forward below, where that one is faster, and the one-kernel backward at
 both; the backward launches its compiled kernels directly (_compiled), since through the JIT their host
 time bounded it at N 4096. An H200 measured its forward+backward (rbf and penalty, the same kernels) at
-0.99-1.03x SDPA-cuDNN's time at N 16384, 1.00-1.09x at N 4096, D 128 and 1.03-1.08x at N 4096, D 64
-(triton-tma: 1.28-1.43x; two runs of medians of three rounds, README, "The eight rows again, with
-repeats" and "The eight rows a second time"); short of parity mostly at N 4096, in the forward
-(1.10-1.17x cuDNN's, the prepass about 3.5 points of that) and in the backward kernel, whose programs'
-start and end weigh most there (README, "Where N 4096, D 64's time goes", "Three forward consumers at
-D 64", "dQ in fragment order", "The forward's k and v released apart", "The backward's launches past the
-JIT" and "The key bias in the score matmul").
+0.97-1.00x SDPA-cuDNN's time at N 16384, D 64, 1.00-1.02x at N 16384, D 128 and 1.00-1.05x at N 4096
+(triton-tma: 1.28-1.43x; two runs of medians of three rounds, README, "The eight rows a third time").
+Short of parity at N 4096, in the forward: its work per key tile costs cuDNN's or less, but its cost per
+block of query rows is 0.17-0.38 ms above cuDNN's there, the prepass an eighth to two fifths of that
+(README, "What the forward's remaining gap is made of", "Where N 4096, D 64's time goes").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
