@@ -205,8 +205,8 @@ if IMPORT_ERROR is None:
 
     @gluon.jit
     def _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-        # -inf past N and, causal, above the diagonal (only in the tiles that reach either). A forward
-        # program's rows end at row N - 1 (_attn_fwd), so that causal, the keys up to a row are below N
+        # -inf above the diagonal (causal) or past N (not causal), only in the tiles that reach it. A forward
+        # program's rows end at row N - 1 (_attn_fwd), so the diagonal's keys are all below N
         if start_n + BLOCK_N > mask_from:
             if CAUSAL:
                 keep = gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1)
