@@ -95,16 +95,17 @@ from kernels import triton_attn_tma
 LOG2E = 1.4426950408889634  # scores live in base 2
 
 # per kernel and head dim, as benchmarked; the first is the default. fwd: (query rows per consumer, key tile,
-# STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS, CONSUMERS); bwd: (query tile, keys per consumer, STAGES, ...,
-# A_REGS[, persistent]), two consumers; persistent (_attn_bwd_p) only at D 64, where two slots of key tiles
-# fit in shared memory (166 of 227 KB; README, "A persistent backward at D 64"). The backend takes the head
-# dims of "bwd". Three forward consumers fit only at D 64:
-# with the loader's warp group they share 512 registers a thread, 160 each (no spills with Triton 3.6, 104
-# bytes a thread with 3.9; README, "Three forward consumers at D 64", "One forward loop for every sign of a")
+# STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS, CONSUMERS, persistent); bwd: (query tile, keys per consumer,
+# STAGES, ..., A_REGS[, persistent]), two consumers; the backward persistent (_attn_bwd_p) only at D 64, where
+# two slots of key tiles fit in shared memory (166 of 227 KB; README, "A persistent backward at D 64"), the
+# forward (_attn_fwd_p) only at D 128, where it measured faster (README, "A persistent forward at D 128").
+# The backend takes the head dims of "bwd". Three forward consumers fit only at D 64: with the loader's warp
+# group they share 512 registers a thread, 160 each (no spills with Triton 3.6, 104-120 bytes a thread with
+# 3.9; README, "Three forward consumers at D 64", "One forward loop for every sign of a")
 CONFIGS = {
     "fwd": {
-        64: [(64, 128, 2, 160, 24, False, 3), (64, 128, 2, 232, 24, False, 2)],
-        128: [(64, 128, 2, 240, 24, False, 2)],
+        64: [(64, 128, 2, 160, 24, False, 3, False), (64, 128, 2, 232, 24, False, 2, False)],
+        128: [(64, 128, 2, 240, 24, False, 2, True), (64, 128, 2, 240, 24, False, 2, False)],
     },
     "bwd": {
         64: [(64, 64, 3, 240, 24, False, True), (64, 64, 3, 240, 24, False), (64, 64, 4, 240, 24, False),
@@ -233,11 +234,11 @@ if IMPORT_ERROR is None:
 
     @gluon.jit
     def _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, my_turn, other_turn,
-                   scale, rows, mask_from, n_ctx, n_tiles, my_tiles, CAUSAL: gl.constexpr,
+                   scale, rows, mask_from, n_ctx, my_tiles, t0, g0, CAUSAL: gl.constexpr,
                    STAGES: gl.constexpr):  # fmt: skip
-        # a forward consumer's loop over the program's n_tiles key tiles -> (acc, row max, row sum): the first
-        # my_tiles (1 <= my_tiles <= n_tiles) computed, the rest (causal keys past the consumer's last row)
-        # only taken in turn and released
+        # a forward consumer's first my_tiles key tiles of a work item -> (acc, row max, row sum), in turns
+        # t0..t0 + my_tiles of the consumer's (a program's count of them so far: the parity of a turn's
+        # barrier phase) over the program's key tiles g0.. (their ring stage and phase)
         W: gl.constexpr = gl.num_warps()
         BLOCK_M: gl.constexpr = rows.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -254,27 +255,30 @@ if IMPORT_ERROR is None:
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows_s)
         l_i = gl.zeros([BLOCK_M], gl.float32, rows_s)
         # turn 0: tile 0's scores, then its P (nothing to rescale yet)
-        mbarrier.wait(my_turn, 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q_a, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma(ones, bias_smem.index(0).permute((1, 0)), s, is_async=True)
+        mbarrier.wait(my_turn, t0 & 1)
+        mbarrier.wait(k_ready.index(g0 % STAGES), (g0 // STAGES) & 1)
+        s = warpgroup_mma(
+            q_a, k_smem.index(g0 % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True
+        )
+        s = warpgroup_mma(ones, bias_smem.index(g0 % STAGES).permute((1, 0)), s, is_async=True)
         mbarrier.arrive(other_turn)
         s = warpgroup_mma_wait(0, deps=(s,))
-        mbarrier.arrive(k_empty.index(0))
+        mbarrier.arrive(k_empty.index(g0 % STAGES))
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, rows, offs_n, scale, mask_from, n_ctx, CAUSAL, BLOCK_N,
                                            p_layout, dtype)  # fmt: skip
         # turn j: q.k of tile j (with its key bias) and P.V of tile j - 1 issued and the turn passed on; tile
         # j's k stage released once its scores are in, its softmax while P.V runs, then tile j - 1's v stage
         # released and the output rescaled
         for j in range(1, my_tiles):
-            stage = j % STAGES
-            prev = (j - 1) % STAGES
-            mbarrier.wait(my_turn, j & 1)
-            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+            g = g0 + j
+            stage = g % STAGES
+            prev = (g - 1) % STAGES
+            mbarrier.wait(my_turn, (t0 + j) & 1)
+            mbarrier.wait(k_ready.index(stage), (g // STAGES) & 1)
             s_tok = warpgroup_mma(q_a, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)  # fmt: skip
             s_tok = warpgroup_mma(ones, bias_smem.index(stage).permute((1, 0)), s_tok, is_async=True)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
             mbarrier.arrive(other_turn)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
@@ -284,95 +288,127 @@ if IMPORT_ERROR is None:
             acc = warpgroup_mma_wait(0, deps=(acc_tok,))
             mbarrier.arrive(v_empty.index(prev))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-        last = (my_tiles - 1) % STAGES
-        mbarrier.wait(my_turn, my_tiles & 1)
-        mbarrier.wait(v_ready.index(last), ((my_tiles - 1) // STAGES) & 1)
-        acc_tok = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+        last = g0 + my_tiles - 1
+        mbarrier.wait(my_turn, (t0 + my_tiles) & 1)
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        acc_tok = warpgroup_mma(p, v_smem.index(last % STAGES), acc, is_async=True)
         mbarrier.arrive(other_turn)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-        mbarrier.arrive(v_empty.index(last))
-        # tiles whose keys all lie past this consumer's rows: every consumer takes as many turns, and
-        # releases every stage once it has arrived (so that each release counts for its own tile)
-        for j in range(my_tiles, n_tiles):
-            stage = j % STAGES
-            mbarrier.wait(my_turn, (j + 1) & 1)
-            mbarrier.arrive(other_turn)
-            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-            mbarrier.arrive(k_empty.index(stage))
-            mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
-            mbarrier.arrive(v_empty.index(stage))
+        mbarrier.arrive(v_empty.index(last % STAGES))
         return acc, m_i, l_i
 
     @gluon.jit
+    def _pass_turns(k_ready, v_ready, k_empty, v_empty, my_turn, other_turn, my_tiles, n_tiles, t0, g0,
+                    STAGES: gl.constexpr):  # fmt: skip
+        # a forward consumer's turns over the item's key tiles my_tiles.. whose keys all lie past its rows:
+        # every consumer takes n_tiles + 1 turns an item and releases every stage once it has arrived (so that
+        # each release counts for its own tile)
+        for j in range(my_tiles, n_tiles):
+            g = g0 + j
+            mbarrier.wait(my_turn, (t0 + j + 1) & 1)
+            mbarrier.arrive(other_turn)
+            mbarrier.wait(k_ready.index(g % STAGES), (g // STAGES) & 1)
+            mbarrier.arrive(k_empty.index(g % STAGES))
+            mbarrier.wait(v_ready.index(g % STAGES), (g // STAGES) & 1)
+            mbarrier.arrive(v_empty.index(g % STAGES))
+
+    @gluon.jit
+    def _fwd_work(item, n_blocks, n_ctx, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        # forward work item -> (its (batch, head) row, first query row, key tiles): ROWS query rows counted
+        # back from row N (block item % n_blocks: the longest causal rows first), so that the rows below 0
+        # where N is not a multiple (read as zeros by TMA, never stored) fall in the block of the first rows,
+        # the one with the fewest causal keys
+        q0 = n_ctx - (item % n_blocks + 1) * ROWS
+        if CAUSAL:  # every consumer takes the turns of the last one's tiles
+            hi = q0 + ROWS
+        else:
+            hi = n_ctx
+        return item // n_blocks, q0, (hi + BLOCK_N - 1) // BLOCK_N
+
+    @gluon.jit
+    def _consumer_rows(
+        q_start, n_tiles, n_ctx, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr
+    ):
+        # a forward consumer's rows from q_start -> (the first key the causal mask applies to, the key tiles
+        # it computes: causal, those up to its last row, at least one, as rows below 0 have none)
+        if CAUSAL:
+            return q_start, gl.maximum(gl.minimum((q_start + BLOCK_M + BLOCK_N - 1) // BLOCK_N, n_tiles), 1)
+        else:
+            return n_ctx, n_tiles
+
+    @gluon.jit
+    def _signed_q(q_smem, a, s_layout: gl.constexpr):
+        # the scores' sign(a) q.k: a consumer's q tile negated (a < 0) or zeroed (a = 0) in place, once, so that
+        # one copy of the loop serves every head; every warp's stores made visible to wgmma before any reads
+        if a <= 0:
+            q = q_smem.load(_operand_layout(s_layout))
+            q_smem.store((q * gl.where(a < 0, -1.0, 0.0)).to(q_smem.dtype))
+            fence_async_shared()
+            _warp_group_barrier()
+
+    @gluon.jit
+    def _store_rows(acc, m_i, l_i, O, LSE, sob, soh, son, bh, n_heads, n_ctx, q_start):
+        # a forward consumer's 64 rows from q_start of (batch, head) row bh: o = acc / l and the base-2
+        # log-sum-exp; rows below 0 (the block of the first rows: _fwd_work) and past N are not stored
+        BLOCK_M: gl.constexpr = acc.shape[0]
+        D: gl.constexpr = acc.shape[1]
+        o_layout: gl.constexpr = acc.type.layout
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        acc = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
+        rows = q_start + gl.arange(0, BLOCK_M, layout=l_i.type.layout)
+        gl.store(LSE + bh.to(gl.int64) * n_ctx + rows, m_i + gl.log2(l_i), mask=(rows >= 0) & (rows < n_ctx))
+        rows_out = q_start + gl.arange(0, BLOCK_M, layout=rows_o)
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        o_ptrs = (O + (bh // n_heads).to(gl.int64) * sob + (bh % n_heads) * soh + gl.expand_dims(rows_out, 1) * son
+                  + gl.expand_dims(offs_d, 0))  # fmt: skip
+        gl.store(
+            o_ptrs, acc.to(O.dtype.element_ty), mask=gl.expand_dims((rows_out >= 0) & (rows_out < n_ctx), 1)
+        )
+
+    @gluon.jit
     def _consumer(program, C: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr):
-        # consumer C of the program's q_all.shape[0], one warp group: the 64 query rows from q0 + 64 C (its
-        # tile q_all[C]), over the key tiles the loader brings (k_smem, v_smem and per stage their bias tile,
-        # bias_smem, which `ones` adds to the scores); its turn at the tensor cores comes from the consumer
-        # before it, and it passes the turn to the next (a ring: turns[C]). program: what _attn_fwd hands
-        # every consumer
+        # consumer C of a forward program (_attn_fwd), one warp group: the 64 query rows from q0 + 64 C (its
+        # tile q_all[C], which it loads itself), over the key tiles the loader brings (k_smem, v_smem and per
+        # stage their bias tile, bias_smem, which `ones` adds to the scores); its turn at the tensor cores
+        # comes from the consumer before it, and it passes the turn to the next (a ring: turns[C]). program:
+        # what _attn_fwd hands every consumer
         (desc_q, q_all, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, O, LSE, ones,
          bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh) = program  # fmt: skip
         W: gl.constexpr = gl.num_warps()
         CONSUMERS: gl.constexpr = q_all.shape[0]
         BLOCK_M: gl.constexpr = q_all.shape[1]
-        D: gl.constexpr = q_all.shape[2]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_N)
         q_smem = q_all.index(C)
-        q_bar = q_bars.index(C)
         my_turn = turns.index(C)
         other_turn = turns.index((C + 1) % CONSUMERS)
         q_start = q0 + C * BLOCK_M
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_N)
-        o_layout: gl.constexpr = _wgmma_layout(W, D)
-        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        off_b = bh // n_heads
-        off_h = bh % n_heads
-        a = gl.load(A + off_h)
+        a = gl.load(A + bh % n_heads)
         scale = gl.where(a == 0, 1.0, gl.abs(a)) * _LOG2E
-        if CAUSAL:
-            mask_from = q_start
-            # the key tiles up to this consumer's last row (at least one: rows below 0 have none)
-            my_tiles = gl.maximum(gl.minimum((q_start + BLOCK_M + BLOCK_N - 1) // BLOCK_N, n_tiles), 1)
-        else:
-            mask_from = n_ctx
-            my_tiles = n_tiles
-        mbarrier.expect(q_bar, desc_q.block_type.nbytes)
-        _load_tile(desc_q, bh, n_heads, q_start, q_bar, q_smem)
-        rows = q_start + gl.arange(0, BLOCK_M, layout=rows_s)
-        mbarrier.wait(q_bar, 0)
-        if a <= 0:
-            # the scores' sign(a) q.k: the tile negated (a < 0) or zeroed (a = 0) in place, once, so that one
-            # copy of the loop serves every head; every warp's stores made visible to wgmma before any reads
-            q_layout: gl.constexpr = _operand_layout(s_layout)
-            q = q_smem.load(q_layout)
-            q_smem.store((q * gl.where(a < 0, -1.0, 0.0)).to(dtype))
-            fence_async_shared()
-            _warp_group_barrier()
+        mask_from, my_tiles = _consumer_rows(q_start, n_tiles, n_ctx, BLOCK_M, BLOCK_N, CAUSAL)
+        mbarrier.expect(q_bars.index(C), desc_q.block_type.nbytes)
+        _load_tile(desc_q, bh, n_heads, q_start, q_bars.index(C), q_smem)
+        rows = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        mbarrier.wait(q_bars.index(C), 0)
+        _signed_q(q_smem, a, s_layout)
         q_a = _a_operand(q_smem, s_layout, A_REGS)
         acc, m_i, l_i = _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, my_turn,
-                                   other_turn, scale, rows, mask_from, n_ctx, n_tiles, my_tiles, CAUSAL,
+                                   other_turn, scale, rows, mask_from, n_ctx, my_tiles, 0, 0, CAUSAL,
                                    STAGES)  # fmt: skip
-        acc = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
-        # rows below 0 (the program of the first rows: _attn_fwd) and past N are not stored
-        gl.store(LSE + bh.to(gl.int64) * n_ctx + rows, m_i + gl.log2(l_i), mask=(rows >= 0) & (rows < n_ctx))
-        rows_out = q_start + gl.arange(0, BLOCK_M, layout=rows_o)
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        o_ptrs = (O + off_b.to(gl.int64) * sob + off_h * soh + gl.expand_dims(rows_out, 1) * son
-                  + gl.expand_dims(offs_d, 0))  # fmt: skip
-        gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims((rows_out >= 0) & (rows_out < n_ctx), 1))
+        _pass_turns(k_ready, v_ready, k_empty, v_empty, my_turn, other_turn, my_tiles, n_tiles, 0, 0, STAGES)
+        _store_rows(acc, m_i, l_i, O, LSE, sob, soh, son, bh, n_heads, n_ctx, q_start)
 
     @gluon.jit
     def _loader(desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, bh,
-                n_heads, n_tiles, STAGES: gl.constexpr):  # fmt: skip
-        # the forward's loader, one warp: tile t of k (with its bias tile) and of v into stage t % STAGES of
-        # their rings, each once every consumer has released it (the first pass waits on the phase before a
-        # fresh barrier's, which has completed)
+                n_heads, n_tiles, g0, STAGES: gl.constexpr):  # fmt: skip
+        # the forward's loading of n_tiles key tiles of (batch, head) row bh: tile t of k (with its bias tile)
+        # and of v into stage (g0 + t) % STAGES of their rings (g0: the key tiles loaded before), each once
+        # every consumer has released it (the first pass waits on the phase before a fresh barrier's, which
+        # has completed)
         ROWS: gl.constexpr = k_smem.shape[1]
         for t in range(n_tiles):
-            s = t % STAGES
-            phase = ((t // STAGES) & 1) ^ 1
+            s = (g0 + t) % STAGES
+            phase = (((g0 + t) // STAGES) & 1) ^ 1
             mbarrier.wait(k_empty.index(s), phase)
             mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes + desc_bias.block_type.nbytes)
             _load_tile(desc_k, bh, n_heads, t * ROWS, k_ready.index(s), k_smem.index(s))
@@ -384,31 +420,15 @@ if IMPORT_ERROR is None:
             _load_tile(desc_v, bh, n_heads, t * ROWS, v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
-    def _attn_fwd(desc_q, desc_k, desc_v, desc_bias, A, O, LSE, sob, soh, son, n_heads, n_ctx,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
-                  num_warps: gl.constexpr):  # fmt: skip
-        # one program: CONSUMERS * BLOCK_M queries of one (batch, head), counted from the last row, so that
-        # the program with rows below 0 (where N is not a multiple) is the one of the first rows, with the
-        # fewest causal keys; the longest causal rows first. desc_q, desc_k, desc_v: descriptors over (B, H,
-        # N, D) (_descriptor), desc_bias over the bias tiles and KN2 the key norms (_key_bias); LSE (B, H, N)
-        # float32; O (B, H, N, D), strides sob, soh, son
-        BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
-        D: gl.constexpr = desc_q.block_type.shape[3]
-        BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
-        dtype: gl.constexpr = desc_q.dtype
-        bh = gl.program_id(1)
-        q0 = n_ctx - (gl.program_id(0) + 1) * CONSUMERS * BLOCK_M  # TMA reads rows below 0 as zeros
-        if CAUSAL:  # every consumer runs the last one's tiles (the others' extra rows are masked)
-            hi = q0 + CONSUMERS * BLOCK_M
-        else:
-            hi = n_ctx
-        n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
-        q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, D], _TILE_LAYOUT)
+    def _fwd_rings(STAGES: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
+                   BLOCK_N: gl.constexpr, dtype: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        # a forward program's key rings and their barriers: k, v and bias tiles in STAGES stages, the `ones`
+        # A operand that adds a bias tile's first three columns to the scores ((BLOCK_M, 16), ones there),
+        # the consumers' own barriers and turns, and per stage k_ready, v_ready, k_empty, v_empty (released
+        # by every consumer)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], _TILE_LAYOUT)
         bias_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 16], _BIAS_LAYOUT)
-        # the A operand that adds a bias tile's first three columns to the scores: (BLOCK_M, 16), ones there
         ones_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [num_warps, 1], [1, 0])
         bias_cols = gl.arange(0, 16, layout=gl.SliceLayout(0, ones_layout))
         ones = gl.where(gl.expand_dims(bias_cols, 0) < 3, 1.0, 0.0)
@@ -418,15 +438,35 @@ if IMPORT_ERROR is None:
             _BIAS_LAYOUT,
             (ones + gl.zeros([BLOCK_M, 16], gl.float32, ones_layout)).to(gl.bfloat16),
         )
-        q_bars, turns, k_ready, v_ready, k_empty = _barriers(STAGES, CONSUMERS)
+        own, turns, k_ready, v_ready, k_empty = _barriers(STAGES, CONSUMERS)
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(v_empty.index(i), count=CONSUMERS)
         fence_async_shared()
+        return k_smem, v_smem, bias_smem, ones, own, turns, k_ready, v_ready, k_empty, v_empty
+
+    @gluon.jit
+    def _attn_fwd(desc_q, desc_k, desc_v, desc_bias, A, O, LSE, COUNTER, sob, soh, son, n_heads, n_ctx, n_blocks,
+                  n_items, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                  LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
+        # one program per work item (_fwd_work; program (block, (batch, head) row): the longest causal rows
+        # first): CONSUMERS * BLOCK_M queries of one (batch, head). desc_q, desc_k, desc_v: descriptors over (B,
+        # H, N, D) (_descriptor), desc_bias over the bias tiles (_key_bias); LSE (B, H, N) float32; O (B, H, N,
+        # D), strides sob, soh, son. COUNTER and n_items: _attn_fwd_p's, unused
+        BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
+        D: gl.constexpr = desc_q.block_type.shape[3]
+        BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
+        bh, q0, n_tiles = _fwd_work(gl.program_id(1) * n_blocks + gl.program_id(0), n_blocks, n_ctx,
+                                    CONSUMERS * BLOCK_M, BLOCK_N, CAUSAL)  # fmt: skip
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [CONSUMERS, BLOCK_M, D], _TILE_LAYOUT)
+        k_smem, v_smem, bias_smem, ones, q_bars, turns, k_ready, v_ready, k_empty, v_empty = _fwd_rings(
+            STAGES, CONSUMERS, BLOCK_M, D, BLOCK_N, desc_q.dtype, num_warps
+        )
         program = (desc_q, q_smem, q_bars, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, A, O, LSE, ones,
                    bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh)  # fmt: skip
         loads = (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, bh,
-                 n_heads, n_tiles, STAGES)  # fmt: skip
+                 n_heads, n_tiles, 0, STAGES)  # fmt: skip
         if CONSUMERS == 3:
             gl.warp_specialize(
                 [
@@ -444,6 +484,161 @@ if IMPORT_ERROR is None:
                     (_consumer, (program, 0, CAUSAL, STAGES, A_REGS)),
                     (_consumer, (program, 1, CAUSAL, STAGES, A_REGS)),
                     (_loader, loads),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, LOADER_REGS],
+            )
+
+    # ------------------------------------------------------------------------------------------------
+    # the persistent forward (D 128): one program per multiprocessor over the work items, taken one at a
+    # time from an atomic counter by the loader, which writes each item's number into shared memory (two
+    # slots, items) one item ahead, then the item's q tiles (two slots) and key tiles (the rings run on
+    # across items: g0 counts a program's key tiles, t0 a consumer's turns). A consumer reads the next
+    # item's number and head scalar before it stores this item's outputs, so that a program's start (1.3
+    # us between programs on a multiprocessor, H200) and its first loads are paid once (README, "A
+    # persistent forward at D 128")
+
+    @gluon.jit
+    def _put_item(items, ready, empty, i, item):
+        # the loader's i-th work item number into row i % 2 of items, once every consumer has read the item
+        # that row held before
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        mbarrier.wait(empty.index(i % 2), ((i // 2) & 1) ^ 1)
+        items.index(i % 2).store(gl.full([32], item, gl.int32, layout))
+        mbarrier.arrive(ready.index(i % 2))
+
+    @gluon.jit
+    def _consumer_p(
+        program, C: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, A_REGS: gl.constexpr
+    ):
+        # consumer C of the persistent forward: _consumer's work per item, its q tile q_all[slot * CONSUMERS +
+        # C] (slot: the item's count % 2, brought by the loader)
+        (q_all, q_ready, q_empty, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, items, item_ready,
+         item_empty, A, O, LSE, ones, bias_smem, sob, soh, son, n_heads, n_ctx, n_blocks,
+         n_items) = program  # fmt: skip
+        W: gl.constexpr = gl.num_warps()
+        CONSUMERS: gl.constexpr = turns.shape[0]
+        BLOCK_M: gl.constexpr = q_all.shape[1]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        my_turn = turns.index(C)
+        other_turn = turns.index((C + 1) % CONSUMERS)
+        s_layout: gl.constexpr = _wgmma_layout(W, BLOCK_N)
+        item_layout: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+        item = _item_of(items, 0, item_ready, item_empty, 0, item_layout)
+        a = gl.load(A + (item // n_blocks) % n_heads)
+        i = 0
+        t0 = 0
+        g0 = 0
+        while item < n_items:
+            bh, q0, n_tiles = _fwd_work(item, n_blocks, n_ctx, CONSUMERS * BLOCK_M, BLOCK_N, CAUSAL)
+            q_start = q0 + C * BLOCK_M
+            scale = gl.where(a == 0, 1.0, gl.abs(a)) * _LOG2E
+            mask_from, my_tiles = _consumer_rows(q_start, n_tiles, n_ctx, BLOCK_M, BLOCK_N, CAUSAL)
+            slot = i % 2
+            q_smem = q_all.index(slot * CONSUMERS + C)
+            rows = q_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            mbarrier.wait(q_ready.index(slot), (i // 2) & 1)
+            _signed_q(q_smem, a, s_layout)
+            q_a = _a_operand(q_smem, s_layout, A_REGS)
+            acc, m_i, l_i = _fwd_tiles(q_a, ones, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty,
+                                       my_turn, other_turn, scale, rows, mask_from, n_ctx, my_tiles, t0, g0,
+                                       CAUSAL, STAGES)  # fmt: skip
+            mbarrier.arrive(q_empty.index(slot))
+            i += 1
+            nxt = _item_of(items, i % 2, item_ready, item_empty, i, item_layout)
+            a = gl.load(A + (nxt // n_blocks) % n_heads)
+            _store_rows(acc, m_i, l_i, O, LSE, sob, soh, son, bh, n_heads, n_ctx, q_start)
+            _pass_turns(
+                k_ready, v_ready, k_empty, v_empty, my_turn, other_turn, my_tiles, n_tiles, t0, g0, STAGES
+            )
+            t0 += n_tiles + 1
+            g0 += n_tiles
+            item = nxt
+
+    @gluon.jit
+    def _loader_p(desc_q, desc_k, desc_v, desc_bias, q_all, q_ready, q_empty, k_smem, v_smem, bias_smem, k_ready,
+                  v_ready, k_empty, v_empty, items, item_ready, item_empty, COUNTER, n_heads, n_ctx, n_blocks,
+                  n_items, CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        # the persistent forward's loader, one warp: work items, the program's id first, then one from COUNTER
+        # at a time, each item's number written one item ahead and the number n_items or above ending the
+        # program; per item its consumers' q tiles into slot i % 2 once the consumers are done with the item
+        # before last, then its key tiles (_loader)
+        CONSUMERS: gl.constexpr = q_all.shape[0] // 2
+        BLOCK_M: gl.constexpr = q_all.shape[1]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        item = gl.program_id(0)
+        nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
+        _put_item(items, item_ready, item_empty, 0, item)
+        i = 0
+        g = 0
+        while item < n_items:
+            _put_item(items, item_ready, item_empty, i + 1, nxt)
+            bh, q0, n_tiles = _fwd_work(item, n_blocks, n_ctx, CONSUMERS * BLOCK_M, BLOCK_N, CAUSAL)
+            slot = i % 2
+            mbarrier.wait(q_empty.index(slot), ((i // 2) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(slot), CONSUMERS * desc_q.block_type.nbytes)
+            for c in gl.static_range(CONSUMERS):
+                _load_tile(desc_q, bh, n_heads, q0 + c * BLOCK_M, q_ready.index(slot),
+                           q_all.index(slot * CONSUMERS + c))  # fmt: skip
+            _loader(desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, bh,
+                    n_heads, n_tiles, g, STAGES)  # fmt: skip
+            g += n_tiles
+            i += 1
+            item = nxt
+            nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
+
+    @gluon.jit(do_not_specialize=["n_items"])
+    def _attn_fwd_p(desc_q, desc_k, desc_v, desc_bias, A, O, LSE, COUNTER, sob, soh, son, n_heads, n_ctx, n_blocks,
+                    n_items, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
+                    num_warps: gl.constexpr):  # fmt: skip
+        # the persistent forward over n_items = n_blocks * (B * H) work items (_fwd_work), in the order of
+        # _attn_fwd's grid; _attn_fwd's arguments, and COUNTER: this launch's work counter (_key_bias zeroes it)
+        BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
+        D: gl.constexpr = desc_q.block_type.shape[3]
+        BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
+        q_all = gl.allocate_shared_memory(
+            desc_q.dtype, [2 * CONSUMERS, BLOCK_M, D], _TILE_LAYOUT
+        )  # two items'
+        k_smem, v_smem, bias_smem, ones, _own, turns, k_ready, v_ready, k_empty, v_empty = _fwd_rings(
+            STAGES, CONSUMERS, BLOCK_M, D, BLOCK_N, desc_q.dtype, num_warps
+        )
+        items = gl.allocate_shared_memory(gl.int32, [2, 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        # per slot (an item's count % 2): its q tiles are in (q_ready), every consumer is done with them
+        # (q_empty), its item number is in (item_ready), every consumer has read it (item_empty)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        item_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        item_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=CONSUMERS)
+            mbarrier.init(item_ready.index(i), count=1)
+            mbarrier.init(item_empty.index(i), count=CONSUMERS)
+        fence_async_shared()
+        program = (q_all, q_ready, q_empty, turns, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, items,
+                   item_ready, item_empty, A, O, LSE, ones, bias_smem, sob, soh, son, n_heads, n_ctx, n_blocks,
+                   n_items)  # fmt: skip
+        loads = (desc_q, desc_k, desc_v, desc_bias, q_all, q_ready, q_empty, k_smem, v_smem, bias_smem, k_ready,
+                 v_ready, k_empty, v_empty, items, item_ready, item_empty, COUNTER, n_heads, n_ctx, n_blocks,
+                 n_items, CAUSAL, STAGES)  # fmt: skip
+        if CONSUMERS == 3:
+            gl.warp_specialize(
+                [
+                    (_consumer_p, (program, 0, CAUSAL, STAGES, A_REGS)),
+                    (_consumer_p, (program, 1, CAUSAL, STAGES, A_REGS)),
+                    (_consumer_p, (program, 2, CAUSAL, STAGES, A_REGS)),
+                    (_loader_p, loads),
+                ],
+                [4, 4, 1],
+                [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_consumer_p, (program, 0, CAUSAL, STAGES, A_REGS)),
+                    (_consumer_p, (program, 1, CAUSAL, STAGES, A_REGS)),
+                    (_loader_p, loads),
                 ],
                 [4, 1],
                 [CONSUMER_REGS, LOADER_REGS],
@@ -965,12 +1160,17 @@ def _meta(causal: bool, config: tuple) -> dict:
 
 
 @triton.jit
-def _key_bias(K, A, B, BIAS, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+def _key_bias(
+    K, A, B, BIAS, COUNTER, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
+):
     # per key j of (batch, head) row bh, with n = ||k_j||^2: c = -(b / |a|) n (-b n where the head's a = 0) into
     # BIAS (B * H, N, 16) bf16, as three parts whose sum is c to about float32's precision (columns 0-2; zeros
     # in the others). The forward adds them to sign(a) q.k in the score matmul and scales the sum by |a|
-    # (1 where a = 0) in the exp2's argument, as dot-product attention scales its scores: a q.k - b n
+    # (1 where a = 0) in the exp2's argument, as dot-product attention scales its scores: a q.k - b n. Also
+    # zeroes the forward's work counter COUNTER (one int32), which saves the forward a launch of its own
     bh = tl.program_id(1)
+    if (bh == 0) & (tl.program_id(0) == 0):
+        tl.store(COUNTER, 0)
     off_b = (bh // n_heads).to(tl.int64)
     off_h = bh % n_heads
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -992,20 +1192,22 @@ def _key_bias(K, A, B, BIAS, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constex
     tl.store(BIAS + row[:, None] * 16 + cols, parts.to(tl.bfloat16), mask=rows[:, None] < n_ctx)
 
 
-def launch_args(q, k, v, a, o, lse, bias, causal: bool, config: tuple) -> tuple[tuple, dict, tuple]:
-    """(args, constexprs, grid) of one launch of _attn_fwd; bias: _key_bias's, bf16 (B * H, N, 16)."""
+def fwd_launch(q, k, v, a, o, lse, bias, counter, causal: bool, config: tuple, programs: int) -> tuple:
+    """(kernel, args, constexprs, grid) of the forward's launch: _attn_fwd_p over at most `programs` programs
+    where the config says persistent, else _attn_fwd; bias: _key_bias's, bf16 (B * H, N, 16); counter: an
+    int32 that _key_bias zeroes."""
     B, H, N, _ = q.shape
     block_m, block_n = config[:2]
+    n_blocks = triton.cdiv(N, config[6] * block_m)
     bias_block = [1, block_n, 16]
     desc_bias = TensorDescriptor(bias, list(bias.shape), list(bias.stride()), bias_block,
                                  gl.NVMMASharedLayout.get_default_for(bias_block, gl.bfloat16))  # fmt: skip
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), desc_bias, a, o, lse,
-            *o.stride()[:3], H, N)  # fmt: skip
-    return (
-        args,
-        {**_meta(causal, config), "CONSUMERS": config[6]},
-        (triton.cdiv(N, config[6] * block_m), B * H),
-    )
+            counter, *o.stride()[:3], H, N, n_blocks, n_blocks * B * H)  # fmt: skip
+    meta = {**_meta(causal, config), "CONSUMERS": config[6]}
+    if config[7]:
+        return _attn_fwd_p, args, meta, (min(programs, n_blocks * B * H),)
+    return _attn_fwd, args, meta, (n_blocks, B * H)
 
 
 # the one-kernel backward's float32 dQ accumulator holds at most this many bytes (the rows of 1024 programs
@@ -1129,11 +1331,23 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     B, H, N, D = q.shape
     o = base._alloc((B, H, N, D), q.dtype, q.device)
     lse = base._alloc((B, H, N), torch.float32, q.device)
-    bias = base._alloc((B * H, N, 16), torch.bfloat16, q.device)
-    _key_bias[(triton.cdiv(N, 64), B * H)](k, a, b, bias, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64)
-    args, meta, grid = launch_args(q, k, v, a, o, lse, bias, causal, config or CONFIGS["fwd"][D][0])
-    _attn_fwd[grid](*args, **meta)
+    # the bias tiles and, 32 bytes past them, the forward's work counter
+    scratch = base._alloc(((B * H * N + 1) * 16,), torch.bfloat16, q.device)
+    bias, counter = scratch[:-16].view(B * H, N, 16), scratch[-16:].view(torch.int32)
+    _key_bias[(triton.cdiv(N, 64), B * H)](
+        k, a, b, bias, counter, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
+    )
+    config = config or CONFIGS["fwd"][D][0]
+    kernel, args, meta, grid = fwd_launch(
+        q, k, v, a, o, lse, bias, counter, causal, config, _programs(q.device)
+    )
+    kernel[grid](*args, **meta)
     return o, lse
+
+
+def _programs(device: torch.device) -> int:
+    """A persistent kernel's programs on `device`: one per multiprocessor (1 off the GPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _compiled(kernel, args: tuple, meta: dict, grid: tuple):
@@ -1185,7 +1399,7 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     counters, programs = None, 1
     if persistent(config):
         counters = torch.zeros(4 * triton.cdiv(B * H, step), dtype=torch.int32, device=q.device)
-        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        programs = _programs(q.device)
     launches = [
         bwd_launch(do, q, k, v, a, b, (lse, delta, kn2), g, causal, config, 0, counters) for g in grads
     ]

@@ -15,6 +15,7 @@ from pathlib import Path
 import beside
 import pytest
 import torch
+import triton
 
 import kernels
 from kernels import dispatch
@@ -192,8 +193,6 @@ def test_gluon_key_bias_prepass_interpreted(poisoned):
     # the Gluon forward's prepass (kernels/gluon_attn.py, _key_bias): per key -(b / |a|) ||k||^2 (-b ||k||^2
     # where a = 0) as three bf16 parts whose sum has float32's precision (one bf16 alone is off by up to 2^-9
     # of it), zeros in the other columns
-    import triton
-
     from kernels import gluon_attn
     from kernels import triton_attn as base
 
@@ -201,9 +200,11 @@ def test_gluon_key_bias_prepass_interpreted(poisoned):
     _, k, _, _, _, _ = make_inputs(B, H, N, D, torch.bfloat16, grad=False)
     a, b = torch.tensor([0.2, -0.1, 0.0]), torch.tensor([0.05, 0.07, 0.1])
     bias = base._alloc((B * H, N, 16), torch.bfloat16, k.device)
+    counter = torch.full((1,), 7, dtype=torch.int32)
     gluon_attn._key_bias[(triton.cdiv(N, 64), B * H)](
-        k, a, b, bias, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
+        k, a, b, bias, counter, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
     )
+    assert counter.item() == 0  # the forward's work counter, zeroed for its launch
     norms = k.double().square().sum(-1).reshape(B * H, N)
     per_head = -b.double() / torch.where(a == 0, 1.0, a.abs()).double()  # |a|, 1 where a = 0
     want = norms * per_head.repeat(B)[:, None]
@@ -384,9 +385,17 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
     if head_dim in gluon_attn.CONFIGS["fwd"]:
         bias = torch.empty(2, 1024, 16, dtype=torch.bfloat16)
         config = gluon_attn.CONFIGS["fwd"][head_dim][0]
-        args, meta, _ = gluon_attn.launch_args(q, k, v, ab[0], o, rows[0], bias, True, config)
-        assert meta["CONSUMERS"] == (3 if head_dim == 64 else 2)
-        launches.append((gluon_attn._attn_fwd, args, meta, meta["CONSUMERS"], meta["CONSUMERS"] * 6))
+        # the first config and the first of the other forward kernel (persistent or not) where there is one
+        fwd_configs = gluon_attn.CONFIGS["fwd"][head_dim]
+        for config in fwd_configs[:1] + [c for c in fwd_configs if c[7] != fwd_configs[0][7]][:1]:
+            counter = torch.zeros(4, dtype=torch.int32)
+            kernel, args, meta, grid = gluon_attn.fwd_launch(q, k, v, ab[0], o, rows[0], bias, counter, True, config,
+                                                             132)  # fmt: skip
+            blocks = triton.cdiv(1024, 64 * config[6])
+            # the persistent kernel: one program per work item where there are fewer items than programs
+            assert grid == ((2 * blocks,) if config[7] else (blocks, 2))
+            assert meta["CONSUMERS"] == (3 if head_dim == 64 else 2)
+            launches.append((kernel, args, meta, meta["CONSUMERS"], meta["CONSUMERS"] * 6))
     acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)
     rows_in = (rows[0].view(2, 1, 1024), torch.empty(2, 1, gluon_attn.padded_len(1024)), rows[2])
     # the first backward config and the first of the other kernel (persistent or not) where there is one
@@ -398,7 +407,8 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
                                                       config, 0, counter)  # fmt: skip
         launches.append((kernel, args, meta, 2, 12))
     backward_kernels = ["_attn_bwd_p", "_attn_bwd"] if head_dim == 64 else ["_attn_bwd"]
-    assert [kernel.__name__ for kernel, *_ in launches] == ["_attn_fwd", *backward_kernels]
+    forward_kernels = ["_attn_fwd"] if head_dim == 64 else ["_attn_fwd_p", "_attn_fwd"]
+    assert [kernel.__name__ for kernel, *_ in launches] == [*forward_kernels, *backward_kernels]
     for kernel, args, meta, consumers, wgmmas in launches:
         with sm90_compile.sm90_target():
             compiled = kernel.warmup(*args, **meta, grid=(1,))
