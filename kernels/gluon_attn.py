@@ -49,14 +49,16 @@ Tiles are read through rank-4 descriptors over each (B, H, N, D) tensor with its
 N read as zeros per head and a qkv projection's views are read in place.
 
 Status: on sm90 (bf16, fp16) the backend runs the Gluon forward from N 4096 at D 64 and N 1024 at D 128
-(FWD_MIN_LEN), triton_attn_tma's forward below, where that one is faster, and the one-kernel backward at
-both; the backward launches its compiled kernels directly (_compiled), since through the JIT their host
-time bounded it at N 4096. An H200 measured its forward+backward (rbf and penalty, the same kernels) at
-0.97-1.00x SDPA-cuDNN's time at N 16384, D 64, 1.00-1.02x at N 16384, D 128 and 1.00-1.05x at N 4096
-(triton-tma: 1.28-1.43x; two runs of medians of three rounds, README, "The eight rows a third time").
-Short of parity at N 4096, in the forward: its work per key tile costs cuDNN's or less, but its cost per
-block of query rows is 0.17-0.38 ms above cuDNN's there, the prepass an eighth to two fifths of that
-(README, "What the forward's remaining gap is made of", "Where N 4096, D 64's time goes").
+(FWD_MIN_LEN; persistent at D 128, _attn_fwd_p), triton_attn_tma's forward below, where that one is
+faster, and the one-kernel backward at both; the backward launches its compiled kernels directly
+(_compiled), since through the JIT their host time bounded it at N 4096. An H200 measured its
+forward+backward (rbf and penalty, the same kernels) at 0.97-1.00x SDPA-cuDNN's time at N 16384, D 64,
+1.00-1.02x at N 16384, D 128, 0.99-1.02x at N 4096, D 128 and 1.02-1.05x at N 4096, D 64 (triton-tma:
+1.28-1.43x; README, "The eight rows a third time", "A persistent forward at D 128"). Short of parity at
+N 4096, in the forward: its work per key tile costs cuDNN's or less, but each program pays about 6,000
+cycles of its own and 1.3 us before the next one starts on its multiprocessor (README, "Where a forward
+program's time goes"); the persistent forward removes that at D 128, while at D 64 its key tiles ran
+slower by as much (README, "What the forward's remaining gap is made of").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
@@ -207,7 +209,7 @@ if IMPORT_ERROR is None:
     @gluon.jit
     def _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
         # -inf above the diagonal (causal) or past N (not causal), only in the tiles that reach it. A forward
-        # program's rows end at row N - 1 (_attn_fwd), so the diagonal's keys are all below N
+        # program's rows end at row N - 1 (_fwd_work), so the diagonal's keys are all below N
         if start_n + BLOCK_N > mask_from:
             if CAUSAL:
                 keep = gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1)

@@ -202,7 +202,7 @@ def test_gluon_every_config(poisoned, monkeypatch, D, configs):
 @pytest.mark.parametrize("N", [1, 100, 193, 1000])
 @pytest.mark.parametrize("D", [64, 128])
 def test_gluon_forward_counts_rows_from_the_last(poisoned, monkeypatch, D, N):
-    # a Gluon forward program takes CONSUMERS * 64 query rows counted back from row N (_attn_fwd), so that
+    # a Gluon forward work item takes CONSUMERS * 64 query rows counted back from row N (_fwd_work), so that
     # where N is not a multiple the first program's rows start below 0: those exist only in its registers,
     # and one stored would land in the previous (batch, head)'s last rows (three heads here, causal or not)
     from kernels import gluon_attn
