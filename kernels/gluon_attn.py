@@ -155,6 +155,12 @@ if IMPORT_ERROR is None:
         rows = gl.SwizzledSharedLayout(1, 1, 1, [0])
         return _semantic.memdesc_reinterpret(smem, smem.dtype, [stages * c, cols], rows)
 
+    @builtin
+    def _function(fn, _semantic=None):
+        # a gluon.jit function handed to another as an argument (which makes it a constexpr there) as
+        # gl.warp_specialize takes its partitions' functions
+        return getattr(fn, "value", fn)
+
     @gluon.jit
     def _fragment_order(x):
         # a consumer's (64, HALF) wgmma result -> (HALF / 4, 256) in the order of the registers that hold it:
@@ -448,6 +454,34 @@ if IMPORT_ERROR is None:
         return k_smem, v_smem, bias_smem, ones, own, turns, k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
+    def _partitions(consumer: gl.constexpr, loader: gl.constexpr, program, loads, CAUSAL: gl.constexpr,
+                    STAGES: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):  # fmt: skip
+        # a forward program's warp-specialised partitions: CONSUMERS consumer warp groups (consumer(program, C,
+        # ...); the first runs in the program's own warps) and a loader warp (loader(*loads))
+        if CONSUMERS == 3:
+            gl.warp_specialize(
+                [
+                    (_function(consumer), (program, 0, CAUSAL, STAGES, A_REGS)),
+                    (_function(consumer), (program, 1, CAUSAL, STAGES, A_REGS)),
+                    (_function(consumer), (program, 2, CAUSAL, STAGES, A_REGS)),
+                    (_function(loader), loads),
+                ],
+                [4, 4, 1],
+                [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_function(consumer), (program, 0, CAUSAL, STAGES, A_REGS)),
+                    (_function(consumer), (program, 1, CAUSAL, STAGES, A_REGS)),
+                    (_function(loader), loads),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, LOADER_REGS],
+            )
+
+    @gluon.jit
     def _attn_fwd(desc_q, desc_k, desc_v, desc_bias, A, O, LSE, COUNTER, sob, soh, son, n_heads, n_ctx, n_blocks,
                   n_items, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
@@ -469,27 +503,9 @@ if IMPORT_ERROR is None:
                    bias_smem, sob, soh, son, n_heads, n_ctx, q0, n_tiles, bh)  # fmt: skip
         loads = (desc_k, desc_v, desc_bias, k_smem, v_smem, bias_smem, k_ready, v_ready, k_empty, v_empty, bh,
                  n_heads, n_tiles, 0, STAGES)  # fmt: skip
-        if CONSUMERS == 3:
-            gl.warp_specialize(
-                [
-                    (_consumer, (program, 0, CAUSAL, STAGES, A_REGS)),
-                    (_consumer, (program, 1, CAUSAL, STAGES, A_REGS)),
-                    (_consumer, (program, 2, CAUSAL, STAGES, A_REGS)),
-                    (_loader, loads),
-                ],
-                [4, 4, 1],
-                [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
-            )
-        else:
-            gl.warp_specialize(
-                [
-                    (_consumer, (program, 0, CAUSAL, STAGES, A_REGS)),
-                    (_consumer, (program, 1, CAUSAL, STAGES, A_REGS)),
-                    (_loader, loads),
-                ],
-                [4, 1],
-                [CONSUMER_REGS, LOADER_REGS],
-            )
+        _partitions(
+            _consumer, _loader, program, loads, CAUSAL, STAGES, A_REGS, CONSUMERS, CONSUMER_REGS, LOADER_REGS
+        )
 
     # ------------------------------------------------------------------------------------------------
     # the persistent forward (D 128): one program per multiprocessor over the work items, taken one at a
@@ -599,9 +615,8 @@ if IMPORT_ERROR is None:
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
-        q_all = gl.allocate_shared_memory(
-            desc_q.dtype, [2 * CONSUMERS, BLOCK_M, D], _TILE_LAYOUT
-        )  # two items'
+        # two items' q tiles
+        q_all = gl.allocate_shared_memory(desc_q.dtype, [2 * CONSUMERS, BLOCK_M, D], _TILE_LAYOUT)
         k_smem, v_smem, bias_smem, ones, _own, turns, k_ready, v_ready, k_empty, v_empty = _fwd_rings(
             STAGES, CONSUMERS, BLOCK_M, D, BLOCK_N, desc_q.dtype, num_warps
         )
@@ -624,27 +639,18 @@ if IMPORT_ERROR is None:
         loads = (desc_q, desc_k, desc_v, desc_bias, q_all, q_ready, q_empty, k_smem, v_smem, bias_smem, k_ready,
                  v_ready, k_empty, v_empty, items, item_ready, item_empty, COUNTER, n_heads, n_ctx, n_blocks,
                  n_items, CAUSAL, STAGES)  # fmt: skip
-        if CONSUMERS == 3:
-            gl.warp_specialize(
-                [
-                    (_consumer_p, (program, 0, CAUSAL, STAGES, A_REGS)),
-                    (_consumer_p, (program, 1, CAUSAL, STAGES, A_REGS)),
-                    (_consumer_p, (program, 2, CAUSAL, STAGES, A_REGS)),
-                    (_loader_p, loads),
-                ],
-                [4, 4, 1],
-                [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS],
-            )
-        else:
-            gl.warp_specialize(
-                [
-                    (_consumer_p, (program, 0, CAUSAL, STAGES, A_REGS)),
-                    (_consumer_p, (program, 1, CAUSAL, STAGES, A_REGS)),
-                    (_loader_p, loads),
-                ],
-                [4, 1],
-                [CONSUMER_REGS, LOADER_REGS],
-            )
+        _partitions(
+            _consumer_p,
+            _loader_p,
+            program,
+            loads,
+            CAUSAL,
+            STAGES,
+            A_REGS,
+            CONSUMERS,
+            CONSUMER_REGS,
+            LOADER_REGS,
+        )
 
     # ------------------------------------------------------------------------------------------------
     # backward, one kernel (FlashAttention-3's schedule): a program owns 2 * KEYS keys of one (batch, head),
