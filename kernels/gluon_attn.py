@@ -100,7 +100,9 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 # STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS, CONSUMERS, persistent); bwd: (query tile, keys per consumer,
 # STAGES, ..., A_REGS[, persistent]), two consumers; the backward persistent (_attn_bwd_p) only at D 64, where
 # two slots of key tiles fit in shared memory (166 of 227 KB; README, "A persistent backward at D 64"), the
-# forward (_attn_fwd_p) only at D 128, where it measured faster (README, "A persistent forward at D 128").
+# forward (_attn_fwd_p) only at D 128, where it measured faster (README, "A persistent forward at D 128"; at
+# D 64 it is no faster at N 4096 and 5% slower at N 16384, with two or three consumers and two or three
+# stages: "The persistent forward at D 64 again").
 # The backend takes the head dims of "bwd". Three forward consumers fit only at D 64: with the loader's warp
 # group they share 512 registers a thread, 160 each (no spills with Triton 3.6, 104-120 bytes a thread with
 # 3.9; README, "Three forward consumers at D 64", "One forward loop for every sign of a")
