@@ -58,7 +58,7 @@ forward+backward (rbf and penalty, the same kernels) at 0.97-1.00x SDPA-cuDNN's 
 N 4096, in the forward: its work per key tile costs cuDNN's or less, but each program pays about 6,000
 cycles of its own and 1.3 us before the next one starts on its multiprocessor (README, "Where a forward
 program's time goes"); the persistent forward removes that at D 128, while at D 64 its key tiles ran
-slower by as much (README, "A persistent forward at D 128").
+slower by as much (README, "A persistent forward at D 128", "The persistent forward at D 64 again").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
@@ -1341,7 +1341,7 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     B, H, N, D = q.shape
     o = base._alloc((B, H, N, D), q.dtype, q.device)
     lse = base._alloc((B, H, N), torch.float32, q.device)
-    # the bias tiles and, 32 bytes past them, the forward's work counter
+    # the bias tiles, then 32 bytes whose first int32 is the forward's work counter
     scratch = base._alloc(((B * H * N + 1) * 16,), torch.bfloat16, q.device)
     bias, counter = scratch[:-16].view(B * H, N, 16), scratch[-16:].view(torch.int32)
     _key_bias[(triton.cdiv(N, 64), B * H)](
