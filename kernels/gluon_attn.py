@@ -58,7 +58,8 @@ forward+backward (rbf and penalty, the same kernels) at 0.97-1.00x SDPA-cuDNN's 
 N 4096, in the forward: its work per key tile costs cuDNN's or less, but each program pays about 6,000
 cycles of its own and 1.3 us before the next one starts on its multiprocessor (README, "Where a forward
 program's time goes"); the persistent forward removes that at D 128, while at D 64 its key tiles ran
-slower by as much (README, "A persistent forward at D 128", "The persistent forward at D 64 again").
+slower by as much, in the consumers' own work rather than in waits (README, "A persistent forward at
+D 128", "The persistent forward at D 64 again", "Where the persistent forward's extra cycles go").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
