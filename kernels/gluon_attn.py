@@ -7,9 +7,10 @@ program runs three warp-specialised partitions (gl.warp_specialize; four in the 
 
 - two consumer warp groups (three in the forward at D 64) take turns at the tensor cores: a consumer waits
   for its turn (an mbarrier), issues its matmuls, passes the turn to the next and runs its element-wise
-  work while the others' matmuls run. Within a consumer the waits are explicit, so the matmuls that
-  accumulate (P.V in the forward, dV and dK or dQ in the backward) are still in flight while the next
-  tile's softmax runs;
+  work while the others' matmuls run. Within a consumer the waits are explicit: the source waits for the
+  matmuls that accumulate (P.V in the forward, dV and dK or dQ in the backward) only after the next
+  tile's element-wise work, though in the forward ptxas places the wait before the softmax (README, "A
+  consumer's softmax against its own P.V");
 - one loader warp moves tiles by TMA into rings of STAGES buffers, refilling a stage once every consumer
   has released it (an mbarrier that counts their arrivals). The forward's k and v rings are released
   apart, k once every consumer's scores are in and v once their P.V has run (FlashAttention-3's separate
