@@ -486,14 +486,14 @@ if IMPORT_ERROR is None:
             )
 
     @gluon.jit
-    def _attn_fwd(desc_q, desc_k, desc_v, desc_bias, A, O, LSE, COUNTER, sob, soh, son, n_heads, n_ctx, n_blocks,
+    def _attn_fwd(desc_q, desc_k, desc_v, desc_bias, A, O, LSE, sob, soh, son, n_heads, n_ctx, n_blocks,
                   n_items, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
                   num_warps: gl.constexpr):  # fmt: skip
         # one program per work item (_fwd_work; program (block, (batch, head) row): the longest causal rows
         # first): CONSUMERS * BLOCK_M queries of one (batch, head). desc_q, desc_k, desc_v: descriptors over (B,
         # H, N, D) (_descriptor), desc_bias over the bias tiles (_key_bias); LSE (B, H, N) float32; O (B, H, N,
-        # D), strides sob, soh, son. COUNTER and n_items: _attn_fwd_p's, unused
+        # D), strides sob, soh, son. n_items: _attn_fwd_p's, unused
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
@@ -512,13 +512,37 @@ if IMPORT_ERROR is None:
         )
 
     # ------------------------------------------------------------------------------------------------
-    # the persistent forward (D 128): one program per multiprocessor over the work items, taken one at a
-    # time from an atomic counter by the loader, which writes each item's number into shared memory (two
-    # slots, items) one item ahead, then the item's q tiles (two slots) and key tiles (the rings run on
-    # across items: g0 counts a program's key tiles, t0 a consumer's turns). A consumer reads the next
-    # item's number and head scalar before it stores this item's outputs, so that a program's start (1.3
-    # us between programs on a multiprocessor, H200) and its first loads are paid once (README, "A
-    # persistent forward at D 128")
+    # the persistent forward (D 128): one program per multiprocessor over the work items in a static order
+    # (_fwd_item: pairs of one head's longest and shortest causal rows, so that every program has the same
+    # work and they move through the heads together). The loader writes each item's number into shared
+    # memory (two slots, items) one item ahead, then brings the item's q tiles (two slots) and key tiles (the
+    # rings run on across items: g0 counts a program's key tiles, t0 a consumer's turns). A consumer reads
+    # the next item's number and head scalar before it stores this item's outputs, so that a program's
+    # start (1.3 us between programs on a multiprocessor, H200) and its first loads are paid once (README,
+    # "A persistent forward at D 128", "The persistent forward's work in pairs")
+
+    @gluon.jit
+    def _fwd_item(v, n_blocks, n_items):
+        # the persistent forward's schedule: program p's slot v is half v % 2 of pair p + (v // 2) * programs,
+        # a head's pair j being its blocks j and n_blocks - 1 - j (_fwd_work), the longer first: every pair
+        # holds about one full row of key tiles, so the programs need no work counter to stay even (README,
+        # "The persistent forward's work in pairs"); where n_blocks is odd, the middle pair's second half is
+        # empty. -> (the item, n_items once past the last pair; 1 where the slot is empty, else 0)
+        per_head = (n_blocks + 1) // 2
+        pair = gl.program_id(0) + (v // 2) * gl.num_programs(0)
+        half = v % 2
+        j = pair % per_head
+        item = (pair // per_head) * n_blocks + j + half * (n_blocks - 1 - 2 * j)
+        past = (pair >= (n_items // n_blocks) * per_head).to(gl.int32)
+        empty = ((half == 1) & (2 * j == n_blocks - 1)).to(gl.int32)
+        return item + past * (n_items - item), empty * (1 - past)
+
+    @gluon.jit
+    def _next_item(v, n_blocks, n_items):
+        # (the program's item at slot v, or at v + 1 where slot v is empty; the slot after it)
+        item, empty = _fwd_item(v, n_blocks, n_items)
+        after, _ = _fwd_item(v + 1, n_blocks, n_items)
+        return item + empty * (after - item), v + 1 + empty
 
     @gluon.jit
     def _put_item(items, ready, empty, i, item):
@@ -579,17 +603,16 @@ if IMPORT_ERROR is None:
 
     @gluon.jit
     def _loader_p(desc_q, desc_k, desc_v, desc_bias, q_all, q_ready, q_empty, k_smem, v_smem, bias_smem, k_ready,
-                  v_ready, k_empty, v_empty, items, item_ready, item_empty, COUNTER, n_heads, n_ctx, n_blocks,
-                  n_items, CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-        # the persistent forward's loader, one warp: work items, the program's id first, then one from COUNTER
-        # at a time, each item's number written one item ahead and the number n_items or above ending the
-        # program; per item its consumers' q tiles into slot i % 2 once the consumers are done with the item
-        # before last, then its key tiles (_loader)
+                  v_ready, k_empty, v_empty, items, item_ready, item_empty, n_heads, n_ctx, n_blocks, n_items,
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        # the persistent forward's loader, one warp: the program's work items (_next_item), each item's
+        # number written one item ahead and n_items ending the program; per item its consumers' q tiles into
+        # slot i % 2 once the consumers are done with the item before last, then its key tiles (_loader)
         CONSUMERS: gl.constexpr = q_all.shape[0] // 2
         BLOCK_M: gl.constexpr = q_all.shape[1]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        item = gl.program_id(0)
-        nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
+        item, v = _next_item(0, n_blocks, n_items)
+        nxt, v = _next_item(v, n_blocks, n_items)
         _put_item(items, item_ready, item_empty, 0, item)
         i = 0
         g = 0
@@ -607,15 +630,15 @@ if IMPORT_ERROR is None:
             g += n_tiles
             i += 1
             item = nxt
-            nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
+            nxt, v = _next_item(v, n_blocks, n_items)
 
     @gluon.jit(do_not_specialize=["n_items"])
-    def _attn_fwd_p(desc_q, desc_k, desc_v, desc_bias, A, O, LSE, COUNTER, sob, soh, son, n_heads, n_ctx, n_blocks,
+    def _attn_fwd_p(desc_q, desc_k, desc_v, desc_bias, A, O, LSE, sob, soh, son, n_heads, n_ctx, n_blocks,
                     n_items, CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     LOADER_REGS: gl.constexpr, A_REGS: gl.constexpr, CONSUMERS: gl.constexpr,
                     num_warps: gl.constexpr):  # fmt: skip
-        # the persistent forward over n_items = n_blocks * (B * H) work items (_fwd_work), in the order of
-        # _attn_fwd's grid; _attn_fwd's arguments, and COUNTER: this launch's work counter (_key_bias zeroes it)
+        # the persistent forward over n_items = n_blocks * (B * H) work items (_fwd_work: _attn_fwd's
+        # programs) in _fwd_item's order; _attn_fwd's arguments
         BLOCK_M: gl.constexpr = desc_q.block_type.shape[2]
         D: gl.constexpr = desc_q.block_type.shape[3]
         BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
@@ -641,8 +664,8 @@ if IMPORT_ERROR is None:
                    item_ready, item_empty, A, O, LSE, ones, bias_smem, sob, soh, son, n_heads, n_ctx, n_blocks,
                    n_items)  # fmt: skip
         loads = (desc_q, desc_k, desc_v, desc_bias, q_all, q_ready, q_empty, k_smem, v_smem, bias_smem, k_ready,
-                 v_ready, k_empty, v_empty, items, item_ready, item_empty, COUNTER, n_heads, n_ctx, n_blocks,
-                 n_items, CAUSAL, STAGES)  # fmt: skip
+                 v_ready, k_empty, v_empty, items, item_ready, item_empty, n_heads, n_ctx, n_blocks, n_items,
+                 CAUSAL, STAGES)  # fmt: skip
         _partitions(
             _consumer_p,
             _loader_p,
@@ -1172,17 +1195,12 @@ def _meta(causal: bool, config: tuple) -> dict:
 
 
 @triton.jit
-def _key_bias(
-    K, A, B, BIAS, COUNTER, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
-):
+def _key_bias(K, A, B, BIAS, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     # per key j of (batch, head) row bh, with n = ||k_j||^2: c = -(b / |a|) n (-b n where the head's a = 0) into
     # BIAS (B * H, N, 16) bf16, as three parts whose sum is c to about float32's precision (columns 0-2; zeros
     # in the others). The forward adds them to sign(a) q.k in the score matmul and scales the sum by |a|
-    # (1 where a = 0) in the exp2's argument, as dot-product attention scales its scores: a q.k - b n. Also
-    # zeroes the forward's work counter COUNTER (one int32), which saves the forward a launch of its own
+    # (1 where a = 0) in the exp2's argument, as dot-product attention scales its scores: a q.k - b n
     bh = tl.program_id(1)
-    if (bh == 0) & (tl.program_id(0) == 0):
-        tl.store(COUNTER, 0)
     off_b = (bh // n_heads).to(tl.int64)
     off_h = bh % n_heads
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -1204,10 +1222,10 @@ def _key_bias(
     tl.store(BIAS + row[:, None] * 16 + cols, parts.to(tl.bfloat16), mask=rows[:, None] < n_ctx)
 
 
-def fwd_launch(q, k, v, a, o, lse, bias, counter, causal: bool, config: tuple, programs: int) -> tuple:
+def fwd_launch(q, k, v, a, o, lse, bias, causal: bool, config: tuple, programs: int) -> tuple:
     """(kernel, args, constexprs, grid) of the forward's launch: _attn_fwd_p over at most `programs` programs
-    where the config says persistent, else _attn_fwd; bias: _key_bias's, bf16 (B * H, N, 16); counter: an
-    int32 that _key_bias zeroes."""
+    (one per pair of work items, _fwd_item) where the config says persistent, else _attn_fwd; bias:
+    _key_bias's, bf16 (B * H, N, 16)."""
     B, H, N, _ = q.shape
     block_m, block_n = config[:2]
     n_blocks = triton.cdiv(N, config[6] * block_m)
@@ -1215,10 +1233,10 @@ def fwd_launch(q, k, v, a, o, lse, bias, counter, causal: bool, config: tuple, p
     desc_bias = TensorDescriptor(bias, list(bias.shape), list(bias.stride()), bias_block,
                                  gl.NVMMASharedLayout.get_default_for(bias_block, gl.bfloat16))  # fmt: skip
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), desc_bias, a, o, lse,
-            counter, *o.stride()[:3], H, N, n_blocks, n_blocks * B * H)  # fmt: skip
+            *o.stride()[:3], H, N, n_blocks, n_blocks * B * H)  # fmt: skip
     meta = {**_meta(causal, config), "CONSUMERS": config[6]}
     if config[7]:
-        return _attn_fwd_p, args, meta, (min(programs, n_blocks * B * H),)
+        return _attn_fwd_p, args, meta, (min(programs, triton.cdiv(n_blocks, 2) * B * H),)
     return _attn_fwd, args, meta, (n_blocks, B * H)
 
 
@@ -1343,16 +1361,10 @@ def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[t
     B, H, N, D = q.shape
     o = base._alloc((B, H, N, D), q.dtype, q.device)
     lse = base._alloc((B, H, N), torch.float32, q.device)
-    # the bias tiles, then 32 bytes whose first int32 is the forward's work counter
-    scratch = base._alloc(((B * H * N + 1) * 16,), torch.bfloat16, q.device)
-    bias, counter = scratch[:-16].view(B * H, N, 16), scratch[-16:].view(torch.int32)
-    _key_bias[(triton.cdiv(N, 64), B * H)](
-        k, a, b, bias, counter, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
-    )
+    bias = base._alloc((B * H, N, 16), torch.bfloat16, q.device)
+    _key_bias[(triton.cdiv(N, 64), B * H)](k, a, b, bias, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64)
     config = config or CONFIGS["fwd"][D][0]
-    kernel, args, meta, grid = fwd_launch(
-        q, k, v, a, o, lse, bias, counter, causal, config, _programs(q.device)
-    )
+    kernel, args, meta, grid = fwd_launch(q, k, v, a, o, lse, bias, causal, config, _programs(q.device))
     kernel[grid](*args, **meta)
     return o, lse
 

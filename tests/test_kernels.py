@@ -200,11 +200,9 @@ def test_gluon_key_bias_prepass_interpreted(poisoned):
     _, k, _, _, _, _ = make_inputs(B, H, N, D, torch.bfloat16, grad=False)
     a, b = torch.tensor([0.2, -0.1, 0.0]), torch.tensor([0.05, 0.07, 0.1])
     bias = base._alloc((B * H, N, 16), torch.bfloat16, k.device)
-    counter = torch.full((1,), 7, dtype=torch.int32)
     gluon_attn._key_bias[(triton.cdiv(N, 64), B * H)](
-        k, a, b, bias, counter, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
+        k, a, b, bias, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
     )
-    assert counter.item() == 0  # the forward's work counter, zeroed for its launch
     norms = k.double().square().sum(-1).reshape(B * H, N)
     per_head = -b.double() / torch.where(a == 0, 1.0, a.abs()).double()  # |a|, 1 where a = 0
     want = norms * per_head.repeat(B)[:, None]
@@ -388,12 +386,13 @@ def test_gluon_kernels_compile_for_sm90_into_warp_specialised_partitions(head_di
         # the first config and the first of the other forward kernel (persistent or not) where there is one
         fwd_configs = gluon_attn.CONFIGS["fwd"][head_dim]
         for config in fwd_configs[:1] + [c for c in fwd_configs if c[7] != fwd_configs[0][7]][:1]:
-            counter = torch.zeros(4, dtype=torch.int32)
-            kernel, args, meta, grid = gluon_attn.fwd_launch(q, k, v, ab[0], o, rows[0], bias, counter, True, config,
-                                                             132)  # fmt: skip
+            kernel, args, meta, grid = gluon_attn.fwd_launch(
+                q, k, v, ab[0], o, rows[0], bias, True, config, 132
+            )
             blocks = triton.cdiv(1024, 64 * config[6])
-            # the persistent kernel: one program per work item where there are fewer items than programs
-            assert grid == ((2 * blocks,) if config[7] else (blocks, 2))
+            # the persistent kernel: one program per pair of work items (a head's longest and shortest rows)
+            # where there are fewer pairs than programs
+            assert grid == ((2 * triton.cdiv(blocks, 2),) if config[7] else (blocks, 2))
             assert meta["CONSUMERS"] == (3 if head_dim == 64 else 2)
             launches.append((kernel, args, meta, meta["CONSUMERS"], meta["CONSUMERS"] * 6))
     acc = torch.empty(1, 2, gluon_attn.fragment_rows(1024, head_dim), 256)

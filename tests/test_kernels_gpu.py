@@ -223,6 +223,28 @@ def test_gluon_forward_counts_rows_from_the_last(poisoned, monkeypatch, D, N):
 
 @needs_sm90
 @pytest.mark.parametrize("D", [64, 128])
+def test_gluon_persistent_forward_runs_every_work_item_once(poisoned, monkeypatch, D):
+    # the persistent forward's static schedule (_fwd_item): program p takes pairs p, p + programs, ..., a
+    # head's pair j being its blocks j and n_blocks - 1 - j, the middle block alone where n_blocks is odd.
+    # Whatever the programs and blocks (1, even, odd; fewer pairs than programs and many more), its o and
+    # log-sum-exp equal the grid kernel's bitwise: an item skipped would leave poisoned rows, one run twice
+    # or in another item's place would differ
+    from kernels import gluon_attn
+
+    grid_config = next(c for c in gluon_attn.CONFIGS["fwd"][D] if not c[7])
+    persistent = (*grid_config[:7], True)
+    for (B, H, N), programs in [((1, 1, 100), 132), ((2, 3, 1000), 132), ((2, 3, 1300), 1), ((2, 3, 1300), 5),
+                                ((4, 16, 1300), 132)]:  # fmt: skip
+        monkeypatch.setattr(gluon_attn, "_programs", lambda device, p=programs: p)
+        for causal in (True, False):
+            q, k, v, a, b, _ = make_inputs(B, H, N, D, BF16, "cuda", grad=False)
+            want_o, want_lse = gluon_attn.forward(q, k, v, a, b, causal, grid_config)
+            o, lse = gluon_attn.forward(q, k, v, a, b, causal, persistent)
+            assert torch.equal(o, want_o) and torch.equal(lse, want_lse), (B, H, N, programs, causal)
+
+
+@needs_sm90
+@pytest.mark.parametrize("D", [64, 128])
 def test_gluon_forward_starts_at_fwd_min_len(monkeypatch, D):
     # below FWD_MIN_LEN keys the backend's forward is triton-tma's, from there the Gluon one
     from kernels import gluon_attn, triton_attn_tma
