@@ -128,8 +128,8 @@ def test_triton_tma_every_config(poisoned, monkeypatch, D, configs):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("backend", ["triton-tma", "gluon"])
 def test_fused_hopper_kernels_are_captured_by_cuda_graphs(backend, D, monkeypatch):
-    # gluon's own forwards at this length too: the grid kernel at D 64 and the persistent one at D 128, whose
-    # work counter the captured key-bias prepass zeroes at every replay (two replays on new inputs)
+    # gluon's own forwards at this length too: the grid kernel at D 64 and the persistent one at D 128 (two
+    # replays on new inputs)
     from kernels import gluon_attn
 
     monkeypatch.setattr(gluon_attn, "FWD_MIN_LEN", {})
