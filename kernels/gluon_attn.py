@@ -22,7 +22,9 @@ below 0, where N is not a multiple, fall in the program with the fewest causal k
 k and v tiles, with each k tile its bias tile: a prepass (_key_bias) writes c = -(b / |a|) ||k||^2 per key
 (-b ||k||^2 where a = 0) in three bf16 parts, which one more wgmma adds to q.k, and |a| log2(e) (log2(e)
 where a = 0) scales the sum inside the exp2's argument, so that the element-wise work per score is
-dot-product attention's (README, "The key bias in the score matmul"). Heads with a < 0 (a = 0) negate
+dot-product attention's (README, "The key bias in the score matmul"; computing the bias tiles in the
+loader's warp group instead, from the k tiles in shared memory, made every forward 1.5-11.5% slower: README,
+"The key bias computed by the loader"). Heads with a < 0 (a = 0) negate
 (zero) their q tile in shared memory once, so that one loop serves every head (README, "One forward loop
 for every sign of a"). At D 64 three consumers (192 query rows a program, as FlashAttention-3's
 hdim-64 tiles) hide more of each one's element-wise work behind the others' matmuls than two did (README,
