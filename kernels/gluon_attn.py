@@ -55,11 +55,13 @@ Status: on sm90 (bf16, fp16) the backend runs the Gluon forward from N 4096 at D
 (FWD_MIN_LEN; persistent at D 128, _attn_fwd_p), triton_attn_tma's forward below, where that one is
 faster, and the one-kernel backward at both; the backward launches its compiled kernels directly
 (_compiled), since through the JIT their host time bounded it at N 4096. An H200 measured its
-forward+backward (rbf and penalty, the same kernels) at 0.97-1.00x SDPA-cuDNN's time at N 16384, D 64,
+forward+backward (rbf and penalty, the same kernels) at 0.96-1.00x SDPA-cuDNN's time at N 16384, D 64,
 1.00-1.02x at N 16384, D 128, 0.99-1.06x at N 4096, D 128 and 1.00-1.05x at N 4096, D 64 (triton-tma:
 1.28-1.43x; README, "The eight rows a third time", "A persistent forward at D 128", "The persistent
-forward's work in pairs"; cuDNN's own rows vary by up to 15% between repeats). Short of parity at
-N 4096, in the forward: its work per key tile costs cuDNN's or less, but each program pays about 6,000
+forward's work in pairs", "The eight rows with five repeats"; cuDNN's own rows vary by up to 15% between
+repeats). Short of parity at N 4096, mostly in the forward: its kernel alone is 1.5-3.7% behind cuDNN's
+and the key-bias prepass adds 3.5-4% (README, "The forward's gap at N 4096, kernel by kernel"); its work
+per key tile costs cuDNN's or less, but each program pays about 6,000
 cycles of its own and 1.3 us before the next one starts on its multiprocessor (README, "Where a forward
 program's time goes"); the persistent forward removes that at D 128, while at D 64 its key tiles ran
 slower by as much, in the consumers' own work rather than in waits (README, "A persistent forward at
