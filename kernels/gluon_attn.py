@@ -64,8 +64,9 @@ and the key-bias prepass adds 3.5-4.2% (README, "The forward's gap at N 4096, ke
 per key tile costs cuDNN's or less, but each program pays about 6,000
 cycles of its own and 1.3 us before the next one starts on its multiprocessor (README, "Where a forward
 program's time goes"); the persistent forward removes that at D 128, while at D 64 its key tiles ran
-slower by as much, in the consumers' own work rather than in waits (README, "A persistent forward at
-D 128", "The persistent forward at D 64 again", "Where the persistent forward's extra cycles go").
+slower by as much, in the consumers' own work rather than in waits, mostly their exp2s queueing longer
+(README, "A persistent forward at D 128", "The persistent forward at D 64 again", "Where the persistent
+forward's extra cycles go", "The forward's gap at N 4096, kernel by kernel").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
