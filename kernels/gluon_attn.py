@@ -59,7 +59,7 @@ forward+backward (rbf and penalty, the same kernels) at 0.96-1.00x SDPA-cuDNN's 
 1.00-1.02x at N 16384, D 128, 0.99-1.06x at N 4096, D 128 and 1.00-1.05x at N 4096, D 64 (triton-tma:
 1.28-1.43x; README, "The eight rows a third time", "A persistent forward at D 128", "The persistent
 forward's work in pairs", "The eight rows with five repeats"; cuDNN's own rows vary by up to 15% between
-repeats). Short of parity at N 4096, mostly in the forward: its kernel alone is 1.4-3.7% behind cuDNN's
+repeats). Short of parity at N 4096, mostly in the forward: its kernel alone is 3.5-3.6% behind cuDNN's
 and the key-bias prepass adds 3.5-4.2% (README, "The forward's gap at N 4096, kernel by kernel"); its work
 per key tile costs cuDNN's or less, but each program pays about 6,000
 cycles of its own and 1.3 us before the next one starts on its multiprocessor (README, "Where a forward
