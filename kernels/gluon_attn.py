@@ -241,7 +241,9 @@ if IMPORT_ERROR is None:
         # that rescales the running sums, the new row max and row sum. The scores came from the matmuls as
         # sign(a) q.k + c (_consumer, _key_bias), and scale = |a| log2(e) > 0 (log2(e) where a = 0) scales
         # them inside the exp2's argument, as in dot-product attention: one floating-point operation a score
-        # fewer than adding a key bias here, and the row max of the unscaled scores is the scaled ones'
+        # fewer than adding a key bias here, and the row max of the unscaled scores is the scaled ones'. Part
+        # of the exp2s by a polynomial, or the rescale skipped while the row maxes hold, measured slower
+        # (README, "The softmax's instructions")
         cols = start_n + offs_n
         s = _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL, BLOCK_N)
         m_new = gl.maximum(m_i, gl.max(s, 1) * scale)
