@@ -25,10 +25,11 @@ where a = 0) scales the sum inside the exp2's argument, so that the element-wise
 dot-product attention's (README, "The key bias in the score matmul"; computing the bias tiles in the
 loader's warp group instead, from the k tiles in shared memory, made every forward 1.5-11.5% slower: README,
 "The key bias computed by the loader"). Heads with a < 0 (a = 0) negate (zero) their q tile in shared
-memory once, so that one loop serves every head (README, "One forward loop for every sign of a"). At D 64 three consumers (192 query rows a program, as FlashAttention-3's
-hdim-64 tiles) hide more of each one's element-wise work behind the others' matmuls than two did (README,
-"Three forward consumers at D 64"). Causal, a consumer computes the key tiles up to its own last row and
-only takes its turns in the program's later ones (README, "Forward consumers stop at their own rows").
+memory once, so that one loop serves every head (README, "One forward loop for every sign of a"). At D 64
+three consumers (192 query rows a program, as FlashAttention-3's hdim-64 tiles) hide more of each one's
+element-wise work behind the others' matmuls than two did (README, "Three forward consumers at D 64").
+Causal, a consumer computes the key tiles up to its own last row and only takes its turns in the program's
+later ones (README, "Forward consumers stop at their own rows").
 
 The backward is one kernel: each consumer owns 64 keys, the loader brings q and dO tiles (and with each q tile
 its rows' log-sum-exp, read in place from the forward's, and delta, which triton_attn._bwd_preprocess writes
@@ -61,10 +62,11 @@ forward's work in pairs", "The eight rows with five repeats"; cuDNN's own rows v
 repeats). Short of parity at N 4096, mostly in the forward: its kernel alone is 3.5-3.6% behind cuDNN's
 and the key-bias prepass adds 3.5-4.2% (README, "The forward's gap at N 4096, kernel by kernel"); its work
 per key tile costs cuDNN's or less, but each program pays about 6,000 cycles of its own and 1.3 us before
-the next one starts on its multiprocessor (README, "Where a forward program's time goes"); the persistent forward removes that at D 128, while at D 64 its key tiles ran
-slower by as much, in the consumers' own work rather than in waits, mostly their exp2s queueing longer
-(README, "A persistent forward at D 128", "The persistent forward at D 64 again", "Where the persistent
-forward's extra cycles go", "The forward's gap at N 4096, kernel by kernel").
+the next one starts on its multiprocessor (README, "Where a forward program's time goes"); the persistent
+forward removes that at D 128, while at D 64 its key tiles ran slower by as much, in the consumers' own
+work rather than in waits, mostly their exp2s queueing longer (README, "A persistent forward at D 128",
+"The persistent forward at D 64 again", "Where the persistent forward's extra cycles go", "The forward's
+gap at N 4096, kernel by kernel").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
 float64 math, `... bench` times them against SDPA-cuDNN and triton-tma; tests/test_kernels.py compiles
 the kernels for sm90 without a GPU and tests/test_kernels_gpu.py checks the backend on one. Written
