@@ -47,7 +47,8 @@ of (batch, head) rows at a time, so peak memory stays near triton-tma's backward
 Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
 loader (and the writer); with A_REGS a consumer keeps its own tiles in registers as the A operand of its
 score matmuls. Same math and outputs as triton_attn_tma's to rounding (base-2 scores, the key norms computed
-once per key by a prepass, a base-2 log-sum-exp per row, per-key da and db rows summed on the host).
+once per key by the forward's prepass and kept for the backward, a base-2 log-sum-exp per row, per-key da
+and db rows summed on the host).
 Tiles are read through rank-4 descriptors over each (B, H, N, D) tensor with its own strides, so rows past
 N read as zeros per head and a qkv projection's views are read in place.
 
@@ -1203,11 +1204,12 @@ def _meta(causal: bool, config: tuple) -> dict:
 
 
 @triton.jit
-def _key_bias(K, A, B, BIAS, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+def _key_bias(K, A, B, BIAS, KN2, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     # per key j of (batch, head) row bh, with n = ||k_j||^2: c = -(b / |a|) n (-b n where the head's a = 0) into
     # BIAS (B * H, N, 16) bf16, as three parts whose sum is c to about float32's precision (columns 0-2; zeros
     # in the others). The forward adds them to sign(a) q.k in the score matmul and scales the sum by |a|
-    # (1 where a = 0) in the exp2's argument, as dot-product attention scales its scores: a q.k - b n
+    # (1 where a = 0) in the exp2's argument, as dot-product attention scales its scores: a q.k - b n.
+    # n itself into KN2 (B, H, N) float32, for the backward
     bh = tl.program_id(1)
     off_b = (bh // n_heads).to(tl.int64)
     off_h = bh % n_heads
@@ -1228,6 +1230,7 @@ def _key_bias(K, A, B, BIAS, skb, skh, skn, n_heads, n_ctx, HEAD_DIM: tl.constex
     )
     row = bh.to(tl.int64) * n_ctx + rows
     tl.store(BIAS + row[:, None] * 16 + cols, parts.to(tl.bfloat16), mask=rows[:, None] < n_ctx)
+    tl.store(KN2 + row, n, mask=rows < n_ctx)
 
 
 def fwd_launch(q, k, v, a, o, lse, bias, causal: bool, config: tuple, programs: int) -> tuple:
@@ -1274,7 +1277,7 @@ def bwd_launch(
     first, a zeroed float32 (1, rows, fragment_rows(N, D), 256) dQ accumulator, holds (_dq_from_fragments
     makes it their dq). bh0 is the last of args, so that a launch over other rows of the same accumulator
     changes it and the grid's rows only (rows_launch).
-    rows_in: (lse, delta, kn2) as backward prepares them: each (batch, head) row's base-2 log-sum-exp and
+    rows_in: (lse, delta, kn2) as backward has them: each (batch, head) row's base-2 log-sum-exp and
     delta, float32 (B * H, 1, row length) with rows 16-byte aligned (row length N or padded_len(N)), and its
     key norms (B, H, N); grads: that accumulator, dk, dv (contiguous (B, H, N, D)) and the per-key da, db rows
     (B, H, N) float32."""
@@ -1363,18 +1366,19 @@ def _dq_from_fragments(ACC, DQ, n_ctx, HEAD_DIM: tl.constexpr):
     tl.store(dq, x.to(DQ.dtype.element_ty), mask=m < n_ctx)
 
 
-def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) for (B, H, N, D) bf16/fp16 q, k, v on an sm90 GPU, D with CONFIGS["fwd"] (64, 128); lse is the
-    base-2 log-sum-exp per row (B, H, N), as triton_attn_tma's forward writes it."""
+def forward(q, k, v, a, b, causal: bool, config: tuple | None = None) -> tuple:
+    """(o, lse, kn2) for (B, H, N, D) bf16/fp16 q, k, v on an sm90 GPU, D with CONFIGS["fwd"] (64, 128); lse is
+    the base-2 log-sum-exp per row and kn2 the key norms ||k||^2, both float32 (B, H, N), as triton_attn_tma's
+    forward writes them (the backward reads both)."""
     B, H, N, D = q.shape
     o = base._alloc((B, H, N, D), q.dtype, q.device)
-    lse = base._alloc((B, H, N), torch.float32, q.device)
+    lse, kn2 = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))
     bias = base._alloc((B * H, N, 16), torch.bfloat16, q.device)
-    _key_bias[(triton.cdiv(N, 64), B * H)](k, a, b, bias, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64)
+    _key_bias[(triton.cdiv(N, 64), B * H)](k, a, b, bias, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64)
     config = config or CONFIGS["fwd"][D][0]
     kernel, args, meta, grid = fwd_launch(q, k, v, a, o, lse, bias, causal, config, _programs(q.device))
     kernel[grid](*args, **meta)
-    return o, lse
+    return o, lse, kn2
 
 
 def _programs(device: torch.device) -> int:
@@ -1398,12 +1402,11 @@ def _compiled(kernel, args: tuple, meta: dict, grid: tuple):
     return run
 
 
-def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = None) -> tuple:
-    """(dq, dk, dv, da, db) of triton_attn_tma's forward (or forward above) with output o and base-2 lse, by
-    _attn_bwd or the persistent _attn_bwd_p (config: one of CONFIGS["bwd"][D], default the first), over as
-    many (batch, head) rows at a time as ACC_BYTES allows."""
+def backward(do, q, k, v, a, b, o, lse, kn2, causal: bool, config: tuple | None = None) -> tuple:
+    """(dq, dk, dv, da, db) of triton_attn_tma's forward (or forward above) with output o, base-2 lse and key
+    norms kn2, by _attn_bwd or the persistent _attn_bwd_p (config: one of CONFIGS["bwd"][D], default the
+    first), over as many (batch, head) rows at a time as ACC_BYTES allows."""
     B, H, N, D = q.shape
-    kn2 = base._alloc((B, H, N), torch.float32, q.device)
     # the per-key da and db rows in one buffer, so that one reduction sums both over the keys first (a
     # contiguous reduction; summing over (B, N) at once took 26 us a call at N 4096, D 64 on an H200), then
     # each over the batch into a tensor of its own (a custom op's outputs may not alias one another)
@@ -1412,7 +1415,7 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
     delta = base._alloc((B * H, 1, padded_len(N)), torch.float32, q.device)
     base._bwd_preprocess[(triton.cdiv(N, 64), B * H)](
         o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N, delta.shape[-1],
-        HEAD_DIM=D, D_PAD=D, BLOCK=64,
+        HEAD_DIM=D, D_PAD=D, BLOCK=64, NORMS=False,
     )  # fmt: skip
     lse = _tma_rows(lse.reshape(B * H, 1, N))
     config = config or CONFIGS["bwd"][D][0]
@@ -1461,7 +1464,7 @@ def backward(do, q, k, v, a, b, o, lse, causal: bool, config: tuple | None = Non
 @torch.library.custom_op("ablate::rbf_attention_gluon_fwd", mutates_args=())
 def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.shape[-1] not in CONFIGS["fwd"] or q.shape[-2] < FWD_MIN_LEN.get(q.shape[-1], 0):
         return triton_attn_tma._fwd_op(q, k, v, a, b, causal)
     q, k, v = (triton_attn_tma._tma_ready(t) for t in (q, k, v))
@@ -1478,20 +1481,21 @@ def _bwd_op(
     b: torch.Tensor,
     o: torch.Tensor,
     lse: torch.Tensor,
+    kn2: torch.Tensor,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     do, q, k, v = (triton_attn_tma._tma_ready(t) for t in (do, q, k, v))
-    return backward(do, q, k, v, a, b, o, lse, causal)
+    return backward(do, q, k, v, a, b, o, lse, kn2, causal)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, a, b, causal):
-    return base._fwd_fake(q, k, v, a, b, causal, True)
+    return triton_attn_tma._fwd_fake(q, k, v, a, b, causal)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
-    return base._bwd_fake(do, q, k, v, a, b, o, lse, causal)
+def _bwd_fake(do, q, k, v, a, b, o, lse, kn2, causal):
+    return triton_attn_tma._bwd_fake(do, q, k, v, a, b, o, lse, kn2, causal)
 
 
 base.register_autograd(_fwd_op, _bwd_op)
@@ -1551,16 +1555,16 @@ def _check(dtypes=(torch.bfloat16, torch.float16)) -> bool:
             want = torch.autograd.grad(want_o, exact, do.double())
             first = dtype != torch.bfloat16
             results = []
-            tma_o, tma_lse = triton_attn_tma._fwd_op(q, k, v, a, b, causal)
-            o, lse = tma_o, tma_lse  # the backward's input where no Gluon forward runs
+            tma_saved = triton_attn_tma._fwd_op(q, k, v, a, b, causal)  # (o, lse, kn2)
+            saved = tma_saved  # the backward's input where no Gluon forward runs
             for config in CONFIGS["fwd"].get(d, [])[: 1 if first else None]:
-                o, lse = forward(q, k, v, a, b, causal, config)
-                results.append(("fwd", config, [_rel(o, want_o)], [1e-2]))
-            tma_grads = triton_attn_tma._bwd_op(do, q, k, v, a, b, tma_o, tma_lse, causal)
+                saved = forward(q, k, v, a, b, causal, config)
+                results.append(("fwd", config, [_rel(saved[0], want_o)], [1e-2]))
+            tma_grads = triton_attn_tma._bwd_op(do, q, k, v, a, b, *tma_saved, causal)
             # gradients within 2e-2, or within 1.25x triton-tma's error on the same inputs
             limits = [max(2e-2, 1.25 * _rel(g, w)) for g, w in zip(tma_grads, want, strict=True)]
             for config in CONFIGS["bwd"][d][: 1 if first else None]:
-                grads = backward(do, q, k, v, a, b, o, lse, causal, config)
+                grads = backward(do, q, k, v, a, b, *saved, causal, config)
                 errs = [_rel(g, w) for g, w in zip(grads, want, strict=True)]
                 results.append(("bwd", config, errs, limits))
             for kind, config, errs, bounds in results:
@@ -1591,11 +1595,11 @@ def _bench_shape(n: int, d: int) -> str:
     q, k, v = (t.detach() for t in (q, k, v))
     cudnn_fwd = do_bench(lambda: cudnn(q, k, v, a, b))
     tma_fwd = do_bench(lambda: triton_attn_tma._fwd_op(q, k, v, a, b, True))
-    o, lse = triton_attn_tma._fwd_op(q, k, v, a, b, True)
-    tma_bwd = do_bench(lambda: triton_attn_tma._bwd_op(do, q, k, v, a, b, o, lse, True))
+    saved = triton_attn_tma._fwd_op(q, k, v, a, b, True)
+    tma_bwd = do_bench(lambda: triton_attn_tma._bwd_op(do, q, k, v, a, b, *saved, True))
     fwd = {c: do_bench(lambda c=c: forward(q, k, v, a, b, True, c)) for c in CONFIGS["fwd"].get(d, [])}
     fwd = fwd or {"triton-tma": tma_fwd}
-    bwd = {c: do_bench(lambda c=c: backward(do, q, k, v, a, b, o, lse, True, c)) for c in CONFIGS["bwd"][d]}
+    bwd = {c: do_bench(lambda c=c: backward(do, q, k, v, a, b, *saved, True, c)) for c in CONFIGS["bwd"][d]}
     flops = 2 * batch * bench.HEADS * n * n * d
     tf = lambda ms, x=1.0: f"{ms:.3f} ({x * flops / ms / 1e9:.0f})"  # noqa: E731
     best_f, best_b = min(fwd.values()), min(bwd.values())

@@ -163,9 +163,11 @@ def _key_norms(K, KN2, skb, skh, skn, n_heads, n_ctx, row_stride,
 @triton.jit
 def _bwd_preprocess(O, DO, K, DELTA, KN2,
                     sob, soh, son, sdb, sdh, sdn, skb, skh, skn, n_heads, n_ctx, delta_stride,
-                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                    NORMS: tl.constexpr = True):  # fmt: skip
     # delta_i = sum_d O_id dO_id, float32 rows of delta_stride >= N per (batch, head) ((B, H, N) at N), and
-    # ||k_i||^2, float32 (B, H, N)
+    # where NORMS ||k_i||^2, float32 (B, H, N) (K and KN2 are not touched otherwise: the backward got the
+    # norms from its forward)
     bh = tl.program_id(1)
     off_b = (bh // n_heads).to(tl.int64)
     off_h = bh % n_heads
@@ -176,10 +178,11 @@ def _bwd_preprocess(O, DO, K, DELTA, KN2,
     o = tl.load(O + off_b * sob + off_h * soh + tile, mask=mask, other=0.0).to(tl.float32)
     tile = rows[:, None] * sdn + offs_d[None, :]
     do = tl.load(DO + off_b * sdb + off_h * sdh + tile, mask=mask, other=0.0).to(tl.float32)
-    tile = rows[:, None] * skn + offs_d[None, :]
-    k = tl.load(K + off_b * skb + off_h * skh + tile, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * delta_stride + rows, tl.sum(o * do, 1), mask=rows < n_ctx)
-    tl.store(KN2 + bh.to(tl.int64) * n_ctx + rows, tl.sum(k * k, 1), mask=rows < n_ctx)
+    if NORMS:
+        tile = rows[:, None] * skn + offs_d[None, :]
+        k = tl.load(K + off_b * skb + off_h * skh + tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(KN2 + bh.to(tl.int64) * n_ctx + rows, tl.sum(k * k, 1), mask=rows < n_ctx)
 
 
 @triton.jit
@@ -501,20 +504,23 @@ def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
 
 
 def register_autograd(fwd_op, bwd_op) -> None:
-    """Differentiate a fused attention op (q, k, v, a, b, causal, *flags) -> (o, lse) through its backward
-    op (do, q, k, v, a, b, o, lse, causal) -> (dq, dk, dv, da, db); triton_attn_tma's ops use it too."""
+    """Differentiate a fused attention op (q, k, v, a, b, causal, *flags) -> (o, lse, *kept) through its
+    backward op (do, q, k, v, a, b, o, lse, *kept, causal) -> (dq, dk, dv, da, db). kept: what else the
+    forward leaves for the backward (triton_attn_tma's and gluon_attn's ops: the key norms); none here.
+    lse and kept get no gradient, and none is made for them: autograd would otherwise hand the backward a
+    zero-filled tensor for each (4 bytes a query or key and head, held at the backward's peak)."""
 
     def setup_context(ctx, inputs, output) -> None:
         q, k, v, a, b, causal = inputs[:6]
-        o, lse = output
-        ctx.save_for_backward(q, k, v, a, b, o, lse)
+        o, *stats = output
+        ctx.save_for_backward(q, k, v, a, b, o, *stats)
         ctx.causal, ctx.flags = causal, len(inputs) - 6  # causal and the flags get no gradient
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(*stats)
+        ctx.set_materialize_grads(False)  # do is o's gradient, which the backward is only run for
 
-    def backward(ctx, do, _dlse):
-        q, k, v, a, b, o, lse = ctx.saved_tensors
+    def backward(ctx, do, *_stats_grads):  # _stats_grads: None
         do = do if do.stride(-1) == 1 else do.contiguous()
-        return (*bwd_op(do, q, k, v, a, b, o, lse, ctx.causal), None, *[None] * ctx.flags)
+        return (*bwd_op(do, *ctx.saved_tensors, ctx.causal), None, *[None] * ctx.flags)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
 

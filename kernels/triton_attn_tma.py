@@ -122,7 +122,7 @@ def _attn_fwd(Q, K, V, A, B, O, LSE, KN2, sob, soh, son, n_heads, n_ctx, HEAD_DI
 
 
 # ----------------------------------------------------------------------------------------------------
-# backward (delta and the key norms come from triton_attn._bwd_preprocess)
+# backward (delta comes from triton_attn._bwd_preprocess, the key norms from the forward)
 
 
 @triton.jit
@@ -423,7 +423,8 @@ def _fwd_op(
     a: torch.Tensor,
     b: torch.Tensor,
     causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (o, lse, the key norms), the last kept for the backward
     B, H, N, D = q.shape
     dims = base._dims(q)
     q, k, v = (_tma_ready(t) for t in (q, k, v))
@@ -438,7 +439,7 @@ def _fwd_op(
     _fwd_kernel[grid](
         *(_tiles_arg(t) for t in (q, k, v)), a, b, o, lse, kn2, *o.stride()[:3], H, N, CAUSAL=causal, **dims
     )
-    return o, lse
+    return o, lse, kn2
 
 
 @torch.library.custom_op("ablate::rbf_attention_tma_bwd", mutates_args=())
@@ -451,16 +452,17 @@ def _bwd_op(
     b: torch.Tensor,
     o: torch.Tensor,
     lse: torch.Tensor,
+    kn2: torch.Tensor,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     dims = base._dims(q)
     do, q, k, v = (_tma_ready(t) for t in (do, q, k, v))
-    delta, kn2 = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # (B, H, N)
+    delta = base._alloc((B, H, N), torch.float32, q.device)
     block = 16 if INTERPRET else 64
     base._bwd_preprocess[(triton.cdiv(N, block), B * H)](
         o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N, N,
-        HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block,
+        HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block, NORMS=False,
     )  # fmt: skip
     dq, dk, dv = (base._alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
     da_rows, db_rows = (base._alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # summed below
@@ -476,11 +478,11 @@ def _bwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, a, b, causal):
-    return base._fwd_fake(q, k, v, a, b, causal, True)
+    return *base._fwd_fake(q, k, v, a, b, causal, True), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
+def _bwd_fake(do, q, k, v, a, b, o, lse, kn2, causal):
     return base._bwd_fake(do, q, k, v, a, b, o, lse, causal)
 
 
@@ -507,10 +509,8 @@ def triton_tma_attention(
 
 
 def _attention(q, k, v, a, b, causal: bool) -> torch.Tensor:
-    o, _ = _fwd_op(
-        *base.checked_inputs("triton-tma", unsupported_reason(q, k, v, a, b), q, k, v, a, b), causal
-    )
-    return o
+    inputs = base.checked_inputs("triton-tma", unsupported_reason(q, k, v, a, b), q, k, v, a, b)
+    return _fwd_op(*inputs, causal)[0]
 
 
 def unsupported_reason(q, k, v, a, b) -> str | None:

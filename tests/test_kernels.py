@@ -192,7 +192,7 @@ def test_triton_interpreted_strided_inputs_constant_coefficients(poisoned):
 def test_gluon_key_bias_prepass_interpreted(poisoned):
     # the Gluon forward's prepass (kernels/gluon_attn.py, _key_bias): per key -(b / |a|) ||k||^2 (-b ||k||^2
     # where a = 0) as three bf16 parts whose sum has float32's precision (one bf16 alone is off by up to 2^-9
-    # of it), zeros in the other columns
+    # of it), zeros in the other columns; and ||k||^2 itself, float32 (B, H, N), which the backward keeps
     from kernels import gluon_attn
     from kernels import triton_attn as base
 
@@ -200,10 +200,12 @@ def test_gluon_key_bias_prepass_interpreted(poisoned):
     _, k, _, _, _, _ = make_inputs(B, H, N, D, torch.bfloat16, grad=False)
     a, b = torch.tensor([0.2, -0.1, 0.0]), torch.tensor([0.05, 0.07, 0.1])
     bias = base._alloc((B * H, N, 16), torch.bfloat16, k.device)
+    kn2 = torch.full((B, H, N), float("nan"))
     gluon_attn._key_bias[(triton.cdiv(N, 64), B * H)](
-        k, a, b, bias, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
+        k, a, b, bias, kn2, *k.stride()[:3], H, N, HEAD_DIM=D, BLOCK=64
     )
     norms = k.double().square().sum(-1).reshape(B * H, N)
+    torch.testing.assert_close(kn2.double().reshape(B * H, N), norms, rtol=1e-6, atol=0)
     per_head = -b.double() / torch.where(a == 0, 1.0, a.abs()).double()  # |a|, 1 where a = 0
     want = norms * per_head.repeat(B)[:, None]
     parts = bias.double()
@@ -248,6 +250,34 @@ def test_triton_rejects_bad_inputs():
 def test_triton_tma_interpreted(poisoned, dtype, N, D, causal):
     q, k, v, a, b, do = make_inputs(2, 2, N, D, dtype)
     check_backend(kernels.BACKENDS["triton-tma"], q, k, v, a, b, do, causal=causal)
+
+
+@interpreted_only
+def test_triton_tma_backward_takes_the_forwards_key_norms(poisoned, monkeypatch):
+    # the forward's ||k||^2 is kept for the backward, whose preprocess then writes delta alone (NORMS=False)
+    from kernels import triton_attn_tma
+
+    q, k, v, a, b, do = make_inputs(2, 3, 40, 16, torch.float32)
+    o, _lse, kn2 = triton_attn_tma._fwd_op(q, k, v, a, b, True)
+    torch.testing.assert_close(kn2, k.detach().square().sum(-1))
+    assert any(t is kn2 for t in o.grad_fn.saved_tensors)
+    preprocess, flags = triton_attn_tma.base._bwd_preprocess, []
+
+    class Recorded:  # kernel[grid](*args, **constexprs), its NORMS noted
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                flags.append(meta.get("NORMS", True))
+                return preprocess[grid](*args, **meta)
+
+            return launch
+
+    monkeypatch.setattr(triton_attn_tma.base, "_bwd_preprocess", Recorded())
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    assert flags == [False]
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v, a, b)]
+    want = torch.autograd.grad(attention_reference(*exact, causal=True), exact[:3], do.double())
+    for got, w in zip((dq, dk, dv), want, strict=True):
+        torch.testing.assert_close(got.double(), w, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.skipif(
@@ -493,7 +523,8 @@ def test_gluon_backward_covers_the_rows_in_launches_of_acc_bytes(monkeypatch, pe
     q, k, v, o, do = (torch.randn(B, H, N, D).to(torch.bfloat16) for _ in range(5))
     config = next(c for c in gluon_attn.CONFIGS["bwd"][D] if gluon_attn.persistent(c) == persistent)
     ones, zeros = torch.ones(H), torch.zeros(H)
-    dq = gluon_attn.backward(do, q, k, v, ones, zeros, o, torch.zeros(B, H, N), True, config)[0]
+    stats = torch.zeros(B, H, N)  # lse and kn2
+    dq = gluon_attn.backward(do, q, k, v, ones, zeros, o, stats, stats, True, config)[0]
     assert seen == [(0, 4), (4, 4), (8, 2)]
     assert len(set(counters)) == (3 if persistent else 0)
     assert dq.dtype == torch.bfloat16
@@ -562,6 +593,15 @@ def test_backward_prepass_fills_delta_rows_of_a_given_stride(n, d):
     torch.testing.assert_close(delta[:, 0, :n], (o * do).sum(-1).view(B * H, n))
     torch.testing.assert_close(kn2, (k * k).sum(-1))
     assert delta[:, :, n:].isnan().all()
+    # NORMS=False (the backward has the forward's norms): delta alone, kn2 left as it was
+    delta.fill_(float("nan"))
+    kept = torch.full((B, H, n), -1.0)
+    triton_attn._bwd_preprocess[(-(-n // 16), B * H)](
+        o, do, k, delta, kept, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, n, pad,
+        HEAD_DIM=d, D_PAD=d, BLOCK=16, NORMS=False,
+    )  # fmt: skip
+    torch.testing.assert_close(delta[:, 0, :n], (o * do).sum(-1).view(B * H, n))
+    assert (kept == -1).all()
 
 
 def test_gluon_backward_reads_the_forwards_lse_in_place_where_tma_can():
