@@ -1,10 +1,11 @@
 """Fused Triton attention for softmax(a*q.k - b*||k||^2) v, forward and backward.
 
 FlashAttention-style: an online softmax over key tiles, never materialising the (N, N) scores. The key
-norms ||k_j||^2 are computed once per key in float32 by a small kernel and read as a (BLOCK_N,) vector
-per tile; recomputing them from every key tile inside the loop (ABLATE_KEY_NORM=loop) measured 25-35%
-slower in the forward on an H200 (python -m kernels.bench, rows "triton" vs "triton-loopnorm"). Scores
-live in base 2 (exp2), so a and b are pre-multiplied by log2(e) and the saved log-sum-exp is base 2.
+norms ||k_j||^2 are computed once per key in float32 by a small kernel, read as a (BLOCK_N,) vector per
+tile and kept for the backward; recomputing them from every key tile inside the loop
+(ABLATE_KEY_NORM=loop) measured 25-35% slower in the forward on an H200 (python -m kernels.bench, rows
+"triton" vs "triton-loopnorm"). Scores live in base 2 (exp2), so a and b are pre-multiplied by log2(e)
+and the saved log-sum-exp is base 2.
 
 Backward, with dS the gradient of the loss w.r.t. the scores s = a*q.k - b*||k||^2:
     dS = P * (dP - delta),  delta_i = sum_d dO_id * O_id
@@ -31,7 +32,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ABLATE_TRITON_AUTOTUNE=0 uses the first config of each list (fast compiles for tests).
 AUTOTUNE = os.environ.get("ABLATE_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 # forward key norms: "pre" (default) reads them from a (B, H, N) float32 vector written by a small
-# kernel first; "loop" recomputes ||k||^2 from each key tile in the loop. The backward always precomputes.
+# kernel first, and kept for the backward; "loop" recomputes ||k||^2 from each key tile in the loop, and the
+# backward's preprocess computes them.
 PRE_NORM = os.environ.get("ABLATE_KEY_NORM", "pre") != "loop"
 
 
@@ -439,12 +441,13 @@ def _fwd_op(
     b: torch.Tensor,
     causal: bool,
     pre_norm: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (o, lse, the key norms): the norms (B, H, N) when pre_norm, kept for the backward; else empty
     B, H, N, D = q.shape
     dims = _dims(q)
     o = _alloc((B, H, N, D), q.dtype, q.device)
     lse = _alloc((B, H, N), torch.float32, q.device)  # base-2 log-sum-exp per row
-    kn2 = lse  # not read unless pre_norm
+    kn2 = q.new_empty((0,), dtype=torch.float32)
     if pre_norm:
         kn2 = _alloc((B, H, N), torch.float32, q.device)
         block = 16 if INTERPRET else 64
@@ -456,7 +459,7 @@ def _fwd_op(
         q, k, v, a, b, o, lse, kn2, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, N, CAUSAL=causal, PRE_NORM=pre_norm, **dims,
     )  # fmt: skip
-    return o, lse
+    return o, lse, kn2
 
 
 @torch.library.custom_op("ablate::rbf_attention_bwd", mutates_args=())
@@ -469,15 +472,19 @@ def _bwd_op(
     b: torch.Tensor,
     o: torch.Tensor,
     lse: torch.Tensor,
+    kn2: torch.Tensor,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     dims = _dims(q)
-    delta, kn2 = (_alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # (B, H, N)
+    delta = _alloc((B, H, N), torch.float32, q.device)  # (B, H, N)
+    norms = kn2.numel() == 0  # the forward kept none (ABLATE_KEY_NORM=loop): the preprocess writes them
+    if norms:
+        kn2 = _alloc((B, H, N), torch.float32, q.device)
     block = 16 if INTERPRET else 64
     _bwd_preprocess[(triton.cdiv(N, block), B * H)](
         o, do, k, delta, kn2, *o.stride()[:3], *do.stride()[:3], *k.stride()[:3], H, N, N,
-        HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block,
+        HEAD_DIM=D, D_PAD=dims["D_PAD"], BLOCK=block, NORMS=norms,
     )  # fmt: skip
     dq, dk, dv = (_alloc((B, H, N, D), q.dtype, q.device) for _ in range(3))
     da_rows, db_rows = (_alloc((B, H, N), torch.float32, q.device) for _ in range(2))  # summed below
@@ -494,11 +501,12 @@ def _bwd_op(
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, a, b, causal, pre_norm):
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return o, q.new_empty(q.shape[:3], dtype=torch.float32)
+    kn2 = q.new_empty(q.shape[:3] if pre_norm else (0,), dtype=torch.float32)
+    return o, q.new_empty(q.shape[:3], dtype=torch.float32), kn2
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
+def _bwd_fake(do, q, k, v, a, b, o, lse, kn2, causal):
     grads = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     return (*grads, torch.empty_like(a), torch.empty_like(b))
 
@@ -506,7 +514,7 @@ def _bwd_fake(do, q, k, v, a, b, o, lse, causal):
 def register_autograd(fwd_op, bwd_op) -> None:
     """Differentiate a fused attention op (q, k, v, a, b, causal, *flags) -> (o, lse, *kept) through its
     backward op (do, q, k, v, a, b, o, lse, *kept, causal) -> (dq, dk, dv, da, db). kept: what else the
-    forward leaves for the backward (triton_attn_tma's and gluon_attn's ops: the key norms); none here.
+    forward leaves for the backward (the fused ops here: the key norms, which the backward then skips).
     lse and kept get no gradient, and none is made for them: autograd would otherwise hand the backward a
     zero-filled tensor for each (4 bytes a query or key and head, held at the backward's peak)."""
 
@@ -547,10 +555,8 @@ def triton_attention(
 
 
 def _attention(q, k, v, a, b, causal: bool, pre_norm: bool) -> torch.Tensor:
-    o, _ = _fwd_op(
-        *checked_inputs("triton", unsupported_reason(q, k, v, a, b), q, k, v, a, b), causal, pre_norm
-    )
-    return o
+    inputs = checked_inputs("triton", unsupported_reason(q, k, v, a, b), q, k, v, a, b)
+    return _fwd_op(*inputs, causal, pre_norm)[0]
 
 
 def checked_inputs(backend: str, reason: str | None, q, k, v, a, b) -> tuple[torch.Tensor, ...]:

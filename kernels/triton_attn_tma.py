@@ -478,12 +478,12 @@ def _bwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, a, b, causal):
-    return *base._fwd_fake(q, k, v, a, b, causal, True), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return base._fwd_fake(q, k, v, a, b, causal, True)
 
 
 @_bwd_op.register_fake
 def _bwd_fake(do, q, k, v, a, b, o, lse, kn2, causal):
-    return base._bwd_fake(do, q, k, v, a, b, o, lse, causal)
+    return base._bwd_fake(do, q, k, v, a, b, o, lse, kn2, causal)
 
 
 base.register_autograd(_fwd_op, _bwd_op)

@@ -253,15 +253,24 @@ def test_triton_tma_interpreted(poisoned, dtype, N, D, causal):
 
 
 @interpreted_only
-def test_triton_tma_backward_takes_the_forwards_key_norms(poisoned, monkeypatch):
-    # the forward's ||k||^2 is kept for the backward, whose preprocess then writes delta alone (NORMS=False)
-    from kernels import triton_attn_tma
+@pytest.mark.parametrize("op", ["triton-tma", "triton", "triton with ABLATE_KEY_NORM=loop"])
+def test_backward_takes_the_forwards_key_norms(poisoned, monkeypatch, op):
+    # the forward's ||k||^2 is kept for the backward, whose preprocess then writes delta alone (NORMS=False);
+    # a forward that computed no norms (the loop variant) keeps an empty tensor, and the preprocess writes them
+    from kernels import triton_attn, triton_attn_tma
 
     q, k, v, a, b, do = make_inputs(2, 3, 40, 16, torch.float32)
-    o, _lse, kn2 = triton_attn_tma._fwd_op(q, k, v, a, b, True)
-    torch.testing.assert_close(kn2, k.detach().square().sum(-1))
+    pre_norm = op != "triton with ABLATE_KEY_NORM=loop"
+    if op == "triton-tma":
+        o, _lse, kn2 = triton_attn_tma._fwd_op(q, k, v, a, b, True)
+    else:
+        o, _lse, kn2 = triton_attn._fwd_op(q, k, v, a, b, True, pre_norm)
+    if pre_norm:
+        torch.testing.assert_close(kn2, k.detach().square().sum(-1))
+    else:
+        assert kn2.shape == (0,)
     assert any(t is kn2 for t in o.grad_fn.saved_tensors)
-    preprocess, flags = triton_attn_tma.base._bwd_preprocess, []
+    preprocess, flags = triton_attn._bwd_preprocess, []
 
     class Recorded:  # kernel[grid](*args, **constexprs), its NORMS noted
         def __getitem__(self, grid):
@@ -271,12 +280,12 @@ def test_triton_tma_backward_takes_the_forwards_key_norms(poisoned, monkeypatch)
 
             return launch
 
-    monkeypatch.setattr(triton_attn_tma.base, "_bwd_preprocess", Recorded())
-    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
-    assert flags == [False]
+    monkeypatch.setattr(triton_attn, "_bwd_preprocess", Recorded())
+    grads = torch.autograd.grad(o, (q, k, v, a, b), do)
+    assert flags == [not pre_norm]
     exact = [t.detach().double().requires_grad_() for t in (q, k, v, a, b)]
-    want = torch.autograd.grad(attention_reference(*exact, causal=True), exact[:3], do.double())
-    for got, w in zip((dq, dk, dv), want, strict=True):
+    want = torch.autograd.grad(attention_reference(*exact, causal=True), exact, do.double())
+    for got, w in zip(grads, want, strict=True):
         torch.testing.assert_close(got.double(), w, rtol=1e-3, atol=1e-4)
 
 
