@@ -2,34 +2,35 @@
 groups: the `gluon` attention backend.
 
 Why: the tl.dot kernels of triton_attn_tma.py run the softmax, the exp2 and the matmuls of a tile mostly
-one after another (README, "A forward with explicit wgmma waits"). Here, as in FlashAttention-3, each
+one after another ("A forward with explicit wgmma waits"; quoted titles in this file are sections of
+kernels/README.md, where the measurements behind it are written up). Here, as in FlashAttention-3, each
 program runs three warp-specialised partitions (gl.warp_specialize; four in the one-kernel backward):
 
 - two consumer warp groups (three in the forward at D 64) take turns at the tensor cores: a consumer waits
   for its turn (an mbarrier), issues its matmuls, passes the turn to the next and runs its element-wise
   work while the others' matmuls run. Within a consumer the waits are explicit: the source waits for the
   matmuls that accumulate (P.V in the forward, dV and dK or dQ in the backward) only after the next
-  tile's element-wise work, though in the forward ptxas places the wait before the softmax (README, "A
+  tile's element-wise work, though in the forward ptxas places the wait before the softmax ("A
   consumer's softmax against its own P.V");
 - one loader warp moves tiles by TMA into rings of STAGES buffers, refilling a stage once every consumer
   has released it (an mbarrier that counts their arrivals). The forward's k and v rings are released
   apart, k once every consumer's scores are in and v once their P.V has run (FlashAttention-3's separate
   K and V pipelines): with one release per stage, after P.V, the loader started a k tile's load about
-  when a consumer waited for it (README, "The forward's k and v released apart").
+  when a consumer waited for it ("The forward's k and v released apart").
 
 The forward's consumers own 64 query rows each (a program's rows counted back from row N, so that rows
 below 0, where N is not a multiple, fall in the program with the fewest causal keys) and the loader brings
 k and v tiles, with each k tile its bias tile: a prepass (_key_bias) writes c = -(b / |a|) ||k||^2 per key
 (-b ||k||^2 where a = 0) in three bf16 parts, which one more wgmma adds to q.k, and |a| log2(e) (log2(e)
 where a = 0) scales the sum inside the exp2's argument, so that the element-wise work per score is
-dot-product attention's (README, "The key bias in the score matmul"; computing the bias tiles in the
-loader's warp group instead, from the k tiles in shared memory, made every forward 1.5-11.5% slower: README,
+dot-product attention's ("The key bias in the score matmul"; computing the bias tiles in the
+loader's warp group instead, from the k tiles in shared memory, made every forward 1.5-11.5% slower:
 "The key bias computed by the loader"). Heads with a < 0 (a = 0) negate (zero) their q tile in shared
-memory once, so that one loop serves every head (README, "One forward loop for every sign of a"). At D 64
+memory once, so that one loop serves every head ("One forward loop for every sign of a"). At D 64
 three consumers (192 query rows a program, as FlashAttention-3's hdim-64 tiles) hide more of each one's
-element-wise work behind the others' matmuls than two did (README, "Three forward consumers at D 64").
+element-wise work behind the others' matmuls than two did ("Three forward consumers at D 64").
 Causal, a consumer computes the key tiles up to its own last row and only takes its turns in the program's
-later ones (README, "Forward consumers stop at their own rows").
+later ones ("Forward consumers stop at their own rows").
 
 The backward is one kernel: each consumer owns 64 keys, the loader brings q and dO tiles (and with each q tile
 its rows' log-sum-exp, read in place from the forward's, and delta, which triton_attn._bwd_preprocess writes
@@ -41,7 +42,7 @@ a float32 accumulator laid out the same way, by TMA reduce-add (cp.reduce.async.
 _dq_from_fragments, a plain Triton kernel, then writes dq in natural order. At D 64 the backward is
 persistent (_attn_bwd_p): one program per multiprocessor takes work items (the other kernel's programs) from
 an atomic counter, and its loader brings the next item's key tiles into a second slot while the consumers
-finish the last item (README, "A persistent backward at D 64"). The accumulator covers ACC_BYTES
+finish the last item ("A persistent backward at D 64"). The accumulator covers ACC_BYTES
 of (batch, head) rows at a time, so peak memory stays near triton-tma's backward.
 
 Registers are reallocated per partition (setmaxnreg): CONSUMER_REGS for a consumer, LOADER_REGS for the
@@ -58,14 +59,14 @@ faster, and the one-kernel backward at both; the backward launches its compiled 
 (_compiled), since through the JIT their host time bounded it at N 4096. An H200 measured its
 forward+backward (rbf and penalty, the same kernels) at 0.96-1.00x SDPA-cuDNN's time at N 16384, D 64,
 1.00-1.02x at N 16384, D 128, 0.99-1.06x at N 4096, D 128 and 1.00-1.05x at N 4096, D 64 (triton-tma:
-1.28-1.43x; README, "The eight rows a third time", "A persistent forward at D 128", "The persistent
+1.28-1.43x; "The eight rows a third time", "A persistent forward at D 128", "The persistent
 forward's work in pairs", "The eight rows with five repeats"; cuDNN's own rows vary by up to 15% between
 repeats). Short of parity at N 4096, mostly in the forward: its kernel alone is 3.5-3.6% behind cuDNN's
-and the key-bias prepass adds 3.5-4.2% (README, "The forward's gap at N 4096, kernel by kernel"); its work
+and the key-bias prepass adds 3.5-4.2% ("The forward's gap at N 4096, kernel by kernel"); its work
 per key tile costs cuDNN's or less, but each program pays about 6,000 cycles of its own and 1.3 us before
-the next one starts on its multiprocessor (README, "Where a forward program's time goes"); the persistent
+the next one starts on its multiprocessor ("Where a forward program's time goes"); the persistent
 forward removes that at D 128, while at D 64 its key tiles ran slower by as much, in the consumers' own
-work rather than in waits, mostly their exp2s queueing longer (README, "A persistent forward at D 128",
+work rather than in waits, mostly their exp2s queueing longer ("A persistent forward at D 128",
 "The persistent forward at D 64 again", "Where the persistent forward's extra cycles go", "The forward's
 gap at N 4096, kernel by kernel").
 Gluon has no interpreter: `python -m kernels.gluon_attn check` checks every config on an sm90 GPU against
@@ -108,13 +109,13 @@ LOG2E = 1.4426950408889634  # scores live in base 2
 # per kernel and head dim, as benchmarked; the first is the default. fwd: (query rows per consumer, key tile,
 # STAGES, CONSUMER_REGS, LOADER_REGS, A_REGS, CONSUMERS, persistent); bwd: (query tile, keys per consumer,
 # STAGES, ..., A_REGS[, persistent]), two consumers; the backward persistent (_attn_bwd_p) only at D 64, where
-# two slots of key tiles fit in shared memory (166 of 227 KB; README, "A persistent backward at D 64"), the
-# forward (_attn_fwd_p) only at D 128, where it measured faster (README, "A persistent forward at D 128"; at
+# two slots of key tiles fit in shared memory (166 of 227 KB; "A persistent backward at D 64"), the
+# forward (_attn_fwd_p) only at D 128, where it measured faster ("A persistent forward at D 128"; at
 # D 64 it is no faster at N 4096 and 5% slower at N 16384, with two or three consumers and two or three
 # stages: "The persistent forward at D 64 again").
 # The backend takes the head dims of "bwd". Three forward consumers fit only at D 64: with the loader's warp
 # group they share 512 registers a thread, 160 each (no spills with Triton 3.6, 104-120 bytes a thread with
-# 3.9; README, "Three forward consumers at D 64", "One forward loop for every sign of a")
+# 3.9; "Three forward consumers at D 64", "One forward loop for every sign of a")
 CONFIGS = {
     "fwd": {
         64: [(64, 128, 2, 160, 24, False, 3, False), (64, 128, 2, 232, 24, False, 2, False)],
@@ -127,7 +128,7 @@ CONFIGS = {
     },
 }  # fmt: skip
 # the backend's forward is the Gluon one from this many keys at a head dim, triton_attn_tma's below, where
-# that one was faster (H200: at D 64 N 1024 0.58 against 0.62 ms, at D 128 N 256 0.53 against 0.56; README,
+# that one was faster (H200: at D 64 N 1024 0.58 against 0.62 ms, at D 128 N 256 0.53 against 0.56;
 # "The key bias in the score matmul")
 FWD_MIN_LEN = {64: 4096, 128: 1024}
 
@@ -244,7 +245,7 @@ if IMPORT_ERROR is None:
         # them inside the exp2's argument, as in dot-product attention: one floating-point operation a score
         # fewer than adding a key bias here, and the row max of the unscaled scores is the scaled ones'. Part
         # of the exp2s by a polynomial, or the rescale skipped while the row maxes hold, measured slower
-        # (README, "The softmax's instructions")
+        # ("The softmax's instructions")
         cols = start_n + offs_n
         s = _masked(s, cols, rows, start_n, mask_from, n_ctx, CAUSAL, BLOCK_N)
         m_new = gl.maximum(m_i, gl.max(s, 1) * scale)
@@ -527,15 +528,15 @@ if IMPORT_ERROR is None:
     # memory (two slots, items) one item ahead, then brings the item's q tiles (two slots) and key tiles (the
     # rings run on across items: g0 counts a program's key tiles, t0 a consumer's turns). A consumer reads
     # the next item's number and head scalar before it stores this item's outputs, so that a program's
-    # start (1.3 us between programs on a multiprocessor, H200) and its first loads are paid once (README,
-    # "A persistent forward at D 128", "The persistent forward's work in pairs")
+    # start (1.3 us between programs on a multiprocessor, H200) and its first loads are paid once
+    # ("A persistent forward at D 128", "The persistent forward's work in pairs")
 
     @gluon.jit
     def _fwd_item(v, n_blocks, n_items):
         # the persistent forward's schedule: program p's slot v is half v % 2 of pair p + (v // 2) * programs,
         # a head's pair j being its blocks j and n_blocks - 1 - j (_fwd_work), the longer first: every pair
-        # holds about one full row of key tiles, so the programs need no work counter to stay even (README,
-        # "The persistent forward's work in pairs"); where n_blocks is odd, the middle pair's second half is
+        # holds about one full row of key tiles, so the programs need no work counter to stay even
+        # ("The persistent forward's work in pairs"); where n_blocks is odd, the middle pair's second half is
         # empty. -> (the item, n_items once past the last pair; 1 where the slot is empty, else 0)
         per_head = (n_blocks + 1) // 2
         pair = gl.program_id(0) + (v // 2) * gl.num_programs(0)
@@ -693,12 +694,12 @@ if IMPORT_ERROR is None:
     # KEYS per consumer, and the loader brings the q and dO tiles from the first one that sees them, each q
     # tile with its rows' log-sum-exp and delta (into shared memory, as FlashAttention-3 does; read from
     # global memory in the element-wise part they cost the D 128 kernel 168 bytes of register spills a
-    # thread: README, "Log-sum-exp, delta and key norms by TMA"). Per query tile a consumer issues S^T and
+    # thread: "Log-sum-exp, delta and key norms by TMA"). Per query tile a consumer issues S^T and
     # dP^T in its turn, hands the turn over and runs the element-wise part (P^T, dS^T) while the other's
     # matmuls run; then dV and dK accumulate in registers, and dQ, which sums over both consumers' keys, is
     # split by head-dim halves: both consumers store dS^T to shared memory, and consumer c computes
     # dQ[:, half c] = dS k[:, half c] over all 2 * KEYS keys (two wgmma). A consumer holds its half until it
-    # has issued the next tile's S^T and dP^T, and stores it while they run (README, "dQ handed over during
+    # has issued the next tile's S^T and dP^T, and stores it while they run ("dQ handed over during
     # the next tile's matmuls"); a writer warp adds both halves, stored in fragment order, into a float32
     # (1, rows, fragment_rows, 256) accumulator by TMA reduce-add (cp.reduce.async.bulk.tensor).
 

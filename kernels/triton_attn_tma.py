@@ -17,7 +17,7 @@ overlap FlashAttention-3 gets within a warp group) buys nothing here: compiled f
 when its result feeds the next iteration's dot as the accumulator, as P.V does. Triton's tutorial of the
 same release enables automatic warp specialisation of attention on Blackwell only. That overlap needs
 explicit control of the waits: a Gluon forward with them (commit f8d007f) measured 0.96-1.04x this one's
-time on an H200 and was removed (README, "A forward with explicit wgmma waits"). What did help is
+time on an H200 and was removed (kernels/README.md, "A forward with explicit wgmma waits"). What did help is
 ping-pong between two warp groups (kernels/gluon_attn.py, the `gluon` backend: its forward at D 128, a
 one-kernel backward at D 64 and 128).
 
