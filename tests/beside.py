@@ -3,8 +3,8 @@
 Two kinds, each found by its launcher tests' name suffix (KINDS):
 
 - **interpreted**: Triton reads TRITON_INTERPRET when it is imported, so the kernels' interpreted tests (the
-  `-k interpreted` ones of a test module) run in a subprocess with it set, launched by one test of that
-  module (`..._under_the_interpreter`). They run single-threaded for about a minute and a half together on
+  `-k interpreted` ones of a test module: named so, or marked by `interpreted_only` below) run in a
+  subprocess with it set, launched by one test of that module (`..._under_the_interpreter`). They run single-threaded for about a minute and a half together on
   a 2-core machine.
 - **own session**: the end-to-end modules that need the MLflow server and SIGKILL studies mid-run
   (test_multinode.py, test_tracking_server.py) run together in one subprocess (ABLATE_OWN_SESSION=1; its
@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import pytest
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -42,6 +46,27 @@ KINDS = {
     # can tell its own tests' outcome
     "own session": Kind("_in_a_session_of_its_own", {"ABLATE_OWN_SESSION": "1"}, ("-rfEps",)),
 }
+
+
+def interpreted_only(test):
+    """Mark a test that runs Triton kernels under the interpreter: skipped in an ordinary session, and
+    selected by the interpreted run whatever its name (-k matches the mark `interpreted` too)."""
+    skip = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 (run by a subprocess test)")
+    return pytest.mark.interpreted(skip(test))
+
+
+def missed_by_the_interpreted_run(items) -> list[str]:
+    """The tests that skip without TRITON_INTERPRET (a skipif whose reason names it) but that the
+    interpreted run's `-k interpreted` would not select either (neither their names nor marks say
+    `interpreted`): tests that would run nowhere."""
+    return [
+        item.nodeid
+        for item in items
+        if any(
+            "TRITON_INTERPRET" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")
+        )
+        and not any("interpreted" in keyword.lower() for keyword in item.keywords)
+    ]
 
 
 @dataclass

@@ -16,6 +16,9 @@ def pytest_collection_modifyitems(config, items):
     import beside
 
     beside.skip_own_session_tests(items)
+    missed = beside.missed_by_the_interpreted_run(items)
+    if missed:
+        raise pytest.UsageError(f"mark these with beside.interpreted_only, or they run nowhere: {missed}")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -16,18 +16,15 @@ import beside
 import pytest
 import torch
 import triton
+from beside import INTERPRETED, interpreted_only
 
 import kernels
 from kernels import dispatch
 from kernels.reference import attention_reference
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # relative error ||x - ref|| / ||ref||, one bound per dtype, set once
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRADS = ("q", "k", "v", "a", "b")
-interpreted_only = pytest.mark.skipif(
-    not INTERPRETED, reason="needs TRITON_INTERPRET=1 (run by a subprocess test)"
-)
 
 
 def make_inputs(B, H, N, D, dtype, device="cpu", *, seed=None, grad=True):
@@ -219,6 +216,33 @@ def test_triton_kernels_under_the_interpreter():
     run = beside.result(Path(__file__), "interpreted")  # started when collection ended (tests/beside.py)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+def test_a_test_needing_the_interpreter_runs_somewhere():
+    # conftest.py refuses a collection with a test that would run nowhere: skipped here for want of
+    # TRITON_INTERPRET, and not selected by the interpreter's run (`-k interpreted`) either
+    class Item:
+        def __init__(self, test):
+            self.nodeid, self._marks = test.__name__, test.pytestmark
+            self.keywords = {test.__name__: 1, **{mark.name: 1 for mark in test.pytestmark}}
+
+        def iter_markers(self, name):
+            return (mark for mark in self._marks if mark.name == name)
+
+    needs = pytest.mark.skipif(True, reason="needs TRITON_INTERPRET=1")
+
+    def test_plain_skip(): ...
+    def test_named_interpreted(): ...
+    def test_marked(): ...
+    def test_other_skip(): ...
+
+    items = [
+        Item(needs(test_plain_skip)),
+        Item(needs(test_named_interpreted)),
+        Item(interpreted_only(test_marked)),
+        Item(pytest.mark.skipif(True, reason="compiles for the GPU")(test_other_skip)),
+    ]
+    assert beside.missed_by_the_interpreted_run(items) == ["test_plain_skip"]
 
 
 def test_triton_rejects_bad_inputs():

@@ -8,22 +8,17 @@ check realistic shapes in bf16 and torch.compile on CUDA.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import beside
 import pytest
 import torch
+from beside import INTERPRETED, interpreted_only
 from torch.nn import functional as F
 
 import kernels
 from model import GPT, GPTConfig
 from model.config import FUSED_LOSSES
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted_only = pytest.mark.skipif(
-    not INTERPRETED, reason="needs TRITON_INTERPRET=1 (run by a subprocess)"
-)
 
 
 def make(n, c, v, dtype, device="cpu", *, bias=True, seed=0):
