@@ -4,8 +4,8 @@ Two kinds, each found by its launcher tests' name suffix (KINDS):
 
 - **interpreted**: Triton reads TRITON_INTERPRET when it is imported, so the kernels' interpreted tests (the
   `-k interpreted` ones of a test module: named so, or marked by `interpreted_only` below) run in a
-  subprocess with it set, launched by one test of that module (`..._under_the_interpreter`). They run single-threaded for about a minute and a half together on
-  a 2-core machine.
+  subprocess with it set, launched by one test of that module (`..._under_the_interpreter`). They run
+  single-threaded for about a minute and a half together on a 2-core machine.
 - **own session**: the end-to-end modules that need the MLflow server and SIGKILL studies mid-run
   (test_multinode.py, test_tracking_server.py) run together in one subprocess (ABLATE_OWN_SESSION=1; its
   launchers `..._in_a_session_of_its_own`, one per module, skip themselves there and conftest.py skips the
