@@ -93,8 +93,6 @@ def kind_of(test_name: str) -> str | None:
 def skip_own_session_tests(items) -> None:
     """Outside the own-session run, skip the tests of the modules that run there (OWN_SESSION = True at
     their top), all but their launchers."""
-    import pytest
-
     if inside("own session"):
         return
     skip = pytest.mark.skip(reason="runs in a session of its own beside this one (tests/beside.py); "
@@ -111,8 +109,6 @@ def check_own_session(module: Path) -> None:
     """The own-session run that holds `module` ended well (every test there passed or skipped) and some of
     `module`'s own tests passed; where none did (all skipped, e.g. without PostgreSQL's binaries), the
     launcher skips with their skip lines."""
-    import pytest
-
     module = Path(module).resolve()
     run = result(module, "own session")
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
